@@ -1,0 +1,33 @@
+# `make demo` and `make test` bootstrap .venv on first use: torch's CPU build first, then the package.
+# On a TPU VM: make install EXTRAS=tpu TORCH_INDEX=https://download.pytorch.org/whl/cpu
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+EXTRAS ?= test
+TORCH_INDEX ?=
+STAMP := $(VENV)/.installed-$(EXTRAS)
+
+.PHONY: install demo test clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(PY) -m pip install --quiet -e ".[$(EXTRAS)]"
+	@$(PY) -c "import torch, sys; v = torch.__version__; sys.exit(0 if v.startswith('2.13.0') else f'torch {v} replaced 2.13.0')"
+	touch $@
+
+demo: install
+	$(PY) stages/stage1_text_encoder.py --model_id tiny-random --prompt "A cat playing piano in a jazz club"
+	$(PY) stages/stage2_transformer.py --height 64 --width 96 --frames 9 --num_inference_steps 10
+	$(PY) stages/stage3_vae_decoder.py
+	$(PY) generate_flax.py --model_id tiny-random --prompt "A cat playing piano in a jazz club" \
+		--height 64 --width 96 --frames 9 --num_inference_steps 10 --output_video stage_outputs/demo_one_process.mp4
+
+test: install
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) stage_outputs/*.safetensors stage_outputs/*.json stage_outputs/*.mp4

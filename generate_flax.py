@@ -1,0 +1,46 @@
+"""Text to video in one process: encode -> denoise -> decode, with a warmup run and per-stage timing.
+
+    python generate_flax.py --model_id tiny-random --height 32 --width 32 --frames 5 --num_inference_steps 4
+
+loads the three models once, runs --warmup_steps denoising steps end to end (this compiles every program),
+then the timed run; prints a per-stage time table and s/step, and writes the video to --output_video
+(default: YYYYMMDD_HHMMSS.mp4). --save_intermediates DIR also writes the stage files, as the stage scripts do.
+"""
+
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from tpu_wan import cli  # noqa: E402
+
+
+def main(argv=None):
+    parser = cli.make_parser(__doc__)
+    cli.add_stage1_args(parser)
+    cli.add_stage2_args(parser)
+    parser.set_defaults(warmup_steps=2)
+    cli.add_dtype_arg(parser)
+    parser.add_argument("--fps", type=int, default=16)
+    parser.add_argument("--output_video", default=None, help="default: YYYYMMDD_HHMMSS.mp4")
+    parser.add_argument("--save_intermediates", default=None, metavar="DIR", help="also write the stage files here")
+    cli.add_mesh_args(parser)
+    args = parser.parse_args(argv)
+    cli.setup_process(args)
+    from tpu_wan import pipeline
+
+    output_video = args.output_video or time.strftime("%Y%m%d_%H%M%S.mp4")
+    result = pipeline.generate(
+        args.model_id, [args.prompt], args.negative_prompt, pipeline.sampling_args(args),
+        max_sequence_length=args.max_sequence_length, fps=args.fps, dp=args.dp, tp=args.tp,
+        attention=args.attention, warmup_steps=args.warmup_steps, output_video=output_video,
+        save_intermediates=args.save_intermediates,
+    )
+    print(result.timer.table())
+    print(f"{result.seconds_per_step:.4f} s/step over {result.config.num_inference_steps} steps")
+    print("video: " + ", ".join(str(p) for p in result.videos))
+
+
+if __name__ == "__main__":
+    sys.exit(cli.run_main(main))

@@ -1,0 +1,64 @@
+"""Test setup: 8 virtual CPU devices (set before jax is imported), the tiny checkpoint, and tolerances."""
+
+import os
+
+os.environ["JAX_PLATFORMS"] = "cpu"
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+
+import pytest  # noqa: E402
+
+# Tolerances, float32 throughout. Our path runs the same model code as diffusers but through XLA, which fuses
+# and reorders reductions (and GSPMD splits matmuls over tp), so each op may differ by a few ulp (~1e-7).
+# Embeddings: one encoder pass, errors stay at that level.
+EMBED_RTOL = 1e-6
+# Latents: those per-op differences pass through every transformer call and solver step and grow slowly.
+LATENT_RTOL = 1e-5
+# Frames: one VAE decode, compared in absolute terms on a [0, 1] scale.
+FRAMES_ATOL = 1e-5
+
+# The parity setting: small but every mechanism is exercised (3 latent frames hit the VAE's temporal
+# upsampling and its causal cache, 6 steps hit UniPC's first, second-order and lower-order-final steps).
+HEIGHT, WIDTH, FRAMES, STEPS = 32, 48, 9, 6
+PROMPTS = ("A cat playing piano in a jazz club", "一只小狗在雪地里奔跑, slow motion")
+NEGATIVE = "blurry, low quality"
+SEED = 42
+
+
+def rel_err(ours, ref) -> float:
+    """Frobenius norm of the difference over that of the reference."""
+    import numpy as np
+
+    ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
+    return float(np.linalg.norm(ours - ref) / np.linalg.norm(ref))
+
+
+@pytest.fixture(scope="session")
+def tiny_path():
+    from tpu_wan.tiny import ensure_tiny_checkpoint
+
+    return ensure_tiny_checkpoint()
+
+
+@pytest.fixture(scope="session")
+def diffusers_pipe(tiny_path):
+    import torch
+    from diffusers import UniPCMultistepScheduler, WanPipeline
+
+    pipe = WanPipeline.from_pretrained(tiny_path, torch_dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def diffusers_run(pipe, prompt, guidance, output_type, flow_shift=3.0, **kwargs):
+    """diffusers' WanPipeline at the parity setting, UniPC with `flow_shift`, seeded like our stage 2."""
+    import torch
+    from diffusers import UniPCMultistepScheduler
+
+    pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config, flow_shift=flow_shift)
+    with torch.no_grad():
+        out = pipe(
+            prompt=prompt, negative_prompt=NEGATIVE, height=HEIGHT, width=WIDTH, num_frames=FRAMES,
+            num_inference_steps=STEPS, guidance_scale=guidance, output_type=output_type,
+            generator=torch.Generator("cpu").manual_seed(SEED), **kwargs,
+        ).frames
+    return out.numpy() if output_type == "latent" else out

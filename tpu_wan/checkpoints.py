@@ -1,0 +1,88 @@
+"""Model ids -> diffusers folders, and the torch modules read from them.
+
+`--model_id` takes `tiny-random` (built offline on first use), a local diffusers folder (model_index.json,
+tokenizer/, text_encoder/, transformer/, vae/, scheduler/), or a Hugging Face hub id (downloaded where a hub
+is reachable).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tpu_wan import tiny
+from tpu_wan.errors import UserError
+
+COMPONENTS = ("tokenizer", "text_encoder", "transformer", "vae", "scheduler")
+TORCH_DTYPES = {"float32": "float32", "bfloat16": "bfloat16"}
+
+
+class CheckpointError(UserError):
+    """A model id that does not lead to a usable Wan 2.1 diffusers folder."""
+
+
+def resolve_model(model_id: str) -> Path:
+    """The local folder for `model_id`, building or downloading it if needed."""
+    if model_id == tiny.TINY_MODEL_ID:
+        return tiny.ensure_tiny_checkpoint()
+    path = Path(model_id).expanduser()
+    if path.exists():
+        return _checked(path)
+    if model_id.count("/") != 1 or model_id.startswith((".", "/", "~")):
+        raise CheckpointError(f"model_id: expected a diffusers folder or a hub id 'org/name', found {model_id!r}")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return _checked(Path(snapshot_download(model_id, allow_patterns=["*.json", "*.safetensors", "*.model", "tokenizer/*"])))
+    except Exception as err:  # network, auth, missing repo: all end the same way for the user
+        raise CheckpointError(
+            f"model_id {model_id!r}: expected a local folder or a downloadable hub repo, found neither "
+            f"({type(err).__name__}); pass --model_id /path/to/Wan2.1-T2V-...-Diffusers"
+        ) from None
+
+
+def _checked(path: Path) -> Path:
+    index = path / "model_index.json"
+    if not index.is_file():
+        raise CheckpointError(f"{path}: expected a diffusers folder with model_index.json, found none")
+    missing = [c for c in COMPONENTS if not (path / c).is_dir()]
+    if missing:
+        raise CheckpointError(f"{path}: expected component folders {list(COMPONENTS)}, missing {missing}")
+    return path
+
+
+def read_config(model_path: Path, component: str) -> dict:
+    name = "scheduler_config.json" if component == "scheduler" else "config.json"
+    return json.loads((model_path / component / name).read_text())
+
+
+def _torch_dtype(dtype: str):
+    import torch
+
+    return getattr(torch, TORCH_DTYPES[dtype])
+
+
+def load_tokenizer(model_path: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_path / "tokenizer")
+
+
+def load_text_encoder(model_path: Path, dtype: str):
+    """UMT5EncoderModel with diffusers' dtype policy (its `wo` layers stay float32)."""
+    from transformers import UMT5EncoderModel
+
+    return UMT5EncoderModel.from_pretrained(model_path / "text_encoder", dtype=_torch_dtype(dtype)).eval()
+
+
+def load_transformer(model_path: Path, dtype: str):
+    """WanTransformer3DModel; modules diffusers keeps in float32 (norms, time embedder, RoPE) stay float32."""
+    from diffusers import WanTransformer3DModel
+
+    return WanTransformer3DModel.from_pretrained(model_path / "transformer", torch_dtype=_torch_dtype(dtype)).eval()
+
+
+def load_vae(model_path: Path):
+    from diffusers import AutoencoderKLWan
+
+    return AutoencoderKLWan.from_pretrained(model_path / "vae", torch_dtype=_torch_dtype("float32")).eval()

@@ -1,0 +1,113 @@
+"""Command-line plumbing shared by the scripts: flag groups, process setup, and the error contract.
+
+Importing this module does not import jax: `setup_process` may still set XLA flags (e.g. virtual CPU
+devices) before the first jax import.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import Callable, Sequence
+
+from tpu_wan.config import (
+    ATTENTION_CHOICES, DEFAULT_MODEL_ID, DEFAULT_NEGATIVE_PROMPT, DEFAULT_PROMPT, DTYPES, SOLVERS,
+)
+from tpu_wan.errors import UserError
+
+DEFAULT_OUTPUT_DIR = "stage_outputs"
+
+class UsageError(UserError):
+    """A flag argparse refused."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that reports a bad flag as a UsageError (one line, exit 2) instead of usage + exit."""
+
+    def error(self, message):
+        raise UsageError(f"{message} (see {self.prog} --help)")
+
+
+def make_parser(doc: str) -> Parser:
+    return Parser(description=doc.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=doc)
+
+
+def add_mesh_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("mesh")
+    g.add_argument("--dp", type=int, default=None, help="data-parallel size (default: 2 if the device count is even)")
+    g.add_argument("--tp", type=int, default=None, help="tensor-parallel size (default: devices / dp)")
+    g.add_argument("--cpu_devices", type=int, default=None,
+                   help="run on N virtual CPU devices (testing sharding without accelerators)")
+    g.add_argument("--log_level", default="WARNING", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+
+
+def add_stage1_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("text encoding (stage 1)")
+    g.add_argument("--model_id", default=DEFAULT_MODEL_ID,
+                   help="'tiny-random', a diffusers folder, or a hub id (default: %(default)s)")
+    g.add_argument("--prompt", default=DEFAULT_PROMPT)
+    g.add_argument("--negative_prompt", default=DEFAULT_NEGATIVE_PROMPT,
+                   help="default: the Wan 2.1 model card's negative prompt")
+    g.add_argument("--max_sequence_length", type=int, default=512)
+
+
+def add_stage2_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("denoising (stage 2)")
+    g.add_argument("--height", type=int, default=720, help="pixels, a multiple of 16")
+    g.add_argument("--width", type=int, default=1280, help="pixels, a multiple of 16")
+    g.add_argument("--frames", type=int, default=81, help="4n+1")
+    g.add_argument("--num_inference_steps", type=int, default=50)
+    g.add_argument("--guidance_scale", type=float, default=5.0, help="classifier-free guidance; <= 1 turns it off")
+    g.add_argument("--seed", type=int, default=42)
+    g.add_argument("--flow_shift", type=float, default=None, help="default: 5.0 at 720p and up, 3.0 below")
+    g.add_argument("--sample_solver", default="unipc", choices=SOLVERS)
+    g.add_argument("--init_latents", default=None, help="safetensors file with key 'latents' to start from")
+    g.add_argument("--attention", default="auto", choices=ATTENTION_CHOICES)
+    g.add_argument("--warmup_steps", type=int, default=0, help="steps run first to compile (not saved)")
+
+
+def add_dtype_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dtype", default=None, choices=DTYPES,
+                   help="model dtype (default: bfloat16 on TPU/GPU, float32 on CPU)")
+
+
+def setup_process(args: argparse.Namespace) -> None:
+    """Process-wide settings, before jax is imported: virtual CPU devices, logging, quiet third parties."""
+    if getattr(args, "cpu_devices", None):
+        if "jax" in sys.modules:
+            raise RuntimeError("--cpu_devices must be applied before jax is imported")
+        os.environ["JAX_PLATFORMS"] = "cpu"
+        flags = os.environ.get("XLA_FLAGS", "")
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={args.cpu_devices}".strip()
+    logging.basicConfig(level=getattr(args, "log_level", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("tpu_wan").setLevel(logging.INFO)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+    from diffusers.utils import logging as df_logging
+
+    hf_logging.set_verbosity_error()
+    df_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    df_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    # imageio-ffmpeg starts ffmpeg with fork+exec; the child execs at once and touches no jax state.
+    warnings.filterwarnings("ignore", message="os.fork\\(\\) was called")
+
+
+def run_main(main: Callable[[Sequence[str] | None], None], argv: Sequence[str] | None = None) -> int:
+    """Runs a script's main; bad input -> one line on stderr and status 2, Ctrl-C -> status 130."""
+    prog = os.path.basename(sys.argv[0])
+    try:
+        main(argv)
+    except UserError as err:
+        message = " ".join(str(err).split())  # one line, whatever the message holds
+        print(f"{prog}: error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    return 0

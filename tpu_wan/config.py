@@ -1,0 +1,146 @@
+"""GenerationConfig: the schema of generation_config.json, its defaults and its validation.
+
+Each stage fills in what it decides (stage 1: model and prompts; stage 2: size, steps, seed, solver; stage 3:
+fps) and writes the whole config back, so the file always says how its folder's artifacts were made.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from tpu_wan.errors import UserError
+
+# The negative prompt of the Wan 2.1 model card (diffusers' WanPipeline example), the model's trained default.
+DEFAULT_NEGATIVE_PROMPT = (
+    "Bright tones, overexposed, static, blurred details, subtitles, style, works, paintings, images, static, "
+    "overall gray, worst quality, low quality, JPEG compression residue, ugly, incomplete, extra fingers, "
+    "poorly drawn hands, poorly drawn faces, deformed, disfigured, misshapen limbs, fused fingers, still picture, "
+    "messy background, three legs, many people in the background, walking backwards"
+)
+DEFAULT_MODEL_ID = "Wan-AI/Wan2.1-T2V-14B-Diffusers"
+DEFAULT_PROMPT = "A cat playing piano in a jazz club, cinematic lighting"
+DTYPES = ("float32", "bfloat16")
+SOLVERS = ("unipc", "dpm++", "euler")
+ATTENTION_CHOICES = ("auto", "xla")
+VAE_SPATIAL = 8  # the VAE downsamples H and W by 8 ...
+VAE_TEMPORAL = 4  # ... and frames by 4, keeping the first frame: F = (frames - 1) / 4 + 1
+SIZE_MULTIPLE = VAE_SPATIAL * 2  # the DiT's 1x2x2 patches need latent H and W even
+
+
+class ConfigError(UserError):
+    """A setting outside what the model accepts; the message says expected vs found."""
+
+
+def default_flow_shift(height: int, width: int) -> float:
+    """Wan 2.1's sampling shift: 5.0 from 720p up, 3.0 below (480p)."""
+    return 5.0 if min(height, width) >= 720 else 3.0
+
+
+def default_dtype(platform: str) -> str:
+    """bfloat16 where the hardware has fast bf16 matmuls (TPU, GPU), float32 on CPU."""
+    return "float32" if platform == "cpu" else "bfloat16"
+
+
+def latent_shape(num_videos: int, height: int, width: int, frames: int, channels: int = 16) -> tuple[int, ...]:
+    """[N, C, F, H, W] of the latents for a video size, as diffusers' WanPipeline.prepare_latents."""
+    return (
+        num_videos,
+        channels,
+        (frames - 1) // VAE_TEMPORAL + 1,
+        height // VAE_SPATIAL,
+        width // VAE_SPATIAL,
+    )
+
+
+def validate_video_size(height: int, width: int, frames: int) -> None:
+    """Refuses sizes diffusers would silently round: H, W multiples of 16, frames = 4n + 1."""
+    for name, value in (("height", height), ("width", width)):
+        if value <= 0 or value % SIZE_MULTIPLE:
+            raise ConfigError(f"{name} must be a positive multiple of {SIZE_MULTIPLE}, found {value}")
+    if frames < 1 or (frames - 1) % VAE_TEMPORAL:
+        raise ConfigError(f"frames must be 4n+1 (1, 5, 9, ..., 81), found {frames}")
+
+
+def validate_sampling(num_inference_steps: int, guidance_scale: float, flow_shift: float, solver: str) -> None:
+    if num_inference_steps < 1:
+        raise ConfigError(f"num_inference_steps must be >= 1, found {num_inference_steps}")
+    if guidance_scale < 0:
+        raise ConfigError(f"guidance_scale must be >= 0, found {guidance_scale}")
+    if flow_shift <= 0:
+        raise ConfigError(f"flow_shift must be > 0, found {flow_shift}")
+    if solver not in SOLVERS:
+        raise ConfigError(f"sample_solver must be one of {SOLVERS}, found {solver!r}")
+
+
+def validate_dtype(dtype: str) -> None:
+    if dtype not in DTYPES:
+        raise ConfigError(f"dtype must be one of {DTYPES}, found {dtype!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationConfig:
+    """Everything that determines a folder's artifacts. Stage-2/3 fields stay None until those stages run."""
+
+    model_id: str
+    prompts: tuple[str, ...]
+    negative_prompt: str
+    max_sequence_length: int = 512
+    text_dtype: str = "float32"
+    # stage 2
+    height: int | None = None
+    width: int | None = None
+    frames: int | None = None
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
+    seed: int | None = None
+    flow_shift: float | None = None
+    sample_solver: str | None = None
+    dtype: str | None = None
+    init_latents: str | None = None
+    mesh: tuple[int, int] | None = None
+    # stage 3
+    fps: int = 16
+
+    def __post_init__(self):
+        if not self.prompts:
+            raise ConfigError("expected at least one prompt, found none")
+        if self.max_sequence_length < 1:
+            raise ConfigError(f"max_sequence_length must be >= 1, found {self.max_sequence_length}")
+        validate_dtype(self.text_dtype)
+        if self.fps <= 0:
+            raise ConfigError(f"fps must be > 0, found {self.fps}")
+        if self.height is not None:
+            validate_video_size(self.height, self.width, self.frames)
+            validate_sampling(self.num_inference_steps, self.guidance_scale, self.flow_shift, self.sample_solver)
+            validate_dtype(self.dtype)
+
+    def replace(self, **changes: Any) -> "GenerationConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_json_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["prompts"] = list(self.prompts)
+        if self.mesh is not None:
+            out["mesh"] = list(self.mesh)
+        return out
+
+    @classmethod
+    def from_json_dict(cls, data: dict[str, Any]) -> "GenerationConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        missing = [n for n in ("model_id", "prompts", "negative_prompt") if n not in data]
+        if missing:
+            raise ConfigError(f"generation_config.json: expected keys {missing}, found {sorted(data)}")
+        fields = {k: v for k, v in data.items() if k in names}
+        fields["prompts"] = tuple(fields["prompts"])
+        if fields.get("mesh") is not None:
+            fields["mesh"] = tuple(fields["mesh"])
+        try:
+            return cls(**fields)
+        except TypeError as err:
+            raise ConfigError(f"generation_config.json: {err}") from None
+
+    @property
+    def do_classifier_free_guidance(self) -> bool:
+        # diffusers runs the unconditional branch only when guidance_scale > 1 (at 1 it would cancel out).
+        return self.guidance_scale is not None and self.guidance_scale > 1.0

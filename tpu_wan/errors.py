@@ -1,0 +1,9 @@
+"""The base of every error a user can cause (bad flags, files, model folders, meshes).
+
+Scripts turn a UserError into one line on stderr and exit status 2; anything else is a bug and keeps its
+traceback.
+"""
+
+
+class UserError(ValueError):
+    """Bad input; the message says what was expected and what was found."""

@@ -1,0 +1,79 @@
+"""Stage 1: prompts -> UMT5 embeddings [N, S, D], identical to diffusers' WanPipeline.encode_prompt.
+
+The tokenizer runs on the host; the UMT5 encoder runs on the mesh through torchax, weights sharded by
+mesh.UMT5_RULES and prompts split over dp.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tpu_wan import checkpoints, mesh as mesh_lib, torchax_env
+
+
+def clean_prompt(text: str) -> str:
+    """diffusers' Wan prompt cleaning (ftfy, HTML unescape, whitespace collapse), so tokens match."""
+    from diffusers.pipelines.wan.pipeline_wan import prompt_clean
+
+    return prompt_clean(text)
+
+
+class TextEncoder:
+    """UMT5 encoder loaded once onto a mesh; `encode` may be called for any number of prompts."""
+
+    def __init__(self, model_path: Path, mesh, dtype: str):
+        model = checkpoints.load_text_encoder(model_path, dtype)
+        mesh_lib.check_heads(mesh, model.config.num_heads, "text encoder")
+        self.tokenizer = checkpoints.load_tokenizer(model_path)
+        self.mesh = mesh
+        self.dtype = dtype
+        weights, forward = torchax_env.functionalize(model)
+        del model
+        self.weights = mesh_lib.shard_weights(weights, mesh_lib.UMT5_RULES, mesh)
+
+        def encode(weights, input_ids, mask):  # [B S] int32 each -> [B S D]
+            hidden = forward(weights, input_ids, attention_mask=mask, return_dict=False)[0]
+            # diffusers trims each row to its true token count and zero-pads back to S; the mask is a
+            # prefix of ones, so that is exactly zeroing the masked positions.
+            return jnp.where(mask[..., None] > 0, hidden, jnp.zeros((), hidden.dtype))
+
+        self._encode = jax.jit(encode)
+
+    def tokenize(self, prompts: Sequence[str], max_sequence_length: int) -> tuple[np.ndarray, np.ndarray]:
+        tokens = self.tokenizer(
+            [clean_prompt(p) for p in prompts],
+            padding="max_length",
+            max_length=max_sequence_length,
+            truncation=True,
+            add_special_tokens=True,
+            return_attention_mask=True,
+            return_tensors="np",
+        )
+        return tokens["input_ids"].astype(np.int32), tokens["attention_mask"].astype(np.int32)
+
+    def encode(self, prompts: Sequence[str], max_sequence_length: int = 512) -> np.ndarray:
+        """[N, S, D] embeddings in the encoder's dtype, zero past each prompt's token count."""
+        ids, mask = self.tokenize(prompts, max_sequence_length)
+        n = len(prompts)
+        dp = self.mesh.shape["dp"]
+        rows = -(-n // dp) * dp  # pad the batch to a multiple of dp with empty rows, dropped below
+        ids = np.pad(ids, ((0, rows - n), (0, 0)))
+        mask = np.pad(mask, ((0, rows - n), (0, 0)))
+        sharding = mesh_lib.batch_sharding(self.mesh, rows, 2)
+        out = self._encode(self.weights, jax.device_put(ids, sharding), jax.device_put(mask, sharding))
+        return np.asarray(out)[:n]
+
+
+def encode_prompts(
+    encoder: TextEncoder, prompts: Sequence[str], negative_prompt: str, max_sequence_length: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(prompt_embeds [N, S, D], negative_prompt_embeds [N, S, D]) in one encoder call."""
+    embeds = encoder.encode([*prompts, negative_prompt], max_sequence_length)
+    n = len(prompts)
+    negative = np.repeat(embeds[n:], n, axis=0)  # diffusers repeats the negative prompt per prompt
+    return embeds[:n], negative

@@ -1,0 +1,144 @@
+"""The one bridge to torchax: runs diffusers / transformers torch modules as pure JAX functions.
+
+Everything else in tpu_wan sees plain JAX: `functionalize(module)` returns the module's weights as a dict of
+numpy arrays and a function `(weights, *args) -> outputs` over jax arrays that can be jitted, sharded and
+differentiated like any JAX function. scaled_dot_product_attention inside the module is routed to an
+attention function of ours (tpu_wan.attention), so torch model code runs on our kernels.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import copy
+import functools
+import warnings
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+
+class _MissingOverload:
+    """Stands in for an aten overload that torch no longer has; never called."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"<missing aten overload {self.name}>"
+
+    def __call__(self, *args, **kwargs):
+        raise NotImplementedError(f"aten overload {self.name} does not exist in torch {torch.__version__}")
+
+
+@contextlib.contextmanager
+def _tolerate_missing_overloads():
+    # torchax 0.0.13 registers lowerings for 22 named-tensor (Dimname) overloads that torch 2.13 removed
+    # (e.g. aten::prod.dim_Dimname); looking them up raises AttributeError and aborts `import torchax`.
+    # While torchax imports and builds its first environment, a missing overload resolves to an inert
+    # placeholder instead. The registry keys it creates are never hit: torch cannot dispatch to an
+    # overload it does not have.
+    packet = torch._ops.OpOverloadPacket
+    original = packet.__getattr__
+
+    def lenient_getattr(self, key):
+        try:
+            return original(self, key)
+        except AttributeError:
+            if key.startswith("__"):
+                raise
+            return _MissingOverload(f"{self._qualified_op_name}.{key}")
+
+    packet.__getattr__ = lenient_getattr
+    try:
+        yield
+    finally:
+        packet.__getattr__ = original
+
+
+@functools.cache
+def _torchax():
+    with _tolerate_missing_overloads():
+        import torchax
+        import torchax.interop
+
+        torchax.default_env()
+    return torchax
+
+
+AttentionFn = Callable[..., Any]  # (q [B N L D], k [B N S D], v [B N S D], *, scale) -> [B N L D], on jax arrays
+
+# The attention function of the module call being traced. torchax has one op table per process, so the
+# scaled_dot_product_attention override is installed once and looks up the function here at trace time.
+_active_attention: contextvars.ContextVar[AttentionFn | None] = contextvars.ContextVar("attention", default=None)
+
+
+@functools.cache
+def _env():
+    torchax = _torchax()
+    env = torchax.default_env()
+    interop = torchax.interop
+    from torchax.ops import jtorch
+
+    def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        attention_fn = _active_attention.get()
+        if attention_fn is None:  # torchax's own lowering, op for op what torch computes
+            return jtorch._sdpa_reference(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+        if attn_mask is not None or dropout_p or is_causal or enable_gqa:
+            raise NotImplementedError(
+                "the attention override takes plain softmax attention only, found "
+                f"attn_mask={attn_mask is not None} dropout_p={dropout_p} is_causal={is_causal}"
+            )
+        q, k, v = interop.jax_view((query, key, value))
+        return interop.torch_view(attention_fn(q, k, v, scale=scale))
+
+    env.override_op_definition(torch.nn.functional.scaled_dot_product_attention, sdpa)
+    return env
+
+
+def module_weights(module: torch.nn.Module) -> dict[str, np.ndarray]:
+    """All parameters and buffers (non-persistent ones included, e.g. RoPE tables) as numpy arrays."""
+    weights = {name: p.detach() for name, p in module.named_parameters(remove_duplicate=False)}
+    weights.update({name: b.detach() for name, b in module.named_buffers(remove_duplicate=False)})
+    return {name: _to_numpy(t) for name, t in weights.items()}
+
+
+def _to_numpy(t: torch.Tensor) -> np.ndarray:
+    if t.dtype == torch.bfloat16:
+        import ml_dtypes
+
+        return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+    return t.numpy()
+
+
+def functionalize(
+    module: torch.nn.Module, attention_fn: AttentionFn | None = None, method: str = "forward"
+) -> tuple[dict[str, np.ndarray], Callable]:
+    """Returns (weights, fn): fn(weights, *args, **kwargs) runs `module.method` on jax arrays.
+
+    The module is deep-copied first (moving a module into torchax mutates it), and its weights are returned
+    so the caller can place them on the mesh with its own shardings. Weights tied under several names
+    appear under each name. Call fn inside jax.jit: eager calls go op by op through torchax.
+    """
+    weights = module_weights(module)
+    module = copy.deepcopy(module)
+    env = _env()
+    names = set(weights)
+
+    def fn(weights_in: dict, *args, **kwargs):
+        missing = names - set(weights_in)
+        if missing:
+            raise KeyError(f"weights missing for {sorted(missing)[:5]}")
+        torch_weights, args, kwargs = env.j2t_iso((weights_in, args, kwargs))
+        token = _active_attention.set(attention_fn)
+        try:
+            with env, torch.nn.utils.stateless._reparametrize_module(module, torch_weights), warnings.catch_warnings():
+                # torch code asks for int64 indices (positions, RoPE grids); jax's default int32 holds them.
+                warnings.filterwarnings("ignore", message="Explicitly requested dtype int64")
+                out = getattr(module, method)(*args, **kwargs)
+        finally:
+            _active_attention.reset(token)
+        return env.t2j_iso(out)
+
+    return weights, fn

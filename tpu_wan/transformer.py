@@ -1,0 +1,90 @@
+"""Stage 2: the Wan DiT on the mesh and the jitted denoising step (CFG combine + solver update).
+
+One compiled program serves every step of every run with the same shapes: the timestep, the solver
+coefficients and the guidance scale are array inputs, not constants baked into the trace.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from tpu_wan import attention, checkpoints, mesh as mesh_lib, schedulers, torchax_env
+
+
+def _denoise_step(forward: Callable, dtype, cfg: bool, weights, latents, state, embeds, timestep, coeffs_i, guidance):
+    """latents [B C F H W] f32, embeds [B or 2B, S, D] (cond rows, then uncond rows) -> next latents, state."""
+    b = latents.shape[0]
+    x = latents.astype(dtype)
+    if cfg:
+        x = jnp.concatenate([x, x])  # [2B C F H W]: the cond/uncond pair runs as one batch, split over dp
+    t = jnp.broadcast_to(timestep, (x.shape[0],))
+    v = forward(weights, x, t, embeds, return_dict=False)[0]  # [2B or B, C, F, H, W] in the model dtype
+    if cfg:
+        cond, uncond = v[:b], v[b:]
+        v = uncond + guidance.astype(v.dtype) * (cond - uncond)  # as diffusers: combined in the model dtype
+    return schedulers.step(coeffs_i, state, v, latents)
+
+
+class Denoiser:
+    """WanTransformer3DModel loaded once onto a mesh; `denoise` runs a full sampling loop."""
+
+    def __init__(self, model_path: Path, mesh, dtype: str, attention_choice: str = "auto"):
+        model = checkpoints.load_transformer(model_path, dtype)
+        mesh_lib.check_heads(mesh, model.config.num_attention_heads, "transformer")
+        self.config = model.config
+        self.mesh = mesh
+        self.dtype = jnp.dtype(dtype)
+        weights, forward = torchax_env.functionalize(model, attention.make_attention(attention_choice))
+        del model
+        self.weights = mesh_lib.shard_weights(weights, mesh_lib.WAN_TRANSFORMER_RULES, mesh)
+        self._forward = forward
+        self._steps = {}  # cfg -> jitted step
+
+    def _step_fn(self, cfg: bool, latents_sharding):
+        key = (cfg, latents_sharding)
+        if key not in self._steps:
+            step = functools.partial(_denoise_step, self._forward, self.dtype, cfg)
+            # Outputs keep the input latents' sharding, so step i's outputs are step i+1's inputs as they are
+            # and the one compiled program serves every step.
+            self._steps[key] = jax.jit(step, out_shardings=latents_sharding)
+        return self._steps[key]
+
+    def denoise(
+        self,
+        latents: np.ndarray,
+        prompt_embeds: np.ndarray,
+        negative_prompt_embeds: np.ndarray | None,
+        schedule: schedulers.Schedule,
+        guidance_scale: float,
+        *,
+        progress: bool = True,
+        num_steps: int | None = None,
+    ) -> np.ndarray:
+        """Runs the schedule (or its first `num_steps` steps) from `latents` [B C F H W]; returns float32 latents.
+
+        `negative_prompt_embeds` None (or guidance_scale <= 1) skips the unconditional branch, as diffusers does.
+        """
+        cfg = negative_prompt_embeds is not None and guidance_scale > 1.0
+        embeds = np.concatenate([prompt_embeds, negative_prompt_embeds]) if cfg else prompt_embeds
+        embeds = jax.device_put(
+            jnp.asarray(embeds).astype(self.dtype), mesh_lib.batch_sharding(self.mesh, embeds.shape[0], 3)
+        )
+        sharding = mesh_lib.batch_sharding(self.mesh, latents.shape[0], 5)
+        x = jax.device_put(np.asarray(latents, np.float32), sharding)
+        state = jax.device_put(schedulers.init_state(x), sharding)
+        step = self._step_fn(cfg, sharding)
+        guidance = jnp.float32(guidance_scale)
+        timesteps = jnp.asarray(schedule.timesteps, jnp.float32)
+        coeffs = jnp.asarray(schedule.coeffs, jnp.float32)
+        total = schedule.num_inference_steps if num_steps is None else num_steps
+        for i in tqdm(range(total), desc="denoising", unit="step", disable=not progress, leave=False):
+            x, state = step(self.weights, x, state, embeds, timesteps[i], coeffs[i], guidance)
+            x.block_until_ready()  # keeps the progress bar honest; the step itself is seconds on real sizes
+        return np.asarray(x)
