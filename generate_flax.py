@@ -27,6 +27,7 @@ def main(argv=None):
     parser.add_argument("--save_intermediates", default=None, metavar="DIR", help="also write the stage files here")
     cli.add_mesh_args(parser)
     args = parser.parse_args(argv)
+    cli.check_stage2_args(args)
     cli.setup_process(args)
     from tpu_wan import pipeline
 

@@ -23,6 +23,7 @@ def main(argv=None):
     cli.add_dtype_arg(parser)
     cli.add_mesh_args(parser)
     args = parser.parse_args(argv)
+    cli.check_stage2_args(args)
     cli.setup_process(args)
     from tpu_wan import pipeline
 

@@ -308,3 +308,11 @@ def test_config_refuses_unserialisable_values_without_writing(tmp_path):
     with pytest.raises(A.ArtifactError, match="expected a dict, found list"):
         A.save_config(tmp_path, [1])  # type: ignore[arg-type]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_equal_tensors_give_equal_bytes(tmp_path):
+    # safetensors writes its metadata map in hash order; ours is canonical, so reruns are byte-identical.
+    latents = np.arange(2 * 16 * 2 * 2 * 2, dtype=np.float32).reshape(2, 16, 2, 2, 2)
+    a = A.save_latents(tmp_path / "a.safetensors", latents, metadata={"x": "1", "model_id": "m", "y": "2"})
+    b = A.save_latents(tmp_path / "b.safetensors", latents, metadata={"y": "2", "model_id": "m", "x": "1"})
+    assert a.read_bytes() == b.read_bytes()

@@ -9,12 +9,16 @@ import torch
 
 from tpu_wan import schedulers
 
-# Our step evaluates the same float32 linear combinations as diffusers, but XLA may reorder/fuse them and a
-# few scalar coefficients (log, expm1, a 2x2 solve) can round differently by an ulp, so results differ at
-# float32 rounding level (~1e-7), slightly amplified over the steps. 1e-6 leaves headroom for that and nothing
-# else: a wrong coefficient or order shows up orders of magnitude above it.
+# Relative error ||ours - diffusers|| / ||diffusers|| allowed after every step. Both sides evaluate the same
+# float32 linear combinations, but the rounding differs: XLA fuses them into FMAs, our step multiplies by stored
+# reciprocals where torch divides, and torch's float32 log (used for the log-SNR step sizes) is not correctly
+# rounded, so a few coefficients differ by an ulp. UniPC's corrector amplifies those ulps (its weights come
+# from a cancelling formula), and this fake model, whose x0 predictions jump randomly every step, is a worst
+# case for that: the 50-step UniPC runs reach ~9.4e-7 (~2.6e-7 with a smooth model). A 1% error in any
+# single weight shows up at >= 1e-4; a wrong order or history bookkeeping far above that.
 SCHEDULER_RTOL = 1e-6
-SCHEDULER_ATOL = 1e-6
+# Element-wise backstop: |ours - ref| <= SCHEDULER_ATOL + SCHEDULER_RTOL * |ref| with samples of magnitude ~1-4.
+SCHEDULER_ATOL = 1e-5
 
 SHAPE = (1, 16, 2, 4, 4)  # B, C, F, H, W
 
@@ -55,6 +59,18 @@ def _fake_model(sample, noise):
     return 0.5 * sample + noise
 
 
+@pytest.mark.parametrize("flow_shift", [1.0, 2.5, 7.3])
+@pytest.mark.parametrize("steps", [1, 4, 7, 25, 30, 100])
+@pytest.mark.parametrize("solver", schedulers.SOLVERS)
+def test_schedule_matches_diffusers(solver, steps, flow_shift):
+    ref = _diffusers_scheduler(solver, flow_shift)
+    ref.set_timesteps(steps)
+    sched = schedulers.make_schedule(solver, steps, flow_shift)
+    np.testing.assert_array_equal(sched.timesteps, ref.timesteps.numpy())
+    np.testing.assert_array_equal(sched.sigmas, ref.sigmas.numpy())
+    assert sched.sigmas[-1] == 0
+
+
 @pytest.mark.parametrize("flow_shift", [3.0, 5.0])
 @pytest.mark.parametrize("steps", [1, 2, 3, 10, 50])
 @pytest.mark.parametrize("solver", schedulers.SOLVERS)
@@ -84,7 +100,8 @@ def test_matches_diffusers(solver, steps, flow_shift):
 
         ours, want = np.asarray(sample), ref_sample.numpy()
         assert ours.dtype == np.float32 and want.dtype == np.float32
-        rel = np.linalg.norm(ours - want) / np.linalg.norm(want)
+        diff = ours.astype(np.float64) - want.astype(np.float64)
+        rel = np.linalg.norm(diff) / np.linalg.norm(want.astype(np.float64))
         assert rel <= SCHEDULER_RTOL, f"{solver} T={steps} shift={flow_shift} step {i}: rel err {rel:.3e}"
         np.testing.assert_allclose(ours, want, rtol=SCHEDULER_RTOL, atol=SCHEDULER_ATOL)
 

@@ -145,8 +145,21 @@ def _save_tensors(path: PathLike, kind: str, tensors: Mapping[str, Any], dims: s
     # safetensors.numpy names dtypes by dtype.name; ml_dtypes' "bfloat16" is a valid safetensors dtype, and the
     # bytes are copied verbatim, so bf16 is stored as BF16 bit-exactly. We serialise to memory rather than use
     # save_file: safetensors 0.8's save_file does its own temp-file-and-rename with mode 0600 and no fsync.
-    payload = safetensors.numpy.save(arrays, metadata=header)
+    payload = _canonical_header(safetensors.numpy.save(arrays, metadata=header))
     return atomic_write(path, lambda tmp: tmp.write_bytes(payload))
+
+
+def _canonical_header(payload: bytes) -> bytes:
+    """The same file with its JSON header keys sorted, so equal tensors give equal bytes in every process.
+
+    safetensors serialises the metadata map in hash order, which changes from process to process. Layout: u64
+    little-endian header length, JSON header padded with spaces to 8-byte alignment, then the data, whose
+    offsets are relative to the data start, so rewriting the header leaves them valid.
+    """
+    n = int.from_bytes(payload[:8], "little")
+    text = json.dumps(json.loads(payload[8 : 8 + n]), sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text + payload[8 + n :]
 
 
 def _load_tensors(path: PathLike, kind: str, keys: tuple[str, ...], dims: str, dtypes: tuple[str, ...], *,

@@ -68,6 +68,17 @@ def add_stage2_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--warmup_steps", type=int, default=0, help="steps run first to compile (not saved)")
 
 
+def check_stage2_args(args: argparse.Namespace) -> None:
+    """The cheap checks of stage-2 flags, run before any model is loaded."""
+    from tpu_wan import config
+
+    config.validate_video_size(args.height, args.width, args.frames)
+    shift = 1.0 if args.flow_shift is None else args.flow_shift
+    config.validate_sampling(args.num_inference_steps, args.guidance_scale, shift, args.sample_solver)
+    if args.warmup_steps < 0:
+        raise UsageError(f"--warmup_steps must be >= 0, found {args.warmup_steps}")
+
+
 def add_dtype_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, choices=DTYPES,
                    help="model dtype (default: bfloat16 on TPU/GPU, float32 on CPU)")

@@ -1,0 +1,22 @@
+"""Running the project's scripts as separate processes, the way users run them."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+STAGE1 = ROOT / "stages" / "stage1_text_encoder.py"
+STAGE2 = ROOT / "stages" / "stage2_transformer.py"
+STAGE3 = ROOT / "stages" / "stage3_vae_decoder.py"
+GENERATE = ROOT / "generate_flax.py"
+# Subprocesses get their own 8 virtual CPU devices through the scripts' flag, not the test's environment.
+MESH_2x4 = ("--cpu_devices", "8", "--dp", "2", "--tp", "4")
+
+
+def run(script: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        [sys.executable, str(script), *map(str, args)], capture_output=True, text=True, cwd=ROOT, timeout=600
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{script.name} exited {proc.returncode}:\n{proc.stderr[-4000:]}")
+    return proc

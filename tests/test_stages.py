@@ -1,0 +1,61 @@
+"""The three stage scripts as separate processes == generate_flax.py in one process, bit for bit."""
+
+import hashlib
+
+import numpy as np
+import pytest
+from scripts import GENERATE, MESH_2x4, STAGE1, STAGE2, STAGE3, run
+
+from tpu_wan import artifacts, video
+
+PROMPT = "A robot dancing on a rooftop at sunset"
+SIZE = ("--height", "32", "--width", "48", "--frames", "9", "--num_inference_steps", "4", "--seed", "7")
+
+
+@pytest.fixture(scope="module")
+def staged(tmp_path_factory, tiny_path):
+    out = tmp_path_factory.mktemp("staged")
+    run(STAGE1, "--model_id", "tiny-random", "--prompt", PROMPT, "--output_dir", out, *MESH_2x4)
+    run(STAGE2, "--input_dir", out, *SIZE, *MESH_2x4)
+    run(STAGE3, "--input_dir", out, "--save_frames", *MESH_2x4)
+    return out
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory, tiny_path):
+    out = tmp_path_factory.mktemp("one_process")
+    run(GENERATE, "--model_id", "tiny-random", "--prompt", PROMPT, *SIZE, *MESH_2x4, "--warmup_steps", "1",
+        "--output_video", out / "video.mp4", "--save_intermediates", out)
+    return out
+
+
+def _sha(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_staged_equals_one_process(staged, one_process):
+    for a, b in zip(artifacts.load_embeddings(staged), artifacts.load_embeddings(one_process)):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(
+        artifacts.load_latents(staged / artifacts.LATENTS_FILE),
+        artifacts.load_latents(one_process / artifacts.LATENTS_FILE),
+    )
+    np.testing.assert_array_equal(artifacts.load_frames(staged), artifacts.load_frames(one_process))
+
+
+def test_videos_are_playable(staged, one_process):
+    for path in (staged / artifacts.VIDEO_FILE, one_process / "video.mp4"):
+        frames, fps = video.read_video(path)
+        assert frames.shape == (9, 32, 48, 3) and fps == 16
+
+
+def test_config_records_every_setting(staged):
+    cfg = artifacts.load_config(staged)
+    assert cfg["prompts"] == [PROMPT] and cfg["model_id"] == "tiny-random"
+    assert (cfg["height"], cfg["width"], cfg["frames"], cfg["num_inference_steps"], cfg["seed"]) == (32, 48, 9, 4, 7)
+    assert cfg["flow_shift"] == 3.0 and cfg["sample_solver"] == "unipc" and cfg["mesh"] == [2, 4]
+
+
+def test_stage2_is_deterministic(staged, tmp_path):
+    run(STAGE2, "--input_dir", staged, "--output_dir", tmp_path, *SIZE, *MESH_2x4)
+    assert _sha(tmp_path / artifacts.LATENTS_FILE) == _sha(staged / artifacts.LATENTS_FILE)
