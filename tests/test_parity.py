@@ -66,3 +66,16 @@ def test_guidance_changes_the_result(models):
     _, _, with_cfg, _ = models.run(_config(PROMPTS[0], 5.0), progress=False, num_steps=2)
     _, _, without, _ = models.run(_config(PROMPTS[0], 1.0), progress=False, num_steps=2)
     assert rel_err(with_cfg, without) > 100 * LATENT_RTOL
+
+
+def test_our_embeddings_and_noise_drive_diffusers(models, diffusers_pipe):
+    # Interoperability of the artifact layouts: what stage 1 writes and what stage 2 starts from, fed to
+    # diffusers' WanPipeline, lands on our stage-2 latents.
+    cfg = _config(PROMPTS[0], 5.0)
+    prompt_embeds, negative_embeds, latents, _ = models.run(cfg, progress=False)
+    noise = pipeline.starting_latents(cfg, channels=16)
+    ref = diffusers_run(
+        diffusers_pipe, None, 5.0, "latent", prompt_embeds=torch.from_numpy(prompt_embeds),
+        negative_prompt_embeds=torch.from_numpy(negative_embeds), latents=torch.from_numpy(noise),
+    )
+    assert rel_err(latents, ref) <= LATENT_RTOL

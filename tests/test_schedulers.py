@@ -7,18 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from tpu_wan import schedulers
+from conftest import SCHEDULER_ATOL, SCHEDULER_RTOL
 
-# Relative error ||ours - diffusers|| / ||diffusers|| allowed after every step. Both sides evaluate the same
-# float32 linear combinations, but the rounding differs: XLA fuses them into FMAs, our step multiplies by stored
-# reciprocals where torch divides, and torch's float32 log (used for the log-SNR step sizes) is not correctly
-# rounded, so a few coefficients differ by an ulp. UniPC's corrector amplifies those ulps (its weights come
-# from a cancelling formula), and this fake model, whose x0 predictions jump randomly every step, is a worst
-# case for that: the 50-step UniPC runs reach ~9.4e-7 (~2.6e-7 with a smooth model). A 1% error in any
-# single weight shows up at >= 1e-4; a wrong order or history bookkeeping far above that.
-SCHEDULER_RTOL = 1e-6
-# Element-wise backstop: |ours - ref| <= SCHEDULER_ATOL + SCHEDULER_RTOL * |ref| with samples of magnitude ~1-4.
-SCHEDULER_ATOL = 1e-5
+from tpu_wan import schedulers
 
 SHAPE = (1, 16, 2, 4, 4)  # B, C, F, H, W
 

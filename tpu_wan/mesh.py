@@ -24,7 +24,7 @@ SPLIT = P("tp")  # a bias or norm scale that follows a column-parallel output
 REPLICATED = P()
 
 # (regex over the parameter name, spec). First match wins; unmatched parameters are replicated, and
-# tests/test_sharding.py fails if a large one ends up there.
+# tests/test_sharding.py fails if a large one is left unmatched (replicating it must be a rule of its own).
 WAN_TRANSFORMER_RULES: tuple[tuple[str, P], ...] = (
     (r"blocks\.\d+\.attn[12]\.to_[qkv]\.weight$", COLUMN),
     (r"blocks\.\d+\.attn[12]\.to_[qkv]\.bias$", SPLIT),
@@ -42,6 +42,7 @@ WAN_TRANSFORMER_RULES: tuple[tuple[str, P], ...] = (
     (r"patch_embedding\.weight$", P("tp", None, None, None, None)),
     (r"patch_embedding\.bias$", SPLIT),
     (r"proj_out\.weight$", ROW),
+    (r"rope\.freqs_(cos|sin)$", REPLICATED),  # position tables every shard indexes in full
 )
 
 UMT5_RULES: tuple[tuple[str, P], ...] = (

@@ -97,11 +97,20 @@ def _env():
     return env
 
 
-def module_weights(module: torch.nn.Module) -> dict[str, np.ndarray]:
-    """All parameters and buffers (non-persistent ones included, e.g. RoPE tables) as numpy arrays."""
-    weights = {name: p.detach() for name, p in module.named_parameters(remove_duplicate=False)}
-    weights.update({name: b.detach() for name, b in module.named_buffers(remove_duplicate=False)})
-    return {name: _to_numpy(t) for name, t in weights.items()}
+def module_weights(module: torch.nn.Module) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """(weights, aliases): every parameter and buffer as numpy, non-persistent ones included (RoPE tables,
+    which state_dict() misses); a tensor tied under several names (UMT5's shared / embed_tokens) appears
+    once, and `aliases` maps each further name to the one kept."""
+    tensors = list(module.named_parameters(remove_duplicate=False)) + list(module.named_buffers(remove_duplicate=False))
+    weights, aliases, first = {}, {}, {}
+    for name, t in tensors:
+        key = (t.data_ptr(), tuple(t.shape), t.dtype)
+        if t.numel() and key in first:
+            aliases[name] = first[key]
+            continue
+        first[key] = name
+        weights[name] = _to_numpy(t.detach())
+    return weights, aliases
 
 
 def _to_numpy(t: torch.Tensor) -> np.ndarray:
@@ -119,9 +128,9 @@ def functionalize(
 
     The module is deep-copied first (moving a module into torchax mutates it), and its weights are returned
     so the caller can place them on the mesh with its own shardings. Weights tied under several names
-    appear under each name. Call fn inside jax.jit: eager calls go op by op through torchax.
+    appear once. Call fn inside jax.jit: eager calls go op by op through torchax.
     """
-    weights = module_weights(module)
+    weights, aliases = module_weights(module)
     module = copy.deepcopy(module)
     env = _env()
     names = set(weights)
@@ -131,6 +140,7 @@ def functionalize(
         if missing:
             raise KeyError(f"weights missing for {sorted(missing)[:5]}")
         torch_weights, args, kwargs = env.j2t_iso((weights_in, args, kwargs))
+        torch_weights.update({alias: torch_weights[name] for alias, name in aliases.items()})
         token = _active_attention.set(attention_fn)
         try:
             with env, torch.nn.utils.stateless._reparametrize_module(module, torch_weights), warnings.catch_warnings():

@@ -1,0 +1,30 @@
+"""The tiny checkpoint is deterministic and is a Wan 2.1 diffusers folder."""
+
+import json
+
+from tpu_wan import checkpoints, tiny
+
+
+def test_rebuild_is_byte_identical(tiny_path, tmp_path):
+    rebuilt = tiny.build_tiny_checkpoint(tmp_path / "tiny")
+    assert tiny.checkpoint_digest(rebuilt) == tiny.checkpoint_digest(tiny_path)
+
+
+def test_layout_and_wiring(tiny_path):
+    index = json.loads((tiny_path / "model_index.json").read_text())
+    assert index["_class_name"] == "WanPipeline"
+    assert index["transformer"] == ["diffusers", "WanTransformer3DModel"]
+    assert index["vae"] == ["diffusers", "AutoencoderKLWan"]
+    assert checkpoints.resolve_model("tiny-random") == tiny_path
+    # The text encoder feeds the transformer: its width must be the transformer's text_dim.
+    te = checkpoints.read_config(tiny_path, "text_encoder")
+    assert te["d_model"] == checkpoints.read_config(tiny_path, "transformer")["text_dim"]
+    sched = checkpoints.read_config(tiny_path, "scheduler")
+    assert sched["_class_name"] == "UniPCMultistepScheduler" and sched["use_flow_sigmas"]
+
+
+def test_tokenizer_covers_multilingual_prompts(tiny_path):
+    tok = checkpoints.load_tokenizer(tiny_path)
+    ids = tok("一只猫 plays piano!", add_special_tokens=True).input_ids
+    assert ids[-1] == tok.eos_token_id == 1 and tok.pad_token_id == 0
+    assert tok.unk_token_id not in ids  # every character is in the training corpus
