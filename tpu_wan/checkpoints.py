@@ -69,7 +69,7 @@ def load_tokenizer(model_path: Path):
 
 
 def load_text_encoder(model_path: Path, dtype: str):
-    """UMT5EncoderModel with diffusers' dtype policy (its `wo` layers stay float32)."""
+    """UMT5EncoderModel in `dtype`, with transformers' own dtype policy (as WanPipeline.from_pretrained loads it)."""
     from transformers import UMT5EncoderModel
 
     return UMT5EncoderModel.from_pretrained(model_path / "text_encoder", dtype=_torch_dtype(dtype)).eval()
