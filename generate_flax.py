@@ -35,7 +35,7 @@ def main(argv=None):
     result = pipeline.generate(
         args.model_id, [args.prompt], args.negative_prompt, pipeline.sampling_args(args),
         max_sequence_length=args.max_sequence_length, fps=args.fps, dp=args.dp, tp=args.tp,
-        attention=args.attention, warmup_steps=args.warmup_steps, output_video=output_video,
+        attention=pipeline.attention_options(args), warmup_steps=args.warmup_steps, output_video=output_video,
         save_intermediates=args.save_intermediates,
     )
     print(result.timer.table())

@@ -29,7 +29,7 @@ def main(argv=None):
 
     cfg = pipeline.run_stage2(
         args.input_dir, pipeline.sampling_args(args), output_dir=args.output_dir,
-        dp=args.dp, tp=args.tp, attention=args.attention, warmup_steps=args.warmup_steps,
+        dp=args.dp, tp=args.tp, attention=pipeline.attention_options(args), warmup_steps=args.warmup_steps,
     )
     print(f"stage 2: {cfg.num_inference_steps} steps at {cfg.width}x{cfg.height}x{cfg.frames}, seed {cfg.seed} "
           f"-> {args.output_dir or args.input_dir}")

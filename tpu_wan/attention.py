@@ -1,20 +1,63 @@
-"""The one attention entry the models call (through the torchax scaled_dot_product_attention override).
+"""The one attention entry the models call (through the torchax scaled_dot_product_attention override),
+and the only caller of tpu_wan.kernels.
 
-`make_attention(choice)` returns a function (q [B N L D], k [B N S D], v [B N S D], *, scale) -> [B N L D]
-on jax arrays. The XLA path is plain softmax attention that XLA fuses and GSPMD partitions along the
-shardings of its inputs (batch on dp, heads on tp), on every backend.
+`make_attention(options, mesh)` returns fn(q [B N L D], k [B N S D], v [B N S D], *, scale) -> [B N L D] that
+picks, per call, from the shapes it sees at trace time:
+  custom  our exp2 splash kernel (Pallas TPU; interpret mode on CPU, for checks)
+  splash  upstream jax.experimental.pallas.ops.tpu.splash_attention, the baseline to beat (TPU; interpret on CPU)
+  xla     plain softmax attention that XLA fuses and GSPMD partitions (every backend)
+  cudnn   jax.nn.dot_product_attention's cuDNN flash attention (GPU, bf16/fp16)
+`auto` = custom on TPU for long self-attention, cudnn on GPU where it applies, xla otherwise (short
+cross-attention over text tokens, CPU). Kernels see one device's data: shard_map splits the batch over dp,
+heads over tp when they divide, and otherwise the query sequence over the axes left (keys stay whole).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import math
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh, PartitionSpec as P
 
 from tpu_wan.config import ATTENTION_CHOICES
+from tpu_wan.errors import UserError
 
 AttentionFn = Callable[..., jax.Array]
+# Below this many keys attention is cheap and latency-bound (cross-attention over 512 text tokens): XLA's fused
+# einsum-softmax-einsum beats a blocked kernel there.
+LONG_KV = 4096
+
+
+class AttentionError(UserError):
+    """An attention choice the platform or the shapes cannot serve."""
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionOptions:
+    """How attention runs. Block sizes None: per-shape defaults (kernels.splash_exp2.default_block_sizes)."""
+
+    choice: str = "auto"
+    k_smooth: bool = False
+    window_size: int | None = None  # self-attention only: query i sees keys |i - j| <= window_size
+    bq: int | None = None
+    bkv: int | None = None
+    bkv_compute: int | None = None
+
+    def __post_init__(self):
+        if self.choice not in ATTENTION_CHOICES:
+            raise AttentionError(f"attention must be one of {ATTENTION_CHOICES}, found {self.choice!r}")
+        if self.window_size is not None and self.window_size < 0:
+            raise AttentionError(f"window_size must be >= 0, found {self.window_size}")
+        for name in ("bq", "bkv", "bkv_compute"):
+            value = getattr(self, name)
+            if value is not None and (value <= 0 or value % 8):
+                raise AttentionError(f"{name} must be a positive multiple of 8, found {value}")
+        if self.bkv is not None and self.bkv_compute is not None and self.bkv % self.bkv_compute:
+            raise AttentionError(f"bkv must be a multiple of bkv_compute, found bkv={self.bkv} bkv_compute={self.bkv_compute}")
 
 
 def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float | None = None) -> jax.Array:
@@ -25,8 +68,119 @@ def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float | No
     return jnp.einsum("bnls,bnsd->bnld", probs, v)  # [B N L D]
 
 
-def make_attention(choice: str = "auto") -> AttentionFn:
-    """The attention function for `choice`; an unknown choice is an error, never a silent fallback."""
-    if choice not in ATTENTION_CHOICES:
-        raise ValueError(f"attention must be one of {ATTENTION_CHOICES}, found {choice!r}")
-    return xla_attention
+def _cudnn_attention(q, k, v, *, scale=None):
+    t = lambda x: x.transpose(0, 2, 1, 3)  # noqa: E731  [B N L D] <-> [B L N D]
+    return t(jax.nn.dot_product_attention(t(q), t(k), t(v), scale=scale, implementation="cudnn"))
+
+
+def _resolve(options: AttentionOptions, platform: str, kv_len: int, dtype, head_dim: int = 128) -> str:
+    choice = options.choice
+    if choice in ("custom", "splash") and platform == "gpu":
+        raise AttentionError(f"--attention {choice} is a Pallas TPU kernel: expected tpu (or cpu, interpreted), found gpu")
+    if choice != "auto":
+        return choice
+    if platform == "tpu" and kv_len >= LONG_KV:
+        return "custom"
+    if platform == "gpu" and dtype in (jnp.bfloat16, jnp.float16) and head_dim <= 128 and head_dim % 8 == 0:
+        return "cudnn"  # cuDNN's fused attention takes 16-bit inputs and head dims up to 128
+    return "xla"
+
+
+def _kernel(choice: str, options: AttentionOptions, q_len: int, kv_len: int, head_dim: int, interpret: bool):
+    """fn(q [N L D], k [N S D], v [N S D], scale) for one device's data."""
+    from tpu_wan.kernels import splash_exp2
+
+    given = {n: getattr(options, n) for n in ("bq", "bkv", "bkv_compute") if getattr(options, n) is not None}
+    try:
+        blocks = dataclasses.replace(splash_exp2.default_block_sizes(q_len, kv_len, head_dim), **given)
+    except ValueError as err:  # a given size that does not combine with a default one
+        raise AttentionError(f"block sizes for q_len={q_len} kv_len={kv_len}: {err}") from None
+    window = options.window_size if q_len == kv_len else None  # the window is a self-attention notion
+    if choice == "custom":
+        return functools.partial(
+            splash_exp2.splash_attention, block_sizes=blocks, window_size=window, k_smooth=options.k_smooth,
+            interpret=interpret,
+        )
+    return functools.partial(_upstream_splash, blocks=blocks, window=window, interpret=interpret)
+
+
+def _upstream_splash(q, k, v, *, scale, blocks, window, interpret):
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+
+    n, l, d = q.shape
+    s = k.shape[1]
+    scale = d**-0.5 if scale is None else scale
+    up = lambda x: -(-x // 128) * 128  # noqa: E731  upstream wants every block a multiple of 128 lanes
+    bq, bkv = up(min(blocks.bq, l)), up(min(blocks.bkv, s))
+    bc = max(128, min(up(blocks.bkv_compute), bkv) // 128 * 128)
+    bkv = -(-bkv // bc) * bc
+    lp, sp = -(-l // bq) * bq, -(-s // bkv) * bkv
+    mask = sm.FullMask((lp, sp)) if window is None else sm.LocalMask((lp, sp), (window, window), offset=0)
+    kernel = sk.make_splash_mha(
+        sm.MultiHeadMask([mask] * n),
+        head_shards=1,
+        q_seq_shards=1,
+        block_sizes=sk.BlockSizes(bq, bkv, bc, bq, bkv, bc),
+        interpret=interpret,
+    )
+    # Padded keys get their own segment, so real queries never attend to them.
+    q_seg = (jnp.arange(lp) >= l).astype(jnp.int32)
+    kv_seg = (jnp.arange(sp) >= s).astype(jnp.int32)
+    pad = lambda x, to: jnp.pad(x, ((0, 0), (0, to - x.shape[1]), (0, 0)))  # noqa: E731
+    out = kernel(pad(q * scale, lp).astype(q.dtype), pad(k, sp), pad(v, sp), segment_ids=sk.SegmentIds(q_seg, kv_seg))
+    return out[:, :l]
+
+
+def _per_device(kernel, scale):
+    """[B N L D] -> the kernel's [B*N L D]: batch rows and heads are independent, so they share its head axis."""
+
+    def run(q, k, v):
+        b, n, l, d = q.shape
+        flat = lambda x: x.reshape(b * n, x.shape[2], d)  # noqa: E731
+        return kernel(flat(q), flat(k), flat(v), scale=scale).reshape(b, n, l, d)
+
+    return run
+
+
+def _shard_specs(mesh: Mesh, batch: int, heads: int) -> tuple[P, P, tuple[str, ...]]:
+    """(q/out spec, k/v spec, axes splitting the query sequence) for [B N L D] arrays."""
+    batch_axis = "dp" if mesh.shape["dp"] > 1 and batch % mesh.shape["dp"] == 0 else None
+    head_axis = "tp" if mesh.shape["tp"] > 1 and heads % mesh.shape["tp"] == 0 else None
+    seq_axes = tuple(a for a, used in (("dp", batch_axis), ("tp", head_axis)) if used is None and mesh.shape[a] > 1)
+    q_spec = P(batch_axis, head_axis, seq_axes or None, None)
+    return q_spec, P(batch_axis, head_axis, None, None), seq_axes
+
+
+def make_attention(options: AttentionOptions | str = "auto", mesh: Mesh | None = None) -> AttentionFn:
+    """The attention function for `options` on `mesh`; an unsupported choice is an error, never a fallback."""
+    if isinstance(options, str):
+        options = AttentionOptions(choice=options)
+    platform = jax.default_backend()
+
+    def attention(q, k, v, *, scale=None):
+        b, n, l, d = q.shape
+        choice = _resolve(options, platform, k.shape[2], q.dtype, d)
+        if choice == "xla":
+            return xla_attention(q, k, v, scale=scale)
+        if choice == "cudnn":
+            return _cudnn_attention(q, k, v, scale=scale)
+        interpret = platform != "tpu"
+        if mesh is None or mesh.size == 1:
+            return _per_device(_kernel(choice, options, l, k.shape[2], d, interpret), scale)(q, k, v)
+        q_spec, kv_spec, seq_axes = _shard_specs(mesh, b, n)
+        shards = math.prod(mesh.shape[a] for a in seq_axes)
+        if seq_axes and options.window_size is not None and l == k.shape[2]:
+            raise AttentionError(
+                f"window_size with the query sequence split over {seq_axes}: expected heads divisible by "
+                f"tp={mesh.shape['tp']} and batch by dp={mesh.shape['dp']}, found heads={n} batch={b}"
+            )
+        lp = -(-l // shards) * shards  # the query sequence splits evenly; padded rows are dropped below
+        qp = jnp.pad(q, ((0, 0), (0, 0), (0, lp - l), (0, 0)))
+        local = _per_device(_kernel(choice, options, lp // shards, k.shape[2], d, interpret), scale)
+        out = jax.shard_map(local, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec), out_specs=q_spec, check_vma=False)(
+            qp, k, v
+        )
+        return out[:, :, :l]
+
+    return attention

@@ -64,7 +64,13 @@ def add_stage2_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--flow_shift", type=float, default=None, help="default: 5.0 at 720p and up, 3.0 below")
     g.add_argument("--sample_solver", default="unipc", choices=SOLVERS)
     g.add_argument("--init_latents", default=None, help="safetensors file with key 'latents' to start from")
-    g.add_argument("--attention", default="auto", choices=ATTENTION_CHOICES)
+    g.add_argument("--attention", default="auto", choices=ATTENTION_CHOICES,
+                   help="auto: our exp2 kernel on TPU for long self-attention, XLA otherwise")
+    g.add_argument("--k_smooth", action="store_true", help="subtract the mean key first (exact; safer in bf16)")
+    g.add_argument("--window_size", type=int, default=None, help="local self-attention window (default: global)")
+    g.add_argument("--bqsize", type=int, default=None, help="kernel query block (default: per shape)")
+    g.add_argument("--bkvsize", type=int, default=None, help="kernel key/value block (default: per shape)")
+    g.add_argument("--bkvcomputesize", type=int, default=None, help="kernel key compute block (default: per shape)")
     g.add_argument("--warmup_steps", type=int, default=0, help="steps run first to compile (not saved)")
 
 

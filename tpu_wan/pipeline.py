@@ -51,6 +51,16 @@ def sampling_args(namespace) -> SamplingArgs:
     return SamplingArgs(**{f.name: getattr(namespace, f.name) for f in dataclasses.fields(SamplingArgs)})
 
 
+def attention_options(namespace):
+    """AttentionOptions from the --attention / --k_smooth / --window_size / block-size flags."""
+    from tpu_wan.attention import AttentionOptions
+
+    return AttentionOptions(
+        choice=namespace.attention, k_smooth=namespace.k_smooth, window_size=namespace.window_size,
+        bq=namespace.bqsize, bkv=namespace.bkvsize, bkv_compute=namespace.bkvcomputesize,
+    )
+
+
 def resolve_sampling(cfg: GenerationConfig, args: SamplingArgs, mesh) -> GenerationConfig:
     """The config with every stage-2 setting decided (defaults filled in) and validated."""
     config_lib.validate_video_size(args.height, args.width, args.frames)
@@ -161,7 +171,7 @@ def run_stage2(
     output_dir: str | Path | None = None,
     dp: int | None = None,
     tp: int | None = None,
-    attention: str = "auto",
+    attention="auto",
     warmup_steps: int = 0,
 ) -> GenerationConfig:
     """Denoises from the stage-1 embeddings; writes stage2_latents.safetensors and the updated config."""
@@ -218,7 +228,7 @@ def write_videos(output_video: str | Path, frames: np.ndarray, fps: int) -> list
 class Generator:
     """All three models loaded once on one mesh: encode -> denoise -> decode in memory (generate_flax.py)."""
 
-    def __init__(self, model_id: str, mesh, *, text_dtype: str, dtype: str, attention: str = "auto", timer=None):
+    def __init__(self, model_id: str, mesh, *, text_dtype: str, dtype: str, attention="auto", timer=None):
         from tpu_wan.profiling import Timer
 
         self.timer = timer or Timer()
@@ -260,7 +270,7 @@ def generate(
     fps: int = 16,
     dp: int | None = None,
     tp: int | None = None,
-    attention: str = "auto",
+    attention="auto",
     warmup_steps: int = 2,
     save_intermediates: str | Path | None = None,
 ) -> GenerateResult:

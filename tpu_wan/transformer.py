@@ -35,13 +35,13 @@ def _denoise_step(forward: Callable, dtype, cfg: bool, weights, latents, state, 
 class Denoiser:
     """WanTransformer3DModel loaded once onto a mesh; `denoise` runs a full sampling loop."""
 
-    def __init__(self, model_path: Path, mesh, dtype: str, attention_choice: str = "auto"):
+    def __init__(self, model_path: Path, mesh, dtype: str, attention_options="auto"):
         model = checkpoints.load_transformer(model_path, dtype)
         mesh_lib.check_heads(mesh, model.config.num_attention_heads, "transformer")
         self.config = model.config
         self.mesh = mesh
         self.dtype = jnp.dtype(dtype)
-        weights, forward = torchax_env.functionalize(model, attention.make_attention(attention_choice))
+        weights, forward = torchax_env.functionalize(model, attention.make_attention(attention_options, mesh))
         del model
         self.weights = mesh_lib.shard_weights(weights, mesh_lib.WAN_TRANSFORMER_RULES, mesh)
         self._forward = forward

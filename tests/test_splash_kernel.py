@@ -1,0 +1,196 @@
+"""The base-2 splash (flash) attention forward kernel against softmax attention in float64.
+
+Like upstream's splash attention tests: SplashKernelTest runs the compiled kernel and is skipped off TPU;
+SplashKernelInterpretTest runs the same bodies through Pallas' TPU interpreter on CPU. Shapes are small, as
+the interpreter is slow; they still cover lengths that are and are not block multiples, several key blocks
+and compute chunks per block, windows, cross-attention and both dtypes.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import KERNEL_BF16_RTOL, KERNEL_F32_RTOL, UNMASKED_MIN_ERR, rel_err
+
+from tpu_wan.kernels.splash_exp2 import (VMEM_LIMIT_BYTES, BlockSizes, attention_reference, splash_attention,
+                                         vmem_bytes)
+
+SEED = 0
+
+
+def _inputs(rng, n, q_len, kv_len, d, dtype, k_offset=0.0):
+    """Fresh normal q, k, v (k optionally with a per-head mean offset, as real keys often have)."""
+    q = rng.standard_normal((n, q_len, d))
+    k = rng.standard_normal((n, kv_len, d)) + k_offset * rng.standard_normal((n, 1, d))
+    v = rng.standard_normal((n, kv_len, d))
+    return tuple(jnp.asarray(x, dtype) for x in (q, k, v))
+
+
+def _reference64(q, k, v, *, scale=None, window_size=None):
+    """Softmax attention in float64 numpy on the (already rounded) inputs."""
+    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    s = np.einsum("nld,nsd->nls", q, k) * scale
+    if window_size is not None:
+        i, j = np.arange(q.shape[1])[:, None], np.arange(k.shape[1])[None, :]
+        s = np.where(np.abs(i - j) <= window_size, s, -np.inf)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    return np.einsum("nls,nsd->nld", p / p.sum(-1, keepdims=True), v)
+
+
+def _rtol(dtype):
+    return KERNEL_F32_RTOL if jnp.dtype(dtype) == jnp.float32 else KERNEL_BF16_RTOL
+
+
+f32, bf16 = jnp.float32, jnp.bfloat16
+DEFAULT = (512, 1024, 512)
+# (dtype, heads, L, S, D, window_size, k_smooth, (bq, bkv, bkv_compute), scale)
+CASES = [
+    (f32, 1, 128, 128, 64, None, False, (64, 128, 64), None),  # block multiples, 2 chunks per key block
+    (f32, 3, 200, 200, 128, None, False, (64, 128, 64), 0.37),  # padded queries and keys, a given scale
+    (f32, 16, 128, 128, 64, 20, False, (128, 128, 64), None),  # many heads, window
+    (f32, 3, 300, 300, 64, 50, True, (64, 128, 64), None),  # window: skipped, partial and full chunks
+    (f32, 1, 300, 300, 128, 0, False, (64, 128, 64), None),  # window 0: each query sees only its own key
+    (f32, 1, 300, 300, 64, 1000, False, (128, 256, 128), None),  # window wider than the sequence
+    (f32, 1, 200, 77, 64, None, False, (64, 128, 64), None),  # cross-attention, S < bkv (bkv shrinks)
+    (f32, 3, 128, 300, 128, None, True, (64, 256, 64), None),  # cross-attention, a padding-only chunk
+    (f32, 1, 300, 300, 128, None, False, DEFAULT, None),  # default blocks shrink to the sequence
+    (bf16, 1, 256, 256, 128, None, False, (128, 256, 128), 0.2),  # block multiples
+    (bf16, 3, 200, 200, 64, None, False, (64, 128, 64), None),
+    (bf16, 16, 128, 128, 128, 32, True, (128, 128, 64), None),
+    (bf16, 3, 300, 300, 128, 70, True, (64, 256, 128), None),
+    (bf16, 1, 512, 200, 64, None, True, (128, 128, 64), None),  # cross-attention
+    (bf16, 3, 77, 512, 128, None, False, (64, 256, 128), None),  # cross-attention, short queries
+]
+
+
+class SplashKernelTest:
+    """Compiled kernel; runs only on TPU."""
+
+    __test__ = True  # pytest collects Test* classes by default; this name follows upstream's
+    INTERPRET = False
+
+    def setup_method(self):
+        if not self.INTERPRET and jax.default_backend() != "tpu":
+            pytest.skip("the compiled kernel needs a TPU (the interpret subclass runs these bodies on CPU)")
+
+    def _blocks(self, bq, bkv, bc):
+        if not self.INTERPRET and bc % 128:  # compiled kernels need 128-lane logits tiles
+            bc, bkv = 128, -(-bkv // 128) * 128
+        return BlockSizes(bq=bq, bkv=bkv, bkv_compute=bc)
+
+    def _check(self, out, ref, dtype, q_shape):
+        assert out.shape == q_shape and out.dtype == dtype
+        assert np.isfinite(np.asarray(out, np.float32)).all()
+        err = rel_err(out, ref)
+        assert err <= _rtol(dtype), err
+        return err
+
+    @pytest.mark.parametrize("dtype,n,q_len,kv_len,d,window,k_smooth,blocks,scale", CASES)
+    def test_matches_reference(self, dtype, n, q_len, kv_len, d, window, k_smooth, blocks, scale):
+        rng = np.random.default_rng([SEED, n, q_len, kv_len, d, 0 if window is None else window + 1, k_smooth])
+        q, k, v = _inputs(rng, n, q_len, kv_len, d, dtype)
+        out = splash_attention(q, k, v, block_sizes=self._blocks(*blocks), scale=scale, window_size=window,
+                               k_smooth=k_smooth, interpret=self.INTERPRET)
+        self._check(out, _reference64(q, k, v, scale=scale, window_size=window), dtype, q.shape)
+
+    def test_pv_f32_bf16(self):
+        # float32 P.V leaves only the output's own rounding to bf16: the error sits at that floor.
+        rng = np.random.default_rng([SEED, 1])
+        q, k, v = _inputs(rng, 3, 200, 200, 128, bf16)
+        ref = _reference64(q, k, v, window_size=40)
+        out = splash_attention(q, k, v, block_sizes=self._blocks(64, 128, 64), window_size=40, pv_f32=True,
+                               interpret=self.INTERPRET)
+        err = self._check(out, ref, bf16, q.shape)
+        assert err <= 1.05 * rel_err(jnp.asarray(ref, f32).astype(bf16), ref), err
+
+    def test_k_smooth_float32_keys_with_mean(self):
+        # Keys sharing a large mean make large logits whose float32 rounding (~2^-24 |s|) shows in the output;
+        # centring the keys removes that row-constant part exactly.
+        rng = np.random.default_rng([SEED, 3])
+        q, k, v = _inputs(rng, 1, 136, 136, 128, f32, k_offset=100.0)
+        ref = _reference64(q, k, v)
+        kw = dict(block_sizes=self._blocks(64, 128, 64), interpret=self.INTERPRET)
+        err_plain = rel_err(splash_attention(q, k, v, **kw), ref)
+        err_smooth = self._check(splash_attention(q, k, v, k_smooth=True, **kw), ref, f32, q.shape)
+        assert err_smooth < err_plain / 5, (err_smooth, err_plain)
+
+    def test_padded_keys_must_be_masked(self):
+        rng = np.random.default_rng([SEED, 4])
+        q, k, v = _inputs(rng, 1, 200, 200, 64, f32)  # 200 keys padded to 256
+        ref = _reference64(q, k, v)
+        kw = dict(block_sizes=self._blocks(64, 128, 64), interpret=self.INTERPRET)
+        self._check(splash_attention(q, k, v, **kw), ref, f32, q.shape)
+        unmasked = splash_attention(q, k, v, _mask_padding=False, **kw)
+        assert rel_err(unmasked, ref) > UNMASKED_MIN_ERR
+
+
+def test_attention_reference_matches_float64():
+    rng = np.random.default_rng([SEED, 5])
+    q, k, v = _inputs(rng, 3, 100, 100, 64, f32)
+    for window in (None, 7):
+        out = attention_reference(q, k, v, window_size=window, k_smooth=True, pv_f32=True)
+        assert out.dtype == jnp.float32
+        assert rel_err(out, _reference64(q, k, v, window_size=window)) <= KERNEL_F32_RTOL
+
+
+def test_lowers_to_mosaic():
+    """The compiled path lowers to a Mosaic TPU custom call even here (no TPU needed to lower)."""
+    for dtype, d, kwargs in [(bf16, 128, {}), (bf16, 64, dict(window_size=300, k_smooth=True)),
+                             (f32, 128, dict(window_size=300, pv_f32=True)), (bf16, 128, dict(pv_f32=True))]:
+        x = jax.ShapeDtypeStruct((2, 1000, d), dtype)
+        fn = lambda q, k, v: splash_attention(q, k, v, block_sizes=BlockSizes(256, 512, 256), **kwargs)  # noqa: E731
+        text = jax.jit(fn).trace(x, x, x).lower(lowering_platforms=("tpu",)).as_text()
+        assert "tpu_custom_call" in text
+
+
+@pytest.mark.parametrize("kwargs,fragments", [
+    (dict(bq=0), ["bq", "0"]),
+    (dict(bkv=-128), ["bkv", "-128"]),
+    (dict(bq=100), ["bq=100", "multiple of 8"]),
+    (dict(bkv=256, bkv_compute=96), ["self.bkv=256", "self.bkv_compute=96"]),
+    (dict(bkv_compute=2048), ["self.bkv=1024", "self.bkv_compute=2048"]),
+])
+def test_block_sizes_rejects(kwargs, fragments):
+    with pytest.raises(ValueError) as info:
+        BlockSizes(**kwargs)
+    for fragment in fragments:
+        assert fragment in str(info.value)
+
+
+def test_bad_inputs():
+    ok = jnp.zeros((2, 16, 64), f32)
+    cases = [
+        ((ok, jnp.zeros((2, 24, 64), f32), jnp.zeros((2, 24, 64), f32)), dict(window_size=4), ["L=16", "S=24"]),
+        ((ok[0], ok, ok), {}, ["ndim 3", "(16, 64)"]),
+        ((ok.astype(jnp.float16), ok, ok), {}, ["float32 or bfloat16", "float16"]),
+        ((ok, ok.astype(bf16), ok), {}, ["float32", "bfloat16"]),
+        ((ok, jnp.zeros((3, 16, 64), f32), jnp.zeros((3, 16, 64), f32)), {}, ["[3, L, 64]", "(2, 16, 64)"]),
+        ((ok, ok, jnp.zeros((2, 16, 32), f32)), {}, ["(2, 16, 64)", "(2, 16, 32)"]),
+        ((ok, ok, ok), dict(window_size=-1), ["-1"]),
+        ((ok, ok, ok), dict(block_sizes=BlockSizes(64, 128, 64)), ["bkv_compute=64", "128"]),  # compiled
+    ]
+    for args, kwargs, fragments in cases:
+        with pytest.raises(ValueError) as info:
+            splash_attention(*args, **kwargs)
+        for fragment in fragments:
+            assert fragment in str(info.value), (str(info.value), fragment)
+    with pytest.raises(ValueError, match="L=16, S=24"):
+        attention_reference(*cases[0][0], window_size=4)
+
+
+def test_vmem_budget():
+    for dtype in (f32, bf16):
+        for d in (64, 128):
+            assert vmem_bytes(BlockSizes(), d, dtype) <= VMEM_LIMIT_BYTES // 2
+    # bf16, D=128 defaults: q/o 2 x 128 KiB, k/v 2 x 256 KiB, double-buffered; m, l 2 x 256 KiB; acc 256 KiB;
+    # logits and probabilities 2 x 1 MiB.
+    assert vmem_bytes(BlockSizes(), 128, bf16) == 2 * (2 * 128 + 2 * 256) * 1024 + 3 * 256 * 1024 + 2 * 2**20
+    assert vmem_bytes(BlockSizes(), 64, bf16) == vmem_bytes(BlockSizes(), 128, bf16)  # lanes pad to 128
+    assert vmem_bytes(BlockSizes(), 128, f32) == 5.75 * 2**20  # float32 blocks are twice as large: 3 MiB
+
+
+class SplashKernelInterpretTest(SplashKernelTest):
+    """The same bodies through Pallas' TPU interpreter on CPU."""
+
+    INTERPRET = True
