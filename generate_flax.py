@@ -23,23 +23,31 @@ def main(argv=None):
     parser.set_defaults(warmup_steps=2)
     cli.add_dtype_arg(parser)
     parser.add_argument("--fps", type=int, default=16)
-    parser.add_argument("--output_video", default=None, help="default: YYYYMMDD_HHMMSS.mp4")
+    parser.add_argument("--output_video", default=None, help="one video: default YYYYMMDD_HHMMSS.mp4")
+    parser.add_argument("--output_dir", default=None, help="several videos: <prompt-slug>_seed<seed>.mp4 here "
+                        "(default: YYYYMMDD_HHMMSS/)")
     parser.add_argument("--save_intermediates", default=None, metavar="DIR", help="also write the stage files here")
     cli.add_mesh_args(parser)
     args = parser.parse_args(argv)
     cli.check_stage2_args(args)
+    prompts = cli.prompts_from(args)
     cli.setup_process(args)
     from tpu_wan import pipeline
 
-    output_video = args.output_video or time.strftime("%Y%m%d_%H%M%S.mp4")
+    stamp = time.strftime("%Y%m%d_%H%M%S")
+    sampling = pipeline.sampling_args(args)
+    several = len(prompts) * len(sampling.seeds) > 1
+    output_video = args.output_video or (None if several else f"{stamp}.mp4")
     result = pipeline.generate(
-        args.model_id, [args.prompt], args.negative_prompt, pipeline.sampling_args(args),
+        args.model_id, prompts, args.negative_prompt, sampling,
         max_sequence_length=args.max_sequence_length, fps=args.fps, dp=args.dp, tp=args.tp,
         attention=pipeline.attention_options(args), warmup_steps=args.warmup_steps, output_video=output_video,
+        output_dir=args.output_dir or (stamp if several else None),
         save_intermediates=args.save_intermediates,
     )
     print(result.timer.table())
-    print(f"{result.seconds_per_step:.4f} s/step over {result.config.num_inference_steps} steps")
+    print(f"{result.seconds_per_step:.4f} s/step (per batch of {result.config.batch_size} video(s)) over "
+          f"{result.config.num_inference_steps} steps")
     print("video: " + ", ".join(str(p) for p in result.videos))
 
 

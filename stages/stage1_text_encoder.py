@@ -1,6 +1,7 @@
 """Stage 1: encode the prompt and negative prompt with UMT5.
 
     python stages/stage1_text_encoder.py --model_id tiny-random --prompt "A cat playing piano"
+    python stages/stage1_text_encoder.py --model_id tiny-random --prompt_file prompts.txt
 
 writes stage_outputs/stage1_embeddings.safetensors (prompt_embeds, negative_prompt_embeds: [N, 512, D]) and
 stage_outputs/generation_config.json. Encode once, then run stage 2 as often as you like.
@@ -21,11 +22,12 @@ def main(argv=None):
     cli.add_dtype_arg(parser)
     cli.add_mesh_args(parser)
     args = parser.parse_args(argv)
+    prompts = cli.prompts_from(args)
     cli.setup_process(args)
     from tpu_wan import pipeline
 
     cfg = pipeline.run_stage1(
-        args.model_id, [args.prompt], args.negative_prompt, args.output_dir,
+        args.model_id, prompts, args.negative_prompt, args.output_dir,
         max_sequence_length=args.max_sequence_length, dtype=args.dtype, dp=args.dp, tp=args.tp,
     )
     print(f"stage 1: {len(cfg.prompts)} prompt(s) encoded ({cfg.text_dtype}) -> {args.output_dir}")

@@ -4,7 +4,9 @@
 
 reads stage_outputs/stage1_embeddings.safetensors and generation_config.json, writes
 stage_outputs/stage2_latents.safetensors (latents: [N, 16, (frames-1)/4+1, height/8, width/8]) and adds every
-setting it used to the config. Same seed, same bytes: sweep seeds by rerunning with --seed.
+setting it used to the config. --seeds 1-8 makes one video per (prompt, seed) in batches with one compilation,
+saved to stage_outputs/stage2_latents/<prompt-slug>_seed<seed>.safetensors as each batch lands; rerunning
+the same command resumes where a crash stopped it. Same seed, same bytes.
 """
 
 import sys
@@ -20,6 +22,7 @@ def main(argv=None):
     parser.add_argument("--input_dir", default=cli.DEFAULT_OUTPUT_DIR)
     parser.add_argument("--output_dir", default=None, help="default: --input_dir")
     cli.add_stage2_args(parser)
+    parser.add_argument("--overwrite", action="store_true", help="redo videos already in --output_dir")
     cli.add_dtype_arg(parser)
     cli.add_mesh_args(parser)
     args = parser.parse_args(argv)
@@ -30,9 +33,11 @@ def main(argv=None):
     cfg = pipeline.run_stage2(
         args.input_dir, pipeline.sampling_args(args), output_dir=args.output_dir,
         dp=args.dp, tp=args.tp, attention=pipeline.attention_options(args), warmup_steps=args.warmup_steps,
+        overwrite=args.overwrite,
     )
-    print(f"stage 2: {cfg.num_inference_steps} steps at {cfg.width}x{cfg.height}x{cfg.frames}, seed {cfg.seed} "
-          f"-> {args.output_dir or args.input_dir}")
+    videos = len(cfg.prompts) * len(cfg.seeds)
+    print(f"stage 2: {videos} video(s), {cfg.num_inference_steps} steps at {cfg.width}x{cfg.height}x{cfg.frames}, "
+          f"seeds {list(cfg.seeds)} -> {args.output_dir or args.input_dir}")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
     python stages/stage3_vae_decoder.py [--input_dir stage_outputs] [--output_video out.mp4]
 
-reads stage_outputs/stage2_latents.safetensors, writes stage_outputs/output_video.mp4 (H.264) and, with
+reads stage_outputs/stage2_latents.safetensors, writes stage_outputs/output_video.mp4 (H.264; for a sweep,
+<prompt-slug>_seed<seed>.mp4 per video) and, with
 --save_frames, stage_outputs/stage3_frames.safetensors (frames: [N, T, H, W, 3] float32 in [0, 1]).
 """
 
@@ -17,7 +18,9 @@ from tpu_wan import cli  # noqa: E402
 def main(argv=None):
     parser = cli.make_parser(__doc__)
     parser.add_argument("--input_dir", default=cli.DEFAULT_OUTPUT_DIR)
-    parser.add_argument("--output_video", default=None, help="default: <input_dir>/output_video.mp4")
+    parser.add_argument("--output_video", default=None, help="one video: default <input_dir>/output_video.mp4")
+    parser.add_argument("--output_dir", default=None, help="several videos: <prompt-slug>_seed<seed>.mp4 here "
+                        "(default: --input_dir)")
     parser.add_argument("--fps", type=int, default=None, help="default: from the config, else 16")
     parser.add_argument("--save_frames", action="store_true", help="also write the float frames losslessly")
     cli.add_mesh_args(parser)
@@ -26,7 +29,7 @@ def main(argv=None):
     from tpu_wan import pipeline
 
     paths = pipeline.run_stage3(
-        args.input_dir, output_video=args.output_video, fps=args.fps, save_frames=args.save_frames,
+        args.input_dir, output_video=args.output_video, output_dir=args.output_dir, fps=args.fps, save_frames=args.save_frames,
         dp=args.dp, tp=args.tp,
     )
     print("stage 3: " + ", ".join(str(p) for p in paths))

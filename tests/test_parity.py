@@ -10,7 +10,7 @@ from conftest import (
 )
 
 from tpu_wan import pipeline
-from tpu_wan.config import GenerationConfig
+from tpu_wan.config import GenerationConfig, latent_shape
 from tpu_wan.mesh import make_mesh
 
 MESHES = [(1, 1), (2, 4)]
@@ -28,7 +28,7 @@ def _config(prompt, guidance):
     cfg = GenerationConfig(model_id="tiny-random", prompts=(prompt,), negative_prompt=NEGATIVE)
     sampling = pipeline.SamplingArgs(
         height=HEIGHT, width=WIDTH, frames=FRAMES, num_inference_steps=STEPS, guidance_scale=guidance,
-        seed=SEED, dtype="float32",
+        seeds=(SEED,), dtype="float32",
     )
     return pipeline.resolve_sampling(cfg, sampling, make_mesh(1, 1, devices=jax.devices()[:1]))
 
@@ -63,8 +63,8 @@ def test_latents_and_frames_match_diffusers(models, diffusers_pipe, prompt, guid
 def test_guidance_changes_the_result(models):
     # Guards the parity tests' power: CFG must move the latents far beyond LATENT_RTOL, or a broken
     # unconditional branch could pass them. (The tiny model's text conditioning is weak: ~2e-3 here.)
-    _, _, with_cfg, _ = models.run(_config(PROMPTS[0], 5.0), progress=False, num_steps=2)
-    _, _, without, _ = models.run(_config(PROMPTS[0], 1.0), progress=False, num_steps=2)
+    with_cfg = models.run(_config(PROMPTS[0], 5.0).replace(num_inference_steps=2), progress=False)[2]
+    without = models.run(_config(PROMPTS[0], 1.0).replace(num_inference_steps=2), progress=False)[2]
     assert rel_err(with_cfg, without) > 100 * LATENT_RTOL
 
 
@@ -73,7 +73,7 @@ def test_our_embeddings_and_noise_drive_diffusers(models, diffusers_pipe):
     # diffusers' WanPipeline, lands on our stage-2 latents.
     cfg = _config(PROMPTS[0], 5.0)
     prompt_embeds, negative_embeds, latents, _ = models.run(cfg, progress=False)
-    noise = pipeline.starting_latents(cfg, channels=16)
+    noise = pipeline.initial_noise(SEED, latent_shape(1, HEIGHT, WIDTH, FRAMES))
     ref = diffusers_run(
         diffusers_pipe, None, 5.0, "latent", prompt_embeds=torch.from_numpy(prompt_embeds),
         negative_prompt_embeds=torch.from_numpy(negative_embeds), latents=torch.from_numpy(noise),

@@ -52,7 +52,7 @@ def test_videos_are_playable(staged, one_process):
 def test_config_records_every_setting(staged):
     cfg = artifacts.load_config(staged)
     assert cfg["prompts"] == [PROMPT] and cfg["model_id"] == "tiny-random"
-    assert (cfg["height"], cfg["width"], cfg["frames"], cfg["num_inference_steps"], cfg["seed"]) == (32, 48, 9, 4, 7)
+    assert (cfg["height"], cfg["width"], cfg["frames"], cfg["num_inference_steps"], cfg["seeds"]) == (32, 48, 9, 4, [7])
     assert cfg["flow_shift"] == 3.0 and cfg["sample_solver"] == "unipc" and cfg["mesh"] == [2, 4]
 
 

@@ -24,6 +24,7 @@ from tpu_wan.errors import UserError
 
 EMBEDDINGS_FILE = "stage1_embeddings.safetensors"
 LATENTS_FILE = "stage2_latents.safetensors"
+LATENTS_DIR = "stage2_latents"  # several videos: one <name>.safetensors each, same layout as LATENTS_FILE
 FRAMES_FILE = "stage3_frames.safetensors"
 CONFIG_FILE = "generation_config.json"
 VIDEO_FILE = "output_video.mp4"
@@ -231,6 +232,19 @@ def load_latents(path: PathLike, *, require_schema: bool = True) -> np.ndarray:
                             hint=hint)["latents"]
     # bf16/f16 -> f32 is exact; f64 -> f32 rounds to nearest.
     return latents.astype(np.float32, copy=False)
+
+
+def video_latents_path(folder: PathLike, name: str) -> Path:
+    """Where the latents of the video `name` of a multi-video run live."""
+    return Path(folder) / LATENTS_DIR / f"{name}.safetensors"
+
+
+def list_video_latents(folder: PathLike) -> dict[str, Path]:
+    """name -> latents file of every finished video of a multi-video run in `folder` (temp files excluded)."""
+    root = Path(folder) / LATENTS_DIR
+    if not root.is_dir():
+        return {}
+    return {p.stem: p for p in sorted(root.glob("*.safetensors")) if not p.name.startswith(".")}
 
 
 def save_frames(folder: PathLike, frames: np.ndarray, metadata: Mapping[str, str] | None = None) -> Path:

@@ -48,6 +48,8 @@ def add_stage1_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model_id", default=DEFAULT_MODEL_ID,
                    help="'tiny-random', a diffusers folder, or a hub id (default: %(default)s)")
     g.add_argument("--prompt", default=DEFAULT_PROMPT)
+    g.add_argument("--prompt_file", default=None,
+                   help="one prompt per line (UTF-8; blank lines and #-comments skipped); overrides --prompt")
     g.add_argument("--negative_prompt", default=DEFAULT_NEGATIVE_PROMPT,
                    help="default: the Wan 2.1 model card's negative prompt")
     g.add_argument("--max_sequence_length", type=int, default=512)
@@ -61,6 +63,10 @@ def add_stage2_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--num_inference_steps", type=int, default=50)
     g.add_argument("--guidance_scale", type=float, default=5.0, help="classifier-free guidance; <= 1 turns it off")
     g.add_argument("--seed", type=int, default=42)
+    g.add_argument("--seeds", nargs="+", default=None, metavar="SEED",
+                   help="several seeds, e.g. 1 2 3 or 1-8: one video per (prompt, seed); overrides --seed")
+    g.add_argument("--batch_size", type=int, default=None,
+                   help="videos per denoising batch (default: what the dp axis holds)")
     g.add_argument("--flow_shift", type=float, default=None, help="default: 5.0 at 720p and up, 3.0 below")
     g.add_argument("--sample_solver", default="unipc", choices=SOLVERS)
     g.add_argument("--init_latents", default=None, help="safetensors file with key 'latents' to start from")
@@ -81,8 +87,21 @@ def check_stage2_args(args: argparse.Namespace) -> None:
     config.validate_video_size(args.height, args.width, args.frames)
     shift = 1.0 if args.flow_shift is None else args.flow_shift
     config.validate_sampling(args.num_inference_steps, args.guidance_scale, shift, args.sample_solver)
+    from tpu_wan.batch import parse_seeds
+
+    if args.seeds:
+        parse_seeds(args.seeds)
+    if args.batch_size is not None and args.batch_size < 1:
+        raise UsageError(f"--batch_size must be >= 1, found {args.batch_size}")
     if args.warmup_steps < 0:
         raise UsageError(f"--warmup_steps must be >= 0, found {args.warmup_steps}")
+
+
+def prompts_from(args: argparse.Namespace) -> list[str]:
+    """--prompt_file's prompts, else [--prompt]."""
+    from tpu_wan.batch import read_prompt_file
+
+    return read_prompt_file(args.prompt_file) if args.prompt_file else [args.prompt]
 
 
 def add_dtype_arg(p: argparse.ArgumentParser) -> None:

@@ -93,7 +93,8 @@ class GenerationConfig:
     frames: int | None = None
     num_inference_steps: int | None = None
     guidance_scale: float | None = None
-    seed: int | None = None
+    seeds: tuple[int, ...] | None = None  # one video per (prompt, seed)
+    batch_size: int | None = None  # videos per denoising batch
     flow_shift: float | None = None
     sample_solver: str | None = None
     dtype: str | None = None
@@ -114,6 +115,10 @@ class GenerationConfig:
             validate_video_size(self.height, self.width, self.frames)
             validate_sampling(self.num_inference_steps, self.guidance_scale, self.flow_shift, self.sample_solver)
             validate_dtype(self.dtype)
+            if not self.seeds:
+                raise ConfigError("expected at least one seed, found none")
+            if self.batch_size is not None and self.batch_size < 1:
+                raise ConfigError(f"batch_size must be >= 1, found {self.batch_size}")
 
     def replace(self, **changes: Any) -> "GenerationConfig":
         return dataclasses.replace(self, **changes)
@@ -121,6 +126,8 @@ class GenerationConfig:
     def to_json_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out["prompts"] = list(self.prompts)
+        if self.seeds is not None:
+            out["seeds"] = list(self.seeds)
         if self.mesh is not None:
             out["mesh"] = list(self.mesh)
         return out
@@ -133,6 +140,8 @@ class GenerationConfig:
             raise ConfigError(f"generation_config.json: expected keys {missing}, found {sorted(data)}")
         fields = {k: v for k, v in data.items() if k in names}
         fields["prompts"] = tuple(fields["prompts"])
+        if fields.get("seeds") is not None:
+            fields["seeds"] = tuple(fields["seeds"])
         if fields.get("mesh") is not None:
             fields["mesh"] = tuple(fields["mesh"])
         try:

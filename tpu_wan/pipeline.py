@@ -14,7 +14,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from tpu_wan import artifacts, checkpoints, config as config_lib, schedulers
+from tpu_wan import artifacts, checkpoints, config as config_lib, sweep
 from tpu_wan.config import ConfigError, GenerationConfig
 from tpu_wan.mesh import make_mesh
 
@@ -39,16 +39,21 @@ class SamplingArgs:
     frames: int = 81
     num_inference_steps: int = 50
     guidance_scale: float = 5.0
-    seed: int = 42
+    seeds: tuple[int, ...] = (42,)
     flow_shift: float | None = None
     sample_solver: str = "unipc"
     dtype: str | None = None
     init_latents: str | None = None
+    batch_size: int | None = None
 
 
 def sampling_args(namespace) -> SamplingArgs:
-    """SamplingArgs from parsed flags of the same names."""
-    return SamplingArgs(**{f.name: getattr(namespace, f.name) for f in dataclasses.fields(SamplingArgs)})
+    """SamplingArgs from parsed flags of the same names (--seeds, else --seed)."""
+    from tpu_wan.batch import parse_seeds
+
+    fields = {f.name: getattr(namespace, f.name) for f in dataclasses.fields(SamplingArgs) if f.name != "seeds"}
+    seeds = parse_seeds(namespace.seeds) if namespace.seeds else [namespace.seed]
+    return SamplingArgs(seeds=tuple(seeds), **fields)
 
 
 def attention_options(namespace):
@@ -64,34 +69,24 @@ def attention_options(namespace):
 def resolve_sampling(cfg: GenerationConfig, args: SamplingArgs, mesh) -> GenerationConfig:
     """The config with every stage-2 setting decided (defaults filled in) and validated."""
     config_lib.validate_video_size(args.height, args.width, args.frames)
+    from tpu_wan.batch import default_batch_size
+
     shift = args.flow_shift if args.flow_shift is not None else config_lib.default_flow_shift(args.height, args.width)
+    batch_size = args.batch_size or default_batch_size(mesh.shape["dp"], args.guidance_scale > 1.0)
     return cfg.replace(
         height=args.height,
         width=args.width,
         frames=args.frames,
         num_inference_steps=args.num_inference_steps,
         guidance_scale=args.guidance_scale,
-        seed=args.seed,
+        seeds=tuple(args.seeds),
+        batch_size=batch_size,
         flow_shift=shift,
         sample_solver=args.sample_solver,
         dtype=args.dtype or config_lib.default_dtype(jax.default_backend()),
         init_latents=args.init_latents,
         mesh=(mesh.shape["dp"], mesh.shape["tp"]),
     )
-
-
-def starting_latents(cfg: GenerationConfig, channels: int) -> np.ndarray:
-    """--init_latents if given (checked against the requested size), else the seed's noise."""
-    shape = config_lib.latent_shape(len(cfg.prompts), cfg.height, cfg.width, cfg.frames, channels)
-    if cfg.init_latents is None:
-        return initial_noise(cfg.seed, shape)
-    latents = artifacts.load_latents(cfg.init_latents, require_schema=False)
-    if latents.shape != shape:
-        raise ConfigError(
-            f"--init_latents {cfg.init_latents}: expected shape {shape} for {len(cfg.prompts)} prompt(s) at "
-            f"{cfg.width}x{cfg.height}x{cfg.frames}, found {latents.shape}"
-        )
-    return latents
 
 
 def check_embeddings(prompt_embeds: np.ndarray, cfg: GenerationConfig, text_dim: int) -> None:
@@ -129,14 +124,22 @@ def encode(encoder, cfg: GenerationConfig) -> tuple[np.ndarray, np.ndarray]:
     return encode_prompts(encoder, cfg.prompts, cfg.negative_prompt, cfg.max_sequence_length)
 
 
+def plan(cfg: GenerationConfig):
+    from tpu_wan.batch import plan_videos
+
+    return plan_videos(cfg.prompts, cfg.seeds)
+
+
 def denoise(denoiser, cfg: GenerationConfig, prompt_embeds, negative_prompt_embeds, *, num_steps=None, progress=True):
+    """Latents [V, C, F, H, W] of every (prompt, seed) video of `cfg`, in plan order, kept in memory."""
     check_embeddings(prompt_embeds, cfg, denoiser.config.text_dim)
-    schedule = schedulers.make_schedule(cfg.sample_solver, cfg.num_inference_steps, cfg.flow_shift)
-    latents = starting_latents(cfg, denoiser.config.in_channels)
-    return denoiser.denoise(
-        latents, prompt_embeds, negative_prompt_embeds, schedule, cfg.guidance_scale,
-        num_steps=num_steps, progress=progress,
+    videos = plan(cfg)
+    out = []
+    sweep.denoise_videos(
+        denoiser, cfg, prompt_embeds, negative_prompt_embeds, videos, videos,
+        lambda group, latents: out.append(latents), num_steps=num_steps, progress=progress,
     )
+    return np.concatenate(out)
 
 
 def run_stage1(
@@ -173,19 +176,38 @@ def run_stage2(
     tp: int | None = None,
     attention="auto",
     warmup_steps: int = 0,
+    overwrite: bool = False,
 ) -> GenerationConfig:
-    """Denoises from the stage-1 embeddings; writes stage2_latents.safetensors and the updated config."""
+    """Denoises every (prompt, seed) video from the stage-1 embeddings, saving each batch as it lands.
+
+    One video: stage2_latents.safetensors; several: stage2_latents/<name>.safetensors. Videos already in
+    `output_dir` from the same settings are skipped (a rerun resumes), unless `overwrite`."""
     output_dir = Path(output_dir or input_dir)
     cfg = GenerationConfig.from_json_dict(artifacts.load_config(input_dir))
     prompt_embeds, negative_embeds = artifacts.load_embeddings(input_dir)
     mesh = make_mesh(dp, tp)
     cfg = resolve_sampling(cfg, sampling, mesh)
+    videos = plan(cfg)
+    todo = sweep.pending(output_dir, cfg, videos, overwrite)
+    if not todo:
+        log.info("all %d videos already in %s (--overwrite to redo)", len(videos), output_dir)
+        return cfg
     denoiser = _denoiser(checkpoints.resolve_model(cfg.model_id), mesh, cfg.dtype, attention)
+    check_embeddings(prompt_embeds, cfg, denoiser.config.text_dim)
+    if cfg.init_latents is not None:  # refused before anything is written
+        shape = config_lib.latent_shape(1, cfg.height, cfg.width, cfg.frames, denoiser.config.in_channels)[1:]
+        sweep.starting_latents(cfg, videos[:1], videos, shape)
+    artifacts.save_config(output_dir, cfg.to_json_dict())  # first, so a crashed sweep can be resumed
     if warmup_steps:
-        denoise(denoiser, cfg, prompt_embeds, negative_embeds, num_steps=warmup_steps, progress=False)
-    latents = denoise(denoiser, cfg, prompt_embeds, negative_embeds)
-    artifacts.save_latents(output_dir / artifacts.LATENTS_FILE, latents, metadata={"model_id": cfg.model_id})
-    artifacts.save_config(output_dir, cfg.to_json_dict())
+        sweep.denoise_videos(denoiser, cfg, prompt_embeds, negative_embeds, todo[:1], videos,
+                             lambda *_: None, num_steps=warmup_steps, progress=False)
+
+    def save(group, latents):
+        for video, row in zip(group, latents):
+            path = sweep.latents_path(output_dir, video, single=len(videos) == 1)
+            artifacts.save_latents(path, row[None], metadata=sweep.video_metadata(cfg, video))
+
+    sweep.denoise_videos(denoiser, cfg, prompt_embeds, negative_embeds, todo, videos, save)
     return cfg
 
 
@@ -193,36 +215,45 @@ def run_stage3(
     input_dir: str | Path,
     *,
     output_video: str | Path | None = None,
+    output_dir: str | Path | None = None,
     fps: int | None = None,
     save_frames: bool = False,
     dp: int | None = None,
     tp: int | None = None,
 ) -> list[Path]:
-    """Decodes the stage-2 latents; writes the mp4(s) (and stage3_frames.safetensors with save_frames)."""
+    """Decodes the stage-2 latents: one video -> `output_video` (default <input_dir>/output_video.mp4);
+    several -> <output_dir>/<prompt-slug>_seed<seed>.mp4 each. `save_frames` also writes the float frames."""
     input_dir = Path(input_dir)
     cfg = GenerationConfig.from_json_dict(artifacts.load_config(input_dir))
-    latents = artifacts.load_latents(input_dir / artifacts.LATENTS_FILE)
     cfg = cfg.replace(fps=fps or cfg.fps)
-    output_video = Path(output_video or input_dir / artifacts.VIDEO_FILE)
-    frames = _decoder(checkpoints.resolve_model(cfg.model_id), make_mesh(dp, tp)).decode(latents)
+    videos = plan(cfg) if cfg.seeds else []
+    if len(videos) > 1:
+        if output_video is not None:
+            raise ConfigError(f"--output_video: expected one video, found {len(videos)}: use --output_dir")
+        sources = [(artifacts.video_latents_path(input_dir, v.name), Path(output_dir or input_dir) / f"{v.name}.mp4")
+                   for v in videos]
+    else:
+        sources = [(input_dir / artifacts.LATENTS_FILE, Path(output_video or input_dir / artifacts.VIDEO_FILE))]
+    latents = [artifacts.load_latents(src) for src, _ in sources]  # all present before any decoding
+    decoder = _decoder(checkpoints.resolve_model(cfg.model_id), make_mesh(dp, tp))
+    frames = [decoder.decode(x) for x in latents]
     if save_frames:
-        artifacts.save_frames(input_dir, frames)
-    paths = write_videos(output_video, frames, cfg.fps)
+        artifacts.save_frames(input_dir, np.concatenate(frames))
+    from tpu_wan import video
+
+    paths = [video.write_video(dst, f[0], cfg.fps) for (_, dst), f in zip(sources, frames)]
     artifacts.save_config(input_dir, cfg.to_json_dict())
     return paths
 
 
-def write_videos(output_video: str | Path, frames: np.ndarray, fps: int) -> list[Path]:
-    """One mp4 per video: `output_video` itself for one, `<stem>_<i><suffix>` beside it for several."""
-    from tpu_wan import video
-
-    output_video = Path(output_video)
-    if frames.shape[0] == 1:
-        return [video.write_video(output_video, frames[0], fps)]
-    return [
-        video.write_video(output_video.with_name(f"{output_video.stem}_{i}{output_video.suffix}"), f, fps)
-        for i, f in enumerate(frames)
-    ]
+def video_paths(cfg: GenerationConfig, output_video: str | Path | None, output_dir: str | Path | None) -> list[Path]:
+    """Where each video of `cfg` goes: `output_video` for a single one, <output_dir>/<name>.mp4 for several."""
+    videos = plan(cfg)
+    if len(videos) == 1:
+        return [Path(output_video or Path(output_dir or ".") / artifacts.VIDEO_FILE)]
+    if output_video is not None:
+        raise ConfigError(f"--output_video: expected one video, found {len(videos)}: use --output_dir")
+    return [Path(output_dir or ".") / f"{v.name}.mp4" for v in videos]
 
 
 class Generator:
@@ -240,15 +271,26 @@ class Generator:
         with self.timer("load vae"):
             self.decoder = _decoder(model_path, mesh)
 
-    def run(self, cfg: GenerationConfig, *, num_steps: int | None = None, progress: bool = True, prefix: str = ""):
-        """(prompt_embeds, negative_prompt_embeds, latents, frames) for `cfg`, each stage timed."""
-        with self.timer(f"{prefix}text encoder"):
+    def run(self, cfg: GenerationConfig, *, progress: bool = True):
+        """(prompt_embeds, negative_prompt_embeds, latents [V ...], frames [V ...]) for every video of `cfg`."""
+        with self.timer("text encoder"):
             prompt_embeds, negative_embeds = encode(self.encoder, cfg)
-        with self.timer(f"{prefix}transformer"):
-            latents = denoise(self.denoiser, cfg, prompt_embeds, negative_embeds, num_steps=num_steps, progress=progress)
-        with self.timer(f"{prefix}vae"):
-            frames = self.decoder.decode(latents)
+        with self.timer("transformer"):
+            latents = denoise(self.denoiser, cfg, prompt_embeds, negative_embeds, progress=progress)
+        with self.timer("vae"):
+            frames = np.concatenate([self.decoder.decode(x[None]) for x in latents])
         return prompt_embeds, negative_embeds, latents, frames
+
+    def warmup(self, cfg: GenerationConfig, num_steps: int):
+        """Compiles every program `run(cfg)` uses: all prompts encoded, one batch denoised for `num_steps`
+        (batches are padded to one shape), one video decoded."""
+        with self.timer("warmup"):
+            prompt_embeds, negative_embeds = encode(self.encoder, cfg)
+            first = plan(cfg)[:1]
+            latents = []
+            sweep.denoise_videos(self.denoiser, cfg, prompt_embeds, negative_embeds, first, plan(cfg),
+                                 lambda group, x: latents.append(x), num_steps=num_steps, progress=False)
+            self.decoder.decode(latents[0])
 
 
 @dataclasses.dataclass
@@ -265,7 +307,8 @@ def generate(
     negative_prompt: str,
     sampling: SamplingArgs,
     *,
-    output_video: str | Path,
+    output_video: str | Path | None = None,
+    output_dir: str | Path | None = None,
     max_sequence_length: int = 512,
     fps: int = 16,
     dp: int | None = None,
@@ -275,6 +318,8 @@ def generate(
     save_intermediates: str | Path | None = None,
 ) -> GenerateResult:
     """All three stages in one process: load, warm up (compiles everything), then the timed run."""
+    from tpu_wan import video
+
     mesh = make_mesh(dp, tp)
     cfg = resolve_sampling(
         GenerationConfig(
@@ -285,16 +330,27 @@ def generate(
         mesh,
     )
     cfg = cfg.replace(text_dtype=cfg.dtype)
+    paths = video_paths(cfg, output_video, output_dir)
     gen = Generator(model_id, mesh, text_dtype=cfg.text_dtype, dtype=cfg.dtype, attention=attention)
     if warmup_steps:
-        gen.run(cfg, num_steps=min(warmup_steps, cfg.num_inference_steps), progress=False, prefix="warmup: ")
+        gen.warmup(cfg, min(warmup_steps, cfg.num_inference_steps))
     prompt_embeds, negative_embeds, latents, frames = gen.run(cfg)
     with gen.timer("write video"):
-        videos = write_videos(output_video, frames, cfg.fps)
+        paths = [video.write_video(path, f, cfg.fps) for path, f in zip(paths, frames)]
     if save_intermediates:
-        artifacts.save_embeddings(save_intermediates, prompt_embeds, negative_embeds, metadata={"model_id": model_id})
-        artifacts.save_latents(Path(save_intermediates) / artifacts.LATENTS_FILE, latents, metadata={"model_id": model_id})
-        artifacts.save_frames(save_intermediates, frames)
-        artifacts.save_config(save_intermediates, cfg.to_json_dict())
-    per_step = gen.timer.seconds["transformer"] / cfg.num_inference_steps
-    return GenerateResult(config=cfg, videos=videos, timer=gen.timer, seconds_per_step=per_step)
+        folder = Path(save_intermediates)
+        videos = plan(cfg)
+        artifacts.save_embeddings(folder, prompt_embeds, negative_embeds, metadata={"model_id": model_id})
+        for v, x in zip(videos, latents):
+            path = sweep.latents_path(folder, v, single=len(videos) == 1)
+            artifacts.save_latents(path, x[None], metadata=sweep.video_metadata(cfg, v))
+        artifacts.save_frames(folder, frames)
+        artifacts.save_config(folder, cfg.to_json_dict())
+    per_step = gen.timer.seconds["transformer"] / (cfg.num_inference_steps * len(batches_of(cfg)))
+    return GenerateResult(config=cfg, videos=paths, timer=gen.timer, seconds_per_step=per_step)
+
+
+def batches_of(cfg: GenerationConfig):
+    from tpu_wan.batch import batches
+
+    return batches(plan(cfg), cfg.batch_size)

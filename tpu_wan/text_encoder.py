@@ -6,6 +6,7 @@ mesh.UMT5_RULES and prompts split over dp.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Sequence
 
@@ -14,6 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from tpu_wan import checkpoints, mesh as mesh_lib, torchax_env
+
+log = logging.getLogger("tpu_wan")
+ENCODE_BATCH = 16  # prompts per encoder call: a prompt file of any length runs in bounded memory
 
 
 def clean_prompt(text: str) -> str:
@@ -45,8 +49,15 @@ class TextEncoder:
         self._encode = jax.jit(encode)
 
     def tokenize(self, prompts: Sequence[str], max_sequence_length: int) -> tuple[np.ndarray, np.ndarray]:
+        cleaned = [clean_prompt(p) for p in prompts]
+        for i, ids in enumerate(self.tokenizer(cleaned, add_special_tokens=True)["input_ids"]):
+            if len(ids) > max_sequence_length:
+                log.warning(
+                    "prompt %d has %d tokens: truncated to max_sequence_length=%d, as diffusers does: %.60s...",
+                    i, len(ids), max_sequence_length, cleaned[i],
+                )
         tokens = self.tokenizer(
-            [clean_prompt(p) for p in prompts],
+            cleaned,
             padding="max_length",
             max_length=max_sequence_length,
             truncation=True,
@@ -58,6 +69,10 @@ class TextEncoder:
 
     def encode(self, prompts: Sequence[str], max_sequence_length: int = 512) -> np.ndarray:
         """[N, S, D] embeddings in the encoder's dtype, zero past each prompt's token count."""
+        chunks = [prompts[i : i + ENCODE_BATCH] for i in range(0, len(prompts), ENCODE_BATCH)]
+        return np.concatenate([self._encode_batch(c, max_sequence_length) for c in chunks])
+
+    def _encode_batch(self, prompts: Sequence[str], max_sequence_length: int) -> np.ndarray:
         ids, mask = self.tokenize(prompts, max_sequence_length)
         n = len(prompts)
         dp = self.mesh.shape["dp"]

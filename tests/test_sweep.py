@@ -1,0 +1,156 @@
+"""Batch generation: prompt files, seed sweeps compiled once, resume after SIGKILL, per-video names."""
+
+import logging
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from scripts import ROOT, STAGE1, STAGE2, STAGE3, run
+
+from tpu_wan import artifacts, pipeline, video
+from tpu_wan.batch import BatchError, parse_seeds, plan_videos, prompt_slugs, read_prompt_file, slugify
+from tpu_wan.config import ConfigError, GenerationConfig
+from tpu_wan.mesh import make_mesh
+
+PROMPTS = ("A cat playing piano", "一只小狗在雪地里奔跑")
+SEEDS = (1, 2, 3)
+MESH_4x2 = ("--cpu_devices", "8", "--dp", "4", "--tp", "2")  # dp=4 holds 2 CFG videos per batch
+SIZE = ("--height", "32", "--width", "32", "--frames", "5", "--num_inference_steps", "3")
+
+
+def test_parse_seeds():
+    assert parse_seeds(["1", "2", "3"]) == [1, 2, 3]
+    assert parse_seeds(["1-4", "9"]) == [1, 2, 3, 4, 9]
+    for bad, fragment in ((["x"], "found 'x'"), (["5-3"], "low <= high"), (["1", "1-2"], "duplicates")):
+        with pytest.raises(BatchError, match=fragment):
+            parse_seeds(bad)
+
+
+def test_names_are_safe_unique_and_stable():
+    assert slugify("A Cat, playing PIANO!") == "a-cat-playing-piano"
+    assert slugify("一只小狗") == "prompt"
+    assert len(slugify("word " * 40)) <= 48
+    assert prompt_slugs(["a cat", "A cat!", "一只", "狗"]) == ["a-cat", "a-cat-2", "prompt", "prompt-2"]
+    names = [v.name for v in plan_videos(["a cat", "a cat"], [7, 8])]
+    assert names == ["a-cat_seed7", "a-cat_seed8", "a-cat-2_seed7", "a-cat-2_seed8"]
+
+
+def test_prompt_file_edge_cases(tmp_path):
+    f = tmp_path / "prompts.txt"
+    f.write_text("# comment\n\n  A cat  \n一只猫\nA cat\n   \n#another\n", encoding="utf-8")
+    assert read_prompt_file(f) == ["A cat", "一只猫", "A cat"]  # duplicates kept: each is a video
+    f.write_text("# only comments\n\n", encoding="utf-8")
+    with pytest.raises(BatchError, match="expected at least one prompt line, found none"):
+        read_prompt_file(f)
+    f.write_bytes(b"caf\xe9\n")
+    with pytest.raises(BatchError, match="expected UTF-8 text"):
+        read_prompt_file(f)
+
+
+def test_long_prompt_is_truncated_with_a_warning(tiny_path, caplog):
+    from tpu_wan.text_encoder import TextEncoder
+
+    encoder = TextEncoder(tiny_path, make_mesh(1, 1, devices=jax.devices()[:1]), "float32")
+    with caplog.at_level(logging.WARNING, logger="tpu_wan"):
+        ids, mask = encoder.tokenize(["a cat " * 20, "a dog"], max_sequence_length=16)
+    assert ids.shape == (2, 16) and mask[0].all() and ids[0, -1] == 1  # truncated like diffusers: ends in EOS
+    assert "prompt 0 has" in caplog.text and "truncated to max_sequence_length=16" in caplog.text
+
+
+@pytest.fixture(scope="module")
+def stage1(tmp_path_factory, tiny_path):
+    out = tmp_path_factory.mktemp("sweep")
+    prompt_file = out / "prompts.txt"
+    prompt_file.write_text("\n".join(PROMPTS) + "\n", encoding="utf-8")
+    run(STAGE1, "--model_id", "tiny-random", "--prompt_file", prompt_file, "--output_dir", out, *MESH_4x2)
+    return out
+
+
+@pytest.fixture(scope="module")
+def swept(stage1, tmp_path_factory):
+    out = tmp_path_factory.mktemp("swept")
+    run(STAGE2, "--input_dir", stage1, "--output_dir", out, *SIZE, "--seeds", "1-3", *MESH_4x2)
+    return out
+
+
+def test_sweep_compiles_once_and_equals_single_runs(stage1, tmp_path, caplog):
+    # In process, on the same 4x2 mesh as the scripts: the whole sweep (6 videos, 3 batches of 2) compiles the
+    # denoising step once, and each video equals its own single run bit for bit.
+    mesh = make_mesh(4, 2)
+    cfg = pipeline.resolve_sampling(
+        GenerationConfig.from_json_dict(artifacts.load_config(stage1)),
+        pipeline.SamplingArgs(height=32, width=32, frames=5, num_inference_steps=3, seeds=SEEDS, dtype="float32"),
+        mesh,
+    )
+    assert cfg.batch_size == 2
+    prompt_embeds, negative_embeds = artifacts.load_embeddings(stage1)
+    denoiser = pipeline._denoiser(pipeline.checkpoints.resolve_model("tiny-random"), mesh, "float32", "auto")
+    with jax.log_compiles(), caplog.at_level(logging.WARNING):
+        sweep_latents = pipeline.denoise(denoiser, cfg, prompt_embeds, negative_embeds, progress=False)
+    compiles = [r for r in caplog.records if "Finished XLA compilation" in r.getMessage() and "_denoise_step" in r.getMessage()]
+    assert len(compiles) == 1, [r.getMessage() for r in compiles]
+    videos = pipeline.plan(cfg)
+    for v, latents in zip(videos, sweep_latents):
+        single = cfg.replace(prompts=(cfg.prompts[v.prompt_index],), seeds=(v.seed,))
+        rows = slice(v.prompt_index, v.prompt_index + 1)
+        alone = pipeline.denoise(denoiser, single, prompt_embeds[rows], negative_embeds[rows], progress=False)
+        np.testing.assert_array_equal(latents, alone[0], err_msg=v.name)
+    assert len({latents.tobytes() for latents in sweep_latents}) == 6  # seeds and prompts all matter
+
+
+def test_sweep_files_match_in_process_results(swept, stage1):
+    names = sorted(artifacts.list_video_latents(swept))
+    expected = sorted(v.name for v in plan_videos(PROMPTS, SEEDS))
+    assert names == expected == sorted(["a-cat-playing-piano_seed1", "a-cat-playing-piano_seed2",
+                                        "a-cat-playing-piano_seed3", "prompt_seed1", "prompt_seed2", "prompt_seed3"])
+    cfg = artifacts.load_config(swept)
+    assert cfg["prompts"] == list(PROMPTS) and cfg["seeds"] == list(SEEDS) and cfg["batch_size"] == 2
+
+
+LONG = ("--height", "32", "--width", "32", "--frames", "5", "--num_inference_steps", "10", "--seeds", "1-8")
+
+
+def test_kill_mid_sweep_then_resume(stage1, tmp_path):
+    # 16 videos in 8 batches: SIGKILL as soon as the first batch lands, rerun, compare with an uninterrupted run.
+    uninterrupted, out = tmp_path / "uninterrupted", tmp_path / "resumed"
+    run(STAGE2, "--input_dir", stage1, "--output_dir", uninterrupted, *LONG, *MESH_4x2)
+    cmd = [sys.executable, str(STAGE2), "--input_dir", str(stage1), "--output_dir", str(out), *LONG, *MESH_4x2]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not artifacts.list_video_latents(out) and time.time() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    first = artifacts.list_video_latents(out)
+    assert 2 <= len(first) < 16 and len(first) % 2 == 0, sorted(first)  # whole batches only, not all of them
+    stats = {name: (p.stat().st_ino, p.stat().st_mtime_ns) for name, p in first.items()}
+    rerun = run(STAGE2, "--input_dir", stage1, "--output_dir", out, *LONG, *MESH_4x2, "--log_level", "INFO")
+    assert f"resuming: {len(first)} of 16 videos already" in rerun.stderr
+    done = artifacts.list_video_latents(out)
+    assert len(done) == 16
+    assert {name: (done[name].stat().st_ino, done[name].stat().st_mtime_ns) for name in first} == stats
+    for name, path in artifacts.list_video_latents(uninterrupted).items():
+        np.testing.assert_array_equal(artifacts.load_latents(done[name]), artifacts.load_latents(path), err_msg=name)
+    assert not [p for p in (out / artifacts.LATENTS_DIR).iterdir() if p.name.startswith(".")]  # no temp files
+
+
+def test_rerun_with_other_settings_is_refused(swept, stage1):
+    proc = run(STAGE2, "--input_dir", stage1, "--output_dir", swept, "--height", "32", "--width", "32",
+               "--frames", "5", "--num_inference_steps", "4", "--seeds", "1-3", *MESH_4x2, check=False)
+    assert proc.returncode == 2
+    assert "num_inference_steps: 3 -> 4" in proc.stderr and "--overwrite" in proc.stderr
+
+
+def test_stage3_names_every_video(swept, tmp_path):
+    cfg_dir = swept
+    run(STAGE3, "--input_dir", cfg_dir, "--output_dir", tmp_path)
+    mp4s = sorted(p.name for p in tmp_path.glob("*.mp4"))
+    assert mp4s == sorted(f"{v.name}.mp4" for v in plan_videos(PROMPTS, SEEDS))
+    frames, fps = video.read_video(tmp_path / mp4s[0])
+    assert frames.shape == (5, 32, 32, 3)
+    proc = run(STAGE3, "--input_dir", cfg_dir, "--output_video", tmp_path / "one.mp4", check=False)
+    assert proc.returncode == 2 and "expected one video, found 6" in proc.stderr
