@@ -154,3 +154,15 @@ def test_stage3_names_every_video(swept, tmp_path):
     assert frames.shape == (5, 32, 32, 3)
     proc = run(STAGE3, "--input_dir", cfg_dir, "--output_video", tmp_path / "one.mp4", check=False)
     assert proc.returncode == 2 and "expected one video, found 6" in proc.stderr
+
+
+def test_generate_flax_sweep_equals_staged(stage1, swept, tmp_path):
+    from scripts import GENERATE
+
+    run(GENERATE, "--model_id", "tiny-random", "--prompt_file", stage1 / "prompts.txt", *SIZE, "--seeds", "1-3",
+        *MESH_4x2, "--warmup_steps", "1", "--output_dir", tmp_path / "videos", "--save_intermediates", tmp_path)
+    assert sorted(p.name for p in (tmp_path / "videos").glob("*.mp4")) == sorted(
+        f"{v.name}.mp4" for v in plan_videos(PROMPTS, SEEDS))
+    ours = artifacts.list_video_latents(tmp_path)
+    for name, path in artifacts.list_video_latents(swept).items():
+        np.testing.assert_array_equal(artifacts.load_latents(ours[name]), artifacts.load_latents(path), err_msg=name)
