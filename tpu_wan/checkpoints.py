@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+
 from tpu_wan import tiny
 from tpu_wan.errors import UserError
 
@@ -60,6 +62,50 @@ def _torch_dtype(dtype: str):
     import torch
 
     return getattr(torch, TORCH_DTYPES[dtype])
+
+
+def _empty(build):
+    """A module built with its parameters on the meta device (no storage) and its buffers computed for real."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=False):
+        return build().eval()
+
+
+def empty_transformer(model_path: Path):
+    from diffusers import WanTransformer3DModel
+
+    config = WanTransformer3DModel.load_config(model_path / "transformer")
+    return _empty(lambda: WanTransformer3DModel.from_config(config))
+
+
+def empty_text_encoder(model_path: Path):
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    config = UMT5Config.from_pretrained(model_path / "text_encoder")
+    model = _empty(lambda: UMT5EncoderModel(config))
+    model.tie_weights()  # from_pretrained ties encoder.embed_tokens to shared; an empty build must do it itself
+    return model
+
+
+def expected_weights(module, dtype: str) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """name -> (shape, numpy dtype) of each parameter to load, with diffusers' dtype policy: parameters of the
+    modules a diffusers model lists in `_keep_in_fp32_modules` (norms, time embedder, ...) stay float32, as
+    `from_pretrained(torch_dtype=...)` keeps them. (transformers applies its list to float16 only.)"""
+    import ml_dtypes
+
+    from tpu_wan.torchax_env import meta_parameters
+
+    keep = getattr(module, "_keep_in_fp32_modules", None) or [] if _is_diffusers(module) else []
+    target = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(np.float32)
+    return {
+        name: (shape, np.dtype(np.float32) if any(m in name.split(".") for m in keep) else target)
+        for name, (shape, _) in meta_parameters(module).items()
+    }
+
+
+def _is_diffusers(module) -> bool:
+    return type(module).__module__.startswith("diffusers.")
 
 
 def load_tokenizer(model_path: Path):

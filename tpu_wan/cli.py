@@ -70,6 +70,11 @@ def add_stage2_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--flow_shift", type=float, default=None, help="default: 5.0 at 720p and up, 3.0 below")
     g.add_argument("--sample_solver", default="unipc", choices=SOLVERS)
     g.add_argument("--init_latents", default=None, help="safetensors file with key 'latents' to start from")
+    g.add_argument("--transformer_checkpoint", default=None,
+                   help="fine-tuned transformer weights (.safetensors, or .pt/.pth read weights-only) over the base")
+    g.add_argument("--checkpoint_key", default=None, help="key of the weights inside a .pt file, e.g. generator_ema")
+    g.add_argument("--non_strict", action="store_true",
+                   help="apply the fine-tuned weights that fit; report missing/unexpected/mis-shaped ones")
     g.add_argument("--attention", default="auto", choices=ATTENTION_CHOICES,
                    help="auto: our exp2 kernel on TPU for long self-attention, XLA otherwise")
     g.add_argument("--k_smooth", action="store_true", help="subtract the mean key first (exact; safer in bf16)")

@@ -99,6 +99,8 @@ class GenerationConfig:
     sample_solver: str | None = None
     dtype: str | None = None
     init_latents: str | None = None
+    transformer_checkpoint: str | None = None  # fine-tuned weights over the base transformer
+    checkpoint_key: str | None = None
     mesh: tuple[int, int] | None = None
     # stage 3
     fps: int = 16

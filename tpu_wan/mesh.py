@@ -108,10 +108,13 @@ def shard_weights(
     placed = {}
     for name, value in weights.items():
         spec, _ = spec_for(name, rules)
-        for dim, axis in enumerate(spec):
-            if axis is not None and value.shape[dim] % mesh.shape[axis]:
-                raise MeshError(
-                    f"{name}: dim {dim} of shape {value.shape} must divide by {axis}={mesh.shape[axis]}"
-                )
+        check_divisible(name, value.shape, spec, mesh)
         placed[name] = jax.device_put(value, NamedSharding(mesh, spec))
     return placed
+
+
+def check_divisible(name: str, shape: Sequence[int], spec: P, mesh: Mesh) -> None:
+    """Refuses a split of a dimension the mesh axis does not divide."""
+    for dim, axis in enumerate(spec):
+        if axis is not None and shape[dim] % mesh.shape[axis]:
+            raise MeshError(f"{name}: dim {dim} of shape {tuple(shape)} must divide by {axis}={mesh.shape[axis]}")

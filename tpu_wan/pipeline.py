@@ -45,6 +45,9 @@ class SamplingArgs:
     dtype: str | None = None
     init_latents: str | None = None
     batch_size: int | None = None
+    transformer_checkpoint: str | None = None
+    checkpoint_key: str | None = None
+    non_strict: bool = False
 
 
 def sampling_args(namespace) -> SamplingArgs:
@@ -85,6 +88,8 @@ def resolve_sampling(cfg: GenerationConfig, args: SamplingArgs, mesh) -> Generat
         sample_solver=args.sample_solver,
         dtype=args.dtype or config_lib.default_dtype(jax.default_backend()),
         init_latents=args.init_latents,
+        transformer_checkpoint=args.transformer_checkpoint,
+        checkpoint_key=args.checkpoint_key,
         mesh=(mesh.shape["dp"], mesh.shape["tp"]),
     )
 
@@ -106,10 +111,15 @@ def _encoder(model_path, mesh, dtype):
     return TextEncoder(model_path, mesh, dtype)
 
 
-def _denoiser(model_path, mesh, dtype, attention):
+def _denoiser(model_path, mesh, dtype, attention, **finetune):
     from tpu_wan.transformer import Denoiser
 
-    return Denoiser(model_path, mesh, dtype, attention)
+    return Denoiser(model_path, mesh, dtype, attention, **finetune)
+
+
+def _finetune(cfg: GenerationConfig, non_strict: bool) -> dict:
+    return dict(transformer_checkpoint=cfg.transformer_checkpoint, checkpoint_key=cfg.checkpoint_key,
+                non_strict=non_strict)
 
 
 def _decoder(model_path, mesh):
@@ -192,7 +202,8 @@ def run_stage2(
     if not todo:
         log.info("all %d videos already in %s (--overwrite to redo)", len(videos), output_dir)
         return cfg
-    denoiser = _denoiser(checkpoints.resolve_model(cfg.model_id), mesh, cfg.dtype, attention)
+    denoiser = _denoiser(checkpoints.resolve_model(cfg.model_id), mesh, cfg.dtype, attention,
+                         **_finetune(cfg, sampling.non_strict))
     check_embeddings(prompt_embeds, cfg, denoiser.config.text_dim)
     if cfg.init_latents is not None:  # refused before anything is written
         shape = config_lib.latent_shape(1, cfg.height, cfg.width, cfg.frames, denoiser.config.in_channels)[1:]
@@ -259,7 +270,8 @@ def video_paths(cfg: GenerationConfig, output_video: str | Path | None, output_d
 class Generator:
     """All three models loaded once on one mesh: encode -> denoise -> decode in memory (generate_flax.py)."""
 
-    def __init__(self, model_id: str, mesh, *, text_dtype: str, dtype: str, attention="auto", timer=None):
+    def __init__(self, model_id: str, mesh, *, text_dtype: str, dtype: str, attention="auto", timer=None,
+                 **finetune):
         from tpu_wan.profiling import Timer
 
         self.timer = timer or Timer()
@@ -267,7 +279,7 @@ class Generator:
         with self.timer("load text encoder"):
             self.encoder = _encoder(model_path, mesh, text_dtype)
         with self.timer("load transformer"):
-            self.denoiser = _denoiser(model_path, mesh, dtype, attention)
+            self.denoiser = _denoiser(model_path, mesh, dtype, attention, **finetune)
         with self.timer("load vae"):
             self.decoder = _decoder(model_path, mesh)
 
@@ -331,7 +343,8 @@ def generate(
     )
     cfg = cfg.replace(text_dtype=cfg.dtype)
     paths = video_paths(cfg, output_video, output_dir)
-    gen = Generator(model_id, mesh, text_dtype=cfg.text_dtype, dtype=cfg.dtype, attention=attention)
+    gen = Generator(model_id, mesh, text_dtype=cfg.text_dtype, dtype=cfg.dtype, attention=attention,
+                    **_finetune(cfg, sampling.non_strict))
     if warmup_steps:
         gen.warmup(cfg, min(warmup_steps, cfg.num_inference_steps))
     prompt_embeds, negative_embeds, latents, frames = gen.run(cfg)

@@ -24,8 +24,8 @@ from tpu_wan.config import ConfigError, GenerationConfig
 log = logging.getLogger("tpu_wan")
 SIGNATURE_FIELDS = (
     "model_id", "prompts", "negative_prompt", "max_sequence_length", "text_dtype", "height", "width", "frames",
-    "num_inference_steps", "guidance_scale", "flow_shift", "sample_solver", "dtype", "init_latents", "mesh",
-    "batch_size",
+    "num_inference_steps", "guidance_scale", "flow_shift", "sample_solver", "dtype", "init_latents",
+    "transformer_checkpoint", "checkpoint_key", "mesh", "batch_size",
 )
 
 

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tpu_wan import checkpoints, mesh as mesh_lib, torchax_env
+from tpu_wan import checkpoints, loading, mesh as mesh_lib, torchax_env
 
 log = logging.getLogger("tpu_wan")
 ENCODE_BATCH = 16  # prompts per encoder call: a prompt file of any length runs in bounded memory
@@ -31,14 +31,17 @@ class TextEncoder:
     """UMT5 encoder loaded once onto a mesh; `encode` may be called for any number of prompts."""
 
     def __init__(self, model_path: Path, mesh, dtype: str):
-        model = checkpoints.load_text_encoder(model_path, dtype)
+        model = checkpoints.empty_text_encoder(model_path)
         mesh_lib.check_heads(mesh, model.config.num_heads, "text encoder")
         self.tokenizer = checkpoints.load_tokenizer(model_path)
         self.mesh = mesh
         self.dtype = dtype
-        weights, forward = torchax_env.functionalize(model)
+        expected = checkpoints.expected_weights(model, dtype)
+        buffers, forward = torchax_env.functionalize(model)
         del model
-        self.weights = mesh_lib.shard_weights(weights, mesh_lib.UMT5_RULES, mesh)
+        self.weights = mesh_lib.shard_weights(buffers, mesh_lib.UMT5_RULES, mesh)
+        files = loading.weight_files(model_path / "text_encoder")
+        self.weights.update(loading.load_sharded(expected, files, mesh_lib.UMT5_RULES, mesh))
 
         def encode(weights, input_ids, mask):  # [B S] int32 each -> [B S D]
             hidden = forward(weights, input_ids, attention_mask=mask, return_dict=False)[0]

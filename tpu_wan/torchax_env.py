@@ -98,19 +98,25 @@ def _env():
 
 
 def module_weights(module: torch.nn.Module) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """(weights, aliases): every parameter and buffer as numpy, non-persistent ones included (RoPE tables,
-    which state_dict() misses); a tensor tied under several names (UMT5's shared / embed_tokens) appears
+    """(weights, aliases): every materialised parameter and buffer as numpy, non-persistent buffers included
+    (RoPE tables, which state_dict() misses); parameters still on the meta device (to be loaded elsewhere, see
+    `meta_parameters`) are left out. A tensor tied under several names (UMT5's shared / embed_tokens) appears
     once, and `aliases` maps each further name to the one kept."""
     tensors = list(module.named_parameters(remove_duplicate=False)) + list(module.named_buffers(remove_duplicate=False))
     weights, aliases, first = {}, {}, {}
     for name, t in tensors:
-        key = (t.data_ptr(), tuple(t.shape), t.dtype)
-        if t.numel() and key in first:
-            aliases[name] = first[key]
+        if id(t) in first:  # the same tensor object under another name
+            aliases[name] = first[id(t)]
             continue
-        first[key] = name
-        weights[name] = _to_numpy(t.detach())
+        first[id(t)] = name
+        if not t.is_meta:
+            weights[name] = _to_numpy(t.detach())
     return weights, aliases
+
+
+def meta_parameters(module: torch.nn.Module) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """name -> (shape, dtype) of each (untied) parameter that has no storage yet."""
+    return {name: (tuple(p.shape), p.dtype) for name, p in module.named_parameters() if p.is_meta}
 
 
 def _to_numpy(t: torch.Tensor) -> np.ndarray:
@@ -126,14 +132,15 @@ def functionalize(
 ) -> tuple[dict[str, np.ndarray], Callable]:
     """Returns (weights, fn): fn(weights, *args, **kwargs) runs `module.method` on jax arrays.
 
-    The module is deep-copied first (moving a module into torchax mutates it), and its weights are returned
-    so the caller can place them on the mesh with its own shardings. Weights tied under several names
-    appear once. Call fn inside jax.jit: eager calls go op by op through torchax.
+    The module is deep-copied first (moving a module into torchax mutates it), and its materialised weights are
+    returned so the caller can place them on the mesh with its own shardings; parameters built on the meta
+    device are not returned, fn expects them in `weights` too (see tpu_wan.loading). Weights tied under
+    several names appear once. Call fn inside jax.jit: eager calls go op by op through torchax.
     """
     weights, aliases = module_weights(module)
     module = copy.deepcopy(module)
     env = _env()
-    names = set(weights)
+    names = set(weights) | set(meta_parameters(module))
 
     def fn(weights_in: dict, *args, **kwargs):
         missing = names - set(weights_in)

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from tpu_wan import attention, checkpoints, mesh as mesh_lib, schedulers, torchax_env
+from tpu_wan import attention, checkpoints, finetune, loading, mesh as mesh_lib, schedulers, torchax_env
 
 
 def _denoise_step(forward: Callable, dtype, cfg: bool, weights, latents, state, embeds, timestep, coeffs_i, guidance):
@@ -35,15 +35,26 @@ def _denoise_step(forward: Callable, dtype, cfg: bool, weights, latents, state, 
 class Denoiser:
     """WanTransformer3DModel loaded once onto a mesh; `denoise` runs a full sampling loop."""
 
-    def __init__(self, model_path: Path, mesh, dtype: str, attention_options="auto"):
-        model = checkpoints.load_transformer(model_path, dtype)
+    def __init__(self, model_path: Path, mesh, dtype: str, attention_options="auto", *,
+                 transformer_checkpoint: str | None = None, checkpoint_key: str | None = None,
+                 non_strict: bool = False):
+        """`transformer_checkpoint`: fine-tuned weights applied over the base model's (see tpu_wan.finetune)."""
+        model = checkpoints.empty_transformer(model_path)
         mesh_lib.check_heads(mesh, model.config.num_attention_heads, "transformer")
         self.config = model.config
         self.mesh = mesh
         self.dtype = jnp.dtype(dtype)
-        weights, forward = torchax_env.functionalize(model, attention.make_attention(attention_options, mesh))
+        expected = checkpoints.expected_weights(model, dtype)
+        overrides = None
+        if transformer_checkpoint is not None:
+            tensors = finetune.read_checkpoint(transformer_checkpoint, checkpoint_key)
+            overrides = finetune.check_overrides(tensors, expected, non_strict)
+        buffers, forward = torchax_env.functionalize(model, attention.make_attention(attention_options, mesh))
         del model
-        self.weights = mesh_lib.shard_weights(weights, mesh_lib.WAN_TRANSFORMER_RULES, mesh)
+        rules = mesh_lib.WAN_TRANSFORMER_RULES
+        self.weights = mesh_lib.shard_weights(buffers, rules, mesh)
+        files = loading.weight_files(model_path / "transformer")
+        self.weights.update(loading.load_sharded(expected, files, rules, mesh, overrides))
         self._forward = forward
         self._steps = {}  # cfg -> jitted step
 
