@@ -21,13 +21,14 @@ $(STAMP): pyproject.toml
 
 demo: install
 	$(PY) stages/stage1_text_encoder.py --model_id tiny-random --prompt "A cat playing piano in a jazz club"
-	$(PY) stages/stage2_transformer.py --height 64 --width 96 --frames 9 --num_inference_steps 10
+	$(PY) stages/stage2_transformer.py --overwrite    # the tiny model's preset: 96x64, 9 frames, 10 steps
 	$(PY) stages/stage3_vae_decoder.py
 	$(PY) generate_flax.py --model_id tiny-random --prompt "A cat playing piano in a jazz club" \
-		--height 64 --width 96 --frames 9 --num_inference_steps 10 --output_video stage_outputs/demo_one_process.mp4
+		--output_video stage_outputs/demo_one_process.mp4
 
+# Two workers, each test file on one worker (its module fixtures load models once).
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 clean:
 	rm -rf $(VENV) stage_outputs/*.safetensors stage_outputs/*.json stage_outputs/*.mp4

@@ -27,6 +27,7 @@ def main(argv=None):
     parser.add_argument("--output_dir", default=None, help="several videos: <prompt-slug>_seed<seed>.mp4 here "
                         "(default: YYYYMMDD_HHMMSS/)")
     parser.add_argument("--save_intermediates", default=None, metavar="DIR", help="also write the stage files here")
+    cli.add_vae_dtype_arg(parser)
     cli.add_mesh_args(parser)
     args = parser.parse_args(argv)
     cli.check_stage2_args(args)
@@ -40,7 +41,8 @@ def main(argv=None):
     output_video = args.output_video or (None if several else f"{stamp}.mp4")
     result = pipeline.generate(
         args.model_id, prompts, args.negative_prompt, sampling,
-        max_sequence_length=args.max_sequence_length, fps=args.fps, dp=args.dp, tp=args.tp,
+        max_sequence_length=args.max_sequence_length, fps=args.fps, vae_dtype=args.vae_dtype,
+        dp=args.dp, tp=args.tp,
         attention=pipeline.attention_options(args), warmup_steps=args.warmup_steps, output_video=output_video,
         output_dir=args.output_dir or (stamp if several else None),
         save_intermediates=args.save_intermediates,

@@ -23,14 +23,15 @@ def main(argv=None):
                         "(default: --input_dir)")
     parser.add_argument("--fps", type=int, default=None, help="default: from the config, else 16")
     parser.add_argument("--save_frames", action="store_true", help="also write the float frames losslessly")
+    cli.add_vae_dtype_arg(parser)
     cli.add_mesh_args(parser)
     args = parser.parse_args(argv)
     cli.setup_process(args)
     from tpu_wan import pipeline
 
     paths = pipeline.run_stage3(
-        args.input_dir, output_video=args.output_video, output_dir=args.output_dir, fps=args.fps, save_frames=args.save_frames,
-        dp=args.dp, tp=args.tp,
+        args.input_dir, output_video=args.output_video, output_dir=args.output_dir, fps=args.fps,
+        save_frames=args.save_frames, vae_dtype=args.vae_dtype, dp=args.dp, tp=args.tp,
     )
     print("stage 3: " + ", ".join(str(p) for p in paths))
 

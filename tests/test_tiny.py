@@ -28,3 +28,34 @@ def test_tokenizer_covers_multilingual_prompts(tiny_path):
     ids = tok("一只猫 plays piano!", add_special_tokens=True).input_ids
     assert ids[-1] == tok.eos_token_id == 1 and tok.pad_token_id == 0
     assert tok.unk_token_id not in ids  # every character is in the training corpus
+
+
+def test_model_folder_validation(tiny_path, tmp_path):
+    import shutil
+
+    import pytest
+
+    from tpu_wan.checkpoints import CheckpointError
+
+    def broken(edit):
+        folder = tmp_path / f"copy{len(list(tmp_path.iterdir()))}"
+        shutil.copytree(tiny_path, folder)
+        edit(folder)
+        return str(folder)
+
+    def set_json(rel, key, value):
+        def edit(folder):
+            data = json.loads((folder / rel).read_text())
+            data[key] = value
+            (folder / rel).write_text(json.dumps(data))
+        return edit
+
+    cases = [
+        (set_json("model_index.json", "_class_name", "FluxPipeline"), "expected _class_name 'WanPipeline', found 'FluxPipeline'"),
+        (set_json("model_index.json", "vae", ["diffusers", "AutoencoderKL"]), "expected vae of class AutoencoderKLWan"),
+        (set_json("transformer/config.json", "text_dim", 48), "text_dim == text encoder d_model, found 48 != 32"),
+        (lambda f: (f / "scheduler" / "scheduler_config.json").unlink(), "missing ['scheduler']"),
+    ]
+    for edit, message in cases:
+        with pytest.raises(CheckpointError, match=message.replace("[", r"\[").replace("]", r"\]").replace("(", r"\(").replace(")", r"\)")):
+            checkpoints.resolve_model(broken(edit))

@@ -26,7 +26,7 @@ class CheckpointError(UserError):
 def resolve_model(model_id: str) -> Path:
     """The local folder for `model_id`, building or downloading it if needed."""
     if model_id == tiny.TINY_MODEL_ID:
-        return tiny.ensure_tiny_checkpoint()
+        return _checked(tiny.ensure_tiny_checkpoint())
     path = Path(model_id).expanduser()
     if path.exists():
         return _checked(path)
@@ -43,13 +43,31 @@ def resolve_model(model_id: str) -> Path:
         ) from None
 
 
+EXPECTED_CLASSES = {
+    "text_encoder": "UMT5EncoderModel", "transformer": "WanTransformer3DModel", "vae": "AutoencoderKLWan",
+}
+
+
 def _checked(path: Path) -> Path:
-    index = path / "model_index.json"
-    if not index.is_file():
+    """`path` if it is a Wan 2.1 text-to-video diffusers folder whose parts fit together."""
+    index_file = path / "model_index.json"
+    if not index_file.is_file():
         raise CheckpointError(f"{path}: expected a diffusers folder with model_index.json, found none")
-    missing = [c for c in COMPONENTS if not (path / c).is_dir()]
+    index = json.loads(index_file.read_text())
+    if index.get("_class_name") != "WanPipeline":
+        raise CheckpointError(f"{index_file}: expected _class_name 'WanPipeline', found {index.get('_class_name')!r}")
+    for component, cls in EXPECTED_CLASSES.items():
+        found = (index.get(component) or [None, None])[1]
+        if found != cls:
+            raise CheckpointError(f"{index_file}: expected {component} of class {cls}, found {found!r}")
+    missing = [c for c in COMPONENTS if not (path / c / ("scheduler_config.json" if c == "scheduler" else
+                                                         "config.json" if c != "tokenizer" else "")).exists()]
     if missing:
-        raise CheckpointError(f"{path}: expected component folders {list(COMPONENTS)}, missing {missing}")
+        raise CheckpointError(f"{path}: expected configs for {list(COMPONENTS)}, missing {missing}")
+    text_dim = read_config(path, "transformer")["text_dim"]
+    d_model = read_config(path, "text_encoder")["d_model"]
+    if text_dim != d_model:
+        raise CheckpointError(f"{path}: expected transformer text_dim == text encoder d_model, found {text_dim} != {d_model}")
     return path
 
 

@@ -57,11 +57,14 @@ def add_stage1_args(p: argparse.ArgumentParser) -> None:
 
 def add_stage2_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("denoising (stage 2)")
-    g.add_argument("--height", type=int, default=720, help="pixels, a multiple of 16")
-    g.add_argument("--width", type=int, default=1280, help="pixels, a multiple of 16")
-    g.add_argument("--frames", type=int, default=81, help="4n+1")
-    g.add_argument("--num_inference_steps", type=int, default=50)
-    g.add_argument("--guidance_scale", type=float, default=5.0, help="classifier-free guidance; <= 1 turns it off")
+    g.add_argument("--height", type=int, default=None, help="pixels, a multiple of 16 (default: the model's: "
+                   "720 for 14B, 480 for 1.3B)")
+    g.add_argument("--width", type=int, default=None, help="pixels, a multiple of 16 (default: 1280 for 14B, 832 "
+                   "for 1.3B)")
+    g.add_argument("--frames", type=int, default=None, help="4n+1 (default: 81)")
+    g.add_argument("--num_inference_steps", type=int, default=None, help="default: 50")
+    g.add_argument("--guidance_scale", type=float, default=None,
+                   help="classifier-free guidance; <= 1 turns it off (default: 5.0)")
     g.add_argument("--seed", type=int, default=42)
     g.add_argument("--seeds", nargs="+", default=None, metavar="SEED",
                    help="several seeds, e.g. 1 2 3 or 1-8: one video per (prompt, seed); overrides --seed")
@@ -89,9 +92,11 @@ def check_stage2_args(args: argparse.Namespace) -> None:
     """The cheap checks of stage-2 flags, run before any model is loaded."""
     from tpu_wan import config
 
-    config.validate_video_size(args.height, args.width, args.frames)
+    preset = config.preset_for(getattr(args, "model_id", None))
+    given = lambda name: getattr(preset, name) if getattr(args, name) is None else getattr(args, name)  # noqa: E731
+    config.validate_video_size(given("height"), given("width"), given("frames"))
     shift = 1.0 if args.flow_shift is None else args.flow_shift
-    config.validate_sampling(args.num_inference_steps, args.guidance_scale, shift, args.sample_solver)
+    config.validate_sampling(given("num_inference_steps"), given("guidance_scale"), shift, args.sample_solver)
     from tpu_wan.batch import parse_seeds
 
     if args.seeds:
@@ -107,6 +112,11 @@ def prompts_from(args: argparse.Namespace) -> list[str]:
     from tpu_wan.batch import read_prompt_file
 
     return read_prompt_file(args.prompt_file) if args.prompt_file else [args.prompt]
+
+
+def add_vae_dtype_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--vae_dtype", default="float32", choices=DTYPES,
+                   help="VAE decoder dtype: float32 matches diffusers exactly, bfloat16 is faster on TPU")
 
 
 def add_dtype_arg(p: argparse.ArgumentParser) -> None:

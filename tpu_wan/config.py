@@ -32,6 +32,34 @@ class ConfigError(UserError):
     """A setting outside what the model accepts; the message says expected vs found."""
 
 
+@dataclasses.dataclass(frozen=True)
+class ModelPreset:
+    """A model's default video settings; explicit flags override them. flow_shift follows the resolution."""
+
+    height: int
+    width: int
+    frames: int = 81
+    num_inference_steps: int = 50
+    guidance_scale: float = 5.0
+
+
+# Wan 2.1's trained resolutions: the 14B model at 720p (and 480p), the 1.3B model at 480p.
+MODEL_PRESETS = {
+    "Wan-AI/Wan2.1-T2V-14B-Diffusers": ModelPreset(height=720, width=1280),
+    "Wan-AI/Wan2.1-T2V-1.3B-Diffusers": ModelPreset(height=480, width=832),
+    "tiny-random": ModelPreset(height=64, width=96, frames=9, num_inference_steps=10),
+}
+
+
+def preset_for(model_id: str | None) -> ModelPreset:
+    """The preset of a known model id (a local folder named like one counts), else the 14B model's."""
+    if model_id is not None:
+        for name, preset in MODEL_PRESETS.items():
+            if model_id == name or model_id.rstrip("/").endswith(name.split("/")[-1]):
+                return preset
+    return MODEL_PRESETS[DEFAULT_MODEL_ID]
+
+
 def default_flow_shift(height: int, width: int) -> float:
     """Wan 2.1's sampling shift: 5.0 from 720p up, 3.0 below (480p)."""
     return 5.0 if min(height, width) >= 720 else 3.0
@@ -104,6 +132,7 @@ class GenerationConfig:
     mesh: tuple[int, int] | None = None
     # stage 3
     fps: int = 16
+    vae_dtype: str = "float32"
 
     def __post_init__(self):
         if not self.prompts:
@@ -111,6 +140,7 @@ class GenerationConfig:
         if self.max_sequence_length < 1:
             raise ConfigError(f"max_sequence_length must be >= 1, found {self.max_sequence_length}")
         validate_dtype(self.text_dtype)
+        validate_dtype(self.vae_dtype)
         if self.fps <= 0:
             raise ConfigError(f"fps must be > 0, found {self.fps}")
         if self.height is not None:

@@ -34,11 +34,11 @@ def initial_noise(seed: int, shape: tuple[int, ...]) -> np.ndarray:
 class SamplingArgs:
     """Stage-2 settings as the user gave them; None means 'the default for this size / platform'."""
 
-    height: int = 720
-    width: int = 1280
-    frames: int = 81
-    num_inference_steps: int = 50
-    guidance_scale: float = 5.0
+    height: int | None = None  # None: the model preset's (config.MODEL_PRESETS)
+    width: int | None = None
+    frames: int | None = None
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
     seeds: tuple[int, ...] = (42,)
     flow_shift: float | None = None
     sample_solver: str = "unipc"
@@ -70,7 +70,12 @@ def attention_options(namespace):
 
 
 def resolve_sampling(cfg: GenerationConfig, args: SamplingArgs, mesh) -> GenerationConfig:
-    """The config with every stage-2 setting decided (defaults filled in) and validated."""
+    """The config with every stage-2 setting decided (preset and defaults filled in) and validated."""
+    preset = config_lib.preset_for(cfg.model_id)
+    args = dataclasses.replace(args, **{
+        f: getattr(preset, f) for f in ("height", "width", "frames", "num_inference_steps", "guidance_scale")
+        if getattr(args, f) is None
+    })
     config_lib.validate_video_size(args.height, args.width, args.frames)
     from tpu_wan.batch import default_batch_size
 
@@ -122,10 +127,10 @@ def _finetune(cfg: GenerationConfig, non_strict: bool) -> dict:
                 non_strict=non_strict)
 
 
-def _decoder(model_path, mesh):
+def _decoder(model_path, mesh, dtype: str = "float32"):
     from tpu_wan.vae import VaeDecoder
 
-    return VaeDecoder(model_path, mesh)
+    return VaeDecoder(model_path, mesh, dtype)
 
 
 def encode(encoder, cfg: GenerationConfig) -> tuple[np.ndarray, np.ndarray]:
@@ -229,6 +234,7 @@ def run_stage3(
     output_dir: str | Path | None = None,
     fps: int | None = None,
     save_frames: bool = False,
+    vae_dtype: str = "float32",
     dp: int | None = None,
     tp: int | None = None,
 ) -> list[Path]:
@@ -236,7 +242,7 @@ def run_stage3(
     several -> <output_dir>/<prompt-slug>_seed<seed>.mp4 each. `save_frames` also writes the float frames."""
     input_dir = Path(input_dir)
     cfg = GenerationConfig.from_json_dict(artifacts.load_config(input_dir))
-    cfg = cfg.replace(fps=fps or cfg.fps)
+    cfg = cfg.replace(fps=fps or cfg.fps, vae_dtype=vae_dtype)
     videos = plan(cfg) if cfg.seeds else []
     if len(videos) > 1:
         if output_video is not None:
@@ -246,7 +252,7 @@ def run_stage3(
     else:
         sources = [(input_dir / artifacts.LATENTS_FILE, Path(output_video or input_dir / artifacts.VIDEO_FILE))]
     latents = [artifacts.load_latents(src) for src, _ in sources]  # all present before any decoding
-    decoder = _decoder(checkpoints.resolve_model(cfg.model_id), make_mesh(dp, tp))
+    decoder = _decoder(checkpoints.resolve_model(cfg.model_id), make_mesh(dp, tp), vae_dtype)
     frames = [decoder.decode(x) for x in latents]
     if save_frames:
         artifacts.save_frames(input_dir, np.concatenate(frames))
@@ -271,7 +277,7 @@ class Generator:
     """All three models loaded once on one mesh: encode -> denoise -> decode in memory (generate_flax.py)."""
 
     def __init__(self, model_id: str, mesh, *, text_dtype: str, dtype: str, attention="auto", timer=None,
-                 **finetune):
+                 vae_dtype: str = "float32", **finetune):
         from tpu_wan.profiling import Timer
 
         self.timer = timer or Timer()
@@ -281,7 +287,7 @@ class Generator:
         with self.timer("load transformer"):
             self.denoiser = _denoiser(model_path, mesh, dtype, attention, **finetune)
         with self.timer("load vae"):
-            self.decoder = _decoder(model_path, mesh)
+            self.decoder = _decoder(model_path, mesh, vae_dtype)
 
     def run(self, cfg: GenerationConfig, *, progress: bool = True):
         """(prompt_embeds, negative_prompt_embeds, latents [V ...], frames [V ...]) for every video of `cfg`."""
@@ -323,6 +329,7 @@ def generate(
     output_dir: str | Path | None = None,
     max_sequence_length: int = 512,
     fps: int = 16,
+    vae_dtype: str = "float32",
     dp: int | None = None,
     tp: int | None = None,
     attention="auto",
@@ -336,7 +343,7 @@ def generate(
     cfg = resolve_sampling(
         GenerationConfig(
             model_id=model_id, prompts=tuple(prompts), negative_prompt=negative_prompt,
-            max_sequence_length=max_sequence_length, fps=fps,
+            max_sequence_length=max_sequence_length, fps=fps, vae_dtype=vae_dtype,
         ),
         sampling,
         mesh,
@@ -344,7 +351,7 @@ def generate(
     cfg = cfg.replace(text_dtype=cfg.dtype)
     paths = video_paths(cfg, output_video, output_dir)
     gen = Generator(model_id, mesh, text_dtype=cfg.text_dtype, dtype=cfg.dtype, attention=attention,
-                    **_finetune(cfg, sampling.non_strict))
+                    vae_dtype=vae_dtype, **_finetune(cfg, sampling.non_strict))
     if warmup_steps:
         gen.warmup(cfg, min(warmup_steps, cfg.num_inference_steps))
     prompt_embeds, negative_embeds, latents, frames = gen.run(cfg)

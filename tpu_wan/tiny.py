@@ -154,10 +154,16 @@ def build_tiny_checkpoint(output_dir: str | Path) -> Path:
 
 
 def ensure_tiny_checkpoint(cache_dir: str | Path | None = None) -> Path:
-    """Returns the tiny checkpoint folder, building it on first use."""
+    """Returns the tiny checkpoint folder, building it on first use (once, even with concurrent callers)."""
+    from filelock import FileLock
+
     path = Path(cache_dir) if cache_dir else default_cache_dir()
-    if not (path / "model_index.json").is_file():
-        build_tiny_checkpoint(path)
+    if (path / "model_index.json").is_file():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path) + ".lock"):
+        if not (path / "model_index.json").is_file():
+            build_tiny_checkpoint(path)
     return path
 
 

@@ -1,0 +1,37 @@
+"""Model presets and how explicit settings override them."""
+
+import jax
+import pytest
+
+from tpu_wan import pipeline
+from tpu_wan.config import ConfigError, GenerationConfig, preset_for
+from tpu_wan.mesh import make_mesh
+
+
+def _resolve(model_id, **given):
+    cfg = GenerationConfig(model_id=model_id, prompts=("a cat",), negative_prompt="")
+    return pipeline.resolve_sampling(cfg, pipeline.SamplingArgs(**given), make_mesh(2, 4))
+
+
+def test_presets_fill_what_the_user_left_out():
+    big = _resolve("Wan-AI/Wan2.1-T2V-14B-Diffusers")
+    assert (big.height, big.width, big.frames, big.num_inference_steps, big.flow_shift) == (720, 1280, 81, 50, 5.0)
+    small = _resolve("Wan-AI/Wan2.1-T2V-1.3B-Diffusers")
+    assert (small.height, small.width, small.flow_shift, small.guidance_scale) == (480, 832, 3.0, 5.0)
+    assert preset_for("/models/Wan2.1-T2V-1.3B-Diffusers/") == preset_for("Wan-AI/Wan2.1-T2V-1.3B-Diffusers")
+    assert preset_for("/some/other/folder") == preset_for("Wan-AI/Wan2.1-T2V-14B-Diffusers")
+
+
+def test_explicit_settings_override_presets():
+    cfg = _resolve("Wan-AI/Wan2.1-T2V-14B-Diffusers", height=480, width=832, num_inference_steps=20, flow_shift=4.0)
+    assert (cfg.height, cfg.width, cfg.num_inference_steps, cfg.flow_shift) == (480, 832, 20, 4.0)
+    assert _resolve("Wan-AI/Wan2.1-T2V-14B-Diffusers", height=480, width=832).flow_shift == 3.0
+    assert _resolve("tiny-random", guidance_scale=1.0).batch_size == 2  # no CFG: dp=2 holds 2 videos
+    assert _resolve("tiny-random").batch_size == 1  # CFG: the pair fills dp=2
+
+
+def test_bad_settings_are_refused():
+    with pytest.raises(ConfigError, match="frames must be 4n\\+1"):
+        _resolve("tiny-random", frames=10)
+    with pytest.raises(ConfigError, match="height must be a positive multiple of 16, found 40"):
+        _resolve("tiny-random", height=40)

@@ -1,0 +1,198 @@
+"""The native Flax VAE decoder against diffusers' AutoencoderKLWan.decode (torch float32, the oracle)."""
+
+import jax
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+from safetensors.numpy import load_file, save_file
+
+from tpu_wan.mesh import make_mesh
+from tpu_wan.vae import WEIGHTS_FILE, VaeDecoder, activation_sharding, decoder_keys, load_config, load_params
+from tpu_wan.vae_modules import WanVaeDecoder, torch_key
+
+# Frames are compared in absolute terms on the [0, 1] scale. float32: the same convolutions in another
+# library reorder their sums (~1e-7 relative per op); across the ~40 conv layers and the causal caches we
+# measure <= 3e-6, so 1e-4 leaves room while a wrong cache frame or weight layout gives errors >= 1e-2.
+F32_ATOL = 1e-4
+# bfloat16 weights and activations (8-bit mantissa, ~4e-3 relative per op), norms and softmax in float32:
+# measured 6e-3 (1 latent frame) to 1.5e-2 (9) on both configs.
+BF16_ATOL = 2e-2
+# Sharded vs unsharded: the same ops, but GSPMD splits the convolutions (halos) and reductions per shard.
+SHARDED_ATOL = 1e-6
+# Compile time of 17 vs 5 latent frames: the scan body is compiled once, so only noise separates them.
+COMPILE_RATIO_MAX = 1.2
+
+FRAME_COUNTS = (1, 2, 3, 5, 9)  # 1: frame 0 alone; 2: the 'Rep' time_conv step; >= 3: caches carried on
+TINY_HW = (4, 8)  # latent h, w: W = 8 splits over all 8 devices of the 2x4 mesh at every resolution
+REAL_HW = (1, 2)  # the real widths and depths at the smallest size where attention sees more than one position
+REAL_VAE_CONFIG = dict(
+    base_dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
+    temperal_downsample=[False, True, True],
+)
+
+
+@pytest.fixture(scope="session")
+def real_vae(tmp_path_factory):
+    """The real Wan 2.1 VAE config with random weights: (a folder with vae/ as diffusers saves it, the model)."""
+    from diffusers import AutoencoderKLWan
+
+    root = tmp_path_factory.mktemp("real_vae")
+    torch.manual_seed(0)
+    vae = AutoencoderKLWan(**REAL_VAE_CONFIG).eval()
+    vae.save_pretrained(root / "vae")
+    return root, vae
+
+
+@pytest.fixture(scope="session")
+def real_path(real_vae):
+    return real_vae[0]
+
+
+def _mesh(dp=1, tp=1):
+    return make_mesh(dp, tp, devices=jax.devices()[: dp * tp])
+
+
+def _latents(frames, hw, batch=1, seed=0):
+    return np.random.default_rng(seed).standard_normal((batch, 16, frames, *hw)).astype(np.float32)
+
+
+def diffusers_frames(vae, latents: np.ndarray) -> np.ndarray:
+    """WanPipeline's decode of normalised latents [N C F h w] -> frames [N T H W 3] in [0, 1]."""
+    mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1)
+    inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1)
+    with torch.no_grad():
+        video = vae.decode(torch.from_numpy(latents) / inv_std + mean, return_dict=False)[0]  # [N 3 T H W]
+    return (video * 0.5 + 0.5).clamp(0, 1).permute(0, 2, 3, 4, 1).numpy()
+
+
+def _torch_vae(path):
+    from diffusers import AutoencoderKLWan
+
+    return AutoencoderKLWan.from_pretrained(path / "vae", torch_dtype=torch.float32).eval()
+
+
+def _abstract_params(config):
+    return nnx.split(nnx.eval_shape(lambda: WanVaeDecoder(config)))[1]
+
+
+def _max_err(ours, ref):
+    assert ours.shape == ref.shape, (ours.shape, ref.shape)
+    return float(np.abs(ours.astype(np.float64) - ref).max())
+
+
+@pytest.fixture(scope="module")
+def tiny_oracle(tiny_path):
+    """diffusers' frames for the tiny VAE at every frame count."""
+    vae, latents = _torch_vae(tiny_path), _latents(max(FRAME_COUNTS), TINY_HW)
+    return latents, {f: diffusers_frames(vae, latents[:, :, :f]) for f in FRAME_COUNTS}
+
+
+@pytest.fixture(scope="module")
+def real_oracle(real_vae):
+    """diffusers' frames for the real config, from one decode of the most frames: diffusers decodes latent
+    frame by frame, each seeing only earlier frames' caches, so F latent frames give exactly the first
+    4(F-1)+1 frames of that (test_tiny_vae_matches_diffusers checks this bit for bit)."""
+    latents = _latents(max(FRAME_COUNTS), REAL_HW)
+    return latents, diffusers_frames(real_vae[1], latents)
+
+
+@pytest.fixture(scope="module")
+def tiny_decoder(tiny_path):
+    return VaeDecoder(tiny_path, _mesh())
+
+
+def test_tiny_vae_matches_diffusers(tiny_decoder, tiny_oracle):
+    latents, ref = tiny_oracle
+    errs = {}
+    for f in FRAME_COUNTS:
+        ours = tiny_decoder.decode(latents[:, :, :f])
+        assert ours.shape == (1, 4 * (f - 1) + 1, 8 * TINY_HW[0], 8 * TINY_HW[1], 3)
+        errs[f] = _max_err(ours, ref[f])
+        # diffusers is causal: fewer latent frames decode to a prefix, bit for bit (real_oracle relies on it).
+        np.testing.assert_array_equal(ref[f], ref[max(FRAME_COUNTS)][:, : ours.shape[1]])
+    print("tiny float32 max abs err per latent frame count:", errs)
+    assert max(errs.values()) <= F32_ATOL, errs
+
+
+def test_real_config_matches_diffusers(real_path, real_oracle):
+    latents, ref = real_oracle
+    decoder = VaeDecoder(real_path, _mesh())
+    errs = {}
+    for f in FRAME_COUNTS:
+        ours = decoder.decode(latents[:, :, :f])
+        errs[f] = _max_err(ours, ref[:, : 4 * (f - 1) + 1])
+    print("real-config float32 max abs err per latent frame count:", errs)
+    assert max(errs.values()) <= F32_ATOL, errs
+
+
+def test_bfloat16_close_to_diffusers_float32(real_path, real_oracle):
+    # The real depth is where bfloat16 rounding accumulates. Frame 0, the 'Rep' step and one carried cache.
+    f = 3
+    latents, ref = real_oracle
+    ours = VaeDecoder(real_path, _mesh(), dtype="bfloat16").decode(latents[:, :, :f])
+    err = _max_err(ours, ref[:, : 4 * (f - 1) + 1])
+    print(f"real-config bfloat16 max abs err at {f} latent frames: {err:.3e}")
+    assert err <= BF16_ATOL
+
+
+def test_sharded_decode_equals_unsharded(tiny_path, tiny_decoder):
+    latents = _latents(3, TINY_HW, seed=1)
+    sharded = VaeDecoder(tiny_path, _mesh(2, 4)).decode(latents)
+    unsharded = tiny_decoder.decode(latents)
+    print(f"2x4 vs 1x1 mesh max abs diff: {_max_err(sharded, unsharded):.3e}")
+    np.testing.assert_allclose(sharded, unsharded, rtol=0, atol=SHARDED_ATOL)
+
+
+def test_activation_sharding_rules():
+    mesh = _mesh(2, 4)
+    spec = lambda shape: activation_sharding(mesh, shape).spec  # noqa: E731  shape [N T H W C]
+    assert spec((1, 4, 8, 16, 3)) == P(None, None, None, ("dp", "tp"), None)  # W over all 8 devices
+    assert spec((2, 4, 8, 12, 3)) == P("dp", None, None, ("tp",), None)  # videos over dp, W over tp
+    assert spec((1, 4, 8, 12, 3)) == P(None, None, ("dp", "tp"), None, None)  # W does not divide, H does
+    assert spec((1, 4, 3, 12, 3)) == P(None, None, None, ("tp",), None)
+    assert spec((1, 4, 3, 5, 3)) == P(None)  # too small to split
+
+
+def test_compile_time_does_not_grow_with_frames(tiny_path):
+    # Fresh decoders: nothing traced or compiled before. Only the scan program depends on the frame count.
+    # One compile varies by up to ~30% on a busy 2-core machine, so the minimum of two alternating runs.
+    seconds = {5: [], 17: []}
+    for _ in range(2):
+        for f in (17, 5):
+            seconds[f].append(VaeDecoder(tiny_path, _mesh()).compile_seconds((1, 16, f, 2, 2), first=False))
+    t5, t17 = min(seconds[5]), min(seconds[17])
+    print(f"lower+compile seconds (scan program): 5 latent frames {t5:.2f}, 17 latent frames {t17:.2f}, "
+          f"ratio {t17 / t5:.3f} (all runs {seconds})")
+    assert t17 / t5 <= COMPILE_RATIO_MAX
+
+
+@pytest.mark.parametrize("which", ["tiny", "real"])
+def test_every_weight_used_once_and_every_param_filled(which, tiny_path, real_path):
+    path = tiny_path if which == "tiny" else real_path
+    decoder = VaeDecoder(path, _mesh())
+    params = list(nnx.to_flat_state(decoder.params))
+    keys = [torch_key(p) for p, _ in params]
+    assert len(set(keys)) == len(keys), "two parameters read the same weight"
+    assert sorted(keys) == decoder_keys(path / "vae" / WEIGHTS_FILE)  # and every decoder weight is read
+    shapes = {p: v.shape for p, v in nnx.to_flat_state(_abstract_params(decoder.config))}
+    assert len(shapes) == len(params)
+    for p, v in params:
+        assert isinstance(v[...], jax.Array) and v.shape == shapes[p], p
+
+
+def test_missing_or_extra_weights_are_refused(tiny_path, tmp_path):
+    tensors = load_file(tiny_path / "vae" / WEIGHTS_FILE)
+    abstract = _abstract_params(load_config(tiny_path / "vae"))
+    sharding = jax.sharding.NamedSharding(_mesh(), P())
+    missing = dict(tensors)
+    del missing["decoder.conv_in.weight"]
+    save_file(missing, tmp_path / "missing.safetensors")
+    with pytest.raises(ValueError, match=r"missing \['decoder.conv_in.weight'\]"):
+        load_params(abstract, tmp_path / "missing.safetensors", np.float32, sharding)
+    extra = dict(tensors, **{"decoder.extra.weight": np.zeros(3, np.float32)})
+    save_file(extra, tmp_path / "extra.safetensors")
+    with pytest.raises(ValueError, match=r"unused decoder keys \['decoder.extra.weight'\]"):
+        load_params(abstract, tmp_path / "extra.safetensors", np.float32, sharding)
+
