@@ -4,6 +4,9 @@ import os
 
 os.environ["JAX_PLATFORMS"] = "cpu"
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+from tpu_wan.cli import with_cpu_xla_flags  # noqa: E402  (imports no jax)
+
+os.environ["XLA_FLAGS"] = with_cpu_xla_flags(os.environ["XLA_FLAGS"])
 
 import pytest  # noqa: E402
 
