@@ -114,6 +114,10 @@ def test_tiny_vae_matches_diffusers(tiny_decoder, tiny_oracle):
         np.testing.assert_array_equal(ref[f], ref[max(FRAME_COUNTS)][:, : ours.shape[1]])
     print("tiny float32 max abs err per latent frame count:", errs)
     assert max(errs.values()) <= F32_ATOL, errs
+    # The on-device uint8 conversion equals the host one the mp4 writer uses, bit for bit.
+    from tpu_wan.video import to_uint8
+
+    np.testing.assert_array_equal(tiny_decoder.decode(latents, uint8=True), to_uint8(tiny_decoder.decode(latents)))
 
 
 def test_real_config_matches_diffusers(real_path, real_oracle):
