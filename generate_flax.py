@@ -33,13 +33,13 @@ def main(argv=None):
     cli.check_stage2_args(args)
     prompts = cli.prompts_from(args)
     cli.setup_process(args)
-    from tpu_wan import pipeline
+    from tpu_wan import oneshot, pipeline
 
     stamp = time.strftime("%Y%m%d_%H%M%S")
     sampling = pipeline.sampling_args(args)
     several = len(prompts) * len(sampling.seeds) > 1
     output_video = args.output_video or (None if several else f"{stamp}.mp4")
-    result = pipeline.generate(
+    result = oneshot.generate(
         args.model_id, prompts, args.negative_prompt, sampling,
         max_sequence_length=args.max_sequence_length, fps=args.fps, vae_dtype=args.vae_dtype,
         dp=args.dp, tp=args.tp,

@@ -71,7 +71,7 @@ def tiny_path():
 @pytest.fixture(scope="session")
 def diffusers_pipe(tiny_path):
     import torch
-    from diffusers import UniPCMultistepScheduler, WanPipeline
+    from diffusers import WanPipeline
 
     pipe = WanPipeline.from_pretrained(tiny_path, torch_dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)

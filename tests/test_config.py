@@ -1,6 +1,5 @@
 """Model presets and how explicit settings override them."""
 
-import jax
 import pytest
 
 from tpu_wan import pipeline

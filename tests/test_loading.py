@@ -8,7 +8,7 @@ import torch
 from conftest import FRAMES, HEIGHT, LATENT_RTOL, NEGATIVE, PROMPTS, SEED, STEPS, WIDTH, diffusers_run, rel_err
 from safetensors.torch import save_file
 
-from tpu_wan import checkpoints, loading, mesh as mesh_lib, pipeline, schedulers
+from tpu_wan import checkpoints, loading, pipeline, schedulers
 from tpu_wan.config import latent_shape
 from tpu_wan.finetune import FinetuneError
 from tpu_wan.mesh import make_mesh

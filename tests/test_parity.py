@@ -9,7 +9,7 @@ from conftest import (
     diffusers_run, rel_err,
 )
 
-from tpu_wan import pipeline
+from tpu_wan import oneshot, pipeline
 from tpu_wan.config import GenerationConfig, latent_shape
 from tpu_wan.mesh import make_mesh
 
@@ -21,7 +21,7 @@ GUIDANCES = [1.0, 5.0]
 def models(request, tiny_path):
     dp, tp = request.param
     mesh = make_mesh(dp, tp, devices=jax.devices()[: dp * tp])
-    return pipeline.Generator("tiny-random", mesh, text_dtype="float32", dtype="float32")
+    return oneshot.Generator("tiny-random", mesh, text_dtype="float32", dtype="float32")
 
 
 def _config(prompt, guidance):

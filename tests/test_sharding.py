@@ -1,6 +1,5 @@
 """The sharding rules: every large weight is placed by a rule, meshes are checked, results don't depend on them."""
 
-import jax
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P

@@ -13,7 +13,7 @@ from scripts import ROOT, STAGE1, STAGE2, STAGE3, run
 
 from tpu_wan import artifacts, pipeline, video
 from tpu_wan.batch import BatchError, parse_seeds, plan_videos, prompt_slugs, read_prompt_file, slugify
-from tpu_wan.config import ConfigError, GenerationConfig
+from tpu_wan.config import GenerationConfig
 from tpu_wan.mesh import make_mesh
 
 PROMPTS = ("A cat playing piano", "一只小狗在雪地里奔跑")

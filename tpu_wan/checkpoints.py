@@ -133,20 +133,16 @@ def load_tokenizer(model_path: Path):
 
 
 def load_text_encoder(model_path: Path, dtype: str):
-    """UMT5EncoderModel in `dtype`, with transformers' own dtype policy (as WanPipeline.from_pretrained loads it)."""
+    """UMT5EncoderModel as transformers' from_pretrained loads it: the reference the sharded loader is checked
+    against (the stages use empty_text_encoder + tpu_wan.loading)."""
     from transformers import UMT5EncoderModel
 
     return UMT5EncoderModel.from_pretrained(model_path / "text_encoder", dtype=_torch_dtype(dtype)).eval()
 
 
 def load_transformer(model_path: Path, dtype: str):
-    """WanTransformer3DModel; modules diffusers keeps in float32 (norms, time embedder, RoPE) stay float32."""
+    """WanTransformer3DModel as diffusers' from_pretrained loads it: the reference the sharded loader is checked
+    against (the stages use empty_transformer + tpu_wan.loading)."""
     from diffusers import WanTransformer3DModel
 
     return WanTransformer3DModel.from_pretrained(model_path / "transformer", torch_dtype=_torch_dtype(dtype)).eval()
-
-
-def load_vae(model_path: Path):
-    from diffusers import AutoencoderKLWan
-
-    return AutoencoderKLWan.from_pretrained(model_path / "vae", torch_dtype=_torch_dtype("float32")).eval()
