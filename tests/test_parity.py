@@ -39,6 +39,7 @@ def test_embeddings_match_diffusers(models, diffusers_pipe, prompt):
     with torch.no_grad():
         ref, ref_neg = diffusers_pipe.encode_prompt(prompt, NEGATIVE, max_sequence_length=512)
     assert ours.shape == tuple(ref.shape) == (1, 512, 32)
+    print(f"embeddings rel err {rel_err(ours, ref):.2e} (negative {rel_err(ours_neg, ref_neg):.2e})")
     assert rel_err(ours, ref) <= EMBED_RTOL
     assert rel_err(ours_neg, ref_neg) <= EMBED_RTOL
     # Past the true token count the rows are exact zeros, as diffusers pads them.
@@ -52,11 +53,13 @@ def test_latents_and_frames_match_diffusers(models, diffusers_pipe, prompt, guid
     prompt_embeds, negative_embeds, latents, frames = models.run(cfg, progress=False)
     ref_latents = diffusers_run(diffusers_pipe, prompt, guidance, "latent")
     err = rel_err(latents, ref_latents)
+    print(f"latents rel err {err:.2e}")
     assert err <= LATENT_RTOL, f"latents rel err {err:.3e}"
     # Frames from the same latents: diffusers decodes its own, we decode those same latents.
     ref_frames = diffusers_run(diffusers_pipe, prompt, guidance, "np")
     ours_frames = models.decoder.decode(ref_latents)
     assert ours_frames.shape == ref_frames.shape == (1, FRAMES, HEIGHT, WIDTH, 3)
+    print(f"frames max abs err {np.abs(ours_frames - ref_frames).max():.2e}")
     np.testing.assert_allclose(ours_frames, ref_frames, rtol=0, atol=FRAMES_ATOL)
 
 

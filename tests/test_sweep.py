@@ -166,3 +166,11 @@ def test_generate_flax_sweep_equals_staged(stage1, swept, tmp_path):
     ours = artifacts.list_video_latents(tmp_path)
     for name, path in artifacts.list_video_latents(swept).items():
         np.testing.assert_array_equal(artifacts.load_latents(ours[name]), artifacts.load_latents(path), err_msg=name)
+
+
+def test_refused_overwrite_keeps_previous_results(swept, stage1):
+    before = {n: p.read_bytes() for n, p in artifacts.list_video_latents(swept).items()}
+    proc = run(STAGE2, "--input_dir", stage1, "--output_dir", swept, *SIZE, "--seeds", "1-3", *MESH_4x2,
+               "--overwrite", "--transformer_checkpoint", swept / "missing.safetensors", check=False)
+    assert proc.returncode == 2 and "expected a file, found nothing" in proc.stderr
+    assert {n: p.read_bytes() for n, p in artifacts.list_video_latents(swept).items()} == before

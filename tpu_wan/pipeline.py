@@ -211,6 +211,8 @@ def run_stage2(
     if cfg.init_latents is not None:  # refused before anything is written
         shape = config_lib.latent_shape(1, cfg.height, cfg.width, cfg.frames, denoiser.config.in_channels)[1:]
         sweep.starting_latents(cfg, videos[:1], videos, shape)
+    if overwrite:  # only now, after every check passed: a refused run leaves the previous results alone
+        sweep.clear_previous(output_dir)
     artifacts.save_config(output_dir, cfg.to_json_dict())  # first, so a crashed sweep can be resumed
     if warmup_steps:
         sweep.denoise_videos(denoiser, cfg, prompt_embeds, negative_embeds, todo[:1], videos,

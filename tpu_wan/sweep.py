@@ -65,8 +65,7 @@ def pending(folder: Path, cfg: GenerationConfig, videos: Sequence[Video], overwr
     """The videos still to compute in `folder`; refuses a folder holding results of other settings."""
     single = len(videos) == 1
     if overwrite:
-        shutil.rmtree(Path(folder) / artifacts.LATENTS_DIR, ignore_errors=True)
-        return list(videos)
+        return list(videos)  # the old files go in clear_previous, once the run is known to start
     previous = _previous_signature(folder)
     has_results = (Path(folder) / artifacts.LATENTS_FILE).is_file() or bool(artifacts.list_video_latents(folder))
     if previous is not None and has_results and previous != signature(cfg):
@@ -79,6 +78,11 @@ def pending(folder: Path, cfg: GenerationConfig, videos: Sequence[Video], overwr
     if len(todo) < len(videos):
         log.info("resuming: %d of %d videos already in %s", len(videos) - len(todo), len(videos), folder)
     return todo
+
+
+def clear_previous(folder: Path) -> None:
+    """Removes a previous run's per-video latents (--overwrite), so no stale video outlives its settings."""
+    shutil.rmtree(Path(folder) / artifacts.LATENTS_DIR, ignore_errors=True)
 
 
 def _previous_signature(folder: Path) -> dict | None:
