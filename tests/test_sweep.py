@@ -115,18 +115,19 @@ LONG = ("--height", "32", "--width", "32", "--frames", "5", "--num_inference_ste
 
 
 def test_kill_mid_sweep_then_resume(stage1, tmp_path):
-    # 16 videos in 8 batches: SIGKILL as soon as the first batch lands, rerun, compare with an uninterrupted run.
+    # 16 videos in 8 batches of 2: SIGKILL once the first batch has landed, rerun, compare with an uninterrupted
+    # run. Each video is its own file, so the kill may also fall between the two files of a later batch.
     uninterrupted, out = tmp_path / "uninterrupted", tmp_path / "resumed"
     run(STAGE2, "--input_dir", stage1, "--output_dir", uninterrupted, *LONG, *MESH_4x2)
     cmd = [sys.executable, str(STAGE2), "--input_dir", str(stage1), "--output_dir", str(out), *LONG, *MESH_4x2]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
-    while not artifacts.list_video_latents(out) and time.time() < deadline:
+    while len(artifacts.list_video_latents(out)) < 2 and time.time() < deadline:
         time.sleep(0.005)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     first = artifacts.list_video_latents(out)
-    assert 2 <= len(first) < 16 and len(first) % 2 == 0, sorted(first)  # whole batches only, not all of them
+    assert 2 <= len(first) < 16, sorted(first)  # the first batch, not all of them
     stats = {name: (p.stat().st_ino, p.stat().st_mtime_ns) for name, p in first.items()}
     rerun = run(STAGE2, "--input_dir", stage1, "--output_dir", out, *LONG, *MESH_4x2, "--log_level", "INFO")
     assert f"resuming: {len(first)} of 16 videos already" in rerun.stderr
