@@ -3,8 +3,10 @@
     python generate_flax.py --model_id tiny-random --height 32 --width 32 --frames 5 --num_inference_steps 4
 
 loads the three models once, runs --warmup_steps denoising steps end to end (this compiles every program),
-then the timed run; prints a per-stage time table and s/step, and writes the video to --output_video
-(default: YYYYMMDD_HHMMSS.mp4). --save_intermediates DIR also writes the stage files, as the stage scripts do.
+then --num_iterations timed runs; prints a per-stage table (load, compile, run, s/step, memory), writes it to
+metrics.json beside the video (render it with `python -m tpu_wan.report metrics.json`), and writes the video
+to --output_video (default: YYYYMMDD_HHMMSS.mp4). --profile DIR traces the last timed run with the jax
+profiler; --save_intermediates DIR also writes the stage files, as the stage scripts do.
 """
 
 import sys
@@ -27,13 +29,20 @@ def main(argv=None):
     parser.add_argument("--output_dir", default=None, help="several videos: <prompt-slug>_seed<seed>.mp4 here "
                         "(default: YYYYMMDD_HHMMSS/)")
     parser.add_argument("--save_intermediates", default=None, metavar="DIR", help="also write the stage files here")
+    parser.add_argument("--num_iterations", type=int, default=1, help="timed runs after the warmup (default: 1)")
+    parser.add_argument("--profile", default=None, metavar="DIR", help="jax profiler trace of the last timed run")
+    parser.add_argument("--metrics", default=None, metavar="PATH",
+                        help="default: metrics.json in the folder the videos go to")
+    cli.add_preview_arg(parser)
     cli.add_vae_dtype_arg(parser)
     cli.add_mesh_args(parser)
     args = parser.parse_args(argv)
     cli.check_stage2_args(args)
+    if args.num_iterations < 1:
+        raise cli.UsageError(f"--num_iterations must be >= 1, found {args.num_iterations}")
     prompts = cli.prompts_from(args)
     cli.setup_process(args)
-    from tpu_wan import oneshot, pipeline
+    from tpu_wan import artifacts, oneshot, pipeline, profiling
 
     stamp = time.strftime("%Y%m%d_%H%M%S")
     sampling = pipeline.sampling_args(args)
@@ -45,11 +54,16 @@ def main(argv=None):
         dp=args.dp, tp=args.tp,
         attention=pipeline.attention_options(args), warmup_steps=args.warmup_steps, output_video=output_video,
         output_dir=args.output_dir or (stamp if several else None),
-        save_intermediates=args.save_intermediates,
+        save_intermediates=args.save_intermediates, num_iterations=args.num_iterations, profile_dir=args.profile,
+        preview=args.preview,
     )
-    print(result.timer.table())
-    print(f"{result.seconds_per_step:.4f} s/step (per batch of {result.config.batch_size} video(s)) over "
-          f"{result.config.num_inference_steps} steps")
+    metrics_path = Path(args.metrics or result.videos[0].parent / artifacts.METRICS_FILE)
+    artifacts.save_metrics(metrics_path, result.metrics)
+    print(profiling.table(result.metrics))
+    step = result.metrics["stages"]["transformer"]["s_per_step"]
+    print(f"{step:.4f} s/step (median; batches of {result.config.batch_size} video(s), "
+          f"{result.config.num_inference_steps} steps)")
+    print(f"metrics: {metrics_path}")
     print("video: " + ", ".join(str(p) for p in result.videos))
 
 

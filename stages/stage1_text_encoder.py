@@ -24,12 +24,14 @@ def main(argv=None):
     args = parser.parse_args(argv)
     prompts = cli.prompts_from(args)
     cli.setup_process(args)
-    from tpu_wan import pipeline
+    from tpu_wan import pipeline, profiling
 
-    cfg = pipeline.run_stage1(
+    result = pipeline.run_stage1(
         args.model_id, prompts, args.negative_prompt, args.output_dir,
         max_sequence_length=args.max_sequence_length, dtype=args.dtype, dp=args.dp, tp=args.tp,
     )
+    cfg = result.config
+    print(profiling.table(result.metrics, only="text_encoder"))
     print(f"stage 1: {len(cfg.prompts)} prompt(s) encoded ({cfg.text_dtype}) -> {args.output_dir}")
 
 

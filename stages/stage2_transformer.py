@@ -28,13 +28,16 @@ def main(argv=None):
     args = parser.parse_args(argv)
     cli.check_stage2_args(args)
     cli.setup_process(args)
-    from tpu_wan import pipeline
+    from tpu_wan import pipeline, profiling
 
-    cfg = pipeline.run_stage2(
+    result = pipeline.run_stage2(
         args.input_dir, pipeline.sampling_args(args), output_dir=args.output_dir,
         dp=args.dp, tp=args.tp, attention=pipeline.attention_options(args), warmup_steps=args.warmup_steps,
         overwrite=args.overwrite,
     )
+    cfg = result.config
+    if result.metrics:
+        print(profiling.table(result.metrics, only="transformer"))
     videos = len(cfg.prompts) * len(cfg.seeds)
     print(f"stage 2: {videos} video(s), {cfg.num_inference_steps} steps at {cfg.width}x{cfg.height}x{cfg.frames}, "
           f"seeds {list(cfg.seeds)} -> {args.output_dir or args.input_dir}")

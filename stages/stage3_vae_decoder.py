@@ -23,17 +23,19 @@ def main(argv=None):
                         "(default: --input_dir)")
     parser.add_argument("--fps", type=int, default=None, help="default: from the config, else 16")
     parser.add_argument("--save_frames", action="store_true", help="also write the float frames losslessly")
+    cli.add_preview_arg(parser)
     cli.add_vae_dtype_arg(parser)
     cli.add_mesh_args(parser)
     args = parser.parse_args(argv)
     cli.setup_process(args)
-    from tpu_wan import pipeline
+    from tpu_wan import pipeline, profiling
 
-    paths = pipeline.run_stage3(
+    result = pipeline.run_stage3(
         args.input_dir, output_video=args.output_video, output_dir=args.output_dir, fps=args.fps,
-        save_frames=args.save_frames, vae_dtype=args.vae_dtype, dp=args.dp, tp=args.tp,
+        save_frames=args.save_frames, vae_dtype=args.vae_dtype, dp=args.dp, tp=args.tp, preview=args.preview,
     )
-    print("stage 3: " + ", ".join(str(p) for p in paths))
+    print(profiling.table(result.metrics, only="vae"))
+    print("stage 3: " + ", ".join(str(p) for p in result.videos))
 
 
 if __name__ == "__main__":

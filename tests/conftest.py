@@ -10,6 +10,16 @@ os.environ["XLA_FLAGS"] = with_cpu_xla_flags(os.environ["XLA_FLAGS"])
 
 import pytest  # noqa: E402
 
+# The scripts the tests start share a persistent compilation cache per test worker (not the user's): later runs
+# of the same shapes skip XLA's compile, and no test depends on the user's cache.
+import atexit  # noqa: E402
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="tpu-wan-test-jax-cache-")
+    atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+
 # Tolerances, float32 throughout. Our path runs the same model code as diffusers but through XLA, which fuses
 # and reorders reductions (and GSPMD splits matmuls over tp), so each op may differ by a few ulp (~1e-7).
 # Embeddings: one encoder pass, errors stay at that level.

@@ -59,3 +59,16 @@ def test_config_records_every_setting(staged):
 def test_stage2_is_deterministic(staged, tmp_path):
     run(STAGE2, "--input_dir", staged, "--output_dir", tmp_path, *SIZE, *MESH_2x4)
     assert _sha(tmp_path / artifacts.LATENTS_FILE) == _sha(staged / artifacts.LATENTS_FILE)
+
+
+def test_each_stage_adds_its_metrics(staged):
+    m = artifacts.load_metrics(staged / artifacts.METRICS_FILE)
+    assert m["script"] == "stages" and list(m["stages"]) == ["text_encoder", "transformer", "vae"]
+    walls = [s["wall_s"] for s in m["stages"].values()]
+    assert m["total_s"] == sum(walls)
+    for name, s in m["stages"].items():
+        sections = s["load_s"] + s["warmup_s"] + sum(s["run_s"]) + s["io_s"]
+        # Each stage's sections cover its run up to set-up in milliseconds (see test_metrics.py).
+        assert abs(sections - s["wall_s"]) <= 0.05 * s["wall_s"], (name, sections, s["wall_s"])
+        assert s["weights_bytes"] > 0 and s["compilations"] > 0
+    assert m["stages"]["transformer"]["steps"] == 4

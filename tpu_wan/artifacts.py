@@ -307,3 +307,33 @@ def load_config(folder: PathLike) -> dict[str, Any]:
         found = "none" if "schema_version" not in data else json.dumps(version, ensure_ascii=False)
         raise ArtifactError(f"{path}: expected schema_version {SCHEMA_VERSION}, found {found}")
     return data
+
+
+# ----- metrics.json ------------------------------------------------------------------------------------------
+
+METRICS_FILE = "metrics.json"
+METRICS_SCHEMA = "tpu_wan.metrics/1"  # fields: docs/FORMATS.md; built by tpu_wan.profiling
+
+
+def save_metrics(path: PathLike, metrics: Mapping[str, Any]) -> Path:
+    """Write a metrics document (indented JSON) atomically."""
+    text = json.dumps(metrics, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
+    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def load_metrics(path: PathLike) -> dict[str, Any]:
+    """Read a metrics document, checking its schema tag."""
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"expected a metrics file at {path}, found no such file")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ArtifactError(f"{path}: expected valid UTF-8 JSON, found {err}") from None
+    found = data.get("schema") if isinstance(data, dict) else type(data).__name__
+    if found != METRICS_SCHEMA:
+        raise ArtifactError(f"{path}: expected schema {METRICS_SCHEMA!r}, found {found!r}")
+    stages = data.get("stages", {})
+    if not isinstance(stages, dict) or not all(isinstance(s, dict) for s in stages.values()):
+        raise ArtifactError(f"{path}: expected 'stages' to map stage names to objects, found {stages!r:.80}")
+    return data

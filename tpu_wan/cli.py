@@ -51,6 +51,10 @@ def add_mesh_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cpu_devices", type=int, default=None,
                    help="run on N virtual CPU devices (testing sharding without accelerators)")
     g.add_argument("--log_level", default="WARNING", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    g.add_argument("--compilation_cache_dir", default=None,
+                   help="persistent XLA compilation cache: a rerun with the same shapes skips compiling "
+                        "(default: $JAX_COMPILATION_CACHE_DIR, else <cache>/jax_compilation_cache)")
+    g.add_argument("--no_compilation_cache", action="store_true", help="compile everything afresh")
 
 
 def add_stage1_args(p: argparse.ArgumentParser) -> None:
@@ -129,6 +133,11 @@ def add_vae_dtype_arg(p: argparse.ArgumentParser) -> None:
                    help="VAE decoder dtype: float32 matches diffusers exactly, bfloat16 is faster on TPU")
 
 
+def add_preview_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preview", action="store_true",
+                   help="also write <video>.png beside each video: a contact sheet of 8 evenly spaced frames")
+
+
 def add_dtype_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, choices=DTYPES,
                    help="model dtype (default: bfloat16 on TPU/GPU, float32 on CPU)")
@@ -144,6 +153,7 @@ def setup_process(args: argparse.Namespace) -> None:
         os.environ["JAX_PLATFORMS"] = "cpu"
         flags = os.environ.get("XLA_FLAGS", "")
         os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={args.cpu_devices}".strip()
+    _setup_compilation_cache(args)
     logging.basicConfig(level=getattr(args, "log_level", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("tpu_wan").setLevel(logging.INFO)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -159,6 +169,30 @@ def setup_process(args: argparse.Namespace) -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     # imageio-ffmpeg starts ffmpeg with fork+exec; the child execs at once and touches no jax state.
     warnings.filterwarnings("ignore", message="os.fork\\(\\) was called")
+
+
+# Programs that compile faster than this are not worth a disk round trip (jax's default is 1 s, which would leave
+# out every program of small models; the step programs of real models take tens of seconds).
+CACHE_MIN_COMPILE_SECONDS = 0.2
+
+
+def compilation_cache_dir(args: argparse.Namespace) -> str | None:
+    """Where the persistent compilation cache lives for these flags; None when it is off."""
+    from tpu_wan.config import cache_root
+
+    if getattr(args, "no_compilation_cache", False):
+        return None
+    given = getattr(args, "compilation_cache_dir", None) or os.environ.get("JAX_COMPILATION_CACHE_DIR")
+    return given or str(cache_root() / "jax_compilation_cache")
+
+
+def _setup_compilation_cache(args: argparse.Namespace) -> None:
+    import jax
+
+    folder = compilation_cache_dir(args)
+    jax.config.update("jax_compilation_cache_dir", folder)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", CACHE_MIN_COMPILE_SECONDS)
+    jax.config.update("jax_enable_compilation_cache", folder is not None)
 
 
 def run_main(main: Callable[[Sequence[str] | None], None], argv: Sequence[str] | None = None) -> int:

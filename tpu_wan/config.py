@@ -7,6 +7,8 @@ fps) and writes the whole config back, so the file always says how its folder's 
 from __future__ import annotations
 
 import dataclasses
+import os
+from pathlib import Path
 from typing import Any
 
 from tpu_wan.errors import UserError
@@ -26,6 +28,12 @@ ATTENTION_CHOICES = ("auto", "custom", "splash", "xla")
 VAE_SPATIAL = 8  # the VAE downsamples H and W by 8 ...
 VAE_TEMPORAL = 4  # ... and frames by 4, keeping the first frame: F = (frames - 1) / 4 + 1
 SIZE_MULTIPLE = VAE_SPATIAL * 2  # the DiT's 1x2x2 patches need latent H and W even
+
+
+def cache_root() -> Path:
+    """Where tpu_wan keeps what it builds or caches (tiny checkpoints, compiled programs): $TPU_WAN_CACHE, else
+    ~/.cache/tpu_wan."""
+    return Path(os.environ.get("TPU_WAN_CACHE") or Path.home() / ".cache" / "tpu_wan")
 
 
 class ConfigError(UserError):

@@ -1,4 +1,5 @@
-"""generate_flax.py's engine: all three models loaded once, a warmup that compiles every program, a timed run.
+"""generate_flax.py's engine: all three models loaded once, a warmup that compiles every program, timed runs,
+and the metrics of it all (tpu_wan.profiling).
 
 Same encode / denoise / decode calls as the stage runners in tpu_wan.pipeline, so one process and three
 processes compute the same numbers.
@@ -6,7 +7,9 @@ processes compute the same numbers.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import time
 from pathlib import Path
 
 import numpy as np
@@ -17,52 +20,62 @@ from tpu_wan.mesh import make_mesh
 from tpu_wan.pipeline import (
     SamplingArgs, _decoder, _denoiser, _encoder, _finetune, denoise, encode, plan, resolve_sampling, video_paths,
 )
+from tpu_wan.profiling import Recorder
 
 
 class Generator:
     """All three models loaded once on one mesh: encode -> denoise -> decode in memory (generate_flax.py)."""
 
-    def __init__(self, model_id: str, mesh, *, text_dtype: str, dtype: str, attention="auto", timer=None,
-                 vae_dtype: str = "float32", **finetune):
-        from tpu_wan.profiling import Timer
-
-        self.timer = timer or Timer()
+    def __init__(self, model_id: str, mesh, *, text_dtype: str, dtype: str, attention="auto",
+                 recorder: Recorder | None = None, vae_dtype: str = "float32", **finetune):
+        self.recorder = recorder or Recorder()
         model_path = checkpoints.resolve_model(model_id)
-        with self.timer("load text encoder"):
+        with self.recorder.section("text_encoder", "load"):
             self.encoder = _encoder(model_path, mesh, text_dtype)
-        with self.timer("load transformer"):
+        with self.recorder.section("transformer", "load"):
             self.denoiser = _denoiser(model_path, mesh, dtype, attention, **finetune)
-        with self.timer("load vae"):
+        with self.recorder.section("vae", "load"):
             self.decoder = _decoder(model_path, mesh, vae_dtype)
 
     def run(self, cfg: GenerationConfig, *, progress: bool = True):
         """(prompt_embeds, negative_prompt_embeds, latents [V ...], frames [V ...]) for every video of `cfg`."""
-        with self.timer("text encoder"):
+        section = self.recorder.section
+        with section("text_encoder", "run"):
             prompt_embeds, negative_embeds = encode(self.encoder, cfg)
-        with self.timer("transformer"):
+        with section("transformer", "run"):
+            self.denoiser.step_seconds.clear()
             latents = denoise(self.denoiser, cfg, prompt_embeds, negative_embeds, progress=progress)
-        with self.timer("vae"):
+        steps = self.denoiser.step_seconds
+        self.recorder.add_steps("transformer", steps, len(steps))
+        with section("vae", "run"):
             frames = np.concatenate([self.decoder.decode(x[None]) for x in latents])
         return prompt_embeds, negative_embeds, latents, frames
 
     def warmup(self, cfg: GenerationConfig, num_steps: int):
         """Compiles every program `run(cfg)` uses: all prompts encoded, one batch denoised for `num_steps`
         (batches are padded to one shape), one video decoded."""
-        with self.timer("warmup"):
+        with self.recorder.section("text_encoder", "warmup"):
             prompt_embeds, negative_embeds = encode(self.encoder, cfg)
+        latents = []
+        with self.recorder.section("transformer", "warmup"):
             first = plan(cfg)[:1]
-            latents = []
             sweep.denoise_videos(self.denoiser, cfg, prompt_embeds, negative_embeds, first, plan(cfg),
                                  lambda group, x: latents.append(x), num_steps=num_steps, progress=False)
+        with self.recorder.section("vae", "warmup"):
             self.decoder.decode(latents[0])
+
+    def measure_models(self) -> None:
+        """Weight bytes of the three models and temp bytes of the programs they ran (after the runs)."""
+        self.recorder.add_model("text_encoder", self.encoder.weights, self.encoder.programs)
+        self.recorder.add_model("transformer", self.denoiser.weights, self.denoiser.programs)
+        self.recorder.add_model("vae", self.decoder.params, self.decoder.programs)
 
 
 @dataclasses.dataclass
 class GenerateResult:
     config: GenerationConfig
     videos: list[Path]
-    timer: object
-    seconds_per_step: float
+    metrics: dict  # the metrics.json document (tpu_wan.profiling.metrics_dict)
 
 
 def generate(
@@ -80,11 +93,16 @@ def generate(
     tp: int | None = None,
     attention="auto",
     warmup_steps: int = 2,
+    num_iterations: int = 1,
+    profile_dir: str | Path | None = None,
+    preview: bool = False,
     save_intermediates: str | Path | None = None,
 ) -> GenerateResult:
-    """All three stages in one process: load, warm up (compiles everything), then the timed run."""
-    from tpu_wan import video
+    """All three stages in one process: load, warm up (compiles everything), then `num_iterations` timed runs
+    (the last one traced into `profile_dir` if given); writes the videos of the last run."""
+    from tpu_wan import preview as preview_lib, profiling, video
 
+    start = time.perf_counter()
     mesh = make_mesh(dp, tp)
     cfg = resolve_sampling(
         GenerationConfig(
@@ -100,23 +118,38 @@ def generate(
                     vae_dtype=vae_dtype, **_finetune(cfg, sampling.non_strict))
     if warmup_steps:
         gen.warmup(cfg, min(warmup_steps, cfg.num_inference_steps))
-    prompt_embeds, negative_embeds, latents, frames = gen.run(cfg)
-    with gen.timer("write video"):
-        paths = [video.write_video(path, f, cfg.fps) for path, f in zip(paths, frames)]
+    for i in range(num_iterations):
+        with _trace(profile_dir if i == num_iterations - 1 else None):
+            prompt_embeds, negative_embeds, latents, frames = gen.run(cfg)
+    io = gen.recorder.section
+    with io("vae", "io"):
+        for path, f in zip(paths, frames):
+            video.write_video(path, f, cfg.fps)
+            if preview:
+                preview_lib.write_preview(preview_lib.preview_path(path), video.to_uint8(f))
     if save_intermediates:
         folder = Path(save_intermediates)
         videos = plan(cfg)
-        artifacts.save_embeddings(folder, prompt_embeds, negative_embeds, metadata={"model_id": model_id})
-        for v, x in zip(videos, latents):
-            path = sweep.latents_path(folder, v, single=len(videos) == 1)
-            artifacts.save_latents(path, x[None], metadata=sweep.video_metadata(cfg, v))
-        artifacts.save_frames(folder, frames)
-        artifacts.save_config(folder, cfg.to_json_dict())
-    per_step = gen.timer.seconds["transformer"] / (cfg.num_inference_steps * len(batches_of(cfg)))
-    return GenerateResult(config=cfg, videos=paths, timer=gen.timer, seconds_per_step=per_step)
+        with io("text_encoder", "io"):
+            artifacts.save_embeddings(folder, prompt_embeds, negative_embeds, metadata={"model_id": model_id})
+        with io("transformer", "io"):
+            for v, x in zip(videos, latents):
+                path = sweep.latents_path(folder, v, single=len(videos) == 1)
+                artifacts.save_latents(path, x[None], metadata=sweep.video_metadata(cfg, v))
+            artifacts.save_config(folder, cfg.to_json_dict())
+        with io("vae", "io"):
+            artifacts.save_frames(folder, frames)
+    total = time.perf_counter() - start
+    gen.measure_models()
+    metrics = profiling.metrics_dict(gen.recorder, script="generate_flax.py", config=cfg.to_json_dict(), mesh=mesh,
+                                     num_iterations=num_iterations, total_s=total)
+    return GenerateResult(config=cfg, videos=paths, metrics=metrics)
 
 
-def batches_of(cfg: GenerationConfig):
-    from tpu_wan.batch import batches
+def _trace(profile_dir):
+    """A jax profiler trace into `profile_dir` (open it with TensorBoard's or XProf's profile plugin)."""
+    if profile_dir is None:
+        return contextlib.nullcontext()
+    import jax
 
-    return batches(plan(cfg), cfg.batch_size)
+    return jax.profiler.trace(str(profile_dir))

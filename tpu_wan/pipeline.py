@@ -7,14 +7,17 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from pathlib import Path
 
 import jax
 import numpy as np
+from tqdm.auto import tqdm
 
 from tpu_wan import artifacts, checkpoints, config as config_lib, sweep
 from tpu_wan.config import ConfigError, GenerationConfig
 from tpu_wan.mesh import make_mesh
+from tpu_wan.profiling import Recorder
 
 log = logging.getLogger("tpu_wan")
 
@@ -165,8 +168,9 @@ def run_stage1(
     dtype: str | None = None,
     dp: int | None = None,
     tp: int | None = None,
-) -> GenerationConfig:
-    """Encodes the prompts; writes stage1_embeddings.safetensors and generation_config.json."""
+) -> StageRun:
+    """Encodes the prompts; writes stage1_embeddings.safetensors, generation_config.json and metrics.json."""
+    start, rec = time.perf_counter(), Recorder()
     dtype = dtype or config_lib.default_dtype(jax.default_backend())
     cfg = GenerationConfig(
         model_id=model_id, prompts=tuple(prompts), negative_prompt=negative_prompt,
@@ -174,10 +178,15 @@ def run_stage1(
     )
     mesh = make_mesh(dp, tp)
     model_path = checkpoints.resolve_model(model_id)
-    prompt_embeds, negative_embeds = encode(_encoder(model_path, mesh, dtype), cfg)
-    artifacts.save_embeddings(output_dir, prompt_embeds, negative_embeds, metadata={"model_id": model_id})
-    artifacts.save_config(output_dir, cfg.to_json_dict())
-    return cfg
+    with rec.section("text_encoder", "load"):
+        encoder = _encoder(model_path, mesh, dtype)
+    with rec.section("text_encoder", "run"):
+        prompt_embeds, negative_embeds = encode(encoder, cfg)
+    with rec.section("text_encoder", "io"):
+        artifacts.save_embeddings(output_dir, prompt_embeds, negative_embeds, metadata={"model_id": model_id})
+        artifacts.save_config(output_dir, cfg.to_json_dict())
+    rec.add_model("text_encoder", encoder.weights, encoder.programs)
+    return StageRun(cfg, _save_stage_metrics(output_dir, rec, "text_encoder", cfg, mesh, start))
 
 
 def run_stage2(
@@ -190,41 +199,51 @@ def run_stage2(
     attention="auto",
     warmup_steps: int = 0,
     overwrite: bool = False,
-) -> GenerationConfig:
+) -> StageRun:
     """Denoises every (prompt, seed) video from the stage-1 embeddings, saving each batch as it lands.
 
     One video: stage2_latents.safetensors; several: stage2_latents/<name>.safetensors. Videos already in
     `output_dir` from the same settings are skipped (a rerun resumes), unless `overwrite`."""
+    start, rec = time.perf_counter(), Recorder()
     output_dir = Path(output_dir or input_dir)
-    cfg = GenerationConfig.from_json_dict(artifacts.load_config(input_dir))
-    prompt_embeds, negative_embeds = artifacts.load_embeddings(input_dir)
+    with rec.section("transformer", "io"):
+        cfg = GenerationConfig.from_json_dict(artifacts.load_config(input_dir))
+        prompt_embeds, negative_embeds = artifacts.load_embeddings(input_dir)
     mesh = make_mesh(dp, tp)
     cfg = resolve_sampling(cfg, sampling, mesh)
     videos = plan(cfg)
     todo = sweep.pending(output_dir, cfg, videos, overwrite)
     if not todo:
         log.info("all %d videos already in %s (--overwrite to redo)", len(videos), output_dir)
-        return cfg
-    denoiser = _denoiser(checkpoints.resolve_model(cfg.model_id), mesh, cfg.dtype, attention,
-                         **_finetune(cfg, sampling.non_strict))
+        return StageRun(cfg, None)
+    with rec.section("transformer", "load"):
+        denoiser = _denoiser(checkpoints.resolve_model(cfg.model_id), mesh, cfg.dtype, attention,
+                             **_finetune(cfg, sampling.non_strict))
     check_embeddings(prompt_embeds, cfg, denoiser.config.text_dim)
     if cfg.init_latents is not None:  # refused before anything is written
         shape = config_lib.latent_shape(1, cfg.height, cfg.width, cfg.frames, denoiser.config.in_channels)[1:]
         sweep.starting_latents(cfg, videos[:1], videos, shape)
-    if overwrite:  # only now, after every check passed: a refused run leaves the previous results alone
-        sweep.clear_previous(output_dir)
-    artifacts.save_config(output_dir, cfg.to_json_dict())  # first, so a crashed sweep can be resumed
+    with rec.section("transformer", "io"):
+        if overwrite:  # only now, after every check passed: a refused run leaves the previous results alone
+            sweep.clear_previous(output_dir)
+        artifacts.save_config(output_dir, cfg.to_json_dict())  # first, so a crashed sweep can be resumed
     if warmup_steps:
-        sweep.denoise_videos(denoiser, cfg, prompt_embeds, negative_embeds, todo[:1], videos,
-                             lambda *_: None, num_steps=warmup_steps, progress=False)
+        with rec.section("transformer", "warmup"):
+            sweep.denoise_videos(denoiser, cfg, prompt_embeds, negative_embeds, todo[:1], videos,
+                                 lambda *_: None, num_steps=warmup_steps, progress=False)
 
     def save(group, latents):
-        for video, row in zip(group, latents):
-            path = sweep.latents_path(output_dir, video, single=len(videos) == 1)
-            artifacts.save_latents(path, row[None], metadata=sweep.video_metadata(cfg, video))
+        with rec.section("transformer", "io"):
+            for video, row in zip(group, latents):
+                path = sweep.latents_path(output_dir, video, single=len(videos) == 1)
+                artifacts.save_latents(path, row[None], metadata=sweep.video_metadata(cfg, video))
 
-    sweep.denoise_videos(denoiser, cfg, prompt_embeds, negative_embeds, todo, videos, save)
-    return cfg
+    denoiser.step_seconds.clear()
+    with rec.section("transformer", "run"):
+        sweep.denoise_videos(denoiser, cfg, prompt_embeds, negative_embeds, todo, videos, save)
+    rec.add_steps("transformer", denoiser.step_seconds, len(denoiser.step_seconds))
+    rec.add_model("transformer", denoiser.weights, denoiser.programs)
+    return StageRun(cfg, _save_stage_metrics(output_dir, rec, "transformer", cfg, mesh, start))
 
 
 def run_stage3(
@@ -237,9 +256,12 @@ def run_stage3(
     vae_dtype: str = "float32",
     dp: int | None = None,
     tp: int | None = None,
-) -> list[Path]:
+    preview: bool = False,
+) -> StageRun:
     """Decodes the stage-2 latents: one video -> `output_video` (default <input_dir>/output_video.mp4);
-    several -> <output_dir>/<prompt-slug>_seed<seed>.mp4 each. `save_frames` also writes the float frames."""
+    several -> <output_dir>/<prompt-slug>_seed<seed>.mp4 each. `save_frames` also writes the float frames,
+    `preview` a contact sheet <video>.png beside each video."""
+    start, rec = time.perf_counter(), Recorder()
     input_dir = Path(input_dir)
     cfg = GenerationConfig.from_json_dict(artifacts.load_config(input_dir))
     cfg = cfg.replace(fps=fps or cfg.fps, vae_dtype=vae_dtype)
@@ -251,17 +273,55 @@ def run_stage3(
                    for v in videos]
     else:
         sources = [(input_dir / artifacts.LATENTS_FILE, Path(output_video or input_dir / artifacts.VIDEO_FILE))]
-    latents = [artifacts.load_latents(src) for src, _ in sources]  # all present before any decoding
-    decoder = _decoder(checkpoints.resolve_model(cfg.model_id), make_mesh(dp, tp), vae_dtype)
-    # Without --save_frames only the mp4 needs them: converted to uint8 on device, a quarter of the transfer.
-    frames = [decoder.decode(x, uint8=not save_frames) for x in latents]
-    if save_frames:
-        artifacts.save_frames(input_dir, np.concatenate(frames))
-    from tpu_wan import video
+    with rec.section("vae", "io"):
+        latents = [artifacts.load_latents(src) for src, _ in sources]  # all present before any decoding
+    mesh = make_mesh(dp, tp)
+    with rec.section("vae", "load"):
+        decoder = _decoder(checkpoints.resolve_model(cfg.model_id), mesh, vae_dtype)
+    from tpu_wan import preview as preview_lib, video
 
-    paths = [video.write_video(dst, f[0], cfg.fps) for (_, dst), f in zip(sources, frames)]
-    artifacts.save_config(input_dir, cfg.to_json_dict())
-    return paths
+    paths, float_frames = [], []
+    with rec.section("vae", "run"):
+        for x, (_, dst) in zip(tqdm(latents, desc="decoding", unit="video", disable=len(latents) == 1), sources):
+            # Without --save_frames only the mp4 needs them: converted to uint8 on device, a quarter of the
+            # transfer.
+            frames = decoder.decode(x, uint8=not save_frames)
+            with rec.section("vae", "io"):
+                if save_frames:
+                    float_frames.append(frames)
+                paths.append(video.write_video(dst, frames[0], cfg.fps))
+                if preview:
+                    preview_lib.write_preview(preview_lib.preview_path(dst), video.to_uint8(frames[0]))
+    with rec.section("vae", "io"):
+        if save_frames:
+            artifacts.save_frames(input_dir, np.concatenate(float_frames))
+        artifacts.save_config(input_dir, cfg.to_json_dict())
+    rec.add_model("vae", decoder.params, decoder.programs)
+    return StageRun(cfg, _save_stage_metrics(input_dir, rec, "vae", cfg, mesh, start), paths)
+
+
+@dataclasses.dataclass
+class StageRun:
+    config: GenerationConfig
+    metrics: dict | None  # what the stage added to <folder>/metrics.json; None when it had nothing to do
+    videos: list[Path] | None = None  # stage 3
+
+
+def _save_stage_metrics(folder, rec: Recorder, stage: str, cfg: GenerationConfig, mesh, start: float) -> dict:
+    """Merges this stage's metrics into <folder>/metrics.json (see profiling.merge_stage); returns the merged."""
+    from tpu_wan import profiling
+
+    rec.stage(stage).wall_s = time.perf_counter() - start
+    new = profiling.metrics_dict(rec, script="stages", config=cfg.to_json_dict(), mesh=mesh, num_iterations=1,
+                                 total_s=rec.stage(stage).wall_s)
+    path = Path(folder) / artifacts.METRICS_FILE
+    try:
+        previous = artifacts.load_metrics(path) if path.exists() else None
+    except artifacts.ArtifactError:
+        previous = None  # an unreadable or foreign file is replaced, not merged
+    merged = profiling.merge_stage(previous, new, stage)
+    artifacts.save_metrics(path, merged)
+    return merged
 
 
 def video_paths(cfg: GenerationConfig, output_video: str | Path | None, output_dir: str | Path | None) -> list[Path]:

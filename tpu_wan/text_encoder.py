@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tpu_wan import checkpoints, loading, mesh as mesh_lib, torchax_env
+from tpu_wan import checkpoints, loading, mesh as mesh_lib, profiling, torchax_env
 
 log = logging.getLogger("tpu_wan")
 ENCODE_BATCH = 16  # prompts per encoder call: a prompt file of any length runs in bounded memory
@@ -50,6 +50,7 @@ class TextEncoder:
             return jnp.where(mask[..., None] > 0, hidden, jnp.zeros((), hidden.dtype))
 
         self._encode = jax.jit(encode)
+        self.programs = {}  # what ran, for profiling.temp_bytes
 
     def tokenize(self, prompts: Sequence[str], max_sequence_length: int) -> tuple[np.ndarray, np.ndarray]:
         cleaned = [clean_prompt(p) for p in prompts]
@@ -83,7 +84,9 @@ class TextEncoder:
         ids = np.pad(ids, ((0, rows - n), (0, 0)))
         mask = np.pad(mask, ((0, rows - n), (0, 0)))
         sharding = mesh_lib.batch_sharding(self.mesh, rows, 2)
-        out = self._encode(self.weights, jax.device_put(ids, sharding), jax.device_put(mask, sharding))
+        ids, mask = jax.device_put(ids, sharding), jax.device_put(mask, sharding)
+        profiling.remember_program(self.programs, f"encode {ids.shape}", self._encode, self.weights, ids, mask)
+        out = self._encode(self.weights, ids, mask)
         return np.asarray(out)[:n]
 
 

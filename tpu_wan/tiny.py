@@ -74,8 +74,9 @@ _SPM_VOCAB_SIZE = 192
 
 def default_cache_dir() -> Path:
     """Where `tiny-random` is built: $TPU_WAN_CACHE, else ~/.cache/tpu_wan."""
-    root = os.environ.get("TPU_WAN_CACHE") or Path.home() / ".cache" / "tpu_wan"
-    return Path(root) / f"tiny-random-v{TINY_VERSION}"
+    from tpu_wan.config import cache_root
+
+    return cache_root() / f"tiny-random-v{TINY_VERSION}"
 
 
 def _train_tokenizer(work: Path):
@@ -107,8 +108,23 @@ def _train_tokenizer(work: Path):
     )
 
 
-def build_tiny_checkpoint(output_dir: str | Path) -> Path:
-    """Builds the tiny checkpoint into `output_dir` (created atomically) and returns it."""
+TEXT_ENCODER_CONFIG = dict(
+    d_model=TEXT_DIM,
+    d_kv=8,
+    d_ff=64,
+    num_layers=2,
+    num_heads=4,
+    relative_attention_num_buckets=32,
+    relative_attention_max_distance=128,
+    feed_forward_proj="gated-gelu",
+    dropout_rate=0.0,
+)
+
+
+def build_tiny_checkpoint(output_dir: str | Path, *, text_encoder_config: dict | None = None,
+                          transformer_config: dict | None = None, vae_config: dict | None = None) -> Path:
+    """Builds the tiny checkpoint into `output_dir` (created atomically) and returns it. The config dicts
+    override fields of the tiny ones (benchmarks build larger random models this way)."""
     import torch
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
     from transformers import UMT5Config, UMT5EncoderModel
@@ -119,24 +135,12 @@ def build_tiny_checkpoint(output_dir: str | Path) -> Path:
     try:
         tokenizer = _train_tokenizer(staging)
         torch.manual_seed(TINY_SEED)
-        text_encoder = UMT5EncoderModel(
-            UMT5Config(
-                vocab_size=len(tokenizer),
-                d_model=TEXT_DIM,
-                d_kv=8,
-                d_ff=64,
-                num_layers=2,
-                num_heads=4,
-                relative_attention_num_buckets=32,
-                relative_attention_max_distance=128,
-                feed_forward_proj="gated-gelu",
-                dropout_rate=0.0,
-            )
-        ).eval()
+        text_config = {**TEXT_ENCODER_CONFIG, **(text_encoder_config or {})}
+        text_encoder = UMT5EncoderModel(UMT5Config(vocab_size=len(tokenizer), **text_config)).eval()
         torch.manual_seed(TINY_SEED + 1)
-        transformer = WanTransformer3DModel(**TRANSFORMER_CONFIG).eval()
+        transformer = WanTransformer3DModel(**{**TRANSFORMER_CONFIG, **(transformer_config or {})}).eval()
         torch.manual_seed(TINY_SEED + 2)
-        vae = AutoencoderKLWan(**VAE_CONFIG).eval()
+        vae = AutoencoderKLWan(**{**VAE_CONFIG, **(vae_config or {})}).eval()
         scheduler = UniPCMultistepScheduler(**SCHEDULER_CONFIG)
         pipe = WanPipeline(
             tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=scheduler, transformer=transformer

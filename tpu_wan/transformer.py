@@ -7,6 +7,7 @@ coefficients and the guidance scale are array inputs, not constants baked into t
 from __future__ import annotations
 
 import functools
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -15,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from tpu_wan import attention, checkpoints, finetune, loading, mesh as mesh_lib, schedulers, torchax_env
+from tpu_wan import attention, checkpoints, finetune, loading, mesh as mesh_lib, profiling, schedulers, torchax_env
 
 
 def _denoise_step(forward: Callable, dtype, cfg: bool, weights, latents, state, embeds, timestep, coeffs_i, guidance):
@@ -57,6 +58,8 @@ class Denoiser:
         self.weights.update(loading.load_sharded(expected, files, rules, mesh, overrides))
         self._forward = forward
         self._steps = {}  # cfg -> jitted step
+        self.programs = {}  # what ran, for profiling.temp_bytes
+        self.step_seconds: list[float] = []  # wall time of every step run, in order; callers may clear it
 
     def _step_fn(self, cfg: bool, latents_sharding):
         key = (cfg, latents_sharding)
@@ -95,7 +98,11 @@ class Denoiser:
         timesteps = jnp.asarray(schedule.timesteps, jnp.float32)
         coeffs = jnp.asarray(schedule.coeffs, jnp.float32)
         total = schedule.num_inference_steps if num_steps is None else num_steps
+        profiling.remember_program(self.programs, f"step cfg={cfg}", step, self.weights, x, state, embeds,
+                                   timesteps[0], coeffs[0], guidance)
         for i in tqdm(range(total), desc="denoising", unit="step", disable=not progress, leave=False):
+            start = time.perf_counter()
             x, state = step(self.weights, x, state, embeds, timesteps[i], coeffs[i], guidance)
-            x.block_until_ready()  # keeps the progress bar honest; the step itself is seconds on real sizes
+            x.block_until_ready()  # honest step times and progress bar; the step itself is seconds on real sizes
+            self.step_seconds.append(time.perf_counter() - start)
         return np.asarray(x)

@@ -22,7 +22,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from tpu_wan import mesh as mesh_lib
+from tpu_wan import mesh as mesh_lib, profiling
 from tpu_wan.errors import UserError
 from tpu_wan.vae_modules import WanVaeDecoder, to_jax_layout, torch_key
 
@@ -110,6 +110,7 @@ class VaeDecoder:
         # the scan over the other frames (compiled per F, at a cost that does not grow with F).
         self._first = jax.jit(self._decode_first)
         self._rest = jax.jit(self._decode_rest)
+        self.programs = {}  # what ran, for profiling.temp_bytes
 
     def _constrain(self, x: jax.Array) -> jax.Array:
         return jax.lax.with_sharding_constraint(x, activation_sharding(self.mesh, x.shape))
@@ -168,6 +169,8 @@ class VaeDecoder:
         first, rest = (jax.device_put(x, self._input_sharding(x.shape)) for x in (latents[:, :, :1], latents[:, :, 1:]))
         video, caches = self._first(self.params, first)
         frames = self._rest(self.params, video, caches, rest)
+        profiling.remember_program(self.programs, "first", self._first, self.params, first)
+        profiling.remember_program(self.programs, "rest", self._rest, self.params, video, caches, rest)
         return np.asarray(_to_uint8(frames) if uint8 else frames)
 
 
