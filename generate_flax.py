@@ -59,12 +59,12 @@ def main(argv=None):
     )
     metrics_path = Path(args.metrics or result.videos[0].parent / artifacts.METRICS_FILE)
     artifacts.save_metrics(metrics_path, result.metrics)
-    print(profiling.table(result.metrics))
+    cli.say(profiling.table(result.metrics))
     step = result.metrics["stages"]["transformer"]["s_per_step"]
-    print(f"{step:.4f} s/step (median; batches of {result.config.batch_size} video(s), "
+    cli.say(f"{step:.4f} s/step (median; batches of {result.config.batch_size} video(s), "
           f"{result.config.num_inference_steps} steps)")
-    print(f"metrics: {metrics_path}")
-    print("video: " + ", ".join(str(p) for p in result.videos))
+    cli.say(f"metrics: {metrics_path}")
+    cli.say("video: " + ", ".join(str(p) for p in result.videos))
 
 
 if __name__ == "__main__":

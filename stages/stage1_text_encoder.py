@@ -31,8 +31,8 @@ def main(argv=None):
         max_sequence_length=args.max_sequence_length, dtype=args.dtype, dp=args.dp, tp=args.tp,
     )
     cfg = result.config
-    print(profiling.table(result.metrics, only="text_encoder"))
-    print(f"stage 1: {len(cfg.prompts)} prompt(s) encoded ({cfg.text_dtype}) -> {args.output_dir}")
+    cli.say(profiling.table(result.metrics, only="text_encoder"))
+    cli.say(f"stage 1: {len(cfg.prompts)} prompt(s) encoded ({cfg.text_dtype}) -> {args.output_dir}")
 
 
 if __name__ == "__main__":

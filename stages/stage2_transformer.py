@@ -37,9 +37,9 @@ def main(argv=None):
     )
     cfg = result.config
     if result.metrics:
-        print(profiling.table(result.metrics, only="transformer"))
+        cli.say(profiling.table(result.metrics, only="transformer"))
     videos = len(cfg.prompts) * len(cfg.seeds)
-    print(f"stage 2: {videos} video(s), {cfg.num_inference_steps} steps at {cfg.width}x{cfg.height}x{cfg.frames}, "
+    cli.say(f"stage 2: {videos} video(s), {cfg.num_inference_steps} steps at {cfg.width}x{cfg.height}x{cfg.frames}, "
           f"seeds {list(cfg.seeds)} -> {args.output_dir or args.input_dir}")
 
 

@@ -34,8 +34,8 @@ def main(argv=None):
         args.input_dir, output_video=args.output_video, output_dir=args.output_dir, fps=args.fps,
         save_frames=args.save_frames, vae_dtype=args.vae_dtype, dp=args.dp, tp=args.tp, preview=args.preview,
     )
-    print(profiling.table(result.metrics, only="vae"))
-    print("stage 3: " + ", ".join(str(p) for p in result.videos))
+    cli.say(profiling.table(result.metrics, only="vae"))
+    cli.say("stage 3: " + ", ".join(str(p) for p in result.videos))
 
 
 if __name__ == "__main__":

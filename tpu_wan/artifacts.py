@@ -47,14 +47,33 @@ class ArtifactError(UserError):
     """A stage file is missing or does not have the expected layout; the message says expected vs found."""
 
 
+_writes_enabled = True
+# Tests set this to a file name: writing that file then stalls between the finished temp file and the rename,
+# so a test can kill the process exactly there.
+_STALL_ENV = "TPU_WAN_STALL_BEFORE_RENAME"
+
+
+def disable_writes() -> None:
+    """Makes every artifact write a no-op in this process (the processes other than 0 of a multi-process run)."""
+    global _writes_enabled
+    _writes_enabled = False
+
+
+def writes_enabled() -> bool:
+    return _writes_enabled
+
+
 def atomic_write(path: PathLike, write_fn: Callable[[Path], None], *, suffix: str = ".tmp") -> Path:
     """Create or replace ``path`` all at once: ``write_fn(tmp_path)`` writes a temp file beside it, then rename.
 
     The temp file is ``.<name>.<random>`` + ``suffix`` in the same folder (so ``os.replace`` is an atomic rename
     on one filesystem); it is fsynced before the rename and the folder after it. On any exception, including
     KeyboardInterrupt, the temp file is removed and an existing ``path`` is left untouched. Creates the folder.
+    Does nothing after ``disable_writes()``.
     """
     path = Path(path)
+    if not _writes_enabled:
+        return path
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:12]}{suffix}"
     # Reserve the name with O_EXCL; mode 0o666 lets the umask decide permissions, as for a plain open().
@@ -66,6 +85,10 @@ def atomic_write(path: PathLike, write_fn: Callable[[Path], None], *, suffix: st
             os.fsync(fd)  # fsync is per inode: this flushes whatever write_fn wrote through any descriptor
         finally:
             os.close(fd)
+        if os.environ.get(_STALL_ENV) == path.name:
+            import time
+
+            time.sleep(600)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -55,6 +55,13 @@ def add_mesh_args(p: argparse.ArgumentParser) -> None:
                    help="persistent XLA compilation cache: a rerun with the same shapes skips compiling "
                         "(default: $JAX_COMPILATION_CACHE_DIR, else <cache>/jax_compilation_cache)")
     g.add_argument("--no_compilation_cache", action="store_true", help="compile everything afresh")
+    g.add_argument("--distributed", action="store_true",
+                   help="several processes, one mesh (jax.distributed; on a multi-host TPU slice this is "
+                        "detected and the peers found by themselves)")
+    g.add_argument("--coordinator_address", default=None, metavar="HOST:PORT",
+                   help="process 0's address, where JAX cannot detect it (e.g. several processes on one machine)")
+    g.add_argument("--num_processes", type=int, default=None)
+    g.add_argument("--process_id", type=int, default=None)
 
 
 def add_stage1_args(p: argparse.ArgumentParser) -> None:
@@ -169,6 +176,11 @@ def setup_process(args: argparse.Namespace) -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     # imageio-ffmpeg starts ffmpeg with fork+exec; the child execs at once and touches no jax state.
     warnings.filterwarnings("ignore", message="os.fork\\(\\) was called")
+    from tpu_wan import distributed
+
+    flags = [getattr(args, f, None) for f in ("coordinator_address", "num_processes", "process_id")]
+    if distributed.check_flags(getattr(args, "distributed", False), *flags):
+        distributed.initialize(*flags)
 
 
 # Programs that compile faster than this are not worth a disk round trip (jax's default is 1 s, which would leave
@@ -195,9 +207,29 @@ def _setup_compilation_cache(args: argparse.Namespace) -> None:
     jax.config.update("jax_enable_compilation_cache", folder is not None)
 
 
+def say(*lines: str) -> None:
+    """Prints the script's summary lines: from process 0 only in a multi-process run."""
+    from tpu_wan import distributed
+
+    if distributed.is_primary():
+        print(*lines, sep="\n")
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread like Ctrl-C's KeyboardInterrupt, so a write in flight removes its
+    temp file and leaves the previous artifact as it was."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
 def run_main(main: Callable[[Sequence[str] | None], None], argv: Sequence[str] | None = None) -> int:
-    """Runs a script's main; bad input -> one line on stderr and status 2, Ctrl-C -> status 130."""
+    """Runs a script's main; bad input -> one line on stderr and status 2, Ctrl-C -> status 130, SIGTERM -> 143."""
+    import signal
+
     prog = os.path.basename(sys.argv[0])
+    signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         main(argv)
     except UserError as err:
@@ -207,4 +239,7 @@ def run_main(main: Callable[[Sequence[str] | None], None], argv: Sequence[str] |
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print(f"{prog}: terminated", file=sys.stderr)
+        return 143
     return 0

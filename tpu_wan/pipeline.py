@@ -12,9 +12,8 @@ from pathlib import Path
 
 import jax
 import numpy as np
-from tqdm.auto import tqdm
 
-from tpu_wan import artifacts, checkpoints, config as config_lib, sweep
+from tpu_wan import artifacts, checkpoints, config as config_lib, distributed, sweep
 from tpu_wan.config import ConfigError, GenerationConfig
 from tpu_wan.mesh import make_mesh
 from tpu_wan.profiling import Recorder
@@ -282,7 +281,7 @@ def run_stage3(
 
     paths, float_frames = [], []
     with rec.section("vae", "run"):
-        for x, (_, dst) in zip(tqdm(latents, desc="decoding", unit="video", disable=len(latents) == 1), sources):
+        for x, (_, dst) in zip(distributed.progress(latents, show=len(latents) > 1, desc="decoding", unit="video"), sources):
             # Without --save_frames only the mp4 needs them: converted to uint8 on device, a quarter of the
             # transfer.
             frames = decoder.decode(x, uint8=not save_frames)

@@ -15,9 +15,8 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
-from tqdm.auto import tqdm
 
-from tpu_wan import artifacts, schedulers
+from tpu_wan import artifacts, distributed, schedulers
 from tpu_wan.batch import Video, batches
 from tpu_wan.config import ConfigError, GenerationConfig
 
@@ -82,6 +81,8 @@ def pending(folder: Path, cfg: GenerationConfig, videos: Sequence[Video], overwr
 
 def clear_previous(folder: Path) -> None:
     """Removes a previous run's per-video latents (--overwrite), so no stale video outlives its settings."""
+    if not artifacts.writes_enabled():
+        return
     shutil.rmtree(Path(folder) / artifacts.LATENTS_DIR, ignore_errors=True)
 
 
@@ -132,7 +133,7 @@ def denoise_videos(
     schedule = schedulers.make_schedule(cfg.sample_solver, cfg.num_inference_steps, cfg.flow_shift)
     shape = latent_shape(1, cfg.height, cfg.width, cfg.frames, denoiser.config.in_channels)[1:]
     groups = batches(videos, cfg.batch_size)
-    for group in tqdm(groups, desc="batches", unit="batch", disable=not progress or len(groups) == 1):
+    for group in distributed.progress(groups, show=progress and len(groups) > 1, desc="batches", unit="batch"):
         padded = group + [group[-1]] * (cfg.batch_size - len(group))
         rows = [v.prompt_index for v in padded]
         latents = denoiser.denoise(

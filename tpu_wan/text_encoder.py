@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tpu_wan import checkpoints, loading, mesh as mesh_lib, profiling, torchax_env
+from tpu_wan import checkpoints, distributed, loading, mesh as mesh_lib, profiling, torchax_env
 
 log = logging.getLogger("tpu_wan")
 ENCODE_BATCH = 16  # prompts per encoder call: a prompt file of any length runs in bounded memory
@@ -87,7 +87,7 @@ class TextEncoder:
         ids, mask = jax.device_put(ids, sharding), jax.device_put(mask, sharding)
         profiling.remember_program(self.programs, f"encode {ids.shape}", self._encode, self.weights, ids, mask)
         out = self._encode(self.weights, ids, mask)
-        return np.asarray(out)[:n]
+        return distributed.to_host(out)[:n]
 
 
 def encode_prompts(

@@ -14,9 +14,8 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
 
-from tpu_wan import attention, checkpoints, finetune, loading, mesh as mesh_lib, profiling, schedulers, torchax_env
+from tpu_wan import attention, checkpoints, distributed, finetune, loading, mesh as mesh_lib, profiling, schedulers, torchax_env
 
 
 def _denoise_step(forward: Callable, dtype, cfg: bool, weights, latents, state, embeds, timestep, coeffs_i, guidance):
@@ -88,7 +87,7 @@ class Denoiser:
         cfg = negative_prompt_embeds is not None and guidance_scale > 1.0
         embeds = np.concatenate([prompt_embeds, negative_prompt_embeds]) if cfg else prompt_embeds
         embeds = jax.device_put(
-            jnp.asarray(embeds).astype(self.dtype), mesh_lib.batch_sharding(self.mesh, embeds.shape[0], 3)
+            np.asarray(embeds).astype(self.dtype), mesh_lib.batch_sharding(self.mesh, embeds.shape[0], 3)
         )
         sharding = mesh_lib.batch_sharding(self.mesh, latents.shape[0], 5)
         x = jax.device_put(np.asarray(latents, np.float32), sharding)
@@ -100,9 +99,9 @@ class Denoiser:
         total = schedule.num_inference_steps if num_steps is None else num_steps
         profiling.remember_program(self.programs, f"step cfg={cfg}", step, self.weights, x, state, embeds,
                                    timesteps[0], coeffs[0], guidance)
-        for i in tqdm(range(total), desc="denoising", unit="step", disable=not progress, leave=False):
+        for i in distributed.progress(range(total), show=progress, desc="denoising", unit="step", leave=False):
             start = time.perf_counter()
             x, state = step(self.weights, x, state, embeds, timesteps[i], coeffs[i], guidance)
             x.block_until_ready()  # honest step times and progress bar; the step itself is seconds on real sizes
             self.step_seconds.append(time.perf_counter() - start)
-        return np.asarray(x)
+        return distributed.to_host(x)

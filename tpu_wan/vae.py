@@ -22,7 +22,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from tpu_wan import mesh as mesh_lib, profiling
+from tpu_wan import distributed, mesh as mesh_lib, profiling
 from tpu_wan.errors import UserError
 from tpu_wan.vae_modules import WanVaeDecoder, to_jax_layout, torch_key
 
@@ -171,7 +171,7 @@ class VaeDecoder:
         frames = self._rest(self.params, video, caches, rest)
         profiling.remember_program(self.programs, "first", self._first, self.params, first)
         profiling.remember_program(self.programs, "rest", self._rest, self.params, video, caches, rest)
-        return np.asarray(_to_uint8(frames) if uint8 else frames)
+        return distributed.to_host(_to_uint8(frames) if uint8 else frames)
 
 
 @jax.jit
