@@ -27,6 +27,8 @@ def main(argv=None):
     cli.add_vae_dtype_arg(parser)
     cli.add_mesh_args(parser)
     args = parser.parse_args(argv)
+    if args.fps is not None and args.fps <= 0:
+        raise cli.UsageError(f"--fps must be > 0, found {args.fps}")
     cli.setup_process(args)
     from tpu_wan import pipeline, profiling
 

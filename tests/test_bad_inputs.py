@@ -1,6 +1,7 @@
 """Bad input: one line on stderr naming expected vs found, exit status 2, no traceback, folder untouched."""
 
 import hashlib
+import json
 
 import numpy as np
 import pytest
@@ -20,7 +21,9 @@ def stage1_dir(tmp_path_factory, tiny_path):
 
 
 def _snapshot(folder):
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+    """Every path under `folder` (hidden temp files included) with its content hash."""
+    return {str(p.relative_to(folder)): p.is_file() and hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*"))}
 
 
 def _refused(script, *args, folder, expect):
@@ -49,8 +52,14 @@ def _copy_stage1(stage1_dir, dst):
         (("--num_inference_steps", "0"), ["num_inference_steps must be >= 1", "found 0"]),
         (("--sample_solver", "ddim"), ["invalid choice: 'ddim'"]),
         (("--guidance_scale", "-1"), ["guidance_scale must be >= 0", "found -1.0"]),
+        (("--seeds", "5-1"), ["seeds", "5-1"]),
+        (("--batch_size", "0"), ["--batch_size must be >= 1", "found 0"]),
+        (("--attention", "flash"), ["invalid choice: 'flash'"]),
+        (("--warmup_steps", "-1"), ["--warmup_steps must be >= 0", "found -1"]),
+        (("--bogus", "1"), ["unrecognized arguments: --bogus"]),
     ],
-    ids=["frames", "height", "width", "steps", "solver", "guidance"],
+    ids=["frames", "height", "width", "steps", "solver", "guidance", "seeds", "batch-size", "attention", "warmup",
+         "unknown-flag"],
 )
 def test_stage2_bad_flags(stage1_dir, flags, expect):
     args = dict(zip(SIZE[::2], SIZE[1::2])) | dict(zip(flags[::2], flags[1::2]))
@@ -110,3 +119,115 @@ def test_stage1_bad_mesh(tmp_path, mesh, expect):
 def test_stage1_unknown_model_folder(tmp_path):
     _refused(STAGE1, "--model_id", str(tmp_path / "nowhere"), "--output_dir", tmp_path, folder=tmp_path,
              expect=["model_id", "nowhere"])
+
+
+def test_stage1_empty_prompt_file(tmp_path):
+    (tmp_path / "prompts.txt").write_text("# only a comment\n\n", encoding="utf-8")
+    _refused(STAGE1, "--model_id", "tiny-random", "--prompt_file", tmp_path / "prompts.txt", "--output_dir",
+             tmp_path / "out", folder=tmp_path, expect=["prompts.txt", "expected at least one prompt line, found none"])
+
+
+def test_stage1_bad_max_sequence_length(tmp_path):
+    _refused(STAGE1, "--model_id", "tiny-random", "--max_sequence_length", "0", "--output_dir", tmp_path / "out",
+             "--cpu_devices", "1", folder=tmp_path, expect=["max_sequence_length must be >= 1", "found 0"])
+
+
+@pytest.mark.parametrize(
+    "flags, expect",
+    [
+        (("--coordinator_address", "localhost:1234"), ["expected all three or none", "found 1"]),
+        (("--coordinator_address", "localhost:1234", "--num_processes", "2", "--process_id", "2"),
+         ["--process_id must be in [0, 2)", "found 2"]),
+    ],
+    ids=["coordinator-alone", "process-id-out-of-range"],
+)
+def test_stage1_bad_distributed_flags(tmp_path, flags, expect):
+    _refused(STAGE1, "--model_id", "tiny-random", "--output_dir", tmp_path / "out", "--cpu_devices", "1", *flags,
+             folder=tmp_path, expect=expect)
+
+
+def test_stage2_nan_embeddings(stage1_dir, tmp_path):
+    folder = _copy_stage1(stage1_dir, tmp_path)
+    prompt, negative = artifacts.load_embeddings(folder)
+    prompt = prompt.copy()
+    prompt[0, 0, 0] = np.nan
+    artifacts.save_embeddings(folder, prompt, negative, metadata={"model_id": "tiny-random"})
+    _refused(STAGE2, "--input_dir", folder, *SIZE, folder=folder,
+             expect=[artifacts.EMBEDDINGS_FILE, "expected finite values", "found 1 NaN or Inf", "rerun stage 1"])
+
+
+def test_stage2_embeddings_of_another_model_id(stage1_dir, tmp_path):
+    folder = _copy_stage1(stage1_dir, tmp_path)
+    artifacts.save_embeddings(folder, *artifacts.load_embeddings(folder), metadata={"model_id": "some/other-model"})
+    _refused(STAGE2, "--input_dir", folder, *SIZE, folder=folder,
+             expect=["expected embeddings from 'tiny-random'", "found 'some/other-model'"])
+
+
+def test_stage2_config_of_a_future_version(stage1_dir, tmp_path):
+    folder = _copy_stage1(stage1_dir, tmp_path)
+    cfg = json.loads((folder / artifacts.CONFIG_FILE).read_text())
+    (folder / artifacts.CONFIG_FILE).write_text(json.dumps(cfg | {"schema_version": 99}))
+    _refused(STAGE2, "--input_dir", folder, *SIZE, folder=folder, expect=["expected schema_version 1", "found 99"])
+
+
+def test_stage2_pickled_checkpoint_is_not_executed(stage1_dir, tmp_path):
+    import torch
+
+    folder = _copy_stage1(stage1_dir, tmp_path)
+    torch.save({"generator": _Payload()}, folder / "evil.pt")  # unpickling it would create the marker file
+    _refused(STAGE2, "--input_dir", folder, *SIZE, "--transformer_checkpoint", folder / "evil.pt", folder=folder,
+             expect=["evil.pt", "weights"])
+    assert not (tmp_path / "pwned").exists()
+
+
+class _Payload:
+    def __reduce__(self):
+        import pathlib
+
+        return (pathlib.Path.touch, (pathlib.Path(__file__).parent / "pwned",))
+
+
+@pytest.fixture(scope="module")
+def stage2_dir(stage1_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("stage2")
+    run(STAGE2, "--input_dir", stage1_dir, "--output_dir", out, *SIZE, *MESH_2x4)
+    return out
+
+
+def _copy_tree(src, dst):
+    for p in src.iterdir():
+        if p.is_file():
+            (dst / p.name).write_bytes(p.read_bytes())
+    return dst
+
+
+def test_stage3_nan_latents(stage2_dir, tmp_path):
+    folder = _copy_tree(stage2_dir, tmp_path)
+    latents = artifacts.load_latents(folder / artifacts.LATENTS_FILE)
+    latents[..., 0] = np.inf  # 1 x 16 x 2 x 4 of the [1, 16, 2, 4, 4] values
+    artifacts.save_latents(folder / artifacts.LATENTS_FILE, latents)
+    _refused(STAGE3, "--input_dir", folder, folder=folder,
+             expect=[artifacts.LATENTS_FILE, "expected finite values", "found 128 NaN or Inf", "rerun stage 2"])
+
+
+def test_stage3_latents_of_another_size(stage2_dir, tmp_path):
+    folder = _copy_tree(stage2_dir, tmp_path)
+    artifacts.save_latents(folder / artifacts.LATENTS_FILE, np.zeros((1, 16, 2, 8, 8), np.float32))
+    _refused(STAGE3, "--input_dir", folder, folder=folder,
+             expect=["expected shape (1, 16, 2, 4, 4) for 32x32x5", "found (1, 16, 2, 8, 8)"])
+
+
+def test_stage3_bad_fps(stage2_dir, tmp_path):
+    folder = _copy_tree(stage2_dir, tmp_path)
+    _refused(STAGE3, "--input_dir", folder, "--fps", "0", folder=folder, expect=["--fps must be > 0", "found 0"])
+
+
+def test_generate_bad_iterations(tmp_path):
+    _refused(GENERATE, "--model_id", "tiny-random", "--num_iterations", "0", "--output_video", tmp_path / "v.mp4",
+             folder=tmp_path, expect=["--num_iterations must be >= 1", "found 0"])
+
+
+def test_generate_missing_checkpoint(tmp_path):
+    _refused(GENERATE, "--model_id", "tiny-random", *SIZE, "--transformer_checkpoint", tmp_path / "ft.safetensors",
+             "--output_video", tmp_path / "v.mp4", "--cpu_devices", "1", folder=tmp_path,
+             expect=["ft.safetensors"])

@@ -164,15 +164,12 @@ def setup_process(args: argparse.Namespace) -> None:
     logging.basicConfig(level=getattr(args, "log_level", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("tpu_wan").setLevel(logging.INFO)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    # Read by the libraries when they are imported (later, and only if needed: a refused run never pays for them).
+    for name in ("TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY"):
+        os.environ.setdefault(name, "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     import warnings
 
-    from transformers.utils import logging as hf_logging
-    from diffusers.utils import logging as df_logging
-
-    hf_logging.set_verbosity_error()
-    df_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    df_logging.disable_progress_bar()
     warnings.filterwarnings("ignore", category=FutureWarning)
     # imageio-ffmpeg starts ffmpeg with fork+exec; the child execs at once and touches no jax state.
     warnings.filterwarnings("ignore", message="os.fork\\(\\) was called")

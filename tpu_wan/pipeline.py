@@ -13,7 +13,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from tpu_wan import artifacts, checkpoints, config as config_lib, distributed, sweep
+from tpu_wan import artifacts, checkpoints, checks, config as config_lib, distributed, sweep
 from tpu_wan.config import ConfigError, GenerationConfig
 from tpu_wan.mesh import make_mesh
 from tpu_wan.profiling import Recorder
@@ -99,17 +99,6 @@ def resolve_sampling(cfg: GenerationConfig, args: SamplingArgs, mesh) -> Generat
     )
 
 
-def check_embeddings(prompt_embeds: np.ndarray, cfg: GenerationConfig, text_dim: int) -> None:
-    expected = (len(cfg.prompts), cfg.max_sequence_length, text_dim)
-    if prompt_embeds.shape != expected:
-        raise ConfigError(
-            f"{artifacts.EMBEDDINGS_FILE}: expected shape {expected} (prompts, max_sequence_length, transformer "
-            f"text_dim), found {prompt_embeds.shape}"
-        )
-    if not np.isfinite(prompt_embeds.astype(np.float32)).all():
-        raise ConfigError(f"{artifacts.EMBEDDINGS_FILE}: expected finite values, found NaN or Inf (rerun stage 1)")
-
-
 def _encoder(model_path, mesh, dtype):
     from tpu_wan.text_encoder import TextEncoder
 
@@ -147,7 +136,7 @@ def plan(cfg: GenerationConfig):
 
 def denoise(denoiser, cfg: GenerationConfig, prompt_embeds, negative_prompt_embeds, *, num_steps=None, progress=True):
     """Latents [V, C, F, H, W] of every (prompt, seed) video of `cfg`, in plan order, kept in memory."""
-    check_embeddings(prompt_embeds, cfg, denoiser.config.text_dim)
+    checks.check_text_dim(prompt_embeds, cfg, denoiser.config.text_dim)
     videos = plan(cfg)
     out = []
     sweep.denoise_videos(
@@ -208,6 +197,7 @@ def run_stage2(
     with rec.section("transformer", "io"):
         cfg = GenerationConfig.from_json_dict(artifacts.load_config(input_dir))
         prompt_embeds, negative_embeds = artifacts.load_embeddings(input_dir)
+    checks.check_embeddings_file(input_dir, cfg, prompt_embeds, negative_embeds)
     mesh = make_mesh(dp, tp)
     cfg = resolve_sampling(cfg, sampling, mesh)
     videos = plan(cfg)
@@ -218,7 +208,7 @@ def run_stage2(
     with rec.section("transformer", "load"):
         denoiser = _denoiser(checkpoints.resolve_model(cfg.model_id), mesh, cfg.dtype, attention,
                              **_finetune(cfg, sampling.non_strict))
-    check_embeddings(prompt_embeds, cfg, denoiser.config.text_dim)
+    checks.check_text_dim(prompt_embeds, cfg, denoiser.config.text_dim)
     if cfg.init_latents is not None:  # refused before anything is written
         shape = config_lib.latent_shape(1, cfg.height, cfg.width, cfg.frames, denoiser.config.in_channels)[1:]
         sweep.starting_latents(cfg, videos[:1], videos, shape)
@@ -263,7 +253,7 @@ def run_stage3(
     start, rec = time.perf_counter(), Recorder()
     input_dir = Path(input_dir)
     cfg = GenerationConfig.from_json_dict(artifacts.load_config(input_dir))
-    cfg = cfg.replace(fps=fps or cfg.fps, vae_dtype=vae_dtype)
+    cfg = cfg.replace(fps=cfg.fps if fps is None else fps, vae_dtype=vae_dtype)
     videos = plan(cfg) if cfg.seeds else []
     if len(videos) > 1:
         if output_video is not None:
@@ -274,6 +264,8 @@ def run_stage3(
         sources = [(input_dir / artifacts.LATENTS_FILE, Path(output_video or input_dir / artifacts.VIDEO_FILE))]
     with rec.section("vae", "io"):
         latents = [artifacts.load_latents(src) for src, _ in sources]  # all present before any decoding
+    for x, (src, _) in zip(latents, sources):
+        checks.check_latents(x, cfg, src)
     mesh = make_mesh(dp, tp)
     with rec.section("vae", "load"):
         decoder = _decoder(checkpoints.resolve_model(cfg.model_id), mesh, vae_dtype)

@@ -1,0 +1,52 @@
+"""Stage-to-stage consistency: what a stage checks of the previous stage's files before it loads a model.
+
+Each refusal names the file, what was expected and what was found, and which stage to rerun.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from tpu_wan import artifacts, config as config_lib
+from tpu_wan.config import ConfigError, GenerationConfig
+
+
+def check_finite(array: np.ndarray, where: str, producer: str) -> None:
+    if not np.isfinite(array.astype(np.float32)).all():
+        bad = int(np.size(array) - np.isfinite(array.astype(np.float32)).sum())
+        raise ConfigError(f"{where}: expected finite values, found {bad} NaN or Inf (rerun {producer})")
+
+
+def check_embeddings_file(folder: Path, cfg: GenerationConfig, prompt_embeds, negative_embeds) -> None:
+    """The stage-1 embeddings belong to this config: same model, one row per prompt, finite."""
+    where = artifacts.EMBEDDINGS_FILE
+    made_by = artifacts.read_metadata(Path(folder) / where).get("model_id")
+    if made_by is not None and made_by != cfg.model_id:
+        raise ConfigError(f"{where}: expected embeddings from {cfg.model_id!r} (generation_config.json), found "
+                          f"{made_by!r} (rerun stage 1)")
+    rows = (len(cfg.prompts), cfg.max_sequence_length)
+    if prompt_embeds.shape[:2] != rows:
+        raise ConfigError(f"{where}: expected {rows[0]} prompt(s) x {rows[1]} tokens as generation_config.json "
+                          f"says, found {prompt_embeds.shape[0]} x {prompt_embeds.shape[1]} (rerun stage 1)")
+    check_finite(prompt_embeds, where, "stage 1")
+    check_finite(negative_embeds, where, "stage 1")
+
+
+def check_text_dim(prompt_embeds: np.ndarray, cfg: GenerationConfig, text_dim: int) -> None:
+    expected = (len(cfg.prompts), cfg.max_sequence_length, text_dim)
+    if prompt_embeds.shape != expected:
+        raise ConfigError(
+            f"{artifacts.EMBEDDINGS_FILE}: expected shape {expected} (prompts, max_sequence_length, transformer "
+            f"text_dim), found {prompt_embeds.shape}"
+        )
+
+
+def check_latents(latents: np.ndarray, cfg: GenerationConfig, path: Path) -> None:
+    """Stage-2 latents match the config's video size and are finite."""
+    expected = config_lib.latent_shape(1, cfg.height, cfg.width, cfg.frames, latents.shape[1])
+    if latents.shape != expected:
+        raise ConfigError(f"{Path(path).name}: expected shape {expected} for {cfg.width}x{cfg.height}x{cfg.frames} "
+                          f"(generation_config.json), found {latents.shape} (rerun stage 2)")
+    check_finite(latents, Path(path).name, "stage 2")
