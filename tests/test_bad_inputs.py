@@ -231,3 +231,19 @@ def test_generate_missing_checkpoint(tmp_path):
     _refused(GENERATE, "--model_id", "tiny-random", *SIZE, "--transformer_checkpoint", tmp_path / "ft.safetensors",
              "--output_video", tmp_path / "v.mp4", "--cpu_devices", "1", folder=tmp_path,
              expect=["ft.safetensors"])
+
+
+def test_stage2_attention_refused_before_overwriting(stage1_dir, stage2_dir, tmp_path):
+    folder = _copy_tree(stage2_dir, tmp_path)
+    # A key block that is not a multiple of the default compute block for these short sequences (128): refused
+    # when the step's attention is traced, which happens before --overwrite removes or rewrites anything.
+    _refused(STAGE2, "--input_dir", stage1_dir, "--output_dir", folder, *SIZE, *MESH_2x4, "--overwrite",
+             "--attention", "custom",
+             "--bkvsize", "96", folder=folder, expect=["--bkvsize 96", "bkv=96 must be a multiple of bkv_compute=128"])
+
+
+def test_stage2_unreadable_checkpoint(stage1_dir, tmp_path):
+    folder = _copy_stage1(stage1_dir, tmp_path)
+    (folder / "ft.safetensors").write_bytes(b"not a safetensors file")
+    _refused(STAGE2, "--input_dir", folder, *SIZE, "--transformer_checkpoint", folder / "ft.safetensors",
+             folder=folder, expect=["ft.safetensors", "expected a safetensors file, found unreadable data"])

@@ -148,8 +148,8 @@ def test_lowers_to_mosaic():
     (dict(bq=0), ["bq", "0"]),
     (dict(bkv=-128), ["bkv", "-128"]),
     (dict(bq=100), ["bq=100", "multiple of 8"]),
-    (dict(bkv=256, bkv_compute=96), ["self.bkv=256", "self.bkv_compute=96"]),
-    (dict(bkv_compute=2048), ["self.bkv=1024", "self.bkv_compute=2048"]),
+    (dict(bkv=256, bkv_compute=96), ["bkv=256", "bkv_compute=96"]),
+    (dict(bkv_compute=2048), ["bkv=1024", "bkv_compute=2048"]),
 ])
 def test_block_sizes_rejects(kwargs, fragments):
     with pytest.raises(ValueError) as info:

@@ -36,6 +36,9 @@ class AttentionError(UserError):
     """An attention choice the platform or the shapes cannot serve."""
 
 
+BLOCK_FLAGS = {"bq": "--bqsize", "bkv": "--bkvsize", "bkv_compute": "--bkvcomputesize"}
+
+
 @dataclasses.dataclass(frozen=True)
 class AttentionOptions:
     """How attention runs. Block sizes None: per-shape defaults (kernels.splash_exp2.default_block_sizes)."""
@@ -55,9 +58,10 @@ class AttentionOptions:
         for name in ("bq", "bkv", "bkv_compute"):
             value = getattr(self, name)
             if value is not None and (value <= 0 or value % 8):
-                raise AttentionError(f"{name} must be a positive multiple of 8, found {value}")
+                raise AttentionError(f"{BLOCK_FLAGS[name]} must be a positive multiple of 8, found {value}")
         if self.bkv is not None and self.bkv_compute is not None and self.bkv % self.bkv_compute:
-            raise AttentionError(f"bkv must be a multiple of bkv_compute, found bkv={self.bkv} bkv_compute={self.bkv_compute}")
+            raise AttentionError(f"--bkvsize must be a multiple of --bkvcomputesize, found {self.bkv} and "
+                                 f"{self.bkv_compute}")
 
 
 def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float | None = None) -> jax.Array:
@@ -94,7 +98,8 @@ def _kernel(choice: str, options: AttentionOptions, q_len: int, kv_len: int, hea
     try:
         blocks = dataclasses.replace(splash_exp2.default_block_sizes(q_len, kv_len, head_dim), **given)
     except ValueError as err:  # a given size that does not combine with a default one
-        raise AttentionError(f"block sizes for q_len={q_len} kv_len={kv_len}: {err}") from None
+        raise AttentionError(f"kernel block sizes ({', '.join(f'{BLOCK_FLAGS[n]} {v}' for n, v in given.items())} "
+                             f"with the defaults for q_len={q_len} kv_len={kv_len}): expected {err}") from None
     window = options.window_size if q_len == kv_len else None  # the window is a self-attention notion
     if choice == "custom":
         return functools.partial(

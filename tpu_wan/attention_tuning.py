@@ -66,7 +66,10 @@ def check(shape: Shape, options: AttentionOptions, seed: int = 0) -> dict:
 
     blocks = default_block_sizes(shape.q_len, shape.kv_len, shape.head_dim, shape.dtype)
     given = {n: getattr(options, n) for n in ("bq", "bkv", "bkv_compute") if getattr(options, n) is not None}
-    blocks = dataclasses.replace(blocks, **given)
+    try:
+        blocks = dataclasses.replace(blocks, **given)
+    except ValueError as err:  # a given size that does not combine with the others
+        raise attention.AttentionError(f"block sizes for q_len={shape.q_len} kv_len={shape.kv_len}: {err}") from None
     q, k, v = random_inputs(shape, seed)
     out = np.asarray(jax.jit(attention.make_attention(options))(q, k, v), np.float64)
     ref = reference_f64(q, k, v, options.window_size if shape.q_len == shape.kv_len else None)

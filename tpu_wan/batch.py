@@ -42,6 +42,8 @@ def read_prompt_file(path: str | Path) -> list[str]:
         raise BatchError(f"--prompt_file: expected a file, found nothing at {path}") from None
     except UnicodeDecodeError as err:
         raise BatchError(f"--prompt_file {path}: expected UTF-8 text, found invalid byte at offset {err.start}") from None
+    except OSError as err:  # a folder, no permission, ...
+        raise BatchError(f"--prompt_file {path}: expected a readable text file, found {err.strerror}") from None
     prompts = [line.strip() for line in text.splitlines()]
     prompts = [p for p in prompts if p and not p.startswith("#")]
     if not prompts:

@@ -48,12 +48,22 @@ EXPECTED_CLASSES = {
 }
 
 
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{path}: expected a JSON file, found unreadable content ({err})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, found {type(data).__name__}")
+    return data
+
+
 def _checked(path: Path) -> Path:
     """`path` if it is a Wan 2.1 text-to-video diffusers folder whose parts fit together."""
     index_file = path / "model_index.json"
     if not index_file.is_file():
         raise CheckpointError(f"{path}: expected a diffusers folder with model_index.json, found none")
-    index = json.loads(index_file.read_text())
+    index = _read_json(index_file)
     if index.get("_class_name") != "WanPipeline":
         raise CheckpointError(f"{index_file}: expected _class_name 'WanPipeline', found {index.get('_class_name')!r}")
     for component, cls in EXPECTED_CLASSES.items():
@@ -64,8 +74,8 @@ def _checked(path: Path) -> Path:
                                                          "config.json" if c != "tokenizer" else "")).exists()]
     if missing:
         raise CheckpointError(f"{path}: expected configs for {list(COMPONENTS)}, missing {missing}")
-    text_dim = read_config(path, "transformer")["text_dim"]
-    d_model = read_config(path, "text_encoder")["d_model"]
+    text_dim = read_config(path, "transformer").get("text_dim")
+    d_model = read_config(path, "text_encoder").get("d_model")
     if text_dim != d_model:
         raise CheckpointError(f"{path}: expected transformer text_dim == text encoder d_model, found {text_dim} != {d_model}")
     return path
@@ -73,7 +83,7 @@ def _checked(path: Path) -> Path:
 
 def read_config(model_path: Path, component: str) -> dict:
     name = "scheduler_config.json" if component == "scheduler" else "config.json"
-    return json.loads((model_path / component / name).read_text())
+    return _read_json(model_path / component / name)
 
 
 def _torch_dtype(dtype: str):

@@ -36,6 +36,13 @@ def cache_root() -> Path:
     return Path(os.environ.get("TPU_WAN_CACHE") or Path.home() / ".cache" / "tpu_wan")
 
 
+def json_repr(value: Any, limit: int = 60) -> str:
+    import json
+
+    text = json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 class ConfigError(UserError):
     """A setting outside what the model accepts; the message says expected vs found."""
 
@@ -179,15 +186,19 @@ class GenerationConfig:
         if missing:
             raise ConfigError(f"generation_config.json: expected keys {missing}, found {sorted(data)}")
         fields = {k: v for k, v in data.items() if k in names}
-        fields["prompts"] = tuple(fields["prompts"])
-        if fields.get("seeds") is not None:
-            fields["seeds"] = tuple(fields["seeds"])
-        if fields.get("mesh") is not None:
-            fields["mesh"] = tuple(fields["mesh"])
+        for name in ("prompts", "seeds", "mesh"):
+            value = fields.get(name)
+            if value is None and name != "prompts":
+                continue
+            if not isinstance(value, list):
+                raise ConfigError(f"generation_config.json: expected {name} to be a list, found "
+                                  f"{type(value).__name__} {json_repr(value)}")
+            fields[name] = tuple(value)
         try:
             return cls(**fields)
-        except TypeError as err:
-            raise ConfigError(f"generation_config.json: {err}") from None
+        except TypeError as err:  # a wrongly typed value the dataclass checks could not compare
+            raise ConfigError(f"generation_config.json: expected values of the documented types, found {err}"
+                              ) from None
 
     @property
     def do_classifier_free_guidance(self) -> bool:

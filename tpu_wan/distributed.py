@@ -18,8 +18,10 @@ log = logging.getLogger("tpu_wan")
 
 
 def tpu_pod_detected() -> bool:
-    """True on a multi-host TPU slice, where jax.distributed.initialize() finds its peers by itself."""
-    hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
+    """True where the TPU environment lists several hosts (GKE, queued resources, multislice); there
+    jax.distributed.initialize() finds its peers by itself. Elsewhere (e.g. a TPU VM slice whose hosts are only
+    in the metadata server) pass --distributed."""
+    hosts = os.environ.get("TPU_PROCESS_ADDRESSES") or os.environ.get("TPU_WORKER_HOSTNAMES") or ""
     return "," in hosts or bool(os.environ.get("MEGASCALE_COORDINATOR_ADDRESS"))
 
 

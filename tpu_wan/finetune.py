@@ -56,8 +56,12 @@ def read_checkpoint(path: str | Path, key: str | None = None) -> dict:
 
         if key is not None:
             raise FinetuneError(f"--checkpoint_key: expected none for a .safetensors file, found {key!r}")
-        with safe_open(path, framework="np") as f:
-            tensors = {n: _SafetensorsTensor(path, n, f.get_slice(n).get_shape()) for n in f.keys()}
+        try:
+            with safe_open(path, framework="np") as f:
+                tensors = {n: _SafetensorsTensor(path, n, f.get_slice(n).get_shape()) for n in f.keys()}
+        except Exception as err:  # safetensors raises SafetensorError or OSError for unreadable files
+            raise FinetuneError(f"--transformer_checkpoint {path}: expected a safetensors file, found unreadable "
+                                f"data ({err})") from None
     elif path.suffix in TORCH_SUFFIXES:
         tensors = {n: _TorchTensor(t) for n, t in _torch_state_dict(path, key).items()}
     else:

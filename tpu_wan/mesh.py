@@ -69,6 +69,7 @@ def make_mesh(dp: int | None = None, tp: int | None = None, devices: Sequence | 
     """A ('dp', 'tp') mesh over `devices` (default: all). Missing sizes are derived from the device count."""
     devices = list(jax.devices() if devices is None else devices)
     n = len(devices)
+    given = " ".join(f"--{name} {value}" for name, value in (("dp", dp), ("tp", tp)) if value is not None)
     if dp is None and tp is None:
         dp, tp = default_mesh_shape(n)
     elif dp is None:
@@ -76,7 +77,8 @@ def make_mesh(dp: int | None = None, tp: int | None = None, devices: Sequence | 
     elif tp is None:
         tp = n // dp if dp and n % dp == 0 else -1
     if dp < 1 or tp < 1 or dp * tp != n:
-        raise MeshError(f"dp x tp must equal the {n} available devices, found dp={dp} tp={tp}")
+        raise MeshError(f"dp x tp must equal the {n} available devices, found dp={dp} tp={tp}" if dp > 0 and tp > 0
+                        else f"dp x tp must equal the {n} available devices, found {given}, which does not divide {n}")
     return Mesh(np.array(devices).reshape(dp, tp), AXES)
 
 

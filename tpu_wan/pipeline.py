@@ -209,6 +209,9 @@ def run_stage2(
         denoiser = _denoiser(checkpoints.resolve_model(cfg.model_id), mesh, cfg.dtype, attention,
                              **_finetune(cfg, sampling.non_strict))
     checks.check_text_dim(prompt_embeds, cfg, denoiser.config.text_dim)
+    shape = config_lib.latent_shape(cfg.batch_size, cfg.height, cfg.width, cfg.frames, denoiser.config.in_channels)
+    denoiser.check_attention(cfg.batch_size * (2 if cfg.do_classifier_free_guidance else 1), shape,
+                             cfg.max_sequence_length)
     if cfg.init_latents is not None:  # refused before anything is written
         shape = config_lib.latent_shape(1, cfg.height, cfg.width, cfg.frames, denoiser.config.in_channels)[1:]
         sweep.starting_latents(cfg, videos[:1], videos, shape)
@@ -269,6 +272,10 @@ def run_stage3(
     mesh = make_mesh(dp, tp)
     with rec.section("vae", "load"):
         decoder = _decoder(checkpoints.resolve_model(cfg.model_id), mesh, vae_dtype)
+    for x, (src, _) in zip(latents, sources):  # all of them before the first video is written
+        if x.shape[1] != decoder.config.z_dim:
+            raise ConfigError(f"{src.name}: expected {decoder.config.z_dim} latent channels for the VAE of "
+                              f"{cfg.model_id}, found {x.shape[1]} (rerun stage 2)")
     from tpu_wan import preview as preview_lib, video
 
     paths, float_frames = [], []

@@ -69,7 +69,7 @@ class BlockSizes:
             if value % NUM_SUBLANES:
                 raise ValueError(f"BlockSizes.{name}={value} must be a multiple of {NUM_SUBLANES} (TPU sublanes)")
         if self.bkv % self.bkv_compute:
-            raise ValueError(f"{self.bkv=} must be a multiple of {self.bkv_compute=}")
+            raise ValueError(f"bkv={self.bkv} must be a multiple of bkv_compute={self.bkv_compute}")
 
 
 def _round_up(x: int, m: int) -> int:
