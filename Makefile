@@ -22,13 +22,14 @@ $(STAMP): pyproject.toml
 demo: install
 	$(PY) stages/stage1_text_encoder.py --model_id tiny-random --prompt "A cat playing piano in a jazz club"
 	$(PY) stages/stage2_transformer.py --overwrite    # the tiny model's preset: 96x64, 9 frames, 10 steps
-	$(PY) stages/stage3_vae_decoder.py
+	$(PY) stages/stage3_vae_decoder.py --preview
+	$(PY) -m tpu_wan.report stage_outputs/metrics.json --output stage_outputs/report.md
 	$(PY) generate_flax.py --model_id tiny-random --prompt "A cat playing piano in a jazz club" \
-		--output_video stage_outputs/demo_one_process.mp4
+		--output_video stage_outputs/one_process/video.mp4 --num_iterations 2
 
 # Two workers, each test file on one worker (its module fixtures load models once).
 test: install
 	$(PY) -m pytest -q -n 2 --dist loadfile
 
 clean:
-	rm -rf $(VENV) stage_outputs/*.safetensors stage_outputs/*.json stage_outputs/*.mp4
+	rm -rf $(VENV) stage_outputs/*
