@@ -13,7 +13,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from tpu_wan import artifacts, checkpoints, checks, config as config_lib, distributed, sweep
+from tpu_wan import artifacts, checkpoints, checks, config as config_lib, distributed, profiling, sweep
 from tpu_wan.config import ConfigError, GenerationConfig
 from tpu_wan.mesh import make_mesh
 from tpu_wan.profiling import Recorder
@@ -174,7 +174,7 @@ def run_stage1(
         artifacts.save_embeddings(output_dir, prompt_embeds, negative_embeds, metadata={"model_id": model_id})
         artifacts.save_config(output_dir, cfg.to_json_dict())
     rec.add_model("text_encoder", encoder.weights, encoder.programs)
-    return StageRun(cfg, _save_stage_metrics(output_dir, rec, "text_encoder", cfg, mesh, start))
+    return StageRun(cfg, profiling.save_stage_metrics(output_dir, rec, "text_encoder", cfg.to_json_dict(), mesh, start))
 
 
 def run_stage2(
@@ -235,7 +235,7 @@ def run_stage2(
         sweep.denoise_videos(denoiser, cfg, prompt_embeds, negative_embeds, todo, videos, save)
     rec.add_steps("transformer", denoiser.step_seconds, len(denoiser.step_seconds))
     rec.add_model("transformer", denoiser.weights, denoiser.programs)
-    return StageRun(cfg, _save_stage_metrics(output_dir, rec, "transformer", cfg, mesh, start))
+    return StageRun(cfg, profiling.save_stage_metrics(output_dir, rec, "transformer", cfg.to_json_dict(), mesh, start))
 
 
 def run_stage3(
@@ -295,7 +295,7 @@ def run_stage3(
             artifacts.save_frames(input_dir, np.concatenate(float_frames))
         artifacts.save_config(input_dir, cfg.to_json_dict())
     rec.add_model("vae", decoder.params, decoder.programs)
-    return StageRun(cfg, _save_stage_metrics(input_dir, rec, "vae", cfg, mesh, start), paths)
+    return StageRun(cfg, profiling.save_stage_metrics(input_dir, rec, "vae", cfg.to_json_dict(), mesh, start), paths)
 
 
 @dataclasses.dataclass
@@ -303,23 +303,6 @@ class StageRun:
     config: GenerationConfig
     metrics: dict | None  # what the stage added to <folder>/metrics.json; None when it had nothing to do
     videos: list[Path] | None = None  # stage 3
-
-
-def _save_stage_metrics(folder, rec: Recorder, stage: str, cfg: GenerationConfig, mesh, start: float) -> dict:
-    """Merges this stage's metrics into <folder>/metrics.json (see profiling.merge_stage); returns the merged."""
-    from tpu_wan import profiling
-
-    rec.stage(stage).wall_s = time.perf_counter() - start
-    new = profiling.metrics_dict(rec, script="stages", config=cfg.to_json_dict(), mesh=mesh, num_iterations=1,
-                                 total_s=rec.stage(stage).wall_s)
-    path = Path(folder) / artifacts.METRICS_FILE
-    try:
-        previous = artifacts.load_metrics(path) if path.exists() else None
-    except artifacts.ArtifactError:
-        previous = None  # an unreadable or foreign file is replaced, not merged
-    merged = profiling.merge_stage(previous, new, stage)
-    artifacts.save_metrics(path, merged)
-    return merged
 
 
 def video_paths(cfg: GenerationConfig, output_video: str | Path | None, output_dir: str | Path | None) -> list[Path]:

@@ -14,8 +14,9 @@ import datetime
 import resource
 import statistics
 import time
+from pathlib import Path
 
-from tpu_wan.artifacts import METRICS_SCHEMA
+from tpu_wan import artifacts
 from tpu_wan.report import human_bytes
 
 STAGES = ("text_encoder", "transformer", "vae")
@@ -254,7 +255,7 @@ def metrics_dict(recorder: Recorder, *, script: str, config: dict, mesh, num_ite
     stages = {name: dataclasses.asdict(recorder.stages[name]) for name in STAGES if name in recorder.stages}
     peaks = lambda key: max((s[key] for s in stages.values() if s[key] is not None), default=None)  # noqa: E731
     return {
-        "schema": METRICS_SCHEMA,
+        "schema": artifacts.METRICS_SCHEMA,
         "script": script,
         "created": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "backend": jax.default_backend(),
@@ -284,6 +285,22 @@ def merge_stage(previous: dict | None, new: dict, stage: str) -> dict:
         **new, "script": "stages", "stages": stages, "total_s": sum(s["wall_s"] or 0.0 for s in stages.values()),
         "peak_host_rss_bytes": peaks("peak_host_rss_bytes"), "peak_device_bytes": peaks("peak_device_bytes"),
     }
+
+
+def save_stage_metrics(folder, rec: Recorder, stage: str, config: dict, mesh, start: float) -> dict:
+    """A stage script's metrics (its wall clock counted from `start`) merged into <folder>/metrics.json
+    (see merge_stage); returns the merged document."""
+    rec.stage(stage).wall_s = time.perf_counter() - start
+    new = metrics_dict(rec, script="stages", config=config, mesh=mesh, num_iterations=1,
+                       total_s=rec.stage(stage).wall_s)
+    path = Path(folder) / artifacts.METRICS_FILE
+    try:
+        previous = artifacts.load_metrics(path) if path.exists() else None
+    except artifacts.ArtifactError:
+        previous = None  # an unreadable or foreign file is replaced, not merged
+    merged = merge_stage(previous, new, stage)
+    artifacts.save_metrics(path, merged)
+    return merged
 
 
 def table(metrics: dict, only: str | None = None) -> str:
