@@ -34,7 +34,10 @@ def weight_files(component_dir: Path) -> dict[str, Path]:
     component_dir = Path(component_dir)
     for index in INDEX_FILES:
         if (component_dir / index).is_file():
-            weight_map = json.loads((component_dir / index).read_text())["weight_map"]
+            try:
+                weight_map = json.loads((component_dir / index).read_text())["weight_map"]
+            except (OSError, ValueError, KeyError, TypeError) as err:
+                raise LoadError(f"{component_dir / index}: expected JSON with a weight_map, found {err!r:.100}") from None
             return {name: component_dir / file for name, file in weight_map.items()}
     for single in WEIGHT_FILES:
         if (component_dir / single).is_file():
@@ -122,13 +125,16 @@ def load_sharded(
     overrides = overrides or {}
     missing = sorted(n for n in expected if n not in files and n not in overrides)
     if missing:
-        raise LoadError(f"checkpoint: expected weights {missing[:5]}{' ...' if len(missing) > 5 else ''}, missing")
+        folders = sorted({str(Path(f).parent) for f in files.values()}) or ["(no weight files)"]
+        raise LoadError(f"{', '.join(folders)}: expected weights {missing[:5]}{' ...' if len(missing) > 5 else ''}, "
+                        f"found {len(missing)} of the model's {len(expected)} missing")
     readers = _Readers()
     placed = {}
     for name, (shape, dtype) in expected.items():
         found = overrides[name].shape if name in overrides else readers.shape(files[name], name)
         if tuple(found) != tuple(shape):
-            raise LoadError(f"{name}: expected shape {tuple(shape)}, found {tuple(found)}")
+            where = "--transformer_checkpoint" if name in overrides else str(files[name])
+            raise LoadError(f"{where}: {name}: expected shape {tuple(shape)}, found {tuple(found)}")
         spec, _ = mesh_lib.spec_for(name, rules)
         mesh_lib.check_divisible(name, shape, spec, mesh)
         if name in overrides:
