@@ -19,6 +19,10 @@ import tempfile  # noqa: E402
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="tpu-wan-test-jax-cache-")
     atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+import jax  # noqa: E402
+
+# In the test process itself every program compiles afresh (tests time and count compilations).
+jax.config.update("jax_enable_compilation_cache", False)
 
 # Tolerances, float32 throughout. Our path runs the same model code as diffusers but through XLA, which fuses
 # and reorders reductions (and GSPMD splits matmuls over tp), so each op may differ by a few ulp (~1e-7).
