@@ -247,3 +247,15 @@ def test_stage2_unreadable_checkpoint(stage1_dir, tmp_path):
     (folder / "ft.safetensors").write_bytes(b"not a safetensors file")
     _refused(STAGE2, "--input_dir", folder, *SIZE, "--transformer_checkpoint", folder / "ft.safetensors",
              folder=folder, expect=["ft.safetensors", "expected a safetensors file, found unreadable data"])
+
+
+def test_stage1_hub_id_without_hub(tmp_path, monkeypatch):
+    # A hub-style id that is no local folder, with no hub to reach (offline, empty hub cache): refused at once,
+    # naming the id and the folder that does not exist, not a download traceback.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+    out = tmp_path / "out"
+    out.mkdir()
+    _refused(STAGE1, "--model_id", "tpu-wan-test/no-such-model", "--output_dir", out, folder=out,
+             expect=["model_id 'tpu-wan-test/no-such-model'", "tpu-wan-test/no-such-model does not exist",
+                     "HF_HUB_OFFLINE"])

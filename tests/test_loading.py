@@ -1,14 +1,17 @@
 """Weights straight into sharded arrays: values, dtypes, shardings, and fine-tuned checkpoint overrides."""
 
+import re
+
 import jax
 import ml_dtypes
 import numpy as np
 import pytest
+import safetensors.numpy
 import torch
 from conftest import FRAMES, HEIGHT, LATENT_RTOL, NEGATIVE, PROMPTS, SEED, STEPS, WIDTH, diffusers_run, rel_err
 from safetensors.torch import save_file
 
-from tpu_wan import checkpoints, loading, pipeline, schedulers
+from tpu_wan import checkpoints, finetune, loading, mesh as mesh_lib, pipeline, schedulers
 from tpu_wan.config import latent_shape
 from tpu_wan.finetune import FinetuneError
 from tpu_wan.mesh import make_mesh
@@ -106,3 +109,94 @@ def test_mismatched_checkpoint_is_refused(tiny_path, finetuned, tmp_path):
         Denoiser(tiny_path, mesh, "float32", transformer_checkpoint=str(finetuned[1] / "ft.pt"), checkpoint_key="ema")
     with pytest.raises(FinetuneError, match="found nested dicts .*pass --checkpoint_key"):
         Denoiser(tiny_path, mesh, "float32", transformer_checkpoint=str(finetuned[1] / "ft.pt"))
+
+
+def _load(component_dir, module, mesh, rules, dtype="float32"):
+    expected = checkpoints.expected_weights(module, dtype)
+    return expected, loading.load_sharded(expected, loading.weight_files(component_dir), rules, mesh)
+
+
+@pytest.mark.parametrize("component", ["transformer", "text_encoder"])
+def test_each_distinct_slice_is_read_once(tiny_path, monkeypatch, component):
+    # On a 2x4 mesh every tensor is on 8 devices but has at most 4 distinct slices (dp replicas), and a
+    # row-parallel one ([out, in] split on in) is cut from whole rows: each byte of each tensor is read exactly
+    # once. A small CHUNK_BYTES makes the row-parallel reads go chunk by chunk, with a ragged last chunk.
+    reads = []
+    read_into = loading._Readers._read_into
+
+    def counted(path, offset, out):
+        reads.append((str(path), offset, out.nbytes))
+        return read_into(path, offset, out)
+
+    monkeypatch.setattr(loading._Readers, "_read_into", staticmethod(counted))
+    monkeypatch.setattr(loading, "CHUNK_BYTES", 1000)
+    if component == "transformer":
+        module, rules = checkpoints.empty_transformer(tiny_path), mesh_lib.WAN_TRANSFORMER_RULES
+    else:
+        module, rules = checkpoints.empty_text_encoder(tiny_path), mesh_lib.UMT5_RULES
+    expected, placed = _load(tiny_path / component, module, make_mesh(2, 4), rules)
+    (path,) = set(loading.weight_files(tiny_path / component).values())
+    stored = safetensors.numpy.load_file(path)
+    spans = sorted((offset, offset + nbytes) for _, offset, nbytes in reads)
+    overlaps = [(a, b) for a, b in zip(spans, spans[1:]) if b[0] < a[1]]
+    assert not overlaps, f"bytes read more than once: {overlaps[:3]}"
+    assert sum(n for _, _, n in reads) == sum(stored[name].nbytes for name in expected)
+    assert len(reads) > len(expected)  # the chunked path ran
+    for name in expected:
+        got = np.asarray(placed[name])
+        np.testing.assert_array_equal(got.view(np.uint8), stored[name].view(np.uint8), err_msg=name)
+
+
+def test_sharded_checkpoint_with_index_matches_single_file(tiny_path, tmp_path):
+    # diffusers' save_pretrained(max_shard_size=...) writes several files and an index json naming each
+    # tensor's file; our loader gives the same bytes as from the single file.
+    checkpoints.load_transformer(tiny_path, "float32").save_pretrained(tmp_path, max_shard_size="200KB")
+    files = loading.weight_files(tmp_path)
+    assert (tmp_path / loading.INDEX_FILES[0]).is_file() and len(set(files.values())) >= 2, sorted(set(files.values()))
+    mesh, module, rules = make_mesh(2, 4), checkpoints.empty_transformer(tiny_path), mesh_lib.WAN_TRANSFORMER_RULES
+    _, single = _load(tiny_path / "transformer", module, mesh, rules)
+    expected, sharded = _load(tmp_path, module, mesh, rules)
+    for name in expected:
+        assert sharded[name].sharding == single[name].sharding, name
+        np.testing.assert_array_equal(np.asarray(sharded[name]).view(np.uint8), np.asarray(single[name]).view(np.uint8),
+                                      err_msg=name)
+
+
+@pytest.mark.parametrize("prefix", ["module.", "_orig_mod.", "module._orig_mod."])
+def test_pth_wrapper_prefixes_are_stripped(tmp_path, prefix):
+    # DDP saves names under `module.`, torch.compile under `_orig_mod.`, both nested when combined.
+    state = {"blocks.0.ffn.net.2.weight": torch.randn(4, 6), "proj_out.bias": torch.randn(3).bfloat16()}
+    torch.save({f"{prefix}{k}": v for k, v in state.items()}, tmp_path / "ft.pth")
+    tensors = finetune.read_checkpoint(tmp_path / "ft.pth")
+    assert sorted(tensors) == sorted(state)
+    for name, tensor in state.items():
+        got = tensors[name][(slice(None),) * tensor.ndim]
+        np.testing.assert_array_equal(got, tensor.float().numpy(), err_msg=name)  # bf16 -> float32 is exact
+        assert tensors[name].shape == tuple(tensor.shape)
+
+
+def test_misshaped_key_is_refused_or_skipped(tiny_path, tmp_path, caplog):
+    # A .pth with one weight of the wrong shape and one fitting weight changed: refused naming the key with
+    # expected vs found shape; under non_strict the mis-shaped one is skipped (the base weight stays) and the
+    # fitting one applied.
+    state = {k: v.contiguous() for k, v in checkpoints.load_transformer(tiny_path, "float32").state_dict().items()}
+    bad = next(k for k, v in state.items() if v.ndim == 2 and k.startswith("blocks."))
+    changed = next(k for k, v in state.items() if v.ndim == 2 and k != bad)
+    want_shape = tuple(state[bad].shape)
+    state[bad] = torch.zeros(want_shape[0] + 1, want_shape[1])
+    state[changed] = state[changed] + 1.0
+    torch.save({"generator_ema": state}, tmp_path / "ft.pth")
+    mesh = make_mesh(2, 4)
+    found_shape = (want_shape[0] + 1, want_shape[1])
+    message = f"1 mis-shaped (e.g. {bad}: expected shape {want_shape}, found {found_shape})"
+    with pytest.raises(FinetuneError, match=re.escape(message)):
+        Denoiser(tiny_path, mesh, "float32", transformer_checkpoint=str(tmp_path / "ft.pth"),
+                 checkpoint_key="generator_ema")
+    base = Denoiser(tiny_path, mesh, "float32").weights
+    with caplog.at_level("WARNING", logger="tpu_wan"):
+        tuned = Denoiser(tiny_path, mesh, "float32", transformer_checkpoint=str(tmp_path / "ft.pth"),
+                         checkpoint_key="generator_ema", non_strict=True).weights
+    assert f"{bad}: expected shape {want_shape}" in caplog.text
+    np.testing.assert_array_equal(np.asarray(tuned[bad]), np.asarray(base[bad]))
+    np.testing.assert_array_equal(np.asarray(tuned[changed]), state[changed].numpy())
+    assert tuned[changed].sharding == base[changed].sharding

@@ -1,8 +1,14 @@
 """The tiny checkpoint is deterministic and is a Wan 2.1 diffusers folder."""
 
 import json
+import re
+import shutil
+
+import huggingface_hub
+import pytest
 
 from tpu_wan import checkpoints, tiny
+from tpu_wan.checkpoints import CheckpointError
 
 
 def test_rebuild_is_byte_identical(tiny_path, tmp_path):
@@ -31,12 +37,6 @@ def test_tokenizer_covers_multilingual_prompts(tiny_path):
 
 
 def test_model_folder_validation(tiny_path, tmp_path):
-    import shutil
-
-    import pytest
-
-    from tpu_wan.checkpoints import CheckpointError
-
     def broken(edit):
         folder = tmp_path / f"copy{len(list(tmp_path.iterdir()))}"
         shutil.copytree(tiny_path, folder)
@@ -57,5 +57,14 @@ def test_model_folder_validation(tiny_path, tmp_path):
         (lambda f: (f / "scheduler" / "scheduler_config.json").unlink(), "missing ['scheduler']"),
     ]
     for edit, message in cases:
-        with pytest.raises(CheckpointError, match=message.replace("[", r"\[").replace("]", r"\]").replace("(", r"\(").replace(")", r"\)")):
+        with pytest.raises(CheckpointError, match=re.escape(message)):
             checkpoints.resolve_model(broken(edit))
+
+
+def test_downloaded_folder_that_does_not_fit_says_why(tiny_path, tmp_path, monkeypatch):
+    # A hub repo that downloads but is not a Wan 2.1 folder: the validation message, not a download failure.
+    shutil.copytree(tiny_path, tmp_path / "snapshot")
+    (tmp_path / "snapshot" / "scheduler" / "scheduler_config.json").unlink()
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *args, **kwargs: str(tmp_path / "snapshot"))
+    with pytest.raises(CheckpointError, match=r"missing \['scheduler'\]"):
+        checkpoints.resolve_model("some-org/some-model")

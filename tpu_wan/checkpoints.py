@@ -8,6 +8,7 @@ is reachable).
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -35,12 +36,15 @@ def resolve_model(model_id: str) -> Path:
     try:
         from huggingface_hub import snapshot_download
 
-        return _checked(Path(snapshot_download(model_id, allow_patterns=["*.json", "*.safetensors", "*.model", "tokenizer/*"])))
-    except Exception as err:  # network, auth, missing repo: all end the same way for the user
+        folder = snapshot_download(model_id, allow_patterns=["*.json", "*.safetensors", "*.model", "tokenizer/*"])
+    except Exception as err:  # offline, network, auth, missing repo: all end the same way for the user
+        offline = os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+        why = "HF_HUB_OFFLINE is set and the hub cache does not hold it" if offline else type(err).__name__
         raise CheckpointError(
-            f"model_id {model_id!r}: expected a local folder or a downloadable hub repo, found neither "
-            f"({type(err).__name__}); pass --model_id /path/to/Wan2.1-T2V-...-Diffusers"
+            f"model_id {model_id!r}: expected a local folder ({path.resolve()} does not exist) or a downloadable "
+            f"hub repo, found neither ({why}); pass --model_id /path/to/Wan2.1-T2V-...-Diffusers"
         ) from None
+    return _checked(Path(folder))  # outside the try: a downloaded folder that does not fit says why
 
 
 EXPECTED_CLASSES = {

@@ -51,7 +51,7 @@ def read_checkpoint(path: str | Path, key: str | None = None) -> dict:
     if not path.is_file():
         raise FinetuneError(f"--transformer_checkpoint: expected a file, found nothing at {path}")
     if path.suffix == ".safetensors":
-        import ml_dtypes  # noqa: F401  (BF16 tensors as numpy)
+        __import__("ml_dtypes")  # registers bfloat16 with numpy, so BF16 tensors read as numpy
         from safetensors import safe_open
 
         if key is not None:
@@ -95,13 +95,14 @@ def _strip_prefix(tensors: dict) -> dict:
 
 
 def check_overrides(overrides: dict, expected: Mapping[str, tuple], non_strict: bool) -> dict:
-    """The overrides that fit `expected` (name -> (shape, dtype)); anything else refused unless non_strict."""
+    """The overrides that fit `expected` (name -> (shape, dtype)); anything else refused unless non_strict, where
+    missing names keep the base weight and unexpected or mis-shaped ones are skipped (with a warning)."""
     missing = sorted(n for n in expected if n not in overrides)
     unexpected = sorted(n for n in overrides if n not in expected)
     misshaped = sorted(n for n in overrides if n in expected and tuple(overrides[n].shape) != tuple(expected[n][0]))
     problems = [
-        f"{len(names)} {what} (e.g. {names[0]}" + (f": {tuple(overrides[names[0]].shape)} vs "
-                                                   f"{tuple(expected[names[0]][0])})" if what == "mis-shaped" else ")")
+        f"{len(names)} {what} (e.g. {names[0]}" + (f": expected shape {tuple(expected[names[0]][0])}, found "
+                                                   f"{tuple(overrides[names[0]].shape)})" if what == "mis-shaped" else ")")
         for what, names in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)) if names
     ]
     if problems and not non_strict:

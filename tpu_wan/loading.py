@@ -1,9 +1,13 @@
 """Weights from safetensors straight into sharded jax arrays, with no torch copy in host memory.
 
-The torch module is built with empty (meta) parameters; every parameter is then read, slice by slice, from the
-checkpoint files into the NamedSharding its rule gives (`jax.make_array_from_callback`), so each process reads
-only the shards its own devices hold and host memory peaks at about one tensor, not the model. Buffers the
-checkpoint does not store (RoPE tables) are computed by the module itself and placed replicated.
+The torch module is built with empty (meta) parameters; every parameter is then read from the checkpoint
+files (one file, or several named by an index json) into the NamedSharding its rule gives. Each process reads,
+per tensor, the dim-0 row ranges its own devices hold, once per distinct slice: copies of a slice on several
+devices of the process (dp replicas) share one read, and a tensor split on a later dimension (a row-parallel
+weight, [out, in] split on in) is read once in whole rows, in chunks of at most `CHUNK_BYTES`, and each device's
+columns are cut from those chunks. Host memory therefore peaks at about one tensor's local slices (plus one
+chunk), not the model. Buffers the checkpoint does not store (RoPE tables) are computed by the module itself
+and placed replicated.
 """
 
 from __future__ import annotations
@@ -56,6 +60,31 @@ _DTYPES = {
 
 
 _ALIGN = 64
+# Largest block of whole rows read at once when devices hold column slices of a tensor: bounds the transient
+# buffer (the UMT5-XXL embedding, [256384, 4096] split on its second dim, is 2.1 GB in bf16).
+CHUNK_BYTES = 64 << 20
+
+SliceKey = tuple[tuple[int, int], ...]  # (start, stop) per dimension: one device's slice of a tensor
+
+
+def slice_key(index: tuple, shape: Sequence[int]) -> SliceKey:
+    """(start, stop) per dimension of a tuple of slices (what a NamedSharding gives each device)."""
+    bounds = []
+    for s, n in zip(index, shape):
+        start, stop, step = s.indices(n)
+        if step != 1:
+            raise ValueError(f"expected contiguous device slices, found step {step} in {index}")
+        bounds.append((start, stop))
+    return tuple(bounds)
+
+
+def _aligned_empty(shape: tuple, dtype: np.dtype) -> np.ndarray:
+    # Raw bytes (bf16 has no buffer-protocol code), 64-byte aligned: jax adopts such a numpy buffer as the
+    # device array on CPU without a copy, where a merely 16-byte-aligned one is copied.
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    raw = np.empty(nbytes + _ALIGN, np.uint8)
+    skip = -raw.ctypes.data % _ALIGN
+    return raw[skip : skip + nbytes].view(dtype).reshape(shape)
 
 
 class _Readers:
@@ -64,7 +93,7 @@ class _Readers:
     safetensors' own reader memory-maps the file, and every page it touches stays in the process's resident
     set until the map closes: loading 2.8 GB of weights would add 2.8 GB of file-backed RSS on top of the
     arrays themselves. Reading only the rows a shard needs into an owned buffer keeps the host footprint to
-    the arrays plus one shard in flight."""
+    the arrays plus one tensor's slices in flight."""
 
     def __init__(self):
         self._headers: dict[Path, tuple[int, dict]] = {}
@@ -80,30 +109,42 @@ class _Readers:
     def shape(self, path: Path, name: str) -> tuple[int, ...]:
         return tuple(self._entry(path, name)[1]["shape"])
 
-    def slice(self, path: Path, name: str, index) -> np.ndarray:
-        """tensor[index] for a tuple of slices (what jax.make_array_from_callback asks for)."""
+    def slices(self, path: Path, name: str, keys: Sequence[SliceKey]) -> dict[SliceKey, np.ndarray]:
+        """tensor[key] for each distinct key: each dim-0 row range is read from the file once."""
         start, entry = self._entry(path, name)
         dtype, shape = _DTYPES[entry["dtype"]], tuple(entry["shape"])
+        base = start + entry["data_offsets"][0]
+        keys = list(dict.fromkeys(keys))
         if not shape:
-            return self._read(path, start + entry["data_offsets"][0], dtype, (), 1)
-        rows = range(*index[0].indices(shape[0]))  # shards split dim 0 into contiguous runs of rows
-        row_items = int(np.prod(shape[1:], dtype=np.int64))
-        offset = start + entry["data_offsets"][0] + rows.start * row_items * dtype.itemsize
-        block = self._read(path, offset, dtype, (len(rows), *shape[1:]), len(rows) * row_items)
-        rest = tuple(index[1:])
-        return np.ascontiguousarray(block[(slice(None), *rest)]) if any(s != slice(None) for s in rest) else block
+            return {key: self._read_into(path, base, _aligned_empty((), dtype)) for key in keys[:1]}
+        row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+        by_rows: dict[tuple[int, int], list[SliceKey]] = {}
+        for key in keys:
+            by_rows.setdefault(key[0], []).append(key)
+        out = {}
+        for (r0, r1), group in by_rows.items():
+            if all(key[1:] == tuple((0, n) for n in shape[1:]) for key in group):  # whole rows: read in place
+                block = _aligned_empty((r1 - r0, *shape[1:]), dtype)
+                out[group[0]] = self._read_into(path, base + r0 * row_bytes, block)
+                continue
+            # Column slices of these rows: read the rows once, a chunk at a time, and cut every slice from it.
+            for key in group:
+                out[key] = _aligned_empty(tuple(b - a for a, b in key), dtype)
+            step = max(1, CHUNK_BYTES // max(row_bytes, 1))
+            chunk = _aligned_empty((min(step, r1 - r0), *shape[1:]), dtype)
+            for c0 in range(r0, r1, step):
+                rows = chunk[: min(step, r1 - c0)]
+                self._read_into(path, base + c0 * row_bytes, rows)
+                for key in group:
+                    out[key][c0 - r0 : c0 - r0 + len(rows)] = rows[(slice(None), *(slice(a, b) for a, b in key[1:]))]
+        return out
 
     @staticmethod
-    def _read(path: Path, offset: int, dtype: np.dtype, shape: tuple, count: int) -> np.ndarray:
-        nbytes = count * dtype.itemsize
-        # Raw bytes (bf16 has no buffer-protocol code), 64-byte aligned: jax adopts such a numpy buffer as the
-        # device array on CPU without a copy, where a merely 16-byte-aligned one is copied.
-        raw = np.empty(nbytes + _ALIGN, np.uint8)
-        skip = -raw.ctypes.data % _ALIGN
-        out = raw[skip : skip + nbytes]
+    def _read_into(path: Path, offset: int, out: np.ndarray) -> np.ndarray:
+        """`out` filled with the out.nbytes bytes of `path` at `offset`."""
         fd = os.open(path, os.O_RDONLY)
         try:
-            view, done = memoryview(out), 0
+            view, done = memoryview(out.reshape(-1).view(np.uint8)), 0
             while done < view.nbytes:
                 got = os.preadv(fd, [view[done:]], offset + done)
                 if got <= 0:
@@ -111,7 +152,7 @@ class _Readers:
                 done += got
         finally:
             os.close(fd)
-        return out.view(dtype).reshape(shape)
+        return out
 
 
 def load_sharded(
@@ -137,10 +178,27 @@ def load_sharded(
             raise LoadError(f"{where}: {name}: expected shape {tuple(shape)}, found {tuple(found)}")
         spec, _ = mesh_lib.spec_for(name, rules)
         mesh_lib.check_divisible(name, shape, spec, mesh)
+        sharding = NamedSharding(mesh, spec)
+        # jax.make_array_from_callback calls its callback once per addressable device and holds every result
+        # until one batched transfer, so the distinct slices are read first and the callback only hands them
+        # out: devices holding the same slice get the same numpy buffer (jax arrays are immutable, and on CPU
+        # a donated zero-copy buffer is copied, never written).
+        keys = list(dict.fromkeys(
+            slice_key(i, shape) for i in sharding.addressable_devices_indices_map(tuple(shape)).values()))
         if name in overrides:
-            source = overrides[name]
-            read = lambda index, source=source, dtype=dtype: np.asarray(source[index]).astype(dtype, copy=False)  # noqa: E731
+            pieces = {k: np.asarray(overrides[name][tuple(slice(a, b) for a, b in k)]) for k in keys}
         else:
-            read = lambda index, name=name, dtype=dtype: readers.slice(files[name], name, index).astype(dtype, copy=False)  # noqa: E731
-        placed[name] = jax.make_array_from_callback(tuple(shape), NamedSharding(mesh, spec), read)
+            pieces = readers.slices(files[name], name, keys)
+        for k in keys:  # one slice at a time, so a converted tensor and its source never coexist in full
+            pieces[k] = _as_dtype(pieces[k], dtype)
+        placed[name] = jax.make_array_from_callback(
+            tuple(shape), sharding, lambda index, pieces=pieces, shape=shape: pieces[slice_key(index, shape)])
     return placed
+
+
+def _as_dtype(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    if x.dtype == dtype:
+        return x
+    out = _aligned_empty(x.shape, dtype)
+    out[...] = x  # the same rounding as x.astype(dtype), into a buffer jax can adopt without a copy on CPU
+    return out
