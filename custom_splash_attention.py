@@ -2,12 +2,17 @@
 
     python custom_splash_attention.py check --heads 4 --q_len 300 --kv_len 300 --head_dim 128 --dtype bfloat16 \
         --block_q 128 --block_kv 256 --block_kv_compute 128 [--window_size W] [--k_smooth] [--seed S] [--json]
-    python custom_splash_attention.py bench --heads 40 --q_len 75600 --kv_len 75600 --head_dim 128
-    python custom_splash_attention.py sweep --heads 40 --q_len 75600 --kv_len 75600 --head_dim 128
+    python custom_splash_attention.py bench --heads 40 --q_len 75600 --kv_len 75600 --head_dim 128 \
+        [--choices custom splash xla cudnn]
+    python custom_splash_attention.py sweep --heads 10 --q_len 75600 --kv_len 75600 --head_dim 128 \
+        [--bq_choices 1024 2048 --bkv_choices 512 1024 --bkv_compute_choices 512]
 
-check: kernel vs a float64 host reference (max_abs_err, rel_err). bench: our kernel vs upstream splash vs XLA,
-median of repeats, TFLOP/s and fraction of peak. sweep: block sizes for a shape, fastest first. Without a TPU
-the kernels run in Pallas interpret mode: correct, but not a speed measurement. --json prints one JSON object.
+check: kernel vs a float64 host reference (max_abs_err, rel_err); without a TPU (GPU included) the kernel runs
+in Pallas interpret mode on the host CPU. bench: median of repeats, TFLOP/s (of the attended pairs: a window
+counts only its own) and fraction of peak for what the backend runs (TPU: our kernel, upstream splash, XLA;
+GPU: XLA and cuDNN; CPU: all but cuDNN, the kernels interpreted: correct, not a speed measurement), listing
+what it skipped and why. sweep: block sizes for a shape, fastest first, the best marked, with the stage 2 flags
+that apply it. --json prints one JSON object.
 """
 
 import itertools
@@ -22,6 +27,7 @@ from tpu_wan import cli  # noqa: E402
 SWEEP_BQ = (512, 1024, 1560, 2048, 2520, 3328)
 SWEEP_BKV = (512, 1024, 2048, 2816, 4096)
 SWEEP_BKV_COMPUTE = (256, 512, 1024)
+BENCH_CHOICES = ("custom", "splash", "xla", "cudnn")  # attention_tuning.BENCH_CHOICES (not imported before jax)
 
 
 def _parser():
@@ -42,6 +48,13 @@ def _parser():
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--repeats", type=int, default=5)
         p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+        if name == "bench":
+            p.add_argument("--choices", nargs="+", default=list(BENCH_CHOICES), choices=BENCH_CHOICES,
+                           help="what to time (default: all; those the backend cannot run are listed as skipped)")
+        if name == "sweep":
+            for flag, values in (("bq", SWEEP_BQ), ("bkv", SWEEP_BKV), ("bkv_compute", SWEEP_BKV_COMPUTE)):
+                p.add_argument(f"--{flag}_choices", type=int, nargs="+", default=list(values), metavar="N",
+                               help=f"candidate {flag} values (default: {' '.join(map(str, values))})")
     return parser
 
 
@@ -67,15 +80,20 @@ def main(argv=None):
     )
     if args.command == "check":
         result = tuning.check(shape, options, seed=args.seed)
-        rows = [result]
+        rows, lines = [result], []
     elif args.command == "bench":
-        rows = tuning.bench(shape, options, repeats=args.repeats)
-        result = {"shape": vars(shape), "results": rows}
+        rows, skipped = tuning.bench(shape, options, choices=args.choices, repeats=args.repeats)
+        result = {"shape": vars(shape), "window_size": args.window_size, "results": rows, "skipped": skipped}
+        lines = [f"skipped {r['attention']}: {r['reason']}" for r in skipped]
     else:
-        candidates = itertools.product(SWEEP_BQ, SWEEP_BKV, SWEEP_BKV_COMPUTE)
-        rows = tuning.sweep(shape, options, candidates, repeats=args.repeats)
-        result = {"shape": vars(shape), "results": rows, "best": rows[0] if rows else None}
-    print(json.dumps(result) if args.json else _table(rows))
+        candidates = itertools.product(args.bq_choices, args.bkv_choices, args.bkv_compute_choices)
+        rows = tuning.sweep(shape, options, candidates, repeats=args.repeats)  # an error if none fits
+        best = rows[0]
+        result = {"shape": vars(shape), "window_size": args.window_size, "results": rows, "best": best}
+        rows = [{"best": "*" if r is best else "", **r} for r in rows]
+        lines = [f"best: --bqsize {best['bq']} --bkvsize {best['bkv']} --bkvcomputesize {best['bkv_compute']} "
+                 "(stage 2 / generate_flax.py flags)"]
+    print(json.dumps(result) if args.json else "\n".join([_table(rows), *lines]))
 
 
 if __name__ == "__main__":

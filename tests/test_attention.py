@@ -1,6 +1,7 @@
 """The attention dispatch: choices, platforms, and shard_map'd kernels equal to unsharded attention."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import HEIGHT, KERNEL_F32_RTOL, LATENT_RTOL, WIDTH, rel_err
@@ -36,19 +37,49 @@ def test_unknown_choice_is_an_error():
 
 
 # (batch, heads): heads split over tp; batch of 1 (query sequence over dp); heads that do not divide tp
-# (query sequence over both axes).
+# (query sequence over both axes). A window needs the query sequence whole (batch over dp, heads over tp).
 @pytest.mark.parametrize(
-    "choice, b, n",
-    [("custom", 2, 4), ("custom", 1, 4), ("custom", 1, 3), ("custom", 2, 6), ("splash", 2, 4), ("splash", 1, 3)],
+    "choice, b, n, window, k_smooth",
+    [("custom", 2, 4, None, False), ("custom", 1, 4, None, False), ("custom", 1, 3, None, False),
+     ("custom", 2, 6, None, False), ("splash", 2, 4, None, False), ("splash", 1, 3, None, False),
+     ("custom", 2, 4, 7, False), ("custom", 1, 3, None, True)],
 )
-def test_sharded_kernel_equals_unsharded(choice, b, n):
+def test_sharded_kernel_equals_unsharded(choice, b, n, window, k_smooth):
     q, k, v = _qkv(b, n, 40, 40, 64, seed=b * 10 + n)
-    opts = AttentionOptions(choice=choice, bq=16, bkv=32, bkv_compute=16)
-    ref = attention.xla_attention(q, k, v)
+    opts = AttentionOptions(choice=choice, bq=16, bkv=32, bkv_compute=16, window_size=window, k_smooth=k_smooth)
+    ref = attention.xla_attention(q, k, v, window_size=window)
     single = jax.jit(attention.make_attention(opts, make_mesh(1, 1, devices=jax.devices()[:1])))(q, k, v)
     sharded = jax.jit(attention.make_attention(opts, make_mesh(2, 4)))(q, k, v)
     assert rel_err(single, ref) <= KERNEL_F32_RTOL
     assert rel_err(sharded, single) <= KERNEL_F32_RTOL
+
+
+@pytest.mark.parametrize("choice", ["custom", "splash", "xla"])
+def test_window_is_ignored_on_sharded_cross_attention(choice):
+    # Query sequence split over dp (batch 1), heads over tp: each shard holds L / 2 = 16 queries, as many as
+    # the S = 16 keys. Cross-attention is decided from the global L != S, so the window does not apply (as
+    # documented: a window is for self-attention); deciding it per shard would mask by local offsets.
+    q, k, v = _qkv(1, 4, 32, 16, 64, seed=7)
+    fn = attention.make_attention(AttentionOptions(choice=choice, window_size=2, bq=16, bkv=16, bkv_compute=16),
+                                  make_mesh(2, 4))
+    assert rel_err(jax.jit(fn)(q, k, v), attention.xla_attention(q, k, v)) <= KERNEL_F32_RTOL
+
+
+def test_xla_window_matches_the_kernel_reference():
+    from tpu_wan.kernels.splash_exp2 import attention_reference
+
+    q, k, v = _qkv(1, 2, 30, 30, 64, seed=3)
+    ref = attention_reference(q[0], k[0], v[0], window_size=5)
+    assert rel_err(attention.xla_attention(q, k, v, window_size=5)[0], ref) <= KERNEL_F32_RTOL
+    assert rel_err(attention.xla_attention_per_head(q, k, v, window_size=5)[0], ref) <= KERNEL_F32_RTOL
+
+
+def test_block_sizes_over_vmem_are_refused_with_the_flags():
+    opts = AttentionOptions(choice="custom", bq=2048, bkv=4096, bkv_compute=512)
+    x = jax.ShapeDtypeStruct((1, 1, 8192, 128), jnp.bfloat16)
+    with pytest.raises(AttentionError, match=r"--bqsize 2048, --bkvsize 4096, --bkvcomputesize 512 .* need "
+                                             r"\d+ bytes .* VMEM_LIMIT_BYTES=16777216"):
+        jax.eval_shape(attention.make_attention(opts), x, x, x)
 
 
 def test_window_with_split_query_sequence_is_refused():

@@ -2,11 +2,14 @@
 
 import json
 
+import jax
+import pytest
 from conftest import KERNEL_BF16_RTOL, KERNEL_F32_RTOL
 from scripts import ROOT, run
 
 from tpu_wan import attention_tuning as tuning
-from tpu_wan.attention import AttentionOptions
+from tpu_wan.attention import AttentionError, AttentionOptions
+from tpu_wan.kernels.splash_exp2 import attended_pairs
 
 CLI = ROOT / "custom_splash_attention.py"
 
@@ -32,12 +35,73 @@ def test_check_fills_in_default_blocks():
     assert result["rel_err"] <= KERNEL_F32_RTOL
 
 
+def test_check_without_a_tpu_interprets_on_the_host_cpu(monkeypatch):
+    # A GPU default backend refuses the Pallas TPU kernels in the dispatch; check runs them on the CPU backend.
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    result = tuning.check(tuning.Shape(1, 40, 40, 64, "float32"), AttentionOptions(choice="custom", window_size=5))
+    assert result["interpret"] is True and result["rel_err"] <= KERNEL_F32_RTOL
+
+
+def test_bench_on_gpu_times_only_what_gpu_runs(monkeypatch):
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    rows, skipped = tuning.bench(tuning.Shape(1, 64, 64, 64, "float32"), AttentionOptions(), repeats=1)
+    assert [r["attention"] for r in rows] == ["xla"]  # run on this CPU: the row logic, not a GPU timing
+    reasons = {r["attention"]: r["reason"] for r in skipped}
+    assert set(reasons) == {"custom", "splash", "cudnn"}
+    assert "Pallas TPU kernel" in reasons["custom"] and "found float32" in reasons["cudnn"]
+    with pytest.raises(AttentionError, match="nothing to time on gpu"):
+        tuning.bench(tuning.Shape(1, 64, 64, 64, "float32"), AttentionOptions(), choices=("custom",), repeats=1)
+
+
+def test_flops_count_the_window():
+    shape = tuning.Shape(2, 300, 300, 64)
+    assert shape.flops() == 4 * 2 * 300 * 300 * 64
+    assert shape.flops(50) == 4 * 2 * attended_pairs(300, 300, 50) * 64 < shape.flops() / 2
+    with pytest.raises(AttentionError, match="found 300 != 77"):
+        tuning.Shape(2, 300, 77, 64).flops(50)
+
+
 def test_bench_and_sweep_rows():
     shape = tuning.Shape(1, 64, 64, 64, "float32")
-    rows = tuning.bench(shape, AttentionOptions(), choices=("custom", "xla"), repeats=1)
+    rows, skipped = tuning.bench(shape, AttentionOptions(), choices=("custom", "xla", "cudnn"), repeats=1)
     assert [r["attention"] for r in rows] == ["custom", "xla"]
+    assert skipped == [{"attention": "cudnn", "reason": "cuDNN attention needs a GPU, found cpu"}]
     assert all(r["seconds"] > 0 and r["tflops"] > 0 for r in rows)
     assert rows[0]["interpret"] is True and rows[1]["interpret"] is False
     swept = tuning.sweep(shape, AttentionOptions(), [(32, 64, 32), (64, 64, 64), (64, 48, 32)], repeats=1)
     assert {(r["bq"], r["bkv"], r["bkv_compute"]) for r in swept} == {(32, 64, 32), (64, 64, 64)}  # 48 % 32 != 0
     assert swept[0]["seconds"] <= swept[1]["seconds"]
+    with pytest.raises(AttentionError, match=r"none of the 2 candidate block sizes fits; first refusal \(64, 48, 32\)"):
+        tuning.sweep(shape, AttentionOptions(), [(64, 48, 32), (64, 64, 24)], repeats=1)
+
+
+TINY = ("--heads", "1", "--q_len", "64", "--kv_len", "64", "--head_dim", "64", "--dtype", "float32", "--repeats", "1")
+
+
+def test_bench_command_json():
+    proc = run(CLI, "bench", *TINY, "--window_size", "8", "--json")
+    result = json.loads(proc.stdout)
+    assert [r["attention"] for r in result["results"]] == ["custom", "splash", "xla"]
+    assert result["skipped"] == [{"attention": "cudnn", "reason": "cuDNN attention needs a GPU, found cpu"}]
+    flops = 4 * attended_pairs(64, 64, 8) * 64  # the window's pairs only
+    for row in result["results"]:
+        assert abs(row["tflops"] * row["seconds"] * 1e12 / flops - 1) < 1e-9
+
+
+def test_sweep_command_json_and_table():
+    choices = ("--bq_choices", "32", "64", "--bkv_choices", "64", "--bkv_compute_choices", "64", "24")
+    result = json.loads(run(CLI, "sweep", *TINY, *choices, "--json").stdout)
+    timed = [(r["bq"], r["bkv"], r["bkv_compute"]) for r in result["results"]]
+    assert sorted(timed) == [(32, 64, 64), (64, 64, 64)]  # 64 % 24 != 0: skipped
+    assert result["best"] == result["results"][0]
+    lines = run(CLI, "sweep", *TINY, "--bq_choices", "32", "64", "--bkv_choices", "64",
+                "--bkv_compute_choices", "64").stdout.splitlines()
+    assert lines[0].split()[0] == "best" and lines[1].startswith("*") and not lines[2].startswith("*")
+    assert lines[-1].startswith("best: --bqsize ") and "--bkvsize 64 --bkvcomputesize 64" in lines[-1]
+
+
+def test_sweep_command_with_nothing_that_fits():
+    proc = run(CLI, "sweep", "--q_len", "8192", "--kv_len", "8192", "--bq_choices", "4096", "--bkv_choices", "8192",
+               "--bkv_compute_choices", "2048", check=False)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "none of the 1 candidate block sizes fits" in proc.stderr and "VMEM_LIMIT_BYTES=16777216" in proc.stderr

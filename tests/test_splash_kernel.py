@@ -1,10 +1,16 @@
 """The base-2 splash (flash) attention forward kernel against softmax attention in float64.
 
-Like upstream's splash attention tests: SplashKernelTest runs the compiled kernel and is skipped off TPU;
-SplashKernelInterpretTest runs the same bodies through Pallas' TPU interpreter on CPU. Shapes are small, as
-the interpreter is slow; they still cover lengths that are and are not block multiples, several key blocks
-and compute chunks per block, windows, cross-attention and both dtypes.
+Like upstream's splash attention tests, the bodies (SplashKernelBodies) run twice: SplashKernelTest runs the
+compiled kernel, is marked `tpu` and skipped off TPU; SplashKernelInterpretTest runs the same bodies through
+Pallas' TPU interpreter on CPU. (The twins share a body class rather than inherit one from the other: pytest
+passes a class's marks on to its subclasses, so an interpret subclass would be marked `tpu` too.) Shapes are
+small, as the interpreter is slow; they still cover lengths that are and are not block multiples, several key
+blocks and compute chunks per block, windows, cross-attention and both dtypes, plus seeded random shapes.
 """
+
+import functools
+import inspect
+import re
 
 import jax
 import jax.numpy as jnp
@@ -12,8 +18,8 @@ import numpy as np
 import pytest
 from conftest import KERNEL_BF16_RTOL, KERNEL_F32_RTOL, UNMASKED_MIN_ERR, rel_err
 
-from tpu_wan.kernels.splash_exp2 import (VMEM_LIMIT_BYTES, BlockSizes, attention_reference, splash_attention,
-                                         vmem_bytes)
+from tpu_wan.kernels.splash_exp2 import (VMEM_LIMIT_BYTES, BlockSizes, attended_pairs, attention_reference,
+                                         splash_attention, vmem_bytes)
 
 SEED = 0
 
@@ -61,13 +67,41 @@ CASES = [
     (bf16, 3, 300, 300, 128, 70, True, (64, 256, 128), None),
     (bf16, 1, 512, 200, 64, None, True, (128, 128, 64), None),  # cross-attention
     (bf16, 3, 77, 512, 128, None, False, (64, 256, 128), None),  # cross-attention, short queries
+    (bf16, 2, 264, 264, 64, 48, False, (64, 128, 64), None),  # window without k_smooth
 ]
 
 
-class SplashKernelTest:
-    """Compiled kernel; runs only on TPU."""
+def _random_cases(seed, count):
+    """`count` cases (dtype, heads, L, S, D, window_size, k_smooth, blocks, input seed) drawn from a fixed seed:
+    the 8 (dtype, window, k_smooth) combinations in a shuffled order, heads in 1..16, D in {64, 128}, blocks from
+    {64, 128} (at most 16 x 4 x 4 grid steps: the interpreter's cost is per step), lengths <= 256 that are block
+    multiples or not (a window needs L == S)."""
+    rng = np.random.default_rng(seed)
 
-    __test__ = True  # pytest collects Test* classes by default; this name follows upstream's
+    def length(block):
+        return int(block * rng.integers(1, 256 // block + 1) if rng.random() < 0.5 else rng.integers(17, 257))
+
+    combos = [(dtype, window, smooth) for dtype in (f32, bf16) for window in (False, True) for smooth in (False, True)]
+    cases = []
+    for i in rng.permutation(len(combos))[:count]:
+        dtype, window, k_smooth = combos[i]
+        bq, bc = int(rng.choice([64, 128])), int(rng.choice([64, 128]))
+        bkv = bc * int(rng.integers(1, 3))
+        q_len = length(bq)
+        kv_len = q_len if window or rng.random() < 0.3 else length(bkv)
+        w = int(rng.integers(0, q_len)) if window else None
+        cases.append((dtype, int(rng.integers(1, 17)), q_len, kv_len, int(rng.choice([64, 128])), w, k_smooth,
+                      (bq, bkv, bc), int(rng.integers(2**31))))
+    return cases
+
+
+RANDOM_CASES = _random_cases(seed=2024, count=8)
+
+
+class SplashKernelBodies:
+    """The test bodies; SplashKernelTest and SplashKernelInterpretTest run them."""
+
+    __test__ = False
     INTERPRET = False
 
     def setup_method(self):
@@ -93,6 +127,15 @@ class SplashKernelTest:
         out = splash_attention(q, k, v, block_sizes=self._blocks(*blocks), scale=scale, window_size=window,
                                k_smooth=k_smooth, interpret=self.INTERPRET)
         self._check(out, _reference64(q, k, v, scale=scale, window_size=window), dtype, q.shape)
+
+    @pytest.mark.parametrize("dtype,n,q_len,kv_len,d,window,k_smooth,blocks,seed", RANDOM_CASES,
+                             ids=[f"{jnp.dtype(c[0]).name}-N{c[1]}-L{c[2]}-S{c[3]}-D{c[4]}-W{c[5]}-ks{int(c[6])}-"
+                                  f"b{'x'.join(map(str, c[7]))}" for c in RANDOM_CASES])
+    def test_random_shapes(self, dtype, n, q_len, kv_len, d, window, k_smooth, blocks, seed):
+        q, k, v = _inputs(np.random.default_rng(seed), n, q_len, kv_len, d, dtype)
+        out = splash_attention(q, k, v, block_sizes=self._blocks(*blocks), window_size=window, k_smooth=k_smooth,
+                               interpret=self.INTERPRET)
+        self._check(out, _reference64(q, k, v, window_size=window), dtype, q.shape)
 
     def test_pv_f32_bf16(self):
         # float32 P.V leaves only the output's own rounding to bf16: the error sits at that floor.
@@ -125,11 +168,36 @@ class SplashKernelTest:
         assert rel_err(unmasked, ref) > UNMASKED_MIN_ERR
 
 
+@pytest.mark.tpu
+class SplashKernelTest(SplashKernelBodies):
+    """Compiled kernel; runs only on TPU (marked tpu, skipped elsewhere by setup_method)."""
+
+    __test__ = True  # pytest collects Test* classes by default; this name follows upstream's
+
+
+class SplashKernelInterpretTest(SplashKernelBodies):
+    """The same bodies through Pallas' TPU interpreter on CPU."""
+
+    __test__ = True
+    INTERPRET = True
+
+
+def test_attention_reference_takes_the_kernels_keywords():
+    kernel = inspect.signature(splash_attention).parameters
+    reference = inspect.signature(attention_reference).parameters
+    public = [name for name in kernel if not name.startswith("_")]
+    assert [name for name in reference] == public
+    assert all(reference[n].kind == kernel[n].kind and reference[n].default == kernel[n].default
+               for n in public if n != "block_sizes")
+    assert reference["block_sizes"].default is None  # ignored; the kernel's default is BlockSizes()
+
+
 def test_attention_reference_matches_float64():
     rng = np.random.default_rng([SEED, 5])
     q, k, v = _inputs(rng, 3, 100, 100, 64, f32)
     for window in (None, 7):
-        out = attention_reference(q, k, v, window_size=window, k_smooth=True, pv_f32=True)
+        out = attention_reference(q, k, v, block_sizes=BlockSizes(8, 8, 8), window_size=window, k_smooth=True,
+                                  pv_f32=True, interpret=True)
         assert out.dtype == jnp.float32
         assert rel_err(out, _reference64(q, k, v, window_size=window)) <= KERNEL_F32_RTOL
 
@@ -142,6 +210,8 @@ def test_lowers_to_mosaic():
         fn = lambda q, k, v: splash_attention(q, k, v, block_sizes=BlockSizes(256, 512, 256), **kwargs)  # noqa: E731
         text = jax.jit(fn).trace(x, x, x).lower(lowering_platforms=("tpu",)).as_text()
         assert "tpu_custom_call" in text
+        # Mosaic is asked for exactly the VMEM the kernel entry checks against.
+        assert re.findall(r"scoped_memory_configs.*?size\\22: (\d+)", text) == [str(VMEM_LIMIT_BYTES)]
 
 
 @pytest.mark.parametrize("kwargs,fragments", [
@@ -190,7 +260,22 @@ def test_vmem_budget():
     assert vmem_bytes(BlockSizes(), 128, f32) == 5.75 * 2**20  # float32 blocks are twice as large: 3 MiB
 
 
-class SplashKernelInterpretTest(SplashKernelTest):
-    """The same bodies through Pallas' TPU interpreter on CPU."""
+def test_block_sizes_over_the_vmem_limit_are_refused():
+    blocks = BlockSizes(2048, 4096, 512)
+    need = vmem_bytes(blocks, 128, bf16)  # 17.0 MiB
+    assert need > VMEM_LIMIT_BYTES
+    x = jax.ShapeDtypeStruct((1, 8192, 128), bf16)
+    with pytest.raises(ValueError) as info:  # raised at trace time, nothing runs
+        jax.eval_shape(functools.partial(splash_attention, block_sizes=blocks, interpret=True), x, x, x)
+    for fragment in (f"need {need} bytes", f"VMEM_LIMIT_BYTES={VMEM_LIMIT_BYTES}", "bq=2048", "bkv=4096"):
+        assert fragment in str(info.value), (str(info.value), fragment)
+    # The same blocks on a short sequence shrink to it and fit.
+    y = jax.ShapeDtypeStruct((1, 300, 128), bf16)
+    assert jax.eval_shape(functools.partial(splash_attention, block_sizes=blocks), y, y, y).shape == y.shape
 
-    INTERPRET = True
+
+def test_attended_pairs():
+    for n, w in [(1, 0), (7, 0), (7, 2), (7, 6), (7, 100), (300, 50)]:
+        i, j = np.arange(n)[:, None], np.arange(n)[None, :]
+        assert attended_pairs(n, n, w) == int((np.abs(i - j) <= w).sum())
+    assert attended_pairs(200, 77) == 200 * 77

@@ -11,6 +11,8 @@ picks, per call, from the shapes it sees at trace time:
 `auto` = custom on TPU for long self-attention, cudnn on GPU where it applies, xla otherwise (short
 cross-attention over text tokens, CPU). Kernels see one device's data: shard_map splits the batch over dp,
 heads over tp when they divide, and otherwise the query sequence over the axes left (keys stay whole).
+A window (options.window_size) applies to self-attention only, on every choice; whether a call is
+self-attention is decided once, from the global shapes (L == S), never from one shard's.
 """
 
 from __future__ import annotations
@@ -65,15 +67,21 @@ class AttentionOptions:
                                  f"{self.bkv_compute}")
 
 
-def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float | None = None) -> jax.Array:
-    """softmax(q k^T * scale) v, with the softmax in float32 whatever the input dtype."""
+def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float | None = None,
+                  window_size: int | None = None) -> jax.Array:
+    """softmax(q k^T * scale) v, with the softmax in float32 whatever the input dtype. window_size W
+    (self-attention): query i sees key j iff |i - j| <= W."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     logits = jnp.einsum("bnld,bnsd->bnls", q, k, preferred_element_type=jnp.float32) * scale  # [B N L S]
+    if window_size is not None:
+        i, j = jnp.arange(q.shape[2])[:, None], jnp.arange(k.shape[2])[None, :]
+        logits = jnp.where(jnp.abs(i - j) <= window_size, logits, -jnp.inf)  # the diagonal keeps rows non-empty
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     return jnp.einsum("bnls,bnsd->bnld", probs, v)  # [B N L D]
 
 
-def xla_attention_per_head(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float | None = None) -> jax.Array:
+def xla_attention_per_head(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float | None = None,
+                           window_size: int | None = None) -> jax.Array:
     """xla_attention over one (batch row, head) at a time (lax.map): the same ops on each [L S] block, with one
     block of logits live instead of all [B N L S]. On XLA's CPU backend (2 cores) that is faster: [2, 12, 1280, 64]
     self-attention ~270 -> ~225 ms, cross-attention over 512 keys ~100 -> ~82 ms, a medium Wan DiT step (f32,
@@ -83,39 +91,66 @@ def xla_attention_per_head(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: f
     KERNEL_BF16_RTOL. Unsharded use only: a loop over a sharded axis would make GSPMD gather it."""
     b, n, l, d = q.shape
     flat = lambda x: x.reshape(b * n, x.shape[2], d)  # noqa: E731
-    one = lambda qkv: xla_attention(*(x[None, None] for x in qkv), scale=scale)[0, 0]  # noqa: E731
+
+    def one(qkv):
+        return xla_attention(*(x[None, None] for x in qkv), scale=scale, window_size=window_size)[0, 0]
+
     return jax.lax.map(one, (flat(q), flat(k), flat(v))).reshape(b, n, l, d)
 
 
-def _cudnn_attention(q, k, v, *, scale=None):
+def cudnn_attention(q, k, v, *, scale=None, window_size=None):
+    """jax.nn.dot_product_attention's cuDNN kernel on [B N L D] arrays (GPU; see cudnn_unsupported)."""
     t = lambda x: x.transpose(0, 2, 1, 3)  # noqa: E731  [B N L D] <-> [B L N D]
-    return t(jax.nn.dot_product_attention(t(q), t(k), t(v), scale=scale, implementation="cudnn"))
+    return t(jax.nn.dot_product_attention(t(q), t(k), t(v), scale=scale, local_window_size=window_size,
+                                          implementation="cudnn"))
+
+
+def cudnn_unsupported(platform: str, dtype, head_dim: int) -> str | None:
+    """Why cudnn_attention cannot serve this call, or None if it can."""
+    if platform != "gpu":
+        return f"cuDNN attention needs a GPU, found {platform}"
+    if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        return f"cuDNN attention needs bfloat16 or float16 inputs, found {jnp.dtype(dtype).name}"
+    if head_dim > 128 or head_dim % 8:
+        return f"cuDNN attention needs a head dim <= 128 and a multiple of 8, found {head_dim}"
+    return None
+
+
+def pallas_tpu_unsupported(choice: str, platform: str) -> str | None:
+    """Why the Pallas TPU kernel `choice` (custom or splash) cannot run on `platform`, or None if it can."""
+    if platform == "gpu":
+        return f"--attention {choice} is a Pallas TPU kernel: expected tpu (or cpu, interpreted), found gpu"
+    return None
 
 
 def _resolve(options: AttentionOptions, platform: str, kv_len: int, dtype, head_dim: int = 128) -> str:
     choice = options.choice
-    if choice in ("custom", "splash") and platform == "gpu":
-        raise AttentionError(f"--attention {choice} is a Pallas TPU kernel: expected tpu (or cpu, interpreted), found gpu")
+    if choice in ("custom", "splash") and (why := pallas_tpu_unsupported(choice, platform)):
+        raise AttentionError(why)
     if choice != "auto":
         return choice
     if platform == "tpu" and kv_len >= LONG_KV:
         return "custom"
-    if platform == "gpu" and dtype in (jnp.bfloat16, jnp.float16) and head_dim <= 128 and head_dim % 8 == 0:
+    if cudnn_unsupported(platform, dtype, head_dim) is None:
         return "cudnn"  # cuDNN's fused attention takes 16-bit inputs and head dims up to 128
     return "xla"
 
 
-def _kernel(choice: str, options: AttentionOptions, q_len: int, kv_len: int, head_dim: int, interpret: bool):
-    """fn(q [N L D], k [N S D], v [N S D], scale) for one device's data."""
+def _kernel(choice: str, options: AttentionOptions, q_len: int, kv_len: int, head_dim: int, dtype,
+            window: int | None, interpret: bool):
+    """fn(q [N L D], k [N S D], v [N S D], scale) for one device's data. q_len is the local (per-shard) query
+    length; `window` was decided by the caller from the global shapes (None for cross-attention)."""
     from tpu_wan.kernels import splash_exp2
 
     given = {n: getattr(options, n) for n in ("bq", "bkv", "bkv_compute") if getattr(options, n) is not None}
+    flags = ", ".join(f"{BLOCK_FLAGS[n]} {v}" for n, v in given.items())
     try:
-        blocks = dataclasses.replace(splash_exp2.default_block_sizes(q_len, kv_len, head_dim), **given)
-    except ValueError as err:  # a given size that does not combine with a default one
-        raise AttentionError(f"kernel block sizes ({', '.join(f'{BLOCK_FLAGS[n]} {v}' for n, v in given.items())} "
-                             f"with the defaults for q_len={q_len} kv_len={kv_len}): expected {err}") from None
-    window = options.window_size if q_len == kv_len else None  # the window is a self-attention notion
+        blocks = dataclasses.replace(splash_exp2.default_block_sizes(q_len, kv_len, head_dim, dtype), **given)
+        if choice == "custom":
+            splash_exp2.check_vmem(blocks, q_len, kv_len, head_dim, dtype)
+    except ValueError as err:  # a given size that does not combine with a default one, or over VMEM
+        raise AttentionError(f"kernel block sizes ({flags} with the defaults for q_len={q_len} kv_len={kv_len}): "
+                             f"expected {err}") from None
     if choice == "custom":
         return functools.partial(
             splash_exp2.splash_attention, block_sizes=blocks, window_size=window, k_smooth=options.k_smooth,
@@ -172,34 +207,50 @@ def _shard_specs(mesh: Mesh, batch: int, heads: int) -> tuple[P, P, tuple[str, .
     return q_spec, P(batch_axis, head_axis, None, None), seq_axes
 
 
-def make_attention(options: AttentionOptions | str = "auto", mesh: Mesh | None = None) -> AttentionFn:
-    """The attention function for `options` on `mesh`; an unsupported choice is an error, never a fallback."""
+def check_calls(fn: AttentionFn, *, batch: int, heads: int, head_dim: int, tokens: int, text_len: int,
+                dtype) -> None:
+    """Traces `fn`'s self-attention (L = S = tokens) and cross-attention (S = text_len) calls on abstract
+    inputs: a setting the shapes do not support is refused before any weight is loaded or anything runs."""
+    for kv_len in (tokens, text_len):
+        q = jax.ShapeDtypeStruct((batch, heads, tokens, head_dim), jnp.dtype(dtype))  # [B N L D]
+        kv = jax.ShapeDtypeStruct((batch, heads, kv_len, head_dim), jnp.dtype(dtype))  # [B N S D]
+        jax.eval_shape(fn, q, kv, kv)
+
+
+def make_attention(options: AttentionOptions | str = "auto", mesh: Mesh | None = None,
+                   platform: str | None = None) -> AttentionFn:
+    """The attention function for `options` on `mesh`; an unsupported choice is an error, never a fallback.
+    platform: where it will run (default jax.default_backend()); "cpu" with the inputs on a CPU device runs the
+    Pallas kernels interpreted on the host whatever the default backend is."""
     if isinstance(options, str):
         options = AttentionOptions(choice=options)
-    platform = jax.default_backend()
+    platform = platform or jax.default_backend()
 
     def attention(q, k, v, *, scale=None):
         b, n, l, d = q.shape
-        choice = _resolve(options, platform, k.shape[2], q.dtype, d)
+        s = k.shape[2]
+        # Self- vs cross-attention from the global shapes, once: a shard's query length may equal S by chance.
+        window = options.window_size if l == s else None
+        choice = _resolve(options, platform, s, q.dtype, d)
         if choice == "xla":
             if platform == "cpu" and (mesh is None or mesh.size == 1):
-                return xla_attention_per_head(q, k, v, scale=scale)
-            return xla_attention(q, k, v, scale=scale)
+                return xla_attention_per_head(q, k, v, scale=scale, window_size=window)
+            return xla_attention(q, k, v, scale=scale, window_size=window)
         if choice == "cudnn":
-            return _cudnn_attention(q, k, v, scale=scale)
+            return cudnn_attention(q, k, v, scale=scale, window_size=window)
         interpret = platform != "tpu"
         if mesh is None or mesh.size == 1:
-            return _per_device(_kernel(choice, options, l, k.shape[2], d, interpret), scale)(q, k, v)
+            return _per_device(_kernel(choice, options, l, s, d, q.dtype, window, interpret), scale)(q, k, v)
         q_spec, kv_spec, seq_axes = _shard_specs(mesh, b, n)
         shards = math.prod(mesh.shape[a] for a in seq_axes)
-        if seq_axes and options.window_size is not None and l == k.shape[2]:
+        if seq_axes and window is not None:
             raise AttentionError(
                 f"window_size with the query sequence split over {seq_axes}: expected heads divisible by "
                 f"tp={mesh.shape['tp']} and batch by dp={mesh.shape['dp']}, found heads={n} batch={b}"
             )
         lp = -(-l // shards) * shards  # the query sequence splits evenly; padded rows are dropped below
         qp = jnp.pad(q, ((0, 0), (0, 0), (0, lp - l), (0, 0)))
-        local = _per_device(_kernel(choice, options, lp // shards, k.shape[2], d, interpret), scale)
+        local = _per_device(_kernel(choice, options, lp // shards, s, d, q.dtype, window, interpret), scale)
         out = jax.shard_map(local, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec), out_specs=q_spec, check_vma=False)(
             qp, k, v
         )

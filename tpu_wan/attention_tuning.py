@@ -1,13 +1,16 @@
 """Checking and tuning the attention kernels: accuracy against a float64 host reference, timing, block sweeps.
 
 Everything runs through attention.make_attention on one device, so what is checked and timed is exactly what
-the models call. On a machine without a TPU the Pallas kernels run in interpret mode: right for `check`,
-meaningless for speed (results then say interpret=True).
+the models call. `check` runs the Pallas kernels compiled on a TPU and, anywhere else (GPU included), in
+interpret mode on the host CPU backend. `bench` times what the present backend can run (TPU: custom, splash,
+xla; GPU: xla, cudnn; CPU: custom and splash interpreted, meaningless for speed, and xla) and lists what it
+skipped and why. `sweep` times the custom kernel's block sizes (TPU; interpreted on CPU).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import statistics
 import time
 
@@ -16,8 +19,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from tpu_wan import attention
-from tpu_wan.attention import AttentionOptions
+from tpu_wan.attention import AttentionError, AttentionOptions
+from tpu_wan.kernels import splash_exp2
 
+BENCH_CHOICES = ("custom", "splash", "xla", "cudnn")
 # Dense bf16 matmul peak per chip, TFLOP/s, by jax device_kind prefix (vendor spec sheets).
 PEAK_TFLOPS = {
     "TPU v6": 918.0, "TPU v5p": 459.0, "TPU v5 lite": 197.0, "TPU v5e": 197.0, "TPU v4": 275.0,
@@ -33,8 +38,19 @@ class Shape:
     head_dim: int
     dtype: str = "bfloat16"
 
-    def flops(self) -> float:
-        return 4.0 * self.heads * self.q_len * self.kv_len * self.head_dim  # two matmuls, 2 flops per MAC
+    def flops(self, window_size: int | None = None) -> float:
+        """Two matmuls (2 flops per multiply-add) over the (query, key) pairs attended: all of them, or with a
+        window those with |i - j| <= window_size."""
+        pairs = splash_exp2.attended_pairs(self.q_len, self.kv_len, self.window(window_size))
+        return 4.0 * self.heads * pairs * self.head_dim
+
+    def window(self, window_size: int | None) -> int | None:
+        """The window that applies at this shape: a window is for self-attention; on cross-attention it is
+        refused (AttentionError), as the kernel refuses it."""
+        if window_size is not None and self.q_len != self.kv_len:
+            raise AttentionError(f"window_size is for self-attention: expected q_len == kv_len, found "
+                                 f"{self.q_len} != {self.kv_len}")
+        return window_size
 
 
 def random_inputs(shape: Shape, seed: int = 0) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -56,27 +72,34 @@ def reference_f64(q, k, v, window_size: int | None = None) -> np.ndarray:
     return np.einsum("bnls,bnsd->bnld", p / p.sum(-1, keepdims=True), v)
 
 
-def check(shape: Shape, options: AttentionOptions, seed: int = 0) -> dict:
-    """Kernel output vs the float64 reference: max_abs_err and rel_err (Frobenius norm ratio)."""
-    if options.window_size is not None and shape.q_len != shape.kv_len:
-        raise attention.AttentionError(
-            f"window_size is for self-attention: expected q_len == kv_len, found {shape.q_len} != {shape.kv_len}"
-        )
-    from tpu_wan.kernels.splash_exp2 import default_block_sizes
+def _host_cpu():
+    try:
+        return jax.devices("cpu")[0]
+    except RuntimeError as err:
+        raise AttentionError("without a TPU, check runs the kernel interpreted on the host CPU backend: expected "
+                             f"a cpu backend (JAX_PLATFORMS must include cpu), found {err}") from None
 
-    blocks = default_block_sizes(shape.q_len, shape.kv_len, shape.head_dim, shape.dtype)
+
+def check(shape: Shape, options: AttentionOptions, seed: int = 0) -> dict:
+    """Kernel output vs the float64 reference: max_abs_err and rel_err (Frobenius norm ratio). Compiled on a
+    TPU; elsewhere (CPU or GPU default backend) interpreted on the host CPU."""
+    window = shape.window(options.window_size)
+    blocks = splash_exp2.default_block_sizes(shape.q_len, shape.kv_len, shape.head_dim, shape.dtype)
     given = {n: getattr(options, n) for n in ("bq", "bkv", "bkv_compute") if getattr(options, n) is not None}
     try:
         blocks = dataclasses.replace(blocks, **given)
     except ValueError as err:  # a given size that does not combine with the others
-        raise attention.AttentionError(f"block sizes for q_len={shape.q_len} kv_len={shape.kv_len}: {err}") from None
-    q, k, v = random_inputs(shape, seed)
-    out = np.asarray(jax.jit(attention.make_attention(options))(q, k, v), np.float64)
-    ref = reference_f64(q, k, v, options.window_size if shape.q_len == shape.kv_len else None)
+        raise AttentionError(f"block sizes for q_len={shape.q_len} kv_len={shape.kv_len}: {err}") from None
+    platform = "tpu" if jax.default_backend() == "tpu" else "cpu"
+    device = jax.devices()[0] if platform == "tpu" else _host_cpu()
+    q, k, v = jax.device_put(random_inputs(shape, seed), device)
+    with jax.default_device(device):
+        out = np.asarray(jax.jit(attention.make_attention(options, platform=platform))(q, k, v), np.float64)
+    ref = reference_f64(q, k, v, window)
     return {
         **dataclasses.asdict(shape), "attention": options.choice, "k_smooth": options.k_smooth,
         "window_size": options.window_size, "block_sizes": [blocks.bq, blocks.bkv, blocks.bkv_compute],
-        "interpret": jax.default_backend() != "tpu",
+        "interpret": platform != "tpu",
         "max_abs_err": float(np.abs(out - ref).max()),
         "rel_err": float(np.linalg.norm(out - ref) / np.linalg.norm(ref)),
     }
@@ -98,38 +121,76 @@ def peak_tflops() -> float | None:
     return next((v for k, v in PEAK_TFLOPS.items() if kind.startswith(k)), None)
 
 
-def bench(shape: Shape, options: AttentionOptions, choices=("custom", "splash", "xla"), repeats: int = 5) -> list[dict]:
-    """Median time, TFLOP/s and fraction of peak for each attention choice on the same inputs."""
+def unsupported(choice: str, shape: Shape, platform: str) -> str | None:
+    """Why `choice` cannot run at `shape` on `platform`, or None if it can."""
+    if choice in ("custom", "splash"):
+        return attention.pallas_tpu_unsupported(choice, platform)
+    if choice == "cudnn":
+        return attention.cudnn_unsupported(platform, shape.dtype, shape.head_dim)
+    if choice != "xla":
+        return f"unknown attention {choice!r}: expected one of {BENCH_CHOICES}"
+    return None
+
+
+def bench(shape: Shape, options: AttentionOptions, choices=BENCH_CHOICES,
+          repeats: int = 5) -> tuple[list[dict], list[dict]]:
+    """(rows, skipped): median time, TFLOP/s and fraction of peak for each of `choices` the present backend can
+    run, on the same inputs; skipped: {"attention", "reason"} for the others. Nothing runnable is an error."""
+    platform = jax.default_backend()
+    window = shape.window(options.window_size)
+    skipped = [{"attention": c, "reason": why} for c in choices if (why := unsupported(c, shape, platform))]
+    runnable = [c for c in choices if c not in {r["attention"] for r in skipped}]
+    if not runnable:
+        raise AttentionError(f"bench: nothing to time on {platform}: "
+                             + "; ".join(f"{r['attention']}: {r['reason']}" for r in skipped))
     args = random_inputs(shape)
     peak = peak_tflops()
+    flops = shape.flops(window)
     rows = []
-    for choice in choices:
-        fn = jax.jit(attention.make_attention(dataclasses.replace(options, choice=choice)))
-        seconds = time_call(fn, args, repeats)
-        tflops = shape.flops() / seconds / 1e12
+    for choice in runnable:
+        if choice == "cudnn":  # not an AttentionOptions choice (auto picks it on GPU); called directly
+            fn = functools.partial(attention.cudnn_attention, window_size=window)
+        else:
+            fn = attention.make_attention(dataclasses.replace(options, choice=choice))
+        seconds = time_call(jax.jit(fn), args, repeats)
+        tflops = flops / seconds / 1e12
         rows.append({
             "attention": choice, "seconds": seconds, "tflops": tflops,
             "fraction_of_peak": None if peak is None else tflops / peak,
-            "interpret": choice != "xla" and jax.default_backend() != "tpu",
+            "interpret": choice in ("custom", "splash") and platform != "tpu",
         })
-    return rows
+    return rows, skipped
 
 
 def sweep(shape: Shape, options: AttentionOptions, candidates, repeats: int = 3) -> list[dict]:
-    """Times the custom kernel for each (bq, bkv, bkv_compute); fastest first. Invalid combos are skipped."""
-    from tpu_wan.kernels.splash_exp2 import VMEM_LIMIT_BYTES, BlockSizes, vmem_bytes
-
-    args = random_inputs(shape)
-    rows = []
+    """Times the custom kernel for each (bq, bkv, bkv_compute), fastest first. Candidates that are invalid or
+    over the VMEM limit are skipped; none left is an error."""
+    platform = jax.default_backend()
+    if why := attention.pallas_tpu_unsupported("custom", platform):
+        raise AttentionError(f"sweep times the custom kernel: {why}")
+    window = shape.window(options.window_size)
+    candidates = list(candidates)
+    timed, refused = [], []
     for bq, bkv, bc in candidates:
         try:
-            blocks = BlockSizes(bq, bkv, bc)
-        except ValueError:
+            blocks = splash_exp2.BlockSizes(bq, bkv, bc)
+            if platform == "tpu" and bc % splash_exp2.NUM_LANES:
+                raise ValueError(f"compiled kernels need bkv_compute % {splash_exp2.NUM_LANES} == 0, found {bc}")
+            splash_exp2.check_vmem(blocks, shape.q_len, shape.kv_len, shape.head_dim, shape.dtype)
+        except ValueError as err:
+            refused.append(f"({bq}, {bkv}, {bc}): {err}")
             continue
-        if vmem_bytes(blocks, shape.head_dim, shape.dtype) > VMEM_LIMIT_BYTES:
-            continue
-        opts = dataclasses.replace(options, choice="custom", bq=bq, bkv=bkv, bkv_compute=bc)
+        timed.append(blocks)
+    if not timed:
+        raise AttentionError(f"sweep: none of the {len(candidates)} candidate block sizes fits; first refusal "
+                             f"{refused[0] if refused else '(no candidates given)'}")
+    args = random_inputs(shape)
+    flops = shape.flops(window)
+    rows = []
+    for blocks in timed:
+        opts = dataclasses.replace(options, choice="custom", bq=blocks.bq, bkv=blocks.bkv,
+                                   bkv_compute=blocks.bkv_compute)
         seconds = time_call(jax.jit(attention.make_attention(opts)), args, repeats)
-        rows.append({"bq": bq, "bkv": bkv, "bkv_compute": bc, "seconds": seconds,
-                     "tflops": shape.flops() / seconds / 1e12})
+        rows.append({"bq": blocks.bq, "bkv": blocks.bkv, "bkv_compute": blocks.bkv_compute, "seconds": seconds,
+                     "tflops": flops / seconds / 1e12})
     return sorted(rows, key=lambda r: r["seconds"])

@@ -36,11 +36,13 @@ NUM_SUBLANES = 8
 # it sees at least itself or, without a window, key 0), and against a real max 2^(MASK - m) = 0 exactly.
 # -1e30 is far below any real logit yet far from overflow (m - MASK stays finite in float32).
 MASK_VALUE = -1e30
-# Per-core VMEM budget that the default BlockSizes stay well under: 16 MiB is the smallest VMEM of any TPU
-# generation (v2, v3, v4: 16 MiB per core, see vmem_capacity_bytes in jax/_src/pallas/mosaic/tpu_info.py;
-# v5e/v6e have 128 MiB, v5p 64 MiB) and, to our knowledge, the default scoped VMEM limit a Mosaic kernel gets
-# on v5e (32 MiB on v6e; raising it needs CompilerParams(vmem_limit_bytes=...) and
-# --xla_tpu_scoped_vmem_limit_kib, see CompilerParams' docstring).
+# Per-core VMEM limit: the kernel entry refuses block sizes whose vmem_bytes exceed it, the compiled kernel
+# asks Mosaic for exactly this much scoped VMEM (CompilerParams(vmem_limit_bytes=...)), and the default
+# BlockSizes stay well under it. 16 MiB is the smallest VMEM of any TPU generation (v2, v3, v4: 16 MiB per
+# core, see vmem_capacity_bytes in jax/_src/pallas/mosaic/tpu_info.py; v5e/v6e have 128 MiB, v5p 64 MiB) and,
+# to our knowledge, the default scoped VMEM limit a Mosaic kernel gets on v5e (32 MiB on v6e). Raising it
+# above that default also needs XLA's --xla_tpu_scoped_vmem_limit_kib (see CompilerParams' docstring and
+# "Tuning" in docs/KERNEL.md).
 VMEM_LIMIT_BYTES = 16 * 1024 * 1024
 _DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 _NT_DIMS = (((1,), (1,)), ((), ()))  # [a, d] x [b, d] -> [a, b]
@@ -76,6 +78,14 @@ def _round_up(x: int, m: int) -> int:
     return -(-x // m) * m
 
 
+def effective_block_sizes(block_sizes: BlockSizes, q_len: int, kv_len: int) -> BlockSizes:
+    """The blocks the kernel runs with: bq and bkv shrunk to the (padded) sequence, so short sequences do not
+    pay for padding (bkv stays a multiple of bkv_compute)."""
+    bc = block_sizes.bkv_compute
+    return BlockSizes(bq=min(block_sizes.bq, _round_up(q_len, NUM_SUBLANES)),
+                      bkv=min(block_sizes.bkv, _round_up(kv_len, bc)), bkv_compute=bc)
+
+
 def vmem_bytes(block_sizes: BlockSizes, head_dim: int, dtype) -> int:
     """VMEM one grid step needs: the double-buffered q, k, v, o blocks, the float32 scratch (m, l, acc) and
     the float32 logits and probabilities of one [bq, bkv_compute] chunk (Mosaic keeps tiles that large in VMEM,
@@ -86,6 +96,26 @@ def vmem_bytes(block_sizes: BlockSizes, head_dim: int, dtype) -> int:
     scratch = (2 * bq * NUM_LANES + bq * d) * 4  # m and l (lane-replicated), acc
     chunk = 2 * bq * _round_up(bc, NUM_LANES) * 4  # logits s and probabilities p
     return blocks + scratch + chunk
+
+
+def check_vmem(block_sizes: BlockSizes, q_len: int, kv_len: int, head_dim: int, dtype) -> None:
+    """Raises ValueError if the blocks the kernel would run with at this shape need more than VMEM_LIMIT_BYTES."""
+    blocks = effective_block_sizes(block_sizes, q_len, kv_len)
+    need = vmem_bytes(blocks, head_dim, dtype)
+    if need > VMEM_LIMIT_BYTES:
+        raise ValueError(
+            f"block sizes (bq={blocks.bq}, bkv={blocks.bkv}, bkv_compute={blocks.bkv_compute}) need {need} bytes "
+            f"({need / 2**20:.2f} MiB) of VMEM at head_dim={head_dim} {jnp.dtype(dtype).name}: expected at most "
+            f"VMEM_LIMIT_BYTES={VMEM_LIMIT_BYTES} ({VMEM_LIMIT_BYTES / 2**20:.0f} MiB, see docs/KERNEL.md)")
+
+
+def attended_pairs(q_len: int, kv_len: int, window_size: int | None = None) -> int:
+    """(query, key) pairs inside the attention pattern: q_len * kv_len, or with a window W (self-attention,
+    q_len == kv_len) those with |i - j| <= W."""
+    if window_size is None:
+        return q_len * kv_len
+    w = min(window_size, kv_len - 1)
+    return kv_len + 2 * (w * kv_len - w * (w + 1) // 2)  # the diagonal, then each offset 1..w on both sides
 
 
 # Per-shape defaults: the largest blocks (fewer grid steps, more reuse of each DMA'd block) whose padding stays
@@ -117,6 +147,7 @@ def default_block_sizes(q_len: int, kv_len: int, head_dim: int = 128, dtype=jnp.
                          lambda b: vmem_bytes(BlockSizes(bq, b, bc), head_dim, dtype) <= budget)
     return BlockSizes(bq=bq, bkv=bkv, bkv_compute=bc)
 
+
 def _check_inputs(q, k, v, window_size):
     for name, x in (("q", q), ("k", k), ("v", v)):
         if x.ndim != 3:
@@ -140,14 +171,17 @@ def _check_inputs(q, k, v, window_size):
                              f"expected L == S, found L={q.shape[1]}, S={k.shape[1]}")
 
 
-def attention_reference(q, k, v, *, scale=None, window_size=None, k_smooth=False, pv_f32=False) -> jax.Array:
+def attention_reference(q, k, v, *, block_sizes: BlockSizes | None = None, scale: float | None = None,
+                        window_size: int | None = None, k_smooth: bool = False, pv_f32: bool = False,
+                        interpret: bool = False) -> jax.Array:
     """softmax(q k^T * scale) v computed in float32 (HIGHEST matmul precision), returned as float32.
 
-    k_smooth and pv_f32 are accepted so the reference takes the kernel's keywords, and ignored: subtracting
-    the mean key shifts every logit of a row by the same amount, and the P.V precision is a rounding choice;
-    neither changes the exact result this computes.
+    Takes splash_attention's keywords, like upstream's reference. block_sizes, k_smooth, pv_f32 and interpret
+    are ignored: tiling and the interpreter do not change the math, subtracting the mean key shifts every
+    logit of a row by the same amount, and the P.V precision is a rounding choice; none changes the exact
+    result this computes.
     """
-    del k_smooth, pv_f32
+    del block_sizes, k_smooth, pv_f32, interpret
     _check_inputs(q, k, v, window_size)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     f32, hi = jnp.float32, lax.Precision.HIGHEST
@@ -262,8 +296,10 @@ def splash_attention(q, k, v, *, block_sizes: BlockSizes = BlockSizes(), scale: 
     interpret: run the same kernel in Pallas' TPU interpreter (pltpu.InterpretParams(): TPU memory spaces,
     uninitialised VMEM read as NaN, bounds-checked reads) on CPU; any D and blocks that are multiples of 8
     work there, while compiled kernels need bkv_compute % 128 == 0 and are meant for D = 64 or 128.
-    Blocks larger than the (padded) sequence are shrunk to it, so short sequences do not pay for padding.
-    `_mask_padding=False` leaves padded keys unmasked, for a test that shows the mask matters.
+    Blocks larger than the (padded) sequence are shrunk to it, so short sequences do not pay for padding;
+    blocks whose VMEM (vmem_bytes, after shrinking) exceeds VMEM_LIMIT_BYTES are refused, in interpret mode
+    too, so a check on CPU refuses what a TPU could not run. `_mask_padding=False` leaves padded keys
+    unmasked, for a test that shows the mask matters.
     """
     _check_inputs(q, k, v, window_size)
     if not isinstance(block_sizes, BlockSizes):
@@ -276,6 +312,7 @@ def splash_attention(q, k, v, *, block_sizes: BlockSizes = BlockSizes(), scale: 
     if not interpret and block_sizes.bkv_compute % NUM_LANES:
         raise ValueError(f"compiled kernels need bkv_compute % {NUM_LANES} == 0 (lanes of the logits tile), "
                          f"found {block_sizes.bkv_compute=}; use interpret=True for other sizes")
+    check_vmem(block_sizes, q.shape[1], k.shape[1], q.shape[2], q.dtype)
     return _splash_attention(q, k, v, block_sizes=block_sizes, scale=scale, window_size=window_size,
                              k_smooth=bool(k_smooth), pv_f32=bool(pv_f32), interpret=bool(interpret),
                              mask_padding=bool(_mask_padding))
@@ -301,9 +338,8 @@ def _splash_attention(q, k, v, *, block_sizes, scale, window_size, k_smooth, pv_
     if q.dtype == f32:
         q, logit_scale = q * f32(logit_scale), 1.0
 
-    bc = block_sizes.bkv_compute
-    bq = min(block_sizes.bq, _round_up(q_len, NUM_SUBLANES))
-    bkv = min(block_sizes.bkv, _round_up(kv_len, bc))  # stays a multiple of bc
+    blocks = effective_block_sizes(block_sizes, q_len, kv_len)
+    bq, bkv, bc = blocks.bq, blocks.bkv, blocks.bkv_compute
     q_pad_len, kv_pad_len = _round_up(q_len, bq), _round_up(kv_len, bkv)
     # Zero padding; padded keys are masked in the kernel, padded query rows sliced off below.
     q = jnp.pad(q, ((0, 0), (0, q_pad_len - q_len), (0, 0)))
@@ -323,7 +359,7 @@ def _splash_attention(q, k, v, *, block_sizes, scale, window_size, k_smooth, pv_
     kernel = functools.partial(_kernel, logit_scale=logit_scale, bq=bq, bkv=bkv, bc=bc, q_len=q_len,
                                kv_len=kv_len, kv_pad_len=kv_pad_len, window=window_size,
                                mask_padding=mask_padding, pv_f32=pv_f32)
-    seen = kv_len if window_size is None else min(kv_len, 2 * window_size + 1)  # keys per query row
+    pairs = n * attended_pairs(q_len, kv_len, window_size)
     itemsize = jnp.dtype(q.dtype).itemsize
     out = pl.pallas_call(
         kernel,
@@ -336,8 +372,9 @@ def _splash_attention(q, k, v, *, block_sizes, scale, window_size, k_smooth, pv_
         scratch_shapes=[pltpu.VMEM((bq, NUM_LANES), f32),  # m: running row max (base-2 logits)
                         pltpu.VMEM((bq, NUM_LANES), f32),  # l: running row sum of 2^(s - m)
                         pltpu.VMEM((bq, d), f32)],  # acc: running sum of 2^(s - m) v
-        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
-        cost_estimate=pl.CostEstimate(flops=4 * n * q_len * seen * d, transcendentals=n * q_len * seen,
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary"),
+                                             vmem_limit_bytes=VMEM_LIMIT_BYTES),
+        cost_estimate=pl.CostEstimate(flops=4 * pairs * d, transcendentals=pairs,
                                       bytes_accessed=(2 * q.size + k.size * (q_pad_len // bq) * 2) * itemsize),
         # Pallas' TPU interpreter follows TPU semantics (memory spaces, NaN-filled uninitialised scratch,
         # bounds-checked reads). The generic interpret=True also runs this kernel in jax 0.10.2 (~1.5x faster
