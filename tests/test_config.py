@@ -34,3 +34,31 @@ def test_bad_settings_are_refused():
         _resolve("tiny-random", frames=10)
     with pytest.raises(ConfigError, match="height must be a positive multiple of 16, found 40"):
         _resolve("tiny-random", height=40)
+
+
+def test_attention_settings_are_recorded():
+    given = dict(attention="xla", k_smooth=True, window_size=8, bqsize=64, bkvsize=128, bkvcomputesize=64)
+    cfg = _resolve("tiny-random", **given)
+    assert {k: getattr(cfg, k) for k in given} == given
+    assert GenerationConfig.from_json_dict(cfg.to_json_dict()) == cfg
+    default = _resolve("tiny-random")
+    assert (default.attention, default.k_smooth, default.window_size, default.bqsize) == ("auto", False, None, None)
+    # an explicit AttentionOptions (run_stage2's `attention`) is what gets recorded
+    from tpu_wan.attention import AttentionOptions
+
+    args = pipeline.with_attention(pipeline.SamplingArgs(), AttentionOptions(choice="xla", window_size=3, bq=16))
+    assert (args.attention, args.k_smooth, args.window_size, args.bqsize, args.bkvsize) == ("xla", False, 3, 16, None)
+    assert pipeline.attention_options(args) == AttentionOptions(choice="xla", window_size=3, bq=16)
+
+
+def test_config_without_attention_fields_still_loads():
+    # generation_config.json written before the attention settings were recorded: they load as None (unknown).
+    old = _resolve("tiny-random").to_json_dict()
+    for name in ("attention", "k_smooth", "window_size", "bqsize", "bkvsize", "bkvcomputesize"):
+        del old[name]
+    cfg = GenerationConfig.from_json_dict(old)
+    assert (cfg.attention, cfg.k_smooth, cfg.window_size, cfg.height) == (None, None, None, 64)
+    with pytest.raises(ConfigError, match="attention must be one of .* found 'fast'"):
+        GenerationConfig.from_json_dict({**old, "attention": "fast"})
+    with pytest.raises(ConfigError, match="window_size must be >= 0, found -1"):
+        GenerationConfig.from_json_dict({**old, "attention": "auto", "window_size": -1})

@@ -1,6 +1,9 @@
 """Batch generation: prompt files, seed sweeps compiled once, resume after SIGKILL, per-video names."""
 
 import logging
+import random
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -9,10 +12,11 @@ import time
 import jax
 import numpy as np
 import pytest
+from conftest import EMBED_RTOL, rel_err
 from scripts import ROOT, STAGE1, STAGE2, STAGE3, run
 
 from tpu_wan import artifacts, pipeline, video
-from tpu_wan.batch import BatchError, parse_seeds, plan_videos, prompt_slugs, read_prompt_file, slugify
+from tpu_wan.batch import SLUG_MAX, BatchError, parse_seeds, plan_videos, prompt_slugs, read_prompt_file, slugify
 from tpu_wan.config import GenerationConfig
 from tpu_wan.mesh import make_mesh
 
@@ -37,6 +41,28 @@ def test_names_are_safe_unique_and_stable():
     assert prompt_slugs(["a cat", "A cat!", "一只", "狗"]) == ["a-cat", "a-cat-2", "prompt", "prompt-2"]
     names = [v.name for v in plan_videos(["a cat", "a cat"], [7, 8])]
     assert names == ["a-cat_seed7", "a-cat_seed8", "a-cat-2_seed7", "a-cat-2_seed8"]
+    # A prompt whose own slug looks like a suffixed repeat: the later prompt moves on to a free name.
+    assert prompt_slugs(["a cat", "a cat", "a cat 2"]) == ["a-cat", "a-cat-2", "a-cat-2-2"]
+    assert prompt_slugs(["a cat 2", "a cat", "a cat"]) == ["a-cat-2", "a-cat", "a-cat-3"]
+
+
+SLUG_PIECES = ("a cat", "A CAT!", "a cat 2", "a-cat-2", "a cat 2 2", "a cat 3", "a_cat", "prompt", "prompt 2",
+               "prompt-2-2", "一只猫", "狗", "", "  ", "../etc/passwd", ".hidden", "CON", "x" * 60, "word " * 30)
+
+
+def test_names_stay_unique_for_adversarial_prompt_lists():
+    rng = random.Random(0)
+    for _ in range(500):
+        prompts = [rng.choice(SLUG_PIECES) for _ in range(rng.randint(1, 14))]
+        slugs = prompt_slugs(prompts)
+        assert len(set(slugs)) == len(slugs), (prompts, slugs)
+        for slug in slugs:  # lowercase ASCII words joined by '-': no path separators, dots, '_' or leading '-'
+            assert re.fullmatch(r"[a-z0-9]+(-[a-z0-9]+)*", slug) and len(slug) <= SLUG_MAX + 4, slug
+        assert prompt_slugs(list(prompts)) == slugs  # stable
+        k = rng.randint(0, len(prompts))
+        assert prompt_slugs(prompts[:k]) == slugs[:k]  # appending prompts renames none of the earlier ones
+        names = [v.name for v in plan_videos(prompts, [1, 11])]
+        assert len(set(names)) == len(names), names
 
 
 def test_prompt_file_edge_cases(tmp_path):
@@ -49,16 +75,44 @@ def test_prompt_file_edge_cases(tmp_path):
     f.write_bytes(b"caf\xe9\n")
     with pytest.raises(BatchError, match="expected UTF-8 text"):
         read_prompt_file(f)
+    f.write_bytes(b"")
+    with pytest.raises(BatchError, match="expected at least one prompt line, found none"):
+        read_prompt_file(f)
+    f.write_bytes("\ufeff# saved by a Windows editor\r\nA cat\r\n".encode())  # byte order mark, CRLF
+    assert read_prompt_file(f) == ["A cat"]
 
 
-def test_long_prompt_is_truncated_with_a_warning(tiny_path, caplog):
+@pytest.fixture(scope="module")
+def encoder(tiny_path):
     from tpu_wan.text_encoder import TextEncoder
 
-    encoder = TextEncoder(tiny_path, make_mesh(1, 1, devices=jax.devices()[:1]), "float32")
+    return TextEncoder(tiny_path, make_mesh(1, 1, devices=jax.devices()[:1]), "float32")
+
+
+def test_long_prompt_is_truncated_with_a_warning(encoder, caplog):
     with caplog.at_level(logging.WARNING, logger="tpu_wan"):
         ids, mask = encoder.tokenize(["a cat " * 20, "a dog"], max_sequence_length=16)
     assert ids.shape == (2, 16) and mask[0].all() and ids[0, -1] == 1  # truncated like diffusers: ends in EOS
     assert "prompt 0 has" in caplog.text and "truncated to max_sequence_length=16" in caplog.text
+
+
+def test_more_prompts_than_one_encoder_batch(encoder, diffusers_pipe):
+    # 17 prompts + the negative one: stage 1 encodes them in two calls (ENCODE_BATCH 16, then 2). Every row must
+    # still be its own prompt's, as diffusers encodes the whole list at once.
+    import torch
+
+    from tpu_wan.text_encoder import ENCODE_BATCH
+
+    prompts = tuple(f"prompt number {i}: a {animal}" for i, animal in enumerate(["cat", "dog", "fox"] * 6))[:17]
+    assert len(prompts) > ENCODE_BATCH
+    cfg = GenerationConfig(model_id="tiny-random", prompts=prompts, negative_prompt="blurry", max_sequence_length=16)
+    ours, ours_neg = pipeline.encode(encoder, cfg)
+    with torch.no_grad():
+        ref, ref_neg = diffusers_pipe.encode_prompt(list(prompts), "blurry", max_sequence_length=16)
+    assert ours.shape == ours_neg.shape == tuple(ref.shape) == (17, 16, 32)
+    for i in range(17):
+        assert rel_err(ours[i], ref[i]) <= EMBED_RTOL, i
+        assert rel_err(ours_neg[i], ref_neg[i]) <= EMBED_RTOL, i
 
 
 @pytest.fixture(scope="module")
@@ -109,6 +163,7 @@ def test_sweep_files_match_in_process_results(swept, stage1):
                                         "a-cat-playing-piano_seed3", "prompt_seed1", "prompt_seed2", "prompt_seed3"])
     cfg = artifacts.load_config(swept)
     assert cfg["prompts"] == list(PROMPTS) and cfg["seeds"] == list(SEEDS) and cfg["batch_size"] == 2
+    assert (cfg["attention"], cfg["k_smooth"], cfg["window_size"], cfg["bqsize"]) == ("auto", False, None, None)
 
 
 LONG = ("--height", "32", "--width", "32", "--frames", "5", "--num_inference_steps", "10", "--seeds", "1-8")
@@ -139,11 +194,71 @@ def test_kill_mid_sweep_then_resume(stage1, tmp_path):
     assert not [p for p in (out / artifacts.LATENTS_DIR).iterdir() if p.name.startswith(".")]  # no temp files
 
 
-def test_rerun_with_other_settings_is_refused(swept, stage1):
-    proc = run(STAGE2, "--input_dir", stage1, "--output_dir", swept, "--height", "32", "--width", "32",
-               "--frames", "5", "--num_inference_steps", "4", "--seeds", "1-3", *MESH_4x2, check=False)
+@pytest.mark.parametrize("change,expected", [
+    (("--num_inference_steps", "4"), "num_inference_steps: 3 -> 4"),
+    (("--window_size", "4"), "window_size: None -> 4"),  # local attention: other latents
+], ids=["steps", "window_size"])
+def test_rerun_with_other_settings_is_refused(swept, stage1, change, expected):
+    before = {n: p.read_bytes() for n, p in artifacts.list_video_latents(swept).items()}
+    proc = run(STAGE2, "--input_dir", stage1, "--output_dir", swept, *SIZE, "--seeds", "1-3", *MESH_4x2, *change,
+               check=False)
     assert proc.returncode == 2
-    assert "num_inference_steps: 3 -> 4" in proc.stderr and "--overwrite" in proc.stderr
+    assert expected in proc.stderr and "--overwrite" in proc.stderr
+    assert {n: p.read_bytes() for n, p in artifacts.list_video_latents(swept).items()} == before
+
+
+def test_resuming_a_folder_from_before_attention_was_recorded_is_refused(tmp_path):
+    from tpu_wan import sweep
+    from tpu_wan.config import ConfigError
+
+    cfg = pipeline.resolve_sampling(GenerationConfig(model_id="tiny-random", prompts=("a cat",), negative_prompt=""),
+                                    pipeline.SamplingArgs(), make_mesh(4, 2))
+    old = {k: v for k, v in cfg.to_json_dict().items() if k not in ("attention", "k_smooth", "window_size")}
+    artifacts.save_config(tmp_path, old)
+    artifacts.save_latents(tmp_path / artifacts.LATENTS_FILE, np.zeros((1, 16, 2, 8, 12), np.float32))
+    with pytest.raises(ConfigError, match="attention: None -> 'auto'; k_smooth: None -> False"):
+        sweep.pending(tmp_path, cfg, pipeline.plan(cfg), overwrite=False)
+
+
+def test_rerun_of_a_finished_sweep_does_nothing(swept, stage1):
+    files = [*artifacts.list_video_latents(swept).values(), swept / artifacts.CONFIG_FILE,
+             swept / artifacts.METRICS_FILE]
+    stats = [(p.stat().st_ino, p.stat().st_mtime_ns) for p in files]
+    proc = run(STAGE2, "--input_dir", stage1, "--output_dir", swept, *SIZE, "--seeds", "1-3", *MESH_4x2)
+    assert "all 6 videos already in" in proc.stderr and "--overwrite to redo" in proc.stderr
+    assert [(p.stat().st_ino, p.stat().st_mtime_ns) for p in files] == stats  # no model loaded, nothing written
+
+
+def test_overwrite_redoes_every_video(swept, stage1, tmp_path):
+    out = tmp_path / "again"
+    shutil.copytree(swept, out)
+    stale = out / artifacts.LATENTS_DIR / "stale_seed9.safetensors"  # a video the new settings do not make
+    shutil.copy(out / artifacts.LATENTS_DIR / "prompt_seed1.safetensors", stale)
+    old = {n: (p.stat().st_ino, p.stat().st_mtime_ns) for n, p in artifacts.list_video_latents(out).items()}
+    proc = run(STAGE2, "--input_dir", stage1, "--output_dir", out, *SIZE, "--seeds", "1-3", *MESH_4x2,
+               "--overwrite")
+    assert "resuming" not in proc.stderr and "already in" not in proc.stderr
+    new = artifacts.list_video_latents(out)
+    assert sorted(new) == sorted(artifacts.list_video_latents(swept))  # the stale one is gone
+    for name, path in artifacts.list_video_latents(swept).items():
+        assert (new[name].stat().st_ino, new[name].stat().st_mtime_ns) != old[name], name  # written anew
+        np.testing.assert_array_equal(artifacts.load_latents(new[name]), artifacts.load_latents(path), err_msg=name)
+
+
+def test_true_single_run_equals_its_sweep_video(stage1, swept, tmp_path):
+    # Stage 1 for one prompt alone and stage 2 for one seed, as a user would run them, on the sweep's mesh and
+    # batch size. In the sweep, (prompt 1, seed 1) shared its batch with prompt 0 and its stage-1 call with
+    # prompt 0; here it is alone in both (its batch padded with itself).
+    run(STAGE1, "--model_id", "tiny-random", "--prompt", PROMPTS[1], "--output_dir", tmp_path, *MESH_4x2)
+    run(STAGE2, "--input_dir", tmp_path, *SIZE, "--seed", "1", "--batch_size", "2", *MESH_4x2)
+    embeds, negative = artifacts.load_embeddings(tmp_path)
+    sweep_embeds, sweep_negative = artifacts.load_embeddings(stage1)
+    np.testing.assert_array_equal(embeds[0], sweep_embeds[1])
+    np.testing.assert_array_equal(negative[0], sweep_negative[1])
+    video = plan_videos(PROMPTS, SEEDS)[3]
+    assert (video.prompt_index, video.seed) == (1, 1)
+    np.testing.assert_array_equal(artifacts.load_latents(tmp_path / artifacts.LATENTS_FILE),
+                                  artifacts.load_latents(artifacts.video_latents_path(swept, video.name)))
 
 
 def test_stage3_names_every_video(swept, tmp_path):

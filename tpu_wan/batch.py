@@ -37,7 +37,7 @@ def read_prompt_file(path: str | Path) -> list[str]:
     """Prompts, one per line (UTF-8); blank lines and lines starting with '#' are skipped."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a byte order mark (Windows editors) is not part of a prompt
     except FileNotFoundError:
         raise BatchError(f"--prompt_file: expected a file, found nothing at {path}") from None
     except UnicodeDecodeError as err:
@@ -84,13 +84,20 @@ def slugify(prompt: str) -> str:
 
 
 def prompt_slugs(prompts: Sequence[str]) -> list[str]:
-    """One slug per prompt, unique within the list: repeats get -2, -3, ... in order of appearance."""
-    seen: dict[str, int] = {}
+    """One slug per prompt, unique within the list. In order of appearance, a prompt whose slug is taken gets
+    the first free one of slug-2, slug-3, ... ('a cat', 'a cat 2', 'a cat' -> a-cat, a-cat-2, a-cat-3), so a
+    prompt's name depends only on the prompts before it: the same list, or a longer one, names it the same."""
+    taken: set[str] = set()
+    next_suffix: dict[str, int] = {}  # per slug, where the search for a free suffix resumes
     slugs = []
     for prompt in prompts:
-        base = slugify(prompt)
-        seen[base] = seen.get(base, 0) + 1
-        slugs.append(base if seen[base] == 1 else f"{base}-{seen[base]}")
+        slug = base = slugify(prompt)
+        n = next_suffix.get(base, 2)
+        while slug in taken:
+            slug, n = f"{base}-{n}", n + 1
+        next_suffix[base] = n
+        taken.add(slug)
+        slugs.append(slug)
     return slugs
 
 

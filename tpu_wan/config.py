@@ -121,6 +121,17 @@ def validate_dtype(dtype: str) -> None:
         raise ConfigError(f"dtype must be one of {DTYPES}, found {dtype!r}")
 
 
+def validate_attention(choice: str, window_size: int | None, *block_sizes: int | None) -> None:
+    """The recorded attention settings (tpu_wan.attention.AttentionOptions checks them fully when it is built)."""
+    if choice not in ATTENTION_CHOICES:
+        raise ConfigError(f"attention must be one of {ATTENTION_CHOICES}, found {choice!r}")
+    if window_size is not None and window_size < 0:
+        raise ConfigError(f"window_size must be >= 0, found {window_size}")
+    for size in block_sizes:
+        if size is not None and size < 1:
+            raise ConfigError(f"attention block sizes must be >= 1, found {size}")
+
+
 @dataclasses.dataclass(frozen=True)
 class GenerationConfig:
     """Everything that determines a folder's artifacts. Stage-2/3 fields stay None until those stages run."""
@@ -145,6 +156,14 @@ class GenerationConfig:
     transformer_checkpoint: str | None = None  # fine-tuned weights over the base transformer
     checkpoint_key: str | None = None
     mesh: tuple[int, int] | None = None
+    # stage 2, how attention ran (the --attention flags as given; 'auto' picks a backend per call and platform).
+    # None in configs written before these were recorded.
+    attention: str | None = None
+    k_smooth: bool | None = None
+    window_size: int | None = None  # local self-attention window; None: global
+    bqsize: int | None = None  # kernel block sizes; None: the per-shape default
+    bkvsize: int | None = None
+    bkvcomputesize: int | None = None
     # stage 3
     fps: int = 16
     vae_dtype: str = "float32"
@@ -166,6 +185,8 @@ class GenerationConfig:
                 raise ConfigError("expected at least one seed, found none")
             if self.batch_size is not None and self.batch_size < 1:
                 raise ConfigError(f"batch_size must be >= 1, found {self.batch_size}")
+            if self.attention is not None:
+                validate_attention(self.attention, self.window_size, self.bqsize, self.bkvsize, self.bkvcomputesize)
 
     def replace(self, **changes: Any) -> "GenerationConfig":
         return dataclasses.replace(self, **changes)

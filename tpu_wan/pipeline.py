@@ -15,7 +15,7 @@ import numpy as np
 
 from tpu_wan import artifacts, checkpoints, checks, config as config_lib, distributed, profiling, sweep
 from tpu_wan.config import ConfigError, GenerationConfig
-from tpu_wan.mesh import make_mesh
+from tpu_wan.mesh import check_heads, make_mesh
 from tpu_wan.profiling import Recorder
 
 log = logging.getLogger("tpu_wan")
@@ -48,6 +48,13 @@ class SamplingArgs:
     transformer_checkpoint: str | None = None
     checkpoint_key: str | None = None
     non_strict: bool = False
+    # attention, named as the flags (attention_options builds the AttentionOptions); recorded in the config
+    attention: str = "auto"
+    k_smooth: bool = False
+    window_size: int | None = None
+    bqsize: int | None = None
+    bkvsize: int | None = None
+    bkvcomputesize: int | None = None
 
 
 def sampling_args(namespace) -> SamplingArgs:
@@ -66,6 +73,18 @@ def attention_options(namespace):
     return AttentionOptions(
         choice=namespace.attention, k_smooth=namespace.k_smooth, window_size=namespace.window_size,
         bq=namespace.bqsize, bkv=namespace.bkvsize, bkv_compute=namespace.bkvcomputesize,
+    )
+
+
+def with_attention(args: SamplingArgs, options) -> SamplingArgs:
+    """`args` with the attention settings of `options` (an AttentionOptions or a choice such as 'xla')."""
+    from tpu_wan.attention import AttentionOptions
+
+    if isinstance(options, str):
+        options = AttentionOptions(choice=options)
+    return dataclasses.replace(
+        args, attention=options.choice, k_smooth=options.k_smooth, window_size=options.window_size,
+        bqsize=options.bq, bkvsize=options.bkv, bkvcomputesize=options.bkv_compute,
     )
 
 
@@ -96,6 +115,12 @@ def resolve_sampling(cfg: GenerationConfig, args: SamplingArgs, mesh) -> Generat
         transformer_checkpoint=args.transformer_checkpoint,
         checkpoint_key=args.checkpoint_key,
         mesh=(mesh.shape["dp"], mesh.shape["tp"]),
+        attention=args.attention,
+        k_smooth=args.k_smooth,
+        window_size=args.window_size,
+        bqsize=args.bqsize,
+        bkvsize=args.bkvsize,
+        bkvcomputesize=args.bkvcomputesize,
     )
 
 
@@ -166,6 +191,8 @@ def run_stage1(
     )
     mesh = make_mesh(dp, tp)
     model_path = checkpoints.resolve_model(model_id)
+    # before transformers is imported and the encoder loaded
+    check_heads(mesh, checkpoints.read_config(model_path, "text_encoder")["num_heads"], "text encoder")
     with rec.section("text_encoder", "load"):
         encoder = _encoder(model_path, mesh, dtype)
     with rec.section("text_encoder", "run"):
@@ -184,14 +211,15 @@ def run_stage2(
     output_dir: str | Path | None = None,
     dp: int | None = None,
     tp: int | None = None,
-    attention="auto",
+    attention=None,
     warmup_steps: int = 0,
     overwrite: bool = False,
 ) -> StageRun:
     """Denoises every (prompt, seed) video from the stage-1 embeddings, saving each batch as it lands.
 
     One video: stage2_latents.safetensors; several: stage2_latents/<name>.safetensors. Videos already in
-    `output_dir` from the same settings are skipped (a rerun resumes), unless `overwrite`."""
+    `output_dir` from the same settings are skipped (a rerun resumes), unless `overwrite`. `attention` (an
+    AttentionOptions or a choice) overrides the attention settings of `sampling`; the config records what ran."""
     start, rec = time.perf_counter(), Recorder()
     output_dir = Path(output_dir or input_dir)
     with rec.section("transformer", "io"):
@@ -199,22 +227,22 @@ def run_stage2(
         prompt_embeds, negative_embeds = artifacts.load_embeddings(input_dir)
     checks.check_embeddings_file(input_dir, cfg, prompt_embeds, negative_embeds)
     mesh = make_mesh(dp, tp)
+    if attention is not None:
+        sampling = with_attention(sampling, attention)
+    attention = attention_options(sampling)
     cfg = resolve_sampling(cfg, sampling, mesh)
     videos = plan(cfg)
     todo = sweep.pending(output_dir, cfg, videos, overwrite)
     if not todo:
         log.info("all %d videos already in %s (--overwrite to redo)", len(videos), output_dir)
         return StageRun(cfg, None)
-    with rec.section("transformer", "load"):
-        denoiser = _denoiser(checkpoints.resolve_model(cfg.model_id), mesh, cfg.dtype, attention,
-                             **_finetune(cfg, sampling.non_strict))
-    checks.check_text_dim(prompt_embeds, cfg, denoiser.config.text_dim)
-    shape = config_lib.latent_shape(cfg.batch_size, cfg.height, cfg.width, cfg.frames, denoiser.config.in_channels)
-    denoiser.check_attention(cfg.batch_size * (2 if cfg.do_classifier_free_guidance else 1), shape,
-                             cfg.max_sequence_length)
+    model_path = checkpoints.resolve_model(cfg.model_id)
+    dit = checks.check_transformer_run(model_path, cfg, mesh, attention, prompt_embeds)
     if cfg.init_latents is not None:  # refused before anything is written
-        shape = config_lib.latent_shape(1, cfg.height, cfg.width, cfg.frames, denoiser.config.in_channels)[1:]
+        shape = config_lib.latent_shape(1, cfg.height, cfg.width, cfg.frames, dit["in_channels"])[1:]
         sweep.starting_latents(cfg, videos[:1], videos, shape)
+    with rec.section("transformer", "load"):
+        denoiser = _denoiser(model_path, mesh, cfg.dtype, attention, **_finetune(cfg, sampling.non_strict))
     with rec.section("transformer", "io"):
         if overwrite:  # only now, after every check passed: a refused run leaves the previous results alone
             sweep.clear_previous(output_dir)

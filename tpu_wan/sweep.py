@@ -21,10 +21,16 @@ from tpu_wan.batch import Video, batches
 from tpu_wan.config import ConfigError, GenerationConfig
 
 log = logging.getLogger("tpu_wan")
+# A folder promises that every video in it is what its config computes, bit for bit (a sweep video equals the
+# single run with its prompt and seed). So the signature holds what changes the math (size, steps, the local
+# attention window, ...) and also what changes only the rounding: dtype, mesh and batch size, and likewise the
+# attention backend, k_smooth (an exact shift of the keys, rounded differently) and the kernel block sizes
+# (another summation order). A rerun that changes any of them is refused rather than mixed into the folder.
 SIGNATURE_FIELDS = (
     "model_id", "prompts", "negative_prompt", "max_sequence_length", "text_dtype", "height", "width", "frames",
     "num_inference_steps", "guidance_scale", "flow_shift", "sample_solver", "dtype", "init_latents",
     "transformer_checkpoint", "checkpoint_key", "mesh", "batch_size",
+    "attention", "k_smooth", "window_size", "bqsize", "bkvsize", "bkvcomputesize",
 )
 
 
