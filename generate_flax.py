@@ -52,7 +52,7 @@ def main(argv=None):
         args.model_id, prompts, args.negative_prompt, sampling,
         max_sequence_length=args.max_sequence_length, fps=args.fps, vae_dtype=args.vae_dtype,
         dp=args.dp, tp=args.tp,
-        attention=pipeline.attention_options(args), warmup_steps=args.warmup_steps, output_video=output_video,
+        warmup_steps=args.warmup_steps, output_video=output_video,
         output_dir=args.output_dir or (stamp if several else None),
         save_intermediates=args.save_intermediates, num_iterations=args.num_iterations, profile_dir=args.profile,
         preview=args.preview,

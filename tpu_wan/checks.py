@@ -1,10 +1,12 @@
-"""Stage-to-stage consistency: what a stage checks of the previous stage's files before it loads a model.
+"""Stage-to-stage consistency: what a stage checks of the previous stage's files, and of the model's config
+files, before it imports or loads a model (seconds, where loading 14B takes minutes).
 
 Each refusal names the file, what was expected and what was found, and which stage to rerun.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +43,29 @@ def check_text_dim(prompt_embeds: np.ndarray, cfg: GenerationConfig, text_dim: i
             f"{artifacts.EMBEDDINGS_FILE}: expected shape {expected} (prompts, max_sequence_length, transformer "
             f"text_dim), found {prompt_embeds.shape}"
         )
+
+
+def check_transformer_run(model_path: Path, cfg: GenerationConfig, mesh, options, prompt_embeds=None) -> dict:
+    """A resolved stage-2 config against the transformer's config.json: tp divides the heads, the embeddings
+    have its text dim, the attention settings trace at the run's shapes, and a fine-tuned checkpoint is
+    readable (its names are checked against the model's as it loads). Returns that config.json."""
+    from tpu_wan import attention, checkpoints, finetune, mesh as mesh_lib
+
+    if cfg.transformer_checkpoint is not None:
+        finetune.read_checkpoint(cfg.transformer_checkpoint, cfg.checkpoint_key)  # lazy: headers only
+
+    dit = checkpoints.read_config(model_path, "transformer")
+    mesh_lib.check_heads(mesh, dit["num_attention_heads"], "transformer")
+    if prompt_embeds is not None:
+        check_text_dim(prompt_embeds, cfg, dit["text_dim"])
+    shape = config_lib.latent_shape(cfg.batch_size, cfg.height, cfg.width, cfg.frames, dit["in_channels"])
+    tokens = math.prod(n // p for n, p in zip(shape[2:], dit["patch_size"]))  # [B C F H W] -> L video tokens
+    attention.check_calls(
+        attention.make_attention(options, mesh), batch=cfg.batch_size * (2 if cfg.do_classifier_free_guidance else 1),
+        heads=dit["num_attention_heads"], head_dim=dit["attention_head_dim"], tokens=tokens,
+        text_len=cfg.max_sequence_length, dtype=cfg.dtype,
+    )
+    return dit
 
 
 def check_latents(latents: np.ndarray, cfg: GenerationConfig, path: Path) -> None:

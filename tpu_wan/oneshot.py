@@ -14,11 +14,12 @@ from pathlib import Path
 
 import numpy as np
 
-from tpu_wan import artifacts, checkpoints, sweep
+from tpu_wan import artifacts, checkpoints, checks, config as config_lib, sweep
 from tpu_wan.config import GenerationConfig
-from tpu_wan.mesh import make_mesh
+from tpu_wan.mesh import check_heads, make_mesh
 from tpu_wan.pipeline import (
-    SamplingArgs, _decoder, _denoiser, _encoder, _finetune, denoise, encode, plan, resolve_sampling, video_paths,
+    SamplingArgs, _decoder, _denoiser, _encoder, _finetune, attention_options, denoise, encode, plan,
+    resolve_sampling, video_paths, with_attention,
 )
 from tpu_wan.profiling import Recorder
 
@@ -37,8 +38,9 @@ class Generator:
         with self.recorder.section("vae", "load"):
             self.decoder = _decoder(model_path, mesh, vae_dtype)
 
-    def run(self, cfg: GenerationConfig, *, progress: bool = True):
-        """(prompt_embeds, negative_prompt_embeds, latents [V ...], frames [V ...]) for every video of `cfg`."""
+    def run(self, cfg: GenerationConfig, *, progress: bool = True, uint8: bool = False):
+        """(prompt_embeds, negative_prompt_embeds, latents [V ...], frames [V ...]) for every video of `cfg`;
+        frames are float32 in [0, 1], or with `uint8` converted on device as the mp4 writer would."""
         section = self.recorder.section
         with section("text_encoder", "run"):
             prompt_embeds, negative_embeds = encode(self.encoder, cfg)
@@ -48,12 +50,12 @@ class Generator:
         steps = self.denoiser.step_seconds
         self.recorder.add_steps("transformer", steps, len(steps))
         with section("vae", "run"):
-            frames = np.concatenate([self.decoder.decode(x[None]) for x in latents])
+            frames = np.concatenate([self.decoder.decode(x[None], uint8=uint8) for x in latents])
         return prompt_embeds, negative_embeds, latents, frames
 
-    def warmup(self, cfg: GenerationConfig, num_steps: int):
-        """Compiles every program `run(cfg)` uses: all prompts encoded, one batch denoised for `num_steps`
-        (batches are padded to one shape), one video decoded."""
+    def warmup(self, cfg: GenerationConfig, num_steps: int, *, uint8: bool = False):
+        """Compiles every program `run(cfg, uint8=uint8)` uses: all prompts encoded, one batch denoised for
+        `num_steps` (batches are padded to one shape), one video decoded."""
         with self.recorder.section("text_encoder", "warmup"):
             prompt_embeds, negative_embeds = encode(self.encoder, cfg)
         latents = []
@@ -62,7 +64,7 @@ class Generator:
             sweep.denoise_videos(self.denoiser, cfg, prompt_embeds, negative_embeds, first, plan(cfg),
                                  lambda group, x: latents.append(x), num_steps=num_steps, progress=False)
         with self.recorder.section("vae", "warmup"):
-            self.decoder.decode(latents[0])
+            self.decoder.decode(latents[0], uint8=uint8)
 
     def measure_models(self) -> None:
         """Weight bytes of the three models and temp bytes of the programs they ran (after the runs)."""
@@ -91,7 +93,7 @@ def generate(
     vae_dtype: str = "float32",
     dp: int | None = None,
     tp: int | None = None,
-    attention="auto",
+    attention=None,
     warmup_steps: int = 2,
     num_iterations: int = 1,
     profile_dir: str | Path | None = None,
@@ -99,11 +101,15 @@ def generate(
     save_intermediates: str | Path | None = None,
 ) -> GenerateResult:
     """All three stages in one process: load, warm up (compiles everything), then `num_iterations` timed runs
-    (the last one traced into `profile_dir` if given); writes the videos of the last run."""
+    (the last one traced into `profile_dir` if given); writes the videos of the last run. `attention` (an
+    AttentionOptions or a choice) overrides the attention settings of `sampling`; the config records what ran."""
     from tpu_wan import preview as preview_lib, profiling, video
 
     start = time.perf_counter()
     mesh = make_mesh(dp, tp)
+    if attention is not None:
+        sampling = with_attention(sampling, attention)
+    attention = attention_options(sampling)
     cfg = resolve_sampling(
         GenerationConfig(
             model_id=model_id, prompts=tuple(prompts), negative_prompt=negative_prompt,
@@ -114,13 +120,22 @@ def generate(
     )
     cfg = cfg.replace(text_dtype=cfg.dtype)
     paths = video_paths(cfg, output_video, output_dir)
+    model_path = checkpoints.resolve_model(model_id)  # what the config files decide, before any model loads
+    check_heads(mesh, checkpoints.read_config(model_path, "text_encoder")["num_heads"], "text encoder")
+    dit = checks.check_transformer_run(model_path, cfg, mesh, attention)
+    if cfg.init_latents is not None:
+        shape = config_lib.latent_shape(1, cfg.height, cfg.width, cfg.frames, dit["in_channels"])[1:]
+        sweep.starting_latents(cfg, plan(cfg)[:1], plan(cfg), shape)
     gen = Generator(model_id, mesh, text_dtype=cfg.text_dtype, dtype=cfg.dtype, attention=attention,
                     vae_dtype=vae_dtype, **_finetune(cfg, sampling.non_strict))
+    # Only --save_intermediates keeps the float frames; the mp4 needs uint8, converted on device (a quarter of
+    # the bytes to move to the host).
+    uint8 = not save_intermediates
     if warmup_steps:
-        gen.warmup(cfg, min(warmup_steps, cfg.num_inference_steps))
+        gen.warmup(cfg, min(warmup_steps, cfg.num_inference_steps), uint8=uint8)
     for i in range(num_iterations):
         with _trace(profile_dir if i == num_iterations - 1 else None):
-            prompt_embeds, negative_embeds, latents, frames = gen.run(cfg)
+            prompt_embeds, negative_embeds, latents, frames = gen.run(cfg, uint8=uint8)
     io = gen.recorder.section
     with io("vae", "io"):
         for path, f in zip(paths, frames):

@@ -7,7 +7,6 @@ coefficients and the guidance scale are array inputs, not constants baked into t
 from __future__ import annotations
 
 import functools
-import math
 import time
 from pathlib import Path
 from typing import Callable
@@ -61,16 +60,6 @@ class Denoiser:
         self._steps = {}  # cfg -> jitted step
         self.programs = {}  # what ran, for profiling.temp_bytes
         self.step_seconds: list[float] = []  # wall time of every step run, in order; callers may clear it
-
-    def check_attention(self, batch: int, latent_shape: tuple[int, ...], text_len: int) -> None:
-        """Traces the step's self- and cross-attention calls on abstract inputs of a [batch, C, F, H, W] latent
-        (batch counting both CFG branches): an unsupported attention setting is refused before anything runs."""
-        heads, head_dim = self.config.num_attention_heads, self.config.attention_head_dim
-        tokens = math.prod(n // p for n, p in zip(latent_shape[2:], self.config.patch_size))
-        for kv_len in (tokens, text_len):
-            q = jax.ShapeDtypeStruct((batch, heads, tokens, head_dim), self.dtype)
-            kv = jax.ShapeDtypeStruct((batch, heads, kv_len, head_dim), self.dtype)
-            jax.eval_shape(self.attention, q, kv, kv)
 
     def _step_fn(self, cfg: bool, latents_sharding):
         key = (cfg, latents_sharding)
