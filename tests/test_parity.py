@@ -1,5 +1,7 @@
 """Our three stages against diffusers' WanPipeline on the same tiny weights: embeddings, latents, frames."""
 
+import copy
+
 import jax
 import numpy as np
 import pytest
@@ -82,3 +84,21 @@ def test_our_embeddings_and_noise_drive_diffusers(models, diffusers_pipe):
         negative_prompt_embeds=torch.from_numpy(negative_embeds), latents=torch.from_numpy(noise),
     )
     assert rel_err(latents, ref) <= LATENT_RTOL
+
+
+def test_custom_kernel_pipeline_equals_xla(models, tiny_path):
+    # --attention custom: our Pallas kernel (interpreted on CPU) for every attention call of the DiT, self-
+    # attention over video tokens and cross-attention over text, sharded as on a TPU mesh. The whole pipeline
+    # against the default (XLA attention on CPU); UMT5 and the VAE do not route through tpu_wan.attention.
+    from tpu_wan.transformer import Denoiser
+
+    custom = copy.copy(models)  # the same text encoder and VAE (already compiled), a DiT with the kernel
+    custom.denoiser = Denoiser(tiny_path, models.denoiser.mesh, "float32", "custom")
+    cfg = _config(PROMPTS[0], 5.0)
+    xla_embeds, _, xla_latents, xla_frames = models.run(cfg, progress=False)
+    embeds, _, latents, frames = custom.run(cfg, progress=False)
+    np.testing.assert_array_equal(embeds, xla_embeds)
+    err = rel_err(latents, xla_latents)
+    print(f"custom vs xla: latents rel err {err:.2e}, frames max abs {np.abs(frames - xla_frames).max():.2e}")
+    assert err <= LATENT_RTOL
+    np.testing.assert_allclose(frames, xla_frames, rtol=0, atol=FRAMES_ATOL)
