@@ -220,6 +220,24 @@ def test_resuming_a_folder_from_before_attention_was_recorded_is_refused(tmp_pat
         sweep.pending(tmp_path, cfg, pipeline.plan(cfg), overwrite=False)
 
 
+def test_mismatch_message_cuts_long_values(tmp_path):
+    # A prompt file of many long prompts: the refusal names the field and stays one readable line.
+    from tpu_wan import sweep
+    from tpu_wan.config import ConfigError
+
+    def cfg(prompts):
+        return pipeline.resolve_sampling(GenerationConfig(model_id="tiny-random", prompts=prompts, negative_prompt=""),
+                                         pipeline.SamplingArgs(), make_mesh(4, 2))
+
+    old = cfg(tuple(f"prompt {i}: " + "a very long description " * 10 for i in range(50)))
+    artifacts.save_config(tmp_path, old.to_json_dict())
+    artifacts.save_latents(tmp_path / artifacts.LATENTS_FILE, np.zeros((1, 16, 2, 8, 12), np.float32))
+    new = cfg(("a cat",))
+    with pytest.raises(ConfigError, match=r"prompts: \['prompt 0: a very .*\.\.\.\] -> \['a cat'\]") as err:
+        sweep.pending(tmp_path, new, pipeline.plan(new), overwrite=False)
+    assert len(str(err.value)) < 400, str(err.value)
+
+
 def test_rerun_of_a_finished_sweep_does_nothing(swept, stage1):
     files = [*artifacts.list_video_latents(swept).values(), swept / artifacts.CONFIG_FILE,
              swept / artifacts.METRICS_FILE]

@@ -41,7 +41,7 @@ def check_text_dim(prompt_embeds: np.ndarray, cfg: GenerationConfig, text_dim: i
     if prompt_embeds.shape != expected:
         raise ConfigError(
             f"{artifacts.EMBEDDINGS_FILE}: expected shape {expected} (prompts, max_sequence_length, transformer "
-            f"text_dim), found {prompt_embeds.shape}"
+            f"text_dim), found {prompt_embeds.shape} (rerun stage 1 with this model's text encoder)"
         )
 
 

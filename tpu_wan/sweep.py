@@ -74,7 +74,8 @@ def pending(folder: Path, cfg: GenerationConfig, videos: Sequence[Video], overwr
     previous = _previous_signature(folder)
     has_results = (Path(folder) / artifacts.LATENTS_FILE).is_file() or bool(artifacts.list_video_latents(folder))
     if previous is not None and has_results and previous != signature(cfg):
-        diffs = [f"{k}: {previous.get(k)!r} -> {v!r}" for k, v in signature(cfg).items() if previous.get(k) != v]
+        diffs = [f"{k}: {_short(previous.get(k))} -> {_short(v)}" for k, v in signature(cfg).items()
+                 if previous.get(k) != v]
         raise ConfigError(
             f"{folder} holds stage-2 results made with other settings ({'; '.join(diffs)}): expected the same "
             "settings to resume, pass --overwrite to redo or choose another --output_dir"
@@ -83,6 +84,12 @@ def pending(folder: Path, cfg: GenerationConfig, videos: Sequence[Video], overwr
     if len(todo) < len(videos):
         log.info("resuming: %d of %d videos already in %s", len(videos) - len(todo), len(videos), folder)
     return todo
+
+
+def _short(value, limit: int = 60) -> str:
+    """repr(value), cut to `limit` characters (a prompt list can be pages long)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 5] + "...]" if text.endswith("]") else text[: limit - 3] + "..."
 
 
 def clear_previous(folder: Path) -> None:

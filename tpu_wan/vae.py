@@ -48,6 +48,12 @@ def decoder_keys(weights_file: Path) -> list[str]:
         return sorted(k for k in f.keys() if k.startswith(DECODER_PREFIXES))
 
 
+def _first(keys: set, shown: int = 5) -> str:
+    """The first `shown` of sorted `keys`, and how many more."""
+    names = sorted(keys)
+    return str(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
+
+
 def load_params(abstract: nnx.State, weights_file: Path, dtype, sharding) -> nnx.State:
     """Fills every parameter of `abstract` from the weights file, each torch key used exactly once; refuses a
     missing, unused or misshapen weight."""
@@ -60,8 +66,8 @@ def load_params(abstract: nnx.State, weights_file: Path, dtype, sharding) -> nnx
     present = set(decoder_keys(weights_file))
     if present != set(wanted):
         raise UserError(
-            f"vae weights {weights_file}: expected keys missing {sorted(set(wanted) - present)}, "
-            f"unused decoder keys {sorted(present - set(wanted))}"
+            f"vae weights {weights_file}: expected keys missing {_first(set(wanted) - present)}, "
+            f"unused decoder keys {_first(present - set(wanted))} (is this a Wan 2.1 AutoencoderKLWan?)"
         )
     filled = []
     with safe_open(weights_file, framework="numpy") as f:
