@@ -5,9 +5,10 @@
 Real Wan 2.1 VAE config with random weights (built once, cached under --cache). For each size: ours (jitted,
 timed after a warm-up call, median of --repeats, latents in -> frames on the host) and diffusers in the same
 process (torch.no_grad, float32, the WanPipeline de-normalisation and post-processing included, median of
---repeats), their ratio and max abs difference; then our lower+compile time at 5 and 17 latent frames with
-fresh decoders (min of 2). The last line is `ratio_9f_128 <ours/torch at 9 frames 128x128> compile_ratio_17_5 <17 / 5>`.
-On CPU absolute times say little; the ratios are the point.
+--repeats), their ratio, max abs difference and GFLOP/s (FLOPs from XLA's cost analysis of our programs);
+then our lower+compile time at 5 and 17 latent frames with fresh decoders (min of 2). The last line is
+`ratio_9f_128 <ours/torch at 9 frames 128x128> compile_ratio_17_5 <17 / 5>`. On CPU absolute times say
+little; the ratios are the point.
 """
 
 from __future__ import annotations
@@ -69,6 +70,18 @@ def timed(fn, repeats: int) -> tuple[float, object]:
     return statistics.median(times), out
 
 
+def decode_flops(decoder) -> float:
+    """FLOPs of the decoder's last decode, from XLA's cost analysis of its two programs. XLA counts a loop body
+    once (5 and 9 frames at 64x64 report the same count), so the scan program's count is multiplied by its
+    trip count, the latent frames after the first."""
+    total = 0.0
+    for name, (jitted, args) in decoder.programs.items():
+        cost = jitted.lower(*args).compile().cost_analysis()
+        flops = (cost[0] if isinstance(cost, list) else cost).get("flops", 0.0)
+        total += flops * (args[-1].shape[2] if name == "rest" else 1)  # rest: latents [N C F-1 h w]
+    return total
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
@@ -103,9 +116,11 @@ def main() -> None:
         t_torch, ref = timed(lambda: torch_decode(vae, latents), args.repeats)
         ratios[name] = t_ours / t_torch
         err = float(np.abs(frames - ref).max())
+        gflop = decode_flops(ours) / 1e9
         print(f"{name}: latents {list(latents.shape)} -> frames {list(frames.shape)}: ours {t_ours:.3f}s "
-              f"(first call {first_call:.1f}s) torch {t_torch:.3f}s ratio {ratios[name]:.3f} max abs diff {err:.2e}",
-              flush=True)
+              f"(first call {first_call:.1f}s) torch {t_torch:.3f}s ratio {ratios[name]:.3f} max abs diff {err:.2e}; "
+              f"{gflop:.1f} GFLOP (XLA cost analysis): ours {gflop / t_ours:.1f} GFLOP/s, torch "
+              f"{gflop / t_torch:.1f}", flush=True)
 
     compile_s = {5: [], 17: []}
     for _ in range(2):  # alternating fresh decoders, min of two: one compile varies by ~30% on a busy CPU
