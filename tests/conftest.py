@@ -2,7 +2,9 @@
 
 import os
 
-os.environ["JAX_PLATFORMS"] = "cpu"
+# CPU unless the caller picks a platform: `JAX_PLATFORMS=tpu pytest -m tpu tests/test_splash_kernel.py` on a TPU
+# host runs the compiled kernel tests (the rest of the suite expects the 8 virtual CPU devices).
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 from tpu_wan.cli import with_cpu_xla_flags  # noqa: E402  (imports no jax)
 
