@@ -68,3 +68,15 @@ def test_downloaded_folder_that_does_not_fit_says_why(tiny_path, tmp_path, monke
     monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *args, **kwargs: str(tmp_path / "snapshot"))
     with pytest.raises(CheckpointError, match=r"missing \['scheduler'\]"):
         checkpoints.resolve_model("some-org/some-model")
+
+
+def test_config_keys_a_run_needs_are_required(tiny_path, tmp_path):
+    # Stage 2 checks heads, text dim and shapes from transformer/config.json before any model loads: a config
+    # without one of those keys is refused naming the file and the key, not a KeyError traceback.
+    shutil.copytree(tiny_path, tmp_path / "model")
+    path = tmp_path / "model" / "transformer" / "config.json"
+    config = json.loads(path.read_text())
+    del config["patch_size"]
+    path.write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=re.escape(f"{path}: expected keys ['patch_size']")):
+        checkpoints.read_config(tmp_path / "model", "transformer", ("num_attention_heads", "patch_size"))

@@ -85,9 +85,15 @@ def _checked(path: Path) -> Path:
     return path
 
 
-def read_config(model_path: Path, component: str) -> dict:
+def read_config(model_path: Path, component: str, required: tuple[str, ...] = ()) -> dict:
+    """A component's config json; `required` keys missing from it are refused, naming the file."""
     name = "scheduler_config.json" if component == "scheduler" else "config.json"
-    return _read_json(model_path / component / name)
+    config = _read_json(model_path / component / name)
+    missing = [key for key in required if key not in config]
+    if missing:
+        raise CheckpointError(f"{model_path / component / name}: expected keys {missing}, found none of them "
+                              f"(is this a Wan 2.1 diffusers folder?)")
+    return config
 
 
 def _torch_dtype(dtype: str):

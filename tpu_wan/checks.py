@@ -54,7 +54,8 @@ def check_transformer_run(model_path: Path, cfg: GenerationConfig, mesh, options
     if cfg.transformer_checkpoint is not None:
         finetune.read_checkpoint(cfg.transformer_checkpoint, cfg.checkpoint_key)  # lazy: headers only
 
-    dit = checkpoints.read_config(model_path, "transformer")
+    dit = checkpoints.read_config(model_path, "transformer", required=(
+        "num_attention_heads", "attention_head_dim", "text_dim", "in_channels", "patch_size"))
     mesh_lib.check_heads(mesh, dit["num_attention_heads"], "transformer")
     if prompt_embeds is not None:
         check_text_dim(prompt_embeds, cfg, dit["text_dim"])

@@ -121,7 +121,7 @@ def generate(
     cfg = cfg.replace(text_dtype=cfg.dtype)
     paths = video_paths(cfg, output_video, output_dir)
     model_path = checkpoints.resolve_model(model_id)  # what the config files decide, before any model loads
-    check_heads(mesh, checkpoints.read_config(model_path, "text_encoder")["num_heads"], "text encoder")
+    check_heads(mesh, checkpoints.read_config(model_path, "text_encoder", ("num_heads",))["num_heads"], "text encoder")
     dit = checks.check_transformer_run(model_path, cfg, mesh, attention)
     if cfg.init_latents is not None:
         shape = config_lib.latent_shape(1, cfg.height, cfg.width, cfg.frames, dit["in_channels"])[1:]

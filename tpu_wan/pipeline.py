@@ -192,7 +192,7 @@ def run_stage1(
     mesh = make_mesh(dp, tp)
     model_path = checkpoints.resolve_model(model_id)
     # before transformers is imported and the encoder loaded
-    check_heads(mesh, checkpoints.read_config(model_path, "text_encoder")["num_heads"], "text encoder")
+    check_heads(mesh, checkpoints.read_config(model_path, "text_encoder", ("num_heads",))["num_heads"], "text encoder")
     with rec.section("text_encoder", "load"):
         encoder = _encoder(model_path, mesh, dtype)
     with rec.section("text_encoder", "run"):
