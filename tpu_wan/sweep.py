@@ -89,7 +89,10 @@ def pending(folder: Path, cfg: GenerationConfig, videos: Sequence[Video], overwr
 def _short(value, limit: int = 60) -> str:
     """repr(value), cut to `limit` characters (a prompt list can be pages long)."""
     text = repr(value)
-    return text if len(text) <= limit else text[: limit - 5] + "...]" if text.endswith("]") else text[: limit - 3] + "..."
+    if len(text) <= limit:
+        return text
+    end = "...]" if text.endswith("]") else "..."
+    return text[: limit - len(end) - 1] + end
 
 
 def clear_previous(folder: Path) -> None:
