@@ -7,6 +7,13 @@ then --num_iterations timed runs; prints a per-stage table (load, compile, run, 
 metrics.json beside the video (render it with `python -m tpu_wan.report metrics.json`), and writes the video
 to --output_video (default: YYYYMMDD_HHMMSS.mp4). --profile DIR traces the last timed run with the jax
 profiler; --save_intermediates DIR also writes the stage files, as the stage scripts do.
+
+    python generate_flax.py --model_id Wan-AI/Wan2.1-T2V-14B-Diffusers --height 720 --width 1280 --frames 81 \
+        --topology v6e-8 --compile_only [--search_mesh]
+
+compiles every program of that run for a v6e-8 slice on this host (no TPU, no weights, no download), prints
+what each needs per chip against HBM, its FLOPs and collectives, writes metrics.json, and exits 3 if
+something does not fit.
 """
 
 import sys
@@ -36,8 +43,10 @@ def main(argv=None):
     cli.add_preview_arg(parser)
     cli.add_vae_dtype_arg(parser)
     cli.add_mesh_args(parser)
+    cli.add_compile_args(parser)
     args = parser.parse_args(argv)
     cli.check_stage2_args(args)
+    cli.check_compile_args(args)
     if args.num_iterations < 1:
         raise cli.UsageError(f"--num_iterations must be >= 1, found {args.num_iterations}")
     prompts = cli.prompts_from(args)
@@ -46,6 +55,16 @@ def main(argv=None):
 
     stamp = time.strftime("%Y%m%d_%H%M%S")
     sampling = pipeline.sampling_args(args)
+    if args.compile_only:
+        from tpu_wan import aot
+        from tpu_wan.config import GenerationConfig
+
+        base = GenerationConfig(model_id=args.model_id, prompts=tuple(prompts), negative_prompt=args.negative_prompt,
+                                max_sequence_length=args.max_sequence_length, fps=args.fps, vae_dtype=args.vae_dtype)
+        metrics = aot.compile_only(base, sampling, args.topology, dp=args.dp, tp=args.tp, one_process=True,
+                                   uint8=not args.save_intermediates, search_mesh=args.search_mesh)
+        folder = Path(args.output_dir or (Path(args.output_video).parent if args.output_video else "."))
+        return cli.finish_compile_only(metrics, args.metrics or folder / artifacts.METRICS_FILE)
     several = len(prompts) * len(sampling.seeds) > 1
     output_video = args.output_video or (None if several else f"{stamp}.mp4")
     result = oneshot.generate(

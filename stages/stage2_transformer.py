@@ -7,6 +7,11 @@ stage_outputs/stage2_latents.safetensors (latents: [N, 16, (frames-1)/4+1, heigh
 setting it used to the config. --seeds 1-8 makes one video per (prompt, seed) in batches with one compilation,
 saved to stage_outputs/stage2_latents/<prompt-slug>_seed<seed>.safetensors as each batch lands; rerunning
 the same command resumes where a crash stopped it. Same seed, same bytes.
+
+    python stages/stage2_transformer.py --topology v5e-8 --compile_only [--num_prompts 4 --model_id ...]
+
+compiles the denoising step of that run for a v5e-8 slice on this host (the stage-1 folder, or --num_prompts,
+gives the prompts), writes <folder>/metrics.json, and exits 3 if it does not fit.
 """
 
 import sys
@@ -25,10 +30,21 @@ def main(argv=None):
     parser.add_argument("--overwrite", action="store_true", help="redo videos already in --output_dir")
     cli.add_dtype_arg(parser)
     cli.add_mesh_args(parser)
+    cli.add_compile_args(parser, stage2=True)
     args = parser.parse_args(argv)
     cli.check_stage2_args(args)
+    cli.check_compile_args(args)
     cli.setup_process(args)
     from tpu_wan import pipeline, profiling
+
+    if args.compile_only:
+        from tpu_wan import aot, artifacts
+
+        base = aot.stage2_base(args.input_dir, args.num_prompts, args.model_id)
+        metrics = aot.compile_only(base, pipeline.sampling_args(args), args.topology, dp=args.dp, tp=args.tp,
+                                   stages=("transformer",), search_mesh=args.search_mesh)
+        folder = Path(args.output_dir or args.input_dir)
+        return cli.finish_compile_only(metrics, folder / artifacts.METRICS_FILE)
 
     result = pipeline.run_stage2(
         args.input_dir, pipeline.sampling_args(args), output_dir=args.output_dir,

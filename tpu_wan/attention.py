@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
+from tpu_wan import mesh as mesh_lib
 from tpu_wan.config import ATTENTION_CHOICES
 from tpu_wan.errors import UserError
 
@@ -220,11 +221,11 @@ def check_calls(fn: AttentionFn, *, batch: int, heads: int, head_dim: int, token
 def make_attention(options: AttentionOptions | str = "auto", mesh: Mesh | None = None,
                    platform: str | None = None) -> AttentionFn:
     """The attention function for `options` on `mesh`; an unsupported choice is an error, never a fallback.
-    platform: where it will run (default jax.default_backend()); "cpu" with the inputs on a CPU device runs the
-    Pallas kernels interpreted on the host whatever the default backend is."""
+    platform: where it will run (default: the mesh's devices' platform, else jax.default_backend()); "cpu" with
+    the inputs on a CPU device runs the Pallas kernels interpreted on the host whatever the default backend is."""
     if isinstance(options, str):
         options = AttentionOptions(choice=options)
-    platform = platform or jax.default_backend()
+    platform = platform or (mesh_lib.platform(mesh) if mesh is not None else jax.default_backend())
 
     def attention(q, k, v, *, scale=None):
         b, n, l, d = q.shape

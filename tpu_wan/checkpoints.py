@@ -62,7 +62,25 @@ def _read_json(path: Path) -> dict:
     return data
 
 
-def _checked(path: Path) -> Path:
+# The configs of the published Wan 2.1 text-to-video models (their config.json files' facts; no weights, no
+# tokenizer), so a compile-only run (tpu_wan.aot) works offline.
+PACKAGED_CONFIGS = Path(__file__).resolve().parent / "model_configs"
+PACKAGED_MODELS = {f"Wan-AI/{name}": name for name in ("Wan2.1-T2V-1.3B-Diffusers", "Wan2.1-T2V-14B-Diffusers")}
+
+
+def resolve_configs(model_id: str) -> Path:
+    """A folder holding `model_id`'s config files, for compiling its programs without its weights: the
+    packaged configs of the two published models, tiny-random (built offline), or a local diffusers folder
+    (weight files optional). Nothing is downloaded."""
+    if model_id in PACKAGED_MODELS:
+        return _checked(PACKAGED_CONFIGS / PACKAGED_MODELS[model_id], with_tokenizer=False)
+    if model_id == tiny.TINY_MODEL_ID or Path(model_id).expanduser().exists():
+        return resolve_model(model_id)
+    raise CheckpointError(f"model_id: expected {', '.join(PACKAGED_MODELS)}, tiny-random or a local diffusers "
+                          f"folder to compile without weights, found {model_id!r}")
+
+
+def _checked(path: Path, with_tokenizer: bool = True) -> Path:
     """`path` if it is a Wan 2.1 text-to-video diffusers folder whose parts fit together."""
     index_file = path / "model_index.json"
     if not index_file.is_file():
@@ -74,10 +92,11 @@ def _checked(path: Path) -> Path:
         found = (index.get(component) or [None, None])[1]
         if found != cls:
             raise CheckpointError(f"{index_file}: expected {component} of class {cls}, found {found!r}")
-    missing = [c for c in COMPONENTS if not (path / c / ("scheduler_config.json" if c == "scheduler" else
+    components = COMPONENTS if with_tokenizer else tuple(c for c in COMPONENTS if c != "tokenizer")
+    missing = [c for c in components if not (path / c / ("scheduler_config.json" if c == "scheduler" else
                                                          "config.json" if c != "tokenizer" else "")).exists()]
     if missing:
-        raise CheckpointError(f"{path}: expected configs for {list(COMPONENTS)}, missing {missing}")
+        raise CheckpointError(f"{path}: expected configs for {list(components)}, missing {missing}")
     text_dim = read_config(path, "transformer").get("text_dim")
     d_model = read_config(path, "text_encoder").get("d_model")
     if text_dim != d_model:

@@ -64,6 +64,55 @@ def add_mesh_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--process_id", type=int, default=None)
 
 
+def add_compile_args(p: argparse.ArgumentParser, *, stage2: bool = False) -> None:
+    g = p.add_argument_group("compile only (no TPU needed: the TPU compiler runs on this host, nothing runs)")
+    g.add_argument("--topology", default=None, metavar="NAME",
+                   help="the TPU slice to compile for: v4-8, v5e-1, v5e-4, v5e-8, v5p-8, v6e-1, v6e-4, v6e-8, "
+                        "v6e-16, v5p-16, ...")
+    g.add_argument("--compile_only", action="store_true",
+                   help="compile every program of this run for --topology and report memory per chip, FLOPs and "
+                        "collectives (exit 3 if something does not fit); loads no weights, writes no video")
+    g.add_argument("--search_mesh", action="store_true",
+                   help="with --compile_only: compile every (dp, tp) the slice and the heads allow and rank them")
+    if stage2:
+        g.add_argument("--num_prompts", type=int, default=None,
+                       help="with --compile_only and no stage-1 folder: how many prompts the run has")
+        g.add_argument("--model_id", default=None,
+                       help="with --compile_only and no stage-1 folder: the model (default: %s)" % DEFAULT_MODEL_ID)
+
+
+def check_compile_args(args: argparse.Namespace) -> None:
+    """--topology / --compile_only / --search_mesh / --num_prompts go together; refused before jax is imported."""
+    if args.compile_only and not args.topology:
+        raise UsageError("--compile_only: expected --topology NAME (e.g. v6e-8), found none")
+    if args.topology and not args.compile_only:
+        raise UsageError(f"--topology {args.topology}: expected --compile_only with it (runs use the attached devices)")
+    if args.search_mesh and not args.compile_only:
+        raise UsageError("--search_mesh: expected --compile_only --topology NAME with it")
+    if args.search_mesh and (args.dp is not None or args.tp is not None):
+        raise UsageError("--search_mesh: expected no --dp/--tp (it tries every mesh), found them")
+    if args.compile_only and (getattr(args, "distributed", False) or getattr(args, "cpu_devices", None)):
+        raise UsageError("--compile_only: expected no --distributed or --cpu_devices (it compiles in one process)")
+    num_prompts = getattr(args, "num_prompts", None)
+    if num_prompts is not None and (not args.compile_only or num_prompts < 1):
+        raise UsageError(f"--num_prompts: expected a count >= 1 with --compile_only, found {num_prompts}"
+                         + ("" if args.compile_only else " without --compile_only"))
+    if getattr(args, "model_id", None) is not None and num_prompts is None and not hasattr(args, "prompt"):
+        raise UsageError("--model_id: expected --compile_only --num_prompts N with it (stage 2 reads the model "
+                         "from the stage-1 folder)")
+
+
+def finish_compile_only(metrics: dict, path) -> None:
+    """Saves a compile-only run's metrics.json, prints its table, and raises (exit 3) if something does not fit."""
+    from tpu_wan import aot, artifacts
+
+    artifacts.save_metrics(path, metrics)
+    say(aot.table(metrics), f"metrics: {path}")
+    why = aot.not_fitting(metrics)
+    if why:
+        raise aot.DoesNotFit(why)
+
+
 def add_stage1_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("text encoding (stage 1)")
     g.add_argument("--model_id", default=DEFAULT_MODEL_ID,
@@ -154,6 +203,9 @@ def setup_process(args: argparse.Namespace) -> None:
     """Process-wide settings, before jax is imported: virtual CPU devices, logging, quiet third parties."""
     if "jax" not in sys.modules:
         os.environ["XLA_FLAGS"] = with_cpu_xla_flags(os.environ.get("XLA_FLAGS", ""))
+    if getattr(args, "compile_only", False):
+        # Compiling for a slice (tpu_wan.topology) needs no device: the host's CPU backend alone, whatever is attached.
+        os.environ["JAX_PLATFORMS"] = "cpu"
     if getattr(args, "cpu_devices", None):
         if "jax" in sys.modules:
             raise RuntimeError("--cpu_devices must be applied before jax is imported")
@@ -189,8 +241,8 @@ def compilation_cache_dir(args: argparse.Namespace) -> str | None:
     """Where the persistent compilation cache lives for these flags; None when it is off."""
     from tpu_wan.config import cache_root
 
-    if getattr(args, "no_compilation_cache", False):
-        return None
+    if getattr(args, "no_compilation_cache", False) or getattr(args, "compile_only", False):
+        return None  # compile-only runs time the compiler: nothing comes from a cache
     given = getattr(args, "compilation_cache_dir", None) or os.environ.get("JAX_COMPILATION_CACHE_DIR")
     return given or str(cache_root() / "jax_compilation_cache")
 
@@ -232,7 +284,7 @@ def run_main(main: Callable[[Sequence[str] | None], None], argv: Sequence[str] |
     except UserError as err:
         message = " ".join(str(err).split())  # one line, whatever the message holds
         print(f"{prog}: error: {message}", file=sys.stderr)
-        return 2
+        return err.exit_status
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130

@@ -1,9 +1,11 @@
 """The base of every error a user can cause (bad flags, files, model folders, meshes).
 
-Scripts turn a UserError into one line on stderr and exit status 2; anything else is a bug and keeps its
-traceback.
+Scripts turn a UserError into one line on stderr and its exit status (2: bad input; 3: a compile-only run
+whose programs do not fit the slice); anything else is a bug and keeps its traceback.
 """
 
 
 class UserError(ValueError):
     """Bad input; the message says what was expected and what was found."""
+
+    exit_status = 2

@@ -82,6 +82,11 @@ def make_mesh(dp: int | None = None, tp: int | None = None, devices: Sequence | 
     return Mesh(np.array(devices).reshape(dp, tp), AXES)
 
 
+def platform(mesh: Mesh) -> str:
+    """Where the mesh's devices are: 'cpu', 'gpu' or 'tpu' (abstract TPU devices too, when compiling for a slice)."""
+    return mesh.devices.flat[0].platform
+
+
 def check_heads(mesh: Mesh, num_heads: int, what: str) -> None:
     tp = mesh.shape["tp"]
     if num_heads % tp:
@@ -112,6 +117,19 @@ def shard_weights(
         spec, _ = spec_for(name, rules)
         check_divisible(name, value.shape, spec, mesh)
         placed[name] = jax.device_put(value, NamedSharding(mesh, spec))
+    return placed
+
+
+def abstract_weights(
+    shapes: Mapping[str, tuple[Sequence[int], np.dtype]], rules: Sequence[tuple[str, P]], mesh: Mesh
+) -> dict[str, jax.ShapeDtypeStruct]:
+    """What shard_weights / loading.load_sharded would place, as shapes and shardings only (nothing is read or
+    allocated): the weights of a program compiled for a slice that is not attached (tpu_wan.aot)."""
+    placed = {}
+    for name, (shape, dtype) in shapes.items():
+        spec, _ = spec_for(name, rules)
+        check_divisible(name, shape, spec, mesh)
+        placed[name] = jax.ShapeDtypeStruct(tuple(shape), np.dtype(dtype), sharding=NamedSharding(mesh, spec))
     return placed
 
 

@@ -15,7 +15,7 @@ import numpy as np
 
 from tpu_wan import artifacts, checkpoints, checks, config as config_lib, distributed, profiling, sweep
 from tpu_wan.config import ConfigError, GenerationConfig
-from tpu_wan.mesh import check_heads, make_mesh
+from tpu_wan.mesh import check_heads, make_mesh, platform as mesh_platform
 from tpu_wan.profiling import Recorder
 
 log = logging.getLogger("tpu_wan")
@@ -110,7 +110,7 @@ def resolve_sampling(cfg: GenerationConfig, args: SamplingArgs, mesh) -> Generat
         batch_size=batch_size,
         flow_shift=shift,
         sample_solver=args.sample_solver,
-        dtype=args.dtype or config_lib.default_dtype(jax.default_backend()),
+        dtype=args.dtype or config_lib.default_dtype(mesh_platform(mesh)),
         init_latents=args.init_latents,
         transformer_checkpoint=args.transformer_checkpoint,
         checkpoint_key=args.checkpoint_key,

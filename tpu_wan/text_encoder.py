@@ -30,18 +30,26 @@ def clean_prompt(text: str) -> str:
 class TextEncoder:
     """UMT5 encoder loaded once onto a mesh; `encode` may be called for any number of prompts."""
 
-    def __init__(self, model_path: Path, mesh, dtype: str):
+    def __init__(self, model_path: Path, mesh, dtype: str, *, abstract: bool = False):
+        """`abstract`: no tokenizer and no weights read, only their shapes and shardings, to compile the encoder
+        for a slice that is not attached (tpu_wan.aot)."""
         model = checkpoints.empty_text_encoder(model_path)
         mesh_lib.check_heads(mesh, model.config.num_heads, "text encoder")
-        self.tokenizer = checkpoints.load_tokenizer(model_path)
+        self.config = model.config
+        self.tokenizer = None if abstract else checkpoints.load_tokenizer(model_path)
         self.mesh = mesh
         self.dtype = dtype
         expected = checkpoints.expected_weights(model, dtype)
         buffers, forward = torchax_env.functionalize(model)
         del model
-        self.weights = mesh_lib.shard_weights(buffers, mesh_lib.UMT5_RULES, mesh)
-        files = loading.weight_files(model_path / "text_encoder")
-        self.weights.update(loading.load_sharded(expected, files, mesh_lib.UMT5_RULES, mesh))
+        rules = mesh_lib.UMT5_RULES
+        if abstract:
+            shapes = {**{n: (b.shape, b.dtype) for n, b in buffers.items()}, **expected}
+            self.weights = mesh_lib.abstract_weights(shapes, rules, mesh)
+        else:
+            self.weights = mesh_lib.shard_weights(buffers, rules, mesh)
+            files = loading.weight_files(model_path / "text_encoder")
+            self.weights.update(loading.load_sharded(expected, files, rules, mesh))
 
         def encode(weights, input_ids, mask):  # [B S] int32 each -> [B S D]
             hidden = forward(weights, input_ids, attention_mask=mask, return_dict=False)[0]
@@ -79,8 +87,7 @@ class TextEncoder:
     def _encode_batch(self, prompts: Sequence[str], max_sequence_length: int) -> np.ndarray:
         ids, mask = self.tokenize(prompts, max_sequence_length)
         n = len(prompts)
-        dp = self.mesh.shape["dp"]
-        rows = -(-n // dp) * dp  # pad the batch to a multiple of dp with empty rows, dropped below
+        rows = self._rows(n)
         ids = np.pad(ids, ((0, rows - n), (0, 0)))
         mask = np.pad(mask, ((0, rows - n), (0, 0)))
         sharding = mesh_lib.batch_sharding(self.mesh, rows, 2)
@@ -88,6 +95,22 @@ class TextEncoder:
         profiling.remember_program(self.programs, f"encode {ids.shape}", self._encode, self.weights, ids, mask)
         out = self._encode(self.weights, ids, mask)
         return distributed.to_host(out)[:n]
+
+
+    def _rows(self, n: int) -> int:
+        dp = self.mesh.shape["dp"]
+        return -(-n // dp) * dp  # the batch padded to a multiple of dp with empty rows, dropped after the call
+
+    def programs_for(self, num_texts: int, max_sequence_length: int) -> dict:
+        """name -> (jitted encode, abstract arguments) of each distinct call `encode` makes for `num_texts`
+        texts (prompts and the negative prompt), as profiling.remember_program records them."""
+        programs = {}
+        for start in range(0, num_texts, ENCODE_BATCH):
+            rows = self._rows(min(ENCODE_BATCH, num_texts - start))
+            ids = jax.ShapeDtypeStruct((rows, max_sequence_length), jnp.int32,
+                                       sharding=mesh_lib.batch_sharding(self.mesh, rows, 2))
+            programs[f"encode {ids.shape}"] = (self._encode, (self.weights, ids, ids))
+        return programs
 
 
 def encode_prompts(

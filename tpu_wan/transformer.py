@@ -37,8 +37,10 @@ class Denoiser:
 
     def __init__(self, model_path: Path, mesh, dtype: str, attention_options="auto", *,
                  transformer_checkpoint: str | None = None, checkpoint_key: str | None = None,
-                 non_strict: bool = False):
-        """`transformer_checkpoint`: fine-tuned weights applied over the base model's (see tpu_wan.finetune)."""
+                 non_strict: bool = False, abstract: bool = False):
+        """`transformer_checkpoint`: fine-tuned weights applied over the base model's (see tpu_wan.finetune).
+        `abstract`: no weights read, only their shapes and shardings, to compile the step for a slice that is
+        not attached (tpu_wan.aot); the attention dispatch follows the mesh's platform either way."""
         model = checkpoints.empty_transformer(model_path)
         mesh_lib.check_heads(mesh, model.config.num_attention_heads, "transformer")
         self.config = model.config
@@ -46,16 +48,20 @@ class Denoiser:
         self.dtype = jnp.dtype(dtype)
         expected = checkpoints.expected_weights(model, dtype)
         overrides = None
-        if transformer_checkpoint is not None:
+        if transformer_checkpoint is not None and not abstract:
             tensors = finetune.read_checkpoint(transformer_checkpoint, checkpoint_key)
             overrides = finetune.check_overrides(tensors, expected, non_strict)
         self.attention = attention.make_attention(attention_options, mesh)
         buffers, forward = torchax_env.functionalize(model, self.attention)
         del model
         rules = mesh_lib.WAN_TRANSFORMER_RULES
-        self.weights = mesh_lib.shard_weights(buffers, rules, mesh)
-        files = loading.weight_files(model_path / "transformer")
-        self.weights.update(loading.load_sharded(expected, files, rules, mesh, overrides))
+        if abstract:
+            shapes = {**{n: (b.shape, b.dtype) for n, b in buffers.items()}, **expected}
+            self.weights = mesh_lib.abstract_weights(shapes, rules, mesh)
+        else:
+            self.weights = mesh_lib.shard_weights(buffers, rules, mesh)
+            files = loading.weight_files(model_path / "transformer")
+            self.weights.update(loading.load_sharded(expected, files, rules, mesh, overrides))
         self._forward = forward
         self._steps = {}  # cfg -> jitted step
         self.programs = {}  # what ran, for profiling.temp_bytes
@@ -69,6 +75,19 @@ class Denoiser:
             # and the one compiled program serves every step.
             self._steps[key] = jax.jit(step, out_shardings=latents_sharding)
         return self._steps[key]
+
+    def step_program(self, latents_shape: tuple[int, ...], text_shape: tuple[int, ...], cfg: bool):
+        """(jitted step, abstract arguments) of the step `denoise` runs for latents [B C F H W] and text
+        embeddings [B or 2B, S, D] (cond rows, then uncond rows with `cfg`), as remember_program records it."""
+        sharding = mesh_lib.batch_sharding(self.mesh, latents_shape[0], 5)
+        x = jax.ShapeDtypeStruct(latents_shape, jnp.float32, sharding=sharding)
+        state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
+                             jax.eval_shape(schedulers.init_state, x))
+        embeds = jax.ShapeDtypeStruct(text_shape, self.dtype,
+                                      sharding=mesh_lib.batch_sharding(self.mesh, text_shape[0], 3))
+        scalar = jax.ShapeDtypeStruct((), jnp.float32)  # timestep and guidance: uncommitted, as in denoise
+        coeffs = jax.ShapeDtypeStruct((schedulers.NUM_COEFFS,), jnp.float32)
+        return self._step_fn(cfg, sharding), (self.weights, x, state, embeds, scalar, coeffs, scalar)
 
     def denoise(
         self,

@@ -99,7 +99,9 @@ def activation_sharding(mesh, shape: tuple[int, ...]) -> NamedSharding:
 class VaeDecoder:
     """AutoencoderKLWan's decoder loaded once onto a mesh (weights replicated, activations split over it)."""
 
-    def __init__(self, model_path: Path, mesh, dtype: str = "float32"):
+    def __init__(self, model_path: Path, mesh, dtype: str = "float32", *, abstract: bool = False):
+        """`abstract`: no weights read, only their shapes and shardings, to compile the decoder for a slice that
+        is not attached (tpu_wan.aot)."""
         if dtype not in DTYPES:
             raise UserError(f"vae dtype: expected one of {sorted(DTYPES)}, found {dtype!r}")
         vae_path = Path(model_path) / "vae"
@@ -107,8 +109,12 @@ class VaeDecoder:
         self.mesh = mesh
         self.dtype = DTYPES[dtype]
         model = nnx.eval_shape(lambda: WanVaeDecoder(self.config, self.dtype))  # shapes only, no init
-        self._graphdef, abstract = nnx.split(model)
-        self.params = load_params(abstract, vae_path / WEIGHTS_FILE, self.dtype, NamedSharding(mesh, P()))
+        self._graphdef, state = nnx.split(model)
+        replicated = NamedSharding(mesh, P())
+        if abstract:
+            self.params = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=replicated), state)
+        else:
+            self.params = load_params(state, vae_path / WEIGHTS_FILE, self.dtype, replicated)
         self._mean = np.asarray(self.config.latents_mean, np.float32).reshape(1, -1, 1, 1, 1)
         # WanPipeline divides by 1 / std (not multiplies by std); the same here, for bit-faithfulness.
         self._inv_std = 1.0 / np.asarray(self.config.latents_std, np.float32).reshape(1, -1, 1, 1, 1)
@@ -158,6 +164,20 @@ class VaeDecoder:
         rest = self._abstract_latents(latents_shape, latents_shape[2] - 1)
         self._rest.lower(self.params, video, caches, rest).compile()
         return time.perf_counter() - start
+
+    def programs_for(self, latents_shape: tuple[int, ...], *, uint8: bool) -> dict:
+        """name -> (jitted, abstract arguments) of each program `decode` runs for latents [N C F h w] (with
+        `uint8`, the on-device conversion too), as remember_program records them."""
+        # Frame 0's video and caches, and the frames, carry the activation sharding their constraints give them.
+        placed = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=activation_sharding(self.mesh, a.shape))  # noqa: E731
+        first = self._abstract_latents(latents_shape, 1)
+        video, caches = jax.tree.map(placed, self._first.eval_shape(self.params, first))
+        rest = self._abstract_latents(latents_shape, latents_shape[2] - 1)
+        programs = {"first": (self._first, (self.params, first)),
+                    "rest": (self._rest, (self.params, video, caches, rest))}
+        if uint8:
+            programs["to_uint8"] = (_to_uint8, (placed(self._rest.eval_shape(self.params, video, caches, rest)),))
+        return programs
 
     def _abstract_latents(self, shape, frames: int) -> jax.ShapeDtypeStruct:
         shape = (*shape[:2], frames, *shape[3:])

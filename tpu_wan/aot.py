@@ -1,0 +1,292 @@
+"""Compile-only runs (`--topology NAME --compile_only`): every program a generation runs, compiled by the TPU
+compiler for a slice that need not be attached, and what the compiled programs say of it.
+
+The models are built as in a real run (same classes, sharding rules and attention dispatch: the compiled Pallas
+kernel on TPU, never interpret mode) with weights that are shapes and shardings only (`abstract=True`): no
+weight file is read, and a local folder's or the packaged configs (checkpoints.resolve_configs) give the shapes.
+Each program is lowered with the abstract arguments a real run would pass and compiled; its memory analysis,
+cost analysis and optimized HLO (tpu_wan.hlo) give one entry of metrics.json (docs/FORMATS.md). The compiler's
+numbers are estimates of one call of each program, not measurements of a run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import math
+import time
+
+import jax
+
+from tpu_wan import arithmetic, artifacts, checkpoints, checks, config as config_lib, hlo
+from tpu_wan.config import GenerationConfig
+from tpu_wan.errors import UserError
+from tpu_wan.mesh import check_heads, make_mesh
+from tpu_wan.topology import TpuTarget
+
+# Part of each chip's HBM a program cannot count on: what the TPU runtime keeps for itself, and the slack of
+# packing buffers (XLA's own estimate assumes perfect packing).
+HBM_RESERVE_FRACTION = 0.05
+STAGES = ("text_encoder", "transformer", "vae")
+
+
+def usable_bytes(target: TpuTarget) -> int:
+    return int(target.hbm_bytes * (1 - HBM_RESERVE_FRACTION))
+
+
+def weights_bytes_per_device(weights) -> int:
+    """Bytes of one device's shards of abstract (or real) weights; every shard of a NamedSharding is one size."""
+    total = 0
+    for leaf in jax.tree.leaves(weights):
+        total += math.prod(leaf.sharding.shard_shape(leaf.shape)) * leaf.dtype.itemsize
+    return total
+
+
+def compile_program(name: str, jitted, args, *, ideal_flops: int, devices: int, held_bytes: int,
+                    usable: int) -> dict:
+    """One metrics.json "compiled" entry: compiles `jitted` at the abstract `args` and reads what XLA says.
+
+    held_bytes: other models' weights the same process keeps on each device while this program runs."""
+    start = time.perf_counter()
+    compiled = jitted.lower(*args).compile()
+    compile_s = time.perf_counter() - start
+    mem = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    summary = hlo.summarize(compiled.as_text())
+    own = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
+           + mem.temp_size_in_bytes + mem.generated_code_size_in_bytes)
+    peak = own + held_bytes
+    return {
+        "name": name, "compile_s": compile_s,
+        "argument_bytes": mem.argument_size_in_bytes, "output_bytes": mem.output_size_in_bytes,
+        "alias_bytes": mem.alias_size_in_bytes, "temp_bytes": mem.temp_size_in_bytes,
+        "generated_code_bytes": mem.generated_code_size_in_bytes, "held_bytes": held_bytes, "peak_bytes": peak,
+        "flops": float(cost.get("flops", 0.0)), "ideal_flops": ideal_flops / devices,
+        "collectives": summary["collectives"], "custom_calls": summary["custom_calls"], "fits": peak <= usable,
+        "skipped": None,
+    }
+
+
+def _weights_exceed(name: str, weights: int, held: int, ideal_flops: float) -> dict:
+    """The entry of a program left uncompiled because the weights on each device already exceed its HBM:
+    peak_bytes is then that lower bound."""
+    none = dict.fromkeys(("compile_s", "argument_bytes", "output_bytes", "alias_bytes", "temp_bytes",
+                          "generated_code_bytes", "flops"))
+    return {"name": name, **none, "held_bytes": held, "peak_bytes": weights + held, "ideal_flops": ideal_flops,
+            "collectives": {}, "custom_calls": {}, "fits": False,
+            "skipped": "not compiled: the weights on each device alone exceed the usable HBM"}
+
+
+@dataclasses.dataclass
+class Programs:
+    """One stage's programs: name -> (jitted, abstract args, total ideal FLOPs), and its weights."""
+
+    weights: object
+    programs: dict
+
+
+def text_encoder_programs(model_path, mesh, cfg: GenerationConfig) -> Programs:
+    from tpu_wan.text_encoder import ENCODE_BATCH, TextEncoder
+
+    encoder = TextEncoder(model_path, mesh, cfg.text_dtype, abstract=True)
+    texts = len(cfg.prompts) + 1  # the prompts and the negative prompt, in chunks of ENCODE_BATCH
+    config = encoder.config.to_dict()
+    programs = {}
+    for (name, (jitted, args)), start in zip(encoder.programs_for(texts, cfg.max_sequence_length).items(),
+                                             range(0, texts, ENCODE_BATCH)):
+        rows = min(ENCODE_BATCH, texts - start)
+        programs[name] = (jitted, args, arithmetic.umt5_encoder_flops(config, rows, cfg.max_sequence_length))
+    return Programs(encoder.weights, programs)
+
+
+def transformer_programs(model_path, mesh, cfg: GenerationConfig, attention) -> Programs:
+    from tpu_wan.transformer import Denoiser
+
+    denoiser = Denoiser(model_path, mesh, cfg.dtype, attention, abstract=True)
+    dit = dict(denoiser.config)
+    latents = config_lib.latent_shape(cfg.batch_size, cfg.height, cfg.width, cfg.frames, dit["in_channels"])
+    guided = cfg.do_classifier_free_guidance
+    rows = cfg.batch_size * (2 if guided else 1)
+    jitted, args = denoiser.step_program(latents, (rows, cfg.max_sequence_length, dit["text_dim"]), guided)
+    tokens = math.prod(n // p for n, p in zip(latents[2:], dit["patch_size"]))
+    ideal = arithmetic.dit_forward_flops(dit, rows, tokens, cfg.max_sequence_length)
+    return Programs(denoiser.weights, {f"step cfg={guided}": (jitted, args, ideal)})
+
+
+def vae_programs(model_path, mesh, cfg: GenerationConfig, uint8: bool) -> Programs:
+    from tpu_wan.vae import VaeDecoder
+
+    decoder = VaeDecoder(model_path, mesh, cfg.vae_dtype, abstract=True)
+    latents = config_lib.latent_shape(1, cfg.height, cfg.width, cfg.frames, decoder.config.z_dim)
+    programs = {name: (jitted, args, arithmetic.traced_flops(jitted, *args))
+                for name, (jitted, args) in decoder.programs_for(latents, uint8=uint8).items()}
+    return Programs(decoder.params, programs)
+
+
+def compile_run(model_id: str, cfg: GenerationConfig, target: TpuTarget, devices, *, stages=STAGES,
+                attention=None, uint8: bool = True, one_process: bool = False) -> dict:
+    """Compiles the programs of `stages` for a run of `cfg` (its mesh decided) on `target`; returns the
+    metrics.json document. `one_process`: the stages share a process (generate_flax.py), so each program's
+    peak includes the other stages' weights."""
+    from tpu_wan.pipeline import attention_options
+
+    dp, tp = cfg.mesh
+    mesh = make_mesh(dp, tp, devices)
+    model_path = checkpoints.resolve_configs(model_id)
+    attention = attention or attention_options(cfg)
+    if "text_encoder" in stages:
+        te = checkpoints.read_config(model_path, "text_encoder", ("num_heads",))
+        check_heads(mesh, te["num_heads"], "text encoder")
+    if "transformer" in stages:
+        checks.check_transformer_run(model_path, cfg, mesh, attention)
+    build = {
+        "text_encoder": lambda: text_encoder_programs(model_path, mesh, cfg),
+        "transformer": lambda: transformer_programs(model_path, mesh, cfg, attention),
+        "vae": lambda: vae_programs(model_path, mesh, cfg, uint8),
+    }
+    built = {stage: build[stage]() for stage in stages}
+    weights = {stage: weights_bytes_per_device(b.weights) for stage, b in built.items()}
+    usable = usable_bytes(target)
+    out = {}
+    for stage, b in built.items():
+        held = sum(w for s, w in weights.items() if s != stage) if one_process else 0
+        if weights[stage] + held > usable:  # no program of this stage can fit: not worth minutes of compiling
+            compiled = [_weights_exceed(name, weights[stage], held, ideal / mesh.size)
+                        for name, (_, _, ideal) in b.programs.items()]
+        else:
+            compiled = [compile_program(name, jitted, args, ideal_flops=ideal, devices=mesh.size, held_bytes=held,
+                                        usable=usable)
+                        for name, (jitted, args, ideal) in b.programs.items()]
+        out[stage] = {"weights_bytes_per_device": weights[stage], "compiled": compiled,
+                      "fits": all(p["fits"] for p in compiled)}
+    return {
+        "schema": artifacts.METRICS_SCHEMA,
+        "script": "compile_only",
+        "created": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "target": target.describe(),
+        "hbm_reserve_fraction": HBM_RESERVE_FRACTION,
+        "usable_bytes_per_device": usable,
+        "mesh": {"dp": dp, "tp": tp},
+        "one_process": one_process,
+        "config": cfg.to_json_dict(),
+        "stages": out,
+        "fits": all(s["fits"] for s in out.values()),
+    }
+
+
+def candidate_meshes(target: TpuTarget, head_counts: list[int]) -> list[tuple[int, int]]:
+    """Every (dp, tp) with dp * tp = the slice's chips and tp dividing each model's heads."""
+    n = target.chips
+    return [(n // tp, tp) for tp in range(1, n + 1) if n % tp == 0 and all(h % tp == 0 for h in head_counts)]
+
+
+def step_collective_bytes(metrics: dict) -> int:
+    """Bytes each device moves in one denoising step (0 when the transformer was not compiled)."""
+    steps = metrics["stages"].get("transformer", {}).get("compiled", [])
+    return sum(c["bytes"] for p in steps for c in p["collectives"].values())
+
+
+def peak_bytes(metrics: dict) -> int:
+    return max(p["peak_bytes"] for s in metrics["stages"].values() for p in s["compiled"])
+
+
+def rank(documents: list[dict]) -> list[dict]:
+    """Meshes ranked: fits first, then fewer collective bytes per denoising step, then lower peak bytes."""
+    return sorted(documents, key=lambda m: (not m["fits"], step_collective_bytes(m), peak_bytes(m)))
+
+
+def not_fitting(metrics: dict) -> str | None:
+    """One line naming the first program that does not fit, or None."""
+    for stage, s in metrics["stages"].items():
+        for p in s["compiled"]:
+            if not p["fits"]:
+                gib = lambda n: f"{n / (1 << 30):.2f} GiB"  # noqa: E731
+                t = metrics["target"]
+                return (f"{stage} program {p['name']!r} needs {gib(p['peak_bytes'])} per device at dp={metrics['mesh']['dp']} "
+                        f"tp={metrics['mesh']['tp']}: expected at most {gib(metrics['usable_bytes_per_device'])} "
+                        f"({t['device_kind']} HBM {gib(t['hbm_bytes_per_device'])} less "
+                        f"{metrics['hbm_reserve_fraction']:.0%} reserve) on {t['topology']}")
+    return None
+
+
+class DoesNotFit(UserError):
+    """A compile-only run whose programs do not fit the slice: the message names the first one."""
+
+    exit_status = 3
+
+
+def compile_only(base: GenerationConfig, sampling, topology_name: str, *, dp: int | None = None,
+                 tp: int | None = None, stages=STAGES, one_process: bool = False, uint8: bool = True,
+                 search_mesh: bool = False) -> dict:
+    """The compile-only run of a script: `base` holds what stage 1 decides (model, prompts, text dtype: None
+    follows the model dtype, as generate_flax.py does), `sampling` the stage-2 flags. With `search_mesh`, every
+    (dp, tp) the slice and the heads allow is compiled and the best document returned, with the ranking under
+    "mesh_search"."""
+    from tpu_wan.pipeline import resolve_sampling
+    from tpu_wan.topology import parse_target
+
+    target = parse_target(topology_name)
+    devices = target.devices()
+    meshes = [(dp, tp)]
+    if search_mesh:
+        model_path = checkpoints.resolve_configs(base.model_id)
+        heads = [checkpoints.read_config(model_path, c, (key,))[key] for c, key in
+                 (("text_encoder", "num_heads"), ("transformer", "num_attention_heads"))
+                 if c in stages]
+        meshes = candidate_meshes(target, heads)
+    documents = []
+    for mesh_dp, mesh_tp in meshes:
+        mesh = make_mesh(mesh_dp, mesh_tp, devices)
+        cfg = resolve_sampling(base, sampling, mesh)
+        cfg = cfg if cfg.text_dtype else cfg.replace(text_dtype=cfg.dtype)
+        documents.append(compile_run(cfg.model_id, cfg, target, devices, stages=stages, uint8=uint8,
+                                     one_process=one_process))
+    ranked = rank(documents)
+    best = ranked[0]
+    if search_mesh:
+        best["mesh_search"] = [{**m["mesh"], "fits": m["fits"], "step_collective_bytes": step_collective_bytes(m),
+                                "peak_bytes": peak_bytes(m)} for m in ranked]
+    return best
+
+
+def _gib(n) -> str:
+    return "-" if n is None else f"{n / (1 << 30):.2f} GiB"
+
+
+def table(metrics: dict) -> str:
+    """What a compile-only run prints: one row per program, then the verdict."""
+    t = metrics["target"]
+    lines = [f"compiled for {t['topology']}: {t['devices']} x {t['device_kind']} on {t['hosts']} host(s)"
+             + (" (more chips than one host: a multi-host slice, run with --distributed)" if t["hosts"] > 1 else "")
+             + f", {_gib(t['hbm_bytes_per_device'])} HBM each ({_gib(metrics['usable_bytes_per_device'])} usable); "
+             f"mesh dp={metrics['mesh']['dp']} tp={metrics['mesh']['tp']}"]
+    rows = [("stage", "program", "compile s", "weights/dev", "peak/dev", "fits", "flops/ideal", "collectives/call")]
+    for stage, s in metrics["stages"].items():
+        for p in s["compiled"]:
+            moved = sum(c["bytes"] for c in p["collectives"].values())
+            ratio = "-" if not p["flops"] or not p["ideal_flops"] else f"{p['flops'] / p['ideal_flops']:.2f}"
+            rows.append((stage, p["name"], "-" if p["compile_s"] is None else f"{p['compile_s']:.1f}",
+                         _gib(s["weights_bytes_per_device"]), _gib(p["peak_bytes"]), "yes" if p["fits"] else "NO",
+                         ratio, "-" if p["skipped"] else f"{moved / 1e9:.3f} GB"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines += ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+    for m in metrics.get("mesh_search", []):
+        lines.append(f"mesh dp={m['dp']} tp={m['tp']}: fits {'yes' if m['fits'] else 'no'}, "
+                     f"{m['step_collective_bytes'] / 1e9:.3f} GB moved per device per step, peak {_gib(m['peak_bytes'])}")
+    lines.append("fits: yes" if metrics["fits"] else f"fits: no ({not_fitting(metrics)})")
+    return "\n".join(lines)
+
+
+def stage2_base(input_dir, num_prompts: int | None, model_id: str | None) -> GenerationConfig:
+    """What stage 1 decided, for a stage-2 compile-only run: the folder's config, or `num_prompts` stand-in
+    prompts of `model_id` (their text does not change a program)."""
+    from tpu_wan.config import DEFAULT_MODEL_ID, DEFAULT_NEGATIVE_PROMPT
+
+    if num_prompts is None:
+        cfg = GenerationConfig.from_json_dict(artifacts.load_config(input_dir))
+        prompt_embeds, negative_embeds = artifacts.load_embeddings(input_dir)
+        checks.check_embeddings_file(input_dir, cfg, prompt_embeds, negative_embeds)
+        return cfg
+    return GenerationConfig(model_id=model_id or DEFAULT_MODEL_ID, prompts=tuple(f"prompt {i}" for i in range(num_prompts)),
+                            negative_prompt=DEFAULT_NEGATIVE_PROMPT, max_sequence_length=512)

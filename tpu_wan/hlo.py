@@ -1,0 +1,94 @@
+"""What an optimized HLO module moves between devices and which custom calls it makes, read from its text
+(`compiled.as_text()`), per device and per call of the program.
+
+An instruction inside a while loop counts once per trip when XLA knows the trip count (`known_trip_count` in
+its backend config, as for a `lax.scan`), else once. Collective bytes are per device: the larger of what the
+op reads and what it writes (all-gather: the gathered result; reduce-scatter: the full input; all-reduce,
+all-to-all, collective-permute: their operand), which bounds what one device sends or receives in it.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import defaultdict
+
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
+DTYPE_BYTES = {
+    "pred": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "f8e4m3b11fnuz": 1, "s4": 0.5, "u4": 0.5,
+    "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4, "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8,
+    "c64": 8, "c128": 16,
+}
+_HEADER = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) \(.*\{\s*$")
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = (.+?) ([a-z][\w\-]*)\((.*)$")
+_ARRAY = re.compile(r"\b([a-z]\w*)\[([\d,]*)\]")
+_CALLEES = re.compile(r"\b(?:body|condition|calls|to_apply)=%([\w.\-]+)|branch_computations=\{([^}]*)\}")
+_TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
+
+
+def array_bytes(type_text: str, skip_scalars: bool = False) -> int:
+    """Bytes of every array in an HLO type (`bf16[8,128]{1,0}` or a tuple of them); layouts are ignored."""
+    total = 0
+    for dtype, dims in _ARRAY.findall(type_text):
+        if dtype not in DTYPE_BYTES or (skip_scalars and not dims):
+            continue
+        total += math.prod(int(d) for d in dims.split(",") if d) * DTYPE_BYTES[dtype]
+    return int(total)
+
+
+def _operands(args_text: str) -> list[str]:
+    """The %names an instruction's argument list starts with (up to its closing parenthesis)."""
+    depth, end = 1, len(args_text)
+    for i, ch in enumerate(args_text):
+        depth += ch == "("
+        depth -= ch == ")"
+        if depth == 0:
+            end = i
+            break
+    return re.findall(r"%([\w.\-]+)", args_text[:end])
+
+
+def summarize(hlo_text: str) -> dict:
+    """{"collectives": {kind: {"count", "bytes"}}, "custom_calls": {target: count}} of one call of the module."""
+    computations: list[tuple[str, list[tuple[str, str, str, str]]]] = []
+    types: dict[str, str] = {}
+    entry = None
+    for line in hlo_text.splitlines():
+        header = _HEADER.match(line)
+        if header:
+            computations.append((header.group(1), []))
+            if line.startswith("ENTRY"):
+                entry = header.group(1)
+            continue
+        inst = _INSTRUCTION.match(line)
+        if inst and computations:
+            name, type_text, op, rest = inst.groups()
+            types[name] = type_text
+            computations[-1][1].append((name, type_text, op, rest))
+    times = defaultdict(int)
+    times[entry or (computations[-1][0] if computations else "")] = 1
+    # Callers come after their callees in the text, so walking it backwards settles each computation's count first.
+    for comp, instructions in reversed(computations):
+        for _, _, op, rest in instructions:
+            trips = int(m.group(1)) if op == "while" and (m := _TRIP_COUNT.search(rest)) else 1
+            for called, branches in _CALLEES.findall(rest):
+                for callee in [called] if called else re.findall(r"%([\w.\-]+)", branches):
+                    times[callee] += times[comp] * trips
+    collectives = {kind: {"count": 0, "bytes": 0} for kind in COLLECTIVES}
+    custom_calls: dict[str, int] = defaultdict(int)
+    for comp, instructions in computations:
+        n = times[comp]
+        if not n:
+            continue
+        for _, type_text, op, rest in instructions:
+            kind = op.removesuffix("-start")
+            if kind in COLLECTIVES:
+                read = sum(array_bytes(types.get(o, "")) for o in _operands(rest))
+                written = array_bytes(type_text, skip_scalars=True)
+                if op.endswith("-start") and kind != "all-reduce":  # its result holds the operands, then the outputs
+                    written -= read
+                collectives[kind]["count"] += n
+                collectives[kind]["bytes"] += n * max(read, written)
+            elif op == "custom-call" and (target := re.search(r'custom_call_target="([^"]+)"', rest)):
+                custom_calls[target.group(1)] += n
+    return {"collectives": collectives, "custom_calls": dict(custom_calls)}
