@@ -6,13 +6,17 @@
         [--choices custom splash xla cudnn]
     python custom_splash_attention.py sweep --heads 10 --q_len 75600 --kv_len 75600 --head_dim 128 \
         [--bq_choices 1024 2048 --bkv_choices 512 1024 --bkv_compute_choices 512]
+    python custom_splash_attention.py compile --topology v6e-8 --heads 10 --q_len 75600 --kv_len 75600 \
+        --head_dim 128 [--block_q 2048 ...] [--json]
 
 check: kernel vs a float64 host reference (max_abs_err, rel_err); without a TPU (GPU included) the kernel runs
 in Pallas interpret mode on the host CPU. bench: median of repeats, TFLOP/s (of the attended pairs: a window
 counts only its own) and fraction of peak for what the backend runs (TPU: our kernel, upstream splash, XLA;
 GPU: XLA and cuDNN; CPU: all but cuDNN, the kernels interpreted: correct, not a speed measurement), listing
 what it skipped and why. sweep: block sizes for a shape, fastest first, the best marked, with the stage 2 flags
-that apply it. --json prints one JSON object.
+that apply it. compile: the kernel compiled by the TPU compiler (Mosaic) for one chip of the slice, on any
+host: compile seconds, XLA's memory analysis and FLOPs; exit 1 with Mosaic's error in one line if it refuses.
+--json prints one JSON object.
 """
 
 import itertools
@@ -33,7 +37,7 @@ BENCH_CHOICES = ("custom", "splash", "xla", "cudnn")  # attention_tuning.BENCH_C
 def _parser():
     parser = cli.make_parser(__doc__)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=cli.Parser)
-    for name in ("check", "bench", "sweep"):
+    for name in ("check", "bench", "sweep", "compile"):
         p = sub.add_parser(name)
         p.add_argument("--heads", type=int, default=40)
         p.add_argument("--q_len", type=int, default=4096)
@@ -51,11 +55,20 @@ def _parser():
         if name == "bench":
             p.add_argument("--choices", nargs="+", default=list(BENCH_CHOICES), choices=BENCH_CHOICES,
                            help="what to time (default: all; those the backend cannot run are listed as skipped)")
+        if name == "compile":
+            p.add_argument("--topology", required=True, metavar="NAME",
+                           help="the TPU slice whose chip to compile for (v5e-8, v6e-8, v5p-8, ...): no TPU needed")
         if name == "sweep":
             for flag, values in (("bq", SWEEP_BQ), ("bkv", SWEEP_BKV), ("bkv_compute", SWEEP_BKV_COMPUTE)):
                 p.add_argument(f"--{flag}_choices", type=int, nargs="+", default=list(values), metavar="N",
                                help=f"candidate {flag} values (default: {' '.join(map(str, values))})")
     return parser
+
+
+class KernelRejected(cli.UserError):
+    """The TPU compiler (Mosaic) refused the kernel at these settings."""
+
+    exit_status = 1
 
 
 def _table(rows):
@@ -69,6 +82,7 @@ def _table(rows):
 
 def main(argv=None):
     args = _parser().parse_args(argv)
+    args.compile_only = args.command == "compile"  # the host's CPU backend is all compiling for a TPU needs
     cli.setup_process(args)
     from tpu_wan import attention_tuning as tuning
     from tpu_wan.attention import AttentionOptions
@@ -85,6 +99,13 @@ def main(argv=None):
         rows, skipped = tuning.bench(shape, options, choices=args.choices, repeats=args.repeats)
         result = {"shape": vars(shape), "window_size": args.window_size, "results": rows, "skipped": skipped}
         lines = [f"skipped {r['attention']}: {r['reason']}" for r in skipped]
+    elif args.command == "compile":
+        result = tuning.compile_for(shape, options, args.topology)
+        rows, lines = [{k: v for k, v in result.items() if k not in ("custom_calls", "error")}], []
+        if not result["accepted"]:
+            print(json.dumps(result) if args.json else _table(rows))
+            raise KernelRejected(f"{args.topology} refused the kernel at {args.heads} x {args.q_len} x {args.kv_len} "
+                                 f"x {args.head_dim} with blocks {result['block_sizes']}: {result['error']}")
     else:
         candidates = itertools.product(args.bq_choices, args.bkv_choices, args.bkv_compute_choices)
         rows = tuning.sweep(shape, options, candidates, repeats=args.repeats)  # an error if none fits

@@ -20,3 +20,13 @@ def run(script: Path, *args: str, check: bool = True) -> subprocess.CompletedPro
     if check and proc.returncode != 0:
         raise AssertionError(f"{script.name} exited {proc.returncode}:\n{proc.stderr[-4000:]}")
     return proc
+
+
+def load(script: Path):
+    """A script as a module, to call its main() in the test process."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"script_{script.stem}", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

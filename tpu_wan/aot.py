@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import logging
 import math
 import time
 
@@ -24,6 +25,7 @@ from tpu_wan.errors import UserError
 from tpu_wan.mesh import check_heads, make_mesh
 from tpu_wan.topology import TpuTarget
 
+log = logging.getLogger("tpu_wan")
 # Part of each chip's HBM a program cannot count on: what the TPU runtime keeps for itself, and the slack of
 # packing buffers (XLA's own estimate assumes perfect packing).
 HBM_RESERVE_FRACTION = 0.05
@@ -47,9 +49,11 @@ def compile_program(name: str, jitted, args, *, ideal_flops: int, devices: int, 
     """One metrics.json "compiled" entry: compiles `jitted` at the abstract `args` and reads what XLA says.
 
     held_bytes: other models' weights the same process keeps on each device while this program runs."""
+    log.info("compiling %s (%d devices)", name, devices)
     start = time.perf_counter()
     compiled = jitted.lower(*args).compile()
     compile_s = time.perf_counter() - start
+    log.info("compiled %s in %.1f s", name, compile_s)
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost

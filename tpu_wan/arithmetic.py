@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 
 import jax
+from jax.extend.core import ClosedJaxpr, Jaxpr
 
 
 def dit_forward_flops(cfg: dict, rows: int, tokens: int, text_len: int) -> int:
@@ -63,7 +64,7 @@ def _count(jaxpr) -> int:
 def _subjaxprs(params: dict):
     for value in params.values():
         for item in value if isinstance(value, (tuple, list)) else (value,):
-            if isinstance(item, jax.extend.core.ClosedJaxpr):
+            if isinstance(item, ClosedJaxpr):
                 yield item.jaxpr
-            elif isinstance(item, jax.extend.core.Jaxpr):
+            elif isinstance(item, Jaxpr):
                 yield item

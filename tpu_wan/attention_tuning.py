@@ -80,16 +80,62 @@ def _host_cpu():
                              f"a cpu backend (JAX_PLATFORMS must include cpu), found {err}") from None
 
 
+def block_sizes(shape: Shape, options: AttentionOptions) -> splash_exp2.BlockSizes:
+    """The kernel's block sizes at `shape`: the per-shape defaults with the given ones over them."""
+    blocks = splash_exp2.default_block_sizes(shape.q_len, shape.kv_len, shape.head_dim, shape.dtype)
+    given = {n: getattr(options, n) for n in ("bq", "bkv", "bkv_compute") if getattr(options, n) is not None}
+    try:
+        return dataclasses.replace(blocks, **given)
+    except ValueError as err:  # a given size that does not combine with the others
+        raise AttentionError(f"block sizes for q_len={shape.q_len} kv_len={shape.kv_len}: {err}") from None
+
+
+def compile_for(shape: Shape, options: AttentionOptions, topology: str) -> dict:
+    """The kernel compiled for one chip of a TPU slice (tpu_wan.topology: no TPU needed) at `shape`, through
+    the same attention.make_attention the models call: compile seconds, XLA's memory and cost analysis, and
+    whether Mosaic accepted it ("error": its first line, if not)."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from tpu_wan.mesh import make_mesh
+    from tpu_wan.topology import parse_target
+
+    target = parse_target(topology)
+    shape.window(options.window_size)
+    blocks = block_sizes(shape, options)
+    mesh = make_mesh(1, 1, target.devices()[:1])
+    fn = attention.make_attention(options, mesh)  # the mesh's platform is tpu: the compiled kernel
+    dims = [(1, shape.heads, n, shape.head_dim) for n in (shape.q_len, shape.kv_len, shape.kv_len)]
+    args = [jax.ShapeDtypeStruct(d, jnp.dtype(shape.dtype), sharding=NamedSharding(mesh, P())) for d in dims]
+    result = {
+        "topology": target.name, "device_kind": target.generation.device_kind, **dataclasses.asdict(shape),
+        "window_size": options.window_size, "k_smooth": options.k_smooth,
+        "block_sizes": [blocks.bq, blocks.bkv, blocks.bkv_compute],
+        "vmem_bytes": splash_exp2.vmem_bytes(blocks, shape.head_dim, shape.dtype),
+    }
+    start = time.perf_counter()
+    try:
+        compiled = jax.jit(fn).lower(*args).compile()
+    except Exception as err:  # Mosaic's or XLA's refusal, reported rather than raised
+        text = str(err).strip()
+        return {**result, "accepted": False, "compile_s": time.perf_counter() - start,
+                "error": f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"}
+    mem = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    from tpu_wan import hlo
+
+    return {**result, "accepted": True, "compile_s": time.perf_counter() - start, "error": None,
+            "argument_bytes": mem.argument_size_in_bytes, "output_bytes": mem.output_size_in_bytes,
+            "temp_bytes": mem.temp_size_in_bytes, "generated_code_bytes": mem.generated_code_size_in_bytes,
+            "flops": float(cost.get("flops", 0.0)), "attention_flops": shape.flops(options.window_size),
+            "custom_calls": hlo.summarize(compiled.as_text())["custom_calls"]}
+
+
 def check(shape: Shape, options: AttentionOptions, seed: int = 0) -> dict:
     """Kernel output vs the float64 reference: max_abs_err and rel_err (Frobenius norm ratio). Compiled on a
     TPU; elsewhere (CPU or GPU default backend) interpreted on the host CPU."""
     window = shape.window(options.window_size)
-    blocks = splash_exp2.default_block_sizes(shape.q_len, shape.kv_len, shape.head_dim, shape.dtype)
-    given = {n: getattr(options, n) for n in ("bq", "bkv", "bkv_compute") if getattr(options, n) is not None}
-    try:
-        blocks = dataclasses.replace(blocks, **given)
-    except ValueError as err:  # a given size that does not combine with the others
-        raise AttentionError(f"block sizes for q_len={shape.q_len} kv_len={shape.kv_len}: {err}") from None
+    blocks = block_sizes(shape, options)
     platform = "tpu" if jax.default_backend() == "tpu" else "cpu"
     device = jax.devices()[0] if platform == "tpu" else _host_cpu()
     q, k, v = jax.device_put(random_inputs(shape, seed), device)

@@ -213,6 +213,7 @@ def setup_process(args: argparse.Namespace) -> None:
         flags = os.environ.get("XLA_FLAGS", "")
         os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={args.cpu_devices}".strip()
     _setup_compilation_cache(args)
+    _leave_out_absent_tpu()
     logging.basicConfig(level=getattr(args, "log_level", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("tpu_wan").setLevel(logging.INFO)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -230,6 +231,20 @@ def setup_process(args: argparse.Namespace) -> None:
     flags = [getattr(args, f, None) for f in ("coordinator_address", "num_processes", "process_id")]
     if distributed.check_flags(getattr(args, "distributed", False), *flags):
         distributed.initialize(*flags)
+
+
+def _leave_out_absent_tpu() -> None:
+    """With libtpu installed (the test extra brings it, to compile for TPUs) but no TPU chip on this host, jax
+    would still load libtpu when it picks a backend, and libtpu logs errors about TPU hosts it cannot find; the
+    TPU backend is left out of that choice. Where JAX_PLATFORMS is set, or a chip is present, nothing changes."""
+    import importlib.util
+
+    if os.environ.get("JAX_PLATFORMS") or importlib.util.find_spec("libtpu") is None:
+        return
+    from jax._src import hardware_utils, xla_bridge
+
+    if hardware_utils.num_available_tpu_chips_and_device_id()[0] == 0:
+        xla_bridge._backend_factories.pop("tpu", None)
 
 
 # Programs that compile faster than this are not worth a disk round trip (jax's default is 1 s, which would leave

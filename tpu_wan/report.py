@@ -1,4 +1,5 @@
-"""A markdown report of a metrics.json from generate_flax.py or the stage scripts: time, memory, what to change.
+"""A markdown report of a metrics.json from generate_flax.py or the stage scripts: time, memory, what to change
+(or, for a compile-only run, what the TPU compiler said of each program).
 
 python -m tpu_wan.report metrics.json [--device_memory_gib 32] [--output report.md]
 (a pure reader: imports neither jax nor torch)
@@ -181,7 +182,39 @@ def advice_section(m: dict, capacity: int | None, from_flag: bool) -> list[str]:
     return ["## What to change", ""] + lines
 
 
+def compiled_section(m: dict) -> list[str]:
+    """A compile-only document (tpu_wan.aot): each program's numbers as the TPU compiler gave them."""
+    t, mesh, c = m["target"], m.get("mesh") or {}, m.get("config") or {}
+    lines = ["## Compiled for " + t["topology"], "",
+             f"- target: {t['devices']} x {t['device_kind']} on {t['hosts']} host(s), "
+             f"{human_bytes(t['hbm_bytes_per_device'])} HBM per device, {human_bytes(m['usable_bytes_per_device'])} "
+             f"usable ({m['hbm_reserve_fraction']:.0%} reserve)",
+             f"- mesh: dp {mesh.get('dp')} x tp {mesh.get('tp')}; model {c.get('model_id')}, "
+             f"{c.get('width')}x{c.get('height')}x{c.get('frames')} (WxHxF), batch size {c.get('batch_size')}, "
+             f"dtype {c.get('dtype')}" + ("; one process (generate_flax.py)" if m.get("one_process") else ""),
+             "", "| stage | program | compile (s) | arguments | temp | peak / device | fits | FLOPs / device "
+             "| model FLOPs / device | collective bytes | custom calls |", "|---|---|" + "---:|" * 9]
+    for name, s in ordered_stages(m).items():
+        for p in s["compiled"]:
+            moved = sum(v["bytes"] for v in p["collectives"].values())
+            calls = ", ".join(f"{k} x{v}" for k, v in p["custom_calls"].items()) or "-"
+            flops = lambda x: "n/a" if x is None else f"{x:.3e}"  # noqa: E731
+            lines.append(_row([name, p["name"], secs(p["compile_s"]), human_bytes(p["argument_bytes"]),
+                               human_bytes(p["temp_bytes"]), human_bytes(p["peak_bytes"]),
+                               "yes" if p["fits"] else "**no**", flops(p["flops"]), flops(p["ideal_flops"]),
+                               "n/a" if p.get("skipped") else human_bytes(moved), calls]))
+    for row in m.get("mesh_search", []):
+        lines.append(f"- mesh dp {row['dp']} x tp {row['tp']}: fits {'yes' if row['fits'] else 'no'}, "
+                     f"{human_bytes(row['step_collective_bytes'])} moved per device per step, peak "
+                     f"{human_bytes(row['peak_bytes'])}")
+    verdict = "everything fits" if m["fits"] else "something does not fit (see **no** above)"
+    return lines + ["", f"Verdict: {verdict}. These are the compiler's estimates for one call of each program, "
+                        "not measurements."]
+
+
 def render(metrics: dict, device_memory_gib: float | None = None, title: str = "metrics.json") -> str:
+    if "target" in metrics:  # a compile-only run: nothing ran, so no time or measured memory to report
+        return "\n\n".join([f"# Wan compile report: {title}", "\n".join(compiled_section(metrics))]) + "\n"
     capacity = int(device_memory_gib * GiB) if device_memory_gib else metrics.get("device_memory_bytes")
     sections = [run_section(metrics), time_section(metrics), memory_section(metrics, capacity),
                 advice_section(metrics, capacity, from_flag=bool(device_memory_gib))]

@@ -1,0 +1,171 @@
+"""--topology NAME --compile_only: every program of a run compiled by the TPU compiler on this CPU host
+(libtpu, deviceless), with the same code path as a real run and no weights read."""
+
+import importlib.util
+import json
+
+import pytest
+from scripts import GENERATE, STAGE2, load, run
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                                reason="libtpu is not installed: nothing can compile for a TPU on this host")
+
+TINY_RUN = ("--model_id", "tiny-random", "--height", "32", "--width", "32", "--frames", "5", "--attention", "custom")
+PROGRAM_FIELDS = {"name", "compile_s", "argument_bytes", "output_bytes", "alias_bytes", "temp_bytes",
+                  "generated_code_bytes", "held_bytes", "peak_bytes", "flops", "ideal_flops", "collectives",
+                  "custom_calls", "fits", "skipped"}
+
+
+def no_weights(monkeypatch):
+    """Any read of weights, tokenizer or video write fails the test."""
+    from tpu_wan import checkpoints, loading, vae, video
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a compile-only run read weights or wrote a video")
+
+    for module, name in ((loading, "load_sharded"), (vae, "load_params"), (checkpoints, "load_tokenizer"),
+                         (video, "write_video")):
+        monkeypatch.setattr(module, name, refuse)
+
+
+@pytest.fixture(scope="module")
+def generate_v6e8(tmp_path_factory):
+    """generate_flax.py's compile-only run of the tiny model on v6e-8 (dp 2, tp 4), in this process."""
+    folder = tmp_path_factory.mktemp("v6e8")
+    mp = pytest.MonkeyPatch()
+    no_weights(mp)
+    try:
+        load(GENERATE).main([*TINY_RUN, "--prompt", "a cat", "--negative_prompt", "blurry", "--topology", "v6e-8", "--compile_only",
+                            "--dp", "2", "--tp", "4", "--output_dir", str(folder)])
+    finally:
+        mp.undo()
+    return folder, json.loads((folder / "metrics.json").read_text())
+
+
+def test_every_program_of_the_run_compiles_for_v6e8(generate_v6e8):
+    folder, m = generate_v6e8
+    assert m["target"] == {"topology": "v6e-8", "device_kind": "TPU v6 lite", "devices": 8, "hosts": 1,
+                           "hbm_bytes_per_device": 32 << 30}
+    assert m["mesh"] == {"dp": 2, "tp": 4} and m["one_process"] and m["fits"]
+    assert m["config"]["dtype"] == "bfloat16"  # the TPU's default, as a real run there decides it
+    names = {stage: [p["name"] for p in s["compiled"]] for stage, s in m["stages"].items()}
+    assert names == {"text_encoder": ["encode (2, 512)"], "transformer": ["step cfg=True"],
+                     "vae": ["first", "rest", "to_uint8"]}
+    for stage in m["stages"].values():
+        for p in stage["compiled"]:
+            assert set(p) == PROGRAM_FIELDS and p["skipped"] is None and p["fits"]
+            assert p["compile_s"] > 0 and p["argument_bytes"] > 0
+            # one process: the other two models' weights are on the devices too
+            assert p["held_bytes"] == sum(s["weights_bytes_per_device"] for s in m["stages"].values()) \
+                - stage["weights_bytes_per_device"]
+    step = m["stages"]["transformer"]["compiled"][0]
+    assert step["custom_calls"].get("tpu_custom_call", 0) >= 1  # self-attention is the Mosaic kernel
+    assert step["collectives"]["all-reduce"]["count"] > 0  # tp=4: Megatron's reductions
+    assert not list(folder.glob("*.mp4"))
+
+
+def test_report_renders_a_compile_only_document(generate_v6e8):
+    from tpu_wan import report
+
+    folder, m = generate_v6e8
+    text = report.render(m, title="metrics.json")
+    assert "## Compiled for v6e-8" in text and "| transformer | step cfg=True |" in text
+    assert "tpu_custom_call x" in text and "Verdict: everything fits" in text
+
+
+def test_the_numbers_are_the_compiled_programs_own(tiny_path):
+    """Each entry's bytes equal memory_analysis() of the same program compiled again, its FLOPs cost_analysis()."""
+    from tpu_wan import aot, pipeline, topology
+    from tpu_wan.config import GenerationConfig
+    from tpu_wan.mesh import make_mesh
+
+    target = topology.parse_target("v5e-4")
+    devices = target.devices()
+    mesh = make_mesh(2, 2, devices)
+    cfg = pipeline.resolve_sampling(
+        GenerationConfig(model_id="tiny-random", prompts=("a",), negative_prompt="b", text_dtype="bfloat16"),
+        pipeline.SamplingArgs(height=32, width=32, frames=5, attention="custom"), mesh)
+    built = aot.transformer_programs(tiny_path, mesh, cfg, pipeline.attention_options(cfg))
+    (name, (jitted, args, ideal)), = built.programs.items()
+    entry = aot.compile_program(name, jitted, args, ideal_flops=ideal, devices=4, held_bytes=0,
+                                usable=aot.usable_bytes(target))
+    compiled = jitted.lower(*args).compile()
+    mem = compiled.memory_analysis()
+    assert (entry["argument_bytes"], entry["output_bytes"], entry["temp_bytes"], entry["generated_code_bytes"]) == (
+        mem.argument_size_in_bytes, mem.output_size_in_bytes, mem.temp_size_in_bytes,
+        mem.generated_code_size_in_bytes)
+    assert entry["peak_bytes"] == (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
+                                   + mem.temp_size_in_bytes + mem.generated_code_size_in_bytes)
+    assert entry["flops"] == compiled.cost_analysis()["flops"]
+    assert entry["ideal_flops"] == ideal / 4
+    # the weights are arguments: at least their per-device shards are in argument_bytes
+    assert entry["argument_bytes"] >= aot.weights_bytes_per_device(built.weights)
+
+
+def test_stage2_compiles_its_step_for_v5e4(tmp_path, monkeypatch):
+    no_weights(monkeypatch)
+    load(STAGE2).main([*TINY_RUN[2:], "--num_prompts", "3", "--model_id", "tiny-random", "--seeds", "1", "2",
+                 "--topology", "v5e-4", "--compile_only", "--output_dir", str(tmp_path)])
+    m = json.loads((tmp_path / "metrics.json").read_text())
+    assert m["target"]["topology"] == "v5e-4" and m["mesh"] == {"dp": 2, "tp": 2} and not m["one_process"]
+    assert list(m["stages"]) == ["transformer"]
+    (step,) = m["stages"]["transformer"]["compiled"]
+    assert step["custom_calls"].get("tpu_custom_call", 0) >= 1 and step["held_bytes"] == 0
+    assert m["config"]["batch_size"] == 1 and len(m["config"]["prompts"]) == 3
+    assert not list(tmp_path.glob("*.safetensors"))
+
+
+def test_search_mesh_ranks_every_mesh_the_heads_allow(tmp_path):
+    load(STAGE2).main([*TINY_RUN[2:], "--num_prompts", "1", "--model_id", "tiny-random", "--topology", "v6e-8",
+                 "--compile_only", "--search_mesh", "--output_dir", str(tmp_path)])
+    m = json.loads((tmp_path / "metrics.json").read_text())
+    ranked = m["mesh_search"]
+    # the tiny DiT has 4 heads: tp in 1, 2, 4 on 8 chips
+    assert sorted((r["dp"], r["tp"]) for r in ranked) == [(2, 4), (4, 2), (8, 1)]
+    keys = [(not r["fits"], r["step_collective_bytes"], r["peak_bytes"]) for r in ranked]
+    assert keys == sorted(keys)
+    assert m["mesh"] == {"dp": ranked[0]["dp"], "tp": ranked[0]["tp"]}
+
+
+def test_14b_at_720p_does_not_fit_a_v5e_1(tmp_path):
+    proc = run(STAGE2, "--model_id", "Wan-AI/Wan2.1-T2V-14B-Diffusers", "--num_prompts", "1", "--height", "720",
+               "--width", "1280", "--frames", "81", "--topology", "v5e-1", "--compile_only",
+               "--output_dir", tmp_path, check=False)
+    assert proc.returncode == 3, proc.stderr
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+    assert "transformer program 'step cfg=True' needs 26.6" in proc.stderr and "TPU v5 lite HBM 16.00 GiB" in proc.stderr
+    m = json.loads((tmp_path / "metrics.json").read_text())
+    assert m["fits"] is False and m["stages"]["transformer"]["compiled"][0]["skipped"]
+
+
+@pytest.mark.parametrize("args, expected", [
+    (("--topology", "v7-8", "--compile_only"), "expected a TPU slice such as v5e-8"),
+    (("--compile_only",), "--compile_only: expected --topology NAME"),
+    (("--topology", "v6e-8"), "expected --compile_only with it"),
+    (("--topology", "v6e-8", "--compile_only", "--dp", "3"), "dp x tp must equal the 8"),
+    (("--topology", "v6e-8", "--compile_only", "--tp", "8"), "tp must divide the 4 attention heads"),
+    (("--topology", "v6e-8", "--compile_only", "--search_mesh", "--dp", "2"), "expected no --dp/--tp"),
+])
+def test_bad_compile_only_invocations(args, expected, tmp_path):
+    proc = run(GENERATE, *TINY_RUN, *args, "--output_dir", tmp_path, check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("\n") == 1 and expected in proc.stderr
+    assert not list(tmp_path.iterdir())
+
+
+def test_with_libtpu_installed_runs_without_a_tpu_stay_quiet_on_the_cpu():
+    """libtpu alone (no chip) makes jax's backend choice log errors about TPU hosts; the scripts' process setup
+    leaves the TPU backend out where no chip is present, so a CPU run prints nothing new."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+    ours = ("import argparse; from tpu_wan import cli; cli.setup_process(argparse.Namespace()); "
+            "import jax; print(jax.default_backend())")
+    bare = "import jax; print(jax.default_backend())"
+    results = [subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+               for code in (ours, bare)]
+    assert [r.stdout.strip() for r in results] == ["cpu", "cpu"]
+    assert results[0].stderr == ""
+    assert "TPU_WORKER_HOSTNAMES" in results[1].stderr  # what the setup avoids (if libtpu goes quiet, drop it)

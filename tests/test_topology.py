@@ -1,0 +1,152 @@
+"""Slice names, the HLO reader and the model-arithmetic yardstick behind compile-only runs (no libtpu needed)."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from tpu_wan import arithmetic, checkpoints, hlo, topology
+from tpu_wan.topology import GIB
+
+
+@pytest.mark.parametrize("name, chips, hosts, kind, hbm_gib, grid", [
+    ("v4-8", 4, 1, "TPU v4", 32, "v4:2x2x1"),
+    ("v5e-1", 1, 1, "TPU v5 lite", 16, "v5e:1x1"),
+    ("v5e-4", 4, 1, "TPU v5 lite", 16, "v5e:2x2"),
+    ("v5e-8", 8, 1, "TPU v5 lite", 16, "v5e:2x4"),
+    ("v5p-8", 4, 1, "TPU v5", 95, "v5:2x2x1"),
+    ("v5p-16", 8, 2, "TPU v5", 95, "v5:2x2x2"),
+    ("v6e-1", 1, 1, "TPU v6 lite", 32, "v6e:1x1"),
+    ("v6e-8", 8, 1, "TPU v6 lite", 32, "v6e:2x4"),
+    ("v6e-16", 16, 4, "TPU v6 lite", 32, "v6e:4x4"),
+])
+def test_slice_names(name, chips, hosts, kind, hbm_gib, grid):
+    target = topology.parse_target(name)
+    assert (target.chips, target.hosts, target.topology) == (chips, hosts, grid)
+    assert target.describe() == {"topology": name, "device_kind": kind, "devices": chips, "hosts": hosts,
+                                 "hbm_bytes_per_device": hbm_gib * GIB}
+
+
+@pytest.mark.parametrize("name", ["v6e-3", "v5p-6", "v7-8", "v6e", "tpu-8", ""])
+def test_unknown_slices_are_refused_naming_the_known_ones(name):
+    with pytest.raises(topology.TopologyError, match=f"found {name!r}") as err:
+        topology.parse_target(name)
+    assert "v6e-8" in str(err.value) and "v5p-16" in str(err.value)
+
+
+# A hand-written module: the entry all-reduces once, a while loop (trip count 5) all-gathers and permutes each
+# trip inside an async wrapper, and one loop of unknown trip count all-to-alls once.
+HLO = """
+HloModule m
+
+%add (a: f32[], b: f32[]) -> f32[] {
+  %a = f32[] parameter(0)
+  %b = f32[] parameter(1)
+  ROOT %s = f32[] add(%a, %b)
+}
+
+%async_body (p: bf16[16,128]) -> bf16[64,128] {
+  %p = bf16[16,128]{1,0} parameter(0)
+  ROOT %ag = bf16[64,128]{1,0} all-gather(%p), dimensions={0}
+}
+
+%body (t: (s32[], bf16[16,128])) -> (s32[], bf16[16,128]) {
+  %t = (s32[], bf16[16,128]{1,0}) parameter(0)
+  %x = bf16[16,128]{1,0} get-tuple-element(%t), index=1
+  %start = ((bf16[16,128]{1,0}), bf16[64,128]{1,0}) async-start(%x), calls=%async_body
+  %cp = (bf16[16,128]{1,0}, bf16[16,128]{1,0}, u32[], u32[]) collective-permute-start(%x), source_target_pairs={{0,1}}
+  %kernel = bf16[16,128]{1,0} custom-call(%x), custom_call_target="tpu_custom_call"
+  ROOT %r = (s32[], bf16[16,128]{1,0}) tuple(%i, %x)
+}
+
+%cond (t: (s32[], bf16[16,128])) -> pred[] {
+  ROOT %c = pred[] constant(true)
+}
+
+%body2 (u: f32[4,4]) -> f32[4,4] {
+  %u = f32[4,4]{1,0} parameter(0)
+  ROOT %a2a = f32[4,4]{1,0} all-to-all(%u), dimensions={0}
+}
+
+ENTRY %main (x: f32[8,128], y: bf16[16,128]) -> f32[8,128] {
+  %x = f32[8,128]{1,0} parameter(0)
+  %y = bf16[16,128]{1,0} parameter(1)
+  %ar = f32[8,128]{1,0} all-reduce(%x), replica_groups={{0,1}}, to_apply=%add
+  %w = (s32[], bf16[16,128]{1,0}) while(%t0), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"5"}}
+  %w2 = f32[4,4]{1,0} while(%u0), condition=%cond, body=%body2
+  ROOT %rs = f32[2,128]{1,0} reduce-scatter(%x), dimensions={0}, to_apply=%add
+}
+"""
+
+
+def test_hlo_summary_counts_loop_trips_and_bytes_per_device():
+    summary = hlo.summarize(HLO)
+    c = summary["collectives"]
+    assert c["all-reduce"] == {"count": 1, "bytes": 8 * 128 * 4}
+    assert c["reduce-scatter"] == {"count": 1, "bytes": 8 * 128 * 4}  # the full input it reads
+    assert c["all-gather"] == {"count": 5, "bytes": 5 * 64 * 128 * 2}  # the gathered result, each trip
+    assert c["collective-permute"] == {"count": 5, "bytes": 5 * 16 * 128 * 2}  # its operand, not the tuple
+    assert c["all-to-all"] == {"count": 1, "bytes": 4 * 4 * 4}  # unknown trip count: once
+    assert summary["custom_calls"] == {"tpu_custom_call": 5}
+
+
+def test_array_bytes_reads_tuples_and_ignores_layouts():
+    assert hlo.array_bytes("(bf16[2,3]{1,0:T(2,128)(2,1)}, f32[4]{0}, u32[])") == 2 * 3 * 2 + 4 * 4 + 4
+    assert hlo.array_bytes("(bf16[2,3]{1,0}, u32[])", skip_scalars=True) == 12
+
+
+def test_dit_flops_formula_equals_the_traced_program(tiny_path):
+    """The closed form from the config against every matmul of the real forward, counted in its jaxpr with XLA
+    attention (einsums): two independent counts of the same arithmetic."""
+    from tpu_wan import attention, mesh as mesh_lib, torchax_env
+
+    model = checkpoints.empty_transformer(tiny_path)
+    config = dict(model.config)
+    mesh = mesh_lib.make_mesh(1, 1, jax.devices()[:1])
+    buffers, forward = torchax_env.functionalize(model, attention.make_attention("xla", mesh))
+    shapes = {**{n: (b.shape, b.dtype) for n, b in buffers.items()},
+              **checkpoints.expected_weights(model, "float32")}
+    weights = mesh_lib.abstract_weights(shapes, mesh_lib.WAN_TRANSFORMER_RULES, mesh)
+    rows, frames, h, w, text_len = 2, 3, 8, 12, 40
+    x = jax.ShapeDtypeStruct((rows, config["in_channels"], frames, h, w), jnp.float32)
+    t = jax.ShapeDtypeStruct((rows,), jnp.float32)
+    text = jax.ShapeDtypeStruct((rows, text_len, config["text_dim"]), jnp.float32)
+    traced = arithmetic.traced_flops(functools.partial(forward, return_dict=False), weights, x, t, text)
+    tokens = frames * (h // 2) * (w // 2)
+    assert traced == arithmetic.dit_forward_flops(config, rows, tokens, text_len)
+
+
+def test_umt5_flops_formula_equals_the_traced_program(tiny_path):
+    from tpu_wan import mesh as mesh_lib, torchax_env
+
+    model = checkpoints.empty_text_encoder(tiny_path)
+    config = model.config.to_dict()
+    buffers, forward = torchax_env.functionalize(model)
+    mesh = mesh_lib.make_mesh(1, 1, jax.devices()[:1])
+    shapes = {**{n: (b.shape, b.dtype) for n, b in buffers.items()}, **checkpoints.expected_weights(model, "float32")}
+    weights = mesh_lib.abstract_weights(shapes, mesh_lib.UMT5_RULES, mesh)
+    ids = jax.ShapeDtypeStruct((3, 24), jnp.int32)
+    traced = arithmetic.traced_flops(lambda w, i: forward(w, i, attention_mask=i, return_dict=False)[0], weights, ids)
+    assert traced == arithmetic.umt5_encoder_flops(config, 3, 24)
+
+
+def test_traced_flops_counts_scan_trips_and_convolutions():
+    def f(x, k):  # [1 4 10 10] conv with a [6 4 3 3] kernel, 'VALID': [1 6 8 8]; then 7 matmuls of [8 8]
+        y = jax.lax.conv_general_dilated(x, k, (1, 1), "VALID")
+        return jax.lax.scan(lambda c, _: (c @ c, None), y[0, 0], None, length=7)[0]
+
+    x, k = jnp.zeros((1, 4, 10, 10)), jnp.zeros((6, 4, 3, 3))
+    assert arithmetic.traced_flops(f, x, k) == 2 * (6 * 8 * 8) * (4 * 3 * 3) + 7 * 2 * 8 * 8 * 8
+
+
+def test_packaged_configs_of_the_published_models():
+    for model_id, heads, layers in (("Wan-AI/Wan2.1-T2V-1.3B-Diffusers", 12, 30),
+                                    ("Wan-AI/Wan2.1-T2V-14B-Diffusers", 40, 40)):
+        path = checkpoints.resolve_configs(model_id)
+        dit = checkpoints.read_config(path, "transformer")
+        assert (dit["num_attention_heads"], dit["num_layers"]) == (heads, layers)
+        assert checkpoints.read_config(path, "text_encoder")["d_model"] == dit["text_dim"] == 4096
+        assert not list(path.rglob("*.safetensors"))
+    with pytest.raises(checkpoints.CheckpointError, match="to compile without weights, found 'org/other'"):
+        checkpoints.resolve_configs("org/other")
