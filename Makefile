@@ -26,6 +26,8 @@ demo: install
 	$(PY) -m tpu_wan.report stage_outputs/metrics.json --output stage_outputs/report.md
 	$(PY) generate_flax.py --model_id tiny-random --prompt "A cat playing piano in a jazz club" \
 		--output_video stage_outputs/one_process/video.mp4 --num_iterations 2
+	$(PY) generate_flax.py --model_id tiny-random --topology v6e-8 --compile_only \
+		--compile_stages text_encoder transformer --metrics stage_outputs/compile_v6e-8.json    # no TPU needed
 
 # Two workers, each test file on one worker (its module fixtures load models once).
 test: install

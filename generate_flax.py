@@ -62,7 +62,8 @@ def main(argv=None):
         base = GenerationConfig(model_id=args.model_id, prompts=tuple(prompts), negative_prompt=args.negative_prompt,
                                 max_sequence_length=args.max_sequence_length, fps=args.fps, vae_dtype=args.vae_dtype)
         metrics = aot.compile_only(base, sampling, args.topology, dp=args.dp, tp=args.tp, one_process=True,
-                                   uint8=not args.save_intermediates, search_mesh=args.search_mesh)
+                                   compile_stages=tuple(args.compile_stages), uint8=not args.save_intermediates,
+                                   search_mesh=args.search_mesh)
         folder = Path(args.output_dir or (Path(args.output_video).parent if args.output_video else "."))
         return cli.finish_compile_only(metrics, args.metrics or folder / artifacts.METRICS_FILE)
     several = len(prompts) * len(sampling.seeds) > 1

@@ -160,7 +160,8 @@ def test_with_libtpu_installed_runs_without_a_tpu_stay_quiet_on_the_cpu():
     import subprocess
     import sys
 
-    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+    # as a user's shell has it: no platform chosen, none of the TPU_* settings compiling for a slice makes
+    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS" and not k.startswith("TPU_")}
     ours = ("import argparse; from tpu_wan import cli; cli.setup_process(argparse.Namespace()); "
             "import jax; print(jax.default_backend())")
     bare = "import jax; print(jax.default_backend())"
@@ -169,3 +170,27 @@ def test_with_libtpu_installed_runs_without_a_tpu_stay_quiet_on_the_cpu():
     assert [r.stdout.strip() for r in results] == ["cpu", "cpu"]
     assert results[0].stderr == ""
     assert "TPU_WORKER_HOSTNAMES" in results[1].stderr  # what the setup avoids (if libtpu goes quiet, drop it)
+
+
+def test_bench_smoke():
+    from scripts import ROOT
+
+    proc = run(ROOT / "bench" / "tpu_compile.py", "--smoke")
+    assert proc.stdout.splitlines()[-1] == "cases 1 fits 1"
+    assert "| tiny-random | v5e-4 | dp 2 x tp 2 (default" in proc.stdout
+
+
+def test_startup_bench_smoke():
+    from scripts import ROOT
+
+    last = run(ROOT / "bench" / "startup.py", "--smoke").stdout.splitlines()[-1].split()
+    assert last[0] == "with_over_without" and float(last[1]) > 0
+    assert last[2:4] == ["with_stderr_lines", "0"]
+
+
+def test_a_multi_host_slice_compiles_and_says_so(tmp_path, capsys):
+    load(STAGE2).main([*TINY_RUN[2:], "--num_prompts", "2", "--model_id", "tiny-random", "--topology", "v5p-16",
+                       "--compile_only", "--output_dir", str(tmp_path)])
+    m = json.loads((tmp_path / "metrics.json").read_text())
+    assert m["target"]["devices"] == 8 and m["target"]["hosts"] == 2 and m["fits"]
+    assert "on 2 host(s) (more chips than one host" in capsys.readouterr().out

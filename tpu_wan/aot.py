@@ -129,10 +129,10 @@ def vae_programs(model_path, mesh, cfg: GenerationConfig, uint8: bool) -> Progra
 
 
 def compile_run(model_id: str, cfg: GenerationConfig, target: TpuTarget, devices, *, stages=STAGES,
-                attention=None, uint8: bool = True, one_process: bool = False) -> dict:
-    """Compiles the programs of `stages` for a run of `cfg` (its mesh decided) on `target`; returns the
-    metrics.json document. `one_process`: the stages share a process (generate_flax.py), so each program's
-    peak includes the other stages' weights."""
+                compile_stages=None, attention=None, uint8: bool = True, one_process: bool = False) -> dict:
+    """Compiles the programs of `compile_stages` (default: all of `stages`) for a run of `cfg` (its mesh
+    decided) on `target`; returns the metrics.json document. `one_process`: `stages` share a process
+    (generate_flax.py), so each program's peak includes the other stages' weights, compiled or not."""
     from tpu_wan.pipeline import attention_options
 
     dp, tp = cfg.mesh
@@ -154,6 +154,8 @@ def compile_run(model_id: str, cfg: GenerationConfig, target: TpuTarget, devices
     usable = usable_bytes(target)
     out = {}
     for stage, b in built.items():
+        if compile_stages is not None and stage not in compile_stages:
+            continue
         held = sum(w for s, w in weights.items() if s != stage) if one_process else 0
         if weights[stage] + held > usable:  # no program of this stage can fit: not worth minutes of compiling
             compiled = [_weights_exceed(name, weights[stage], held, ideal / mesh.size)
@@ -173,6 +175,7 @@ def compile_run(model_id: str, cfg: GenerationConfig, target: TpuTarget, devices
         "usable_bytes_per_device": usable,
         "mesh": {"dp": dp, "tp": tp},
         "one_process": one_process,
+        "resident_stages": {stage: weights[stage] for stage in stages},
         "config": cfg.to_json_dict(),
         "stages": out,
         "fits": all(s["fits"] for s in out.values()),
@@ -189,6 +192,10 @@ def step_collective_bytes(metrics: dict) -> int:
     """Bytes each device moves in one denoising step (0 when the transformer was not compiled)."""
     steps = metrics["stages"].get("transformer", {}).get("compiled", [])
     return sum(c["bytes"] for p in steps for c in p["collectives"].values())
+
+
+def compile_seconds(metrics: dict) -> float:
+    return sum(p["compile_s"] or 0.0 for s in metrics["stages"].values() for p in s["compiled"])
 
 
 def peak_bytes(metrics: dict) -> int:
@@ -221,8 +228,8 @@ class DoesNotFit(UserError):
 
 
 def compile_only(base: GenerationConfig, sampling, topology_name: str, *, dp: int | None = None,
-                 tp: int | None = None, stages=STAGES, one_process: bool = False, uint8: bool = True,
-                 search_mesh: bool = False) -> dict:
+                 tp: int | None = None, stages=STAGES, compile_stages=None, one_process: bool = False,
+                 uint8: bool = True, search_mesh: bool = False) -> dict:
     """The compile-only run of a script: `base` holds what stage 1 decides (model, prompts, text dtype: None
     follows the model dtype, as generate_flax.py does), `sampling` the stage-2 flags. With `search_mesh`, every
     (dp, tp) the slice and the heads allow is compiled and the best document returned, with the ranking under
@@ -245,17 +252,19 @@ def compile_only(base: GenerationConfig, sampling, topology_name: str, *, dp: in
         cfg = resolve_sampling(base, sampling, mesh)
         cfg = cfg if cfg.text_dtype else cfg.replace(text_dtype=cfg.dtype)
         documents.append(compile_run(cfg.model_id, cfg, target, devices, stages=stages, uint8=uint8,
-                                     one_process=one_process))
+                                     compile_stages=compile_stages, one_process=one_process))
     ranked = rank(documents)
     best = ranked[0]
     if search_mesh:
         best["mesh_search"] = [{**m["mesh"], "fits": m["fits"], "step_collective_bytes": step_collective_bytes(m),
-                                "peak_bytes": peak_bytes(m)} for m in ranked]
+                                "peak_bytes": peak_bytes(m), "compile_s": compile_seconds(m)} for m in ranked]
     return best
 
 
 def _gib(n) -> str:
-    return "-" if n is None else f"{n / (1 << 30):.2f} GiB"
+    from tpu_wan.report import human_bytes
+
+    return "-" if n is None else human_bytes(n)
 
 
 def table(metrics: dict) -> str:
@@ -272,12 +281,16 @@ def table(metrics: dict) -> str:
             ratio = "-" if not p["flops"] or not p["ideal_flops"] else f"{p['flops'] / p['ideal_flops']:.2f}"
             rows.append((stage, p["name"], "-" if p["compile_s"] is None else f"{p['compile_s']:.1f}",
                          _gib(s["weights_bytes_per_device"]), _gib(p["peak_bytes"]), "yes" if p["fits"] else "NO",
-                         ratio, "-" if p["skipped"] else f"{moved / 1e9:.3f} GB"))
+                         ratio, "-" if p["skipped"] else _gib(moved)))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines += ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+    for stage, held in metrics["resident_stages"].items():
+        if stage not in metrics["stages"]:
+            lines.append(f"{stage}: not compiled (--compile_stages); its {_gib(held)} of weights per device are "
+                         "counted in the others' peaks")
     for m in metrics.get("mesh_search", []):
         lines.append(f"mesh dp={m['dp']} tp={m['tp']}: fits {'yes' if m['fits'] else 'no'}, "
-                     f"{m['step_collective_bytes'] / 1e9:.3f} GB moved per device per step, peak {_gib(m['peak_bytes'])}")
+                     f"{_gib(m['step_collective_bytes'])} moved per device per step, peak {_gib(m['peak_bytes'])}")
     lines.append("fits: yes" if metrics["fits"] else f"fits: no ({not_fitting(metrics)})")
     return "\n".join(lines)
 

@@ -18,6 +18,7 @@ from tpu_wan.config import (
 from tpu_wan.errors import UserError
 
 DEFAULT_OUTPUT_DIR = "stage_outputs"
+STAGES = ("text_encoder", "transformer", "vae")  # tpu_wan.profiling.STAGES, without importing it
 # XLA's CPU backend has no bf16 matmul: it converts each bf16 weight to f32, and its default scheduler hoists
 # all those conversions to the start of the step, keeping an f32 copy of every weight alive at once (5.7 GB of
 # temporaries for the 1.3B model; 62 MB with this off). Only the CPU backend reads it.
@@ -74,6 +75,11 @@ def add_compile_args(p: argparse.ArgumentParser, *, stage2: bool = False) -> Non
                         "collectives (exit 3 if something does not fit); loads no weights, writes no video")
     g.add_argument("--search_mesh", action="store_true",
                    help="with --compile_only: compile every (dp, tp) the slice and the heads allow and rank them")
+    if not stage2:
+        g.add_argument("--compile_stages", nargs="+", default=list(STAGES), choices=STAGES, metavar="STAGE",
+                       help="stages whose programs to compile (default: all; the others' weights still count "
+                            "toward each device's memory). The VAE's convolutions take the TPU compiler "
+                            "minutes each at real sizes")
     if stage2:
         g.add_argument("--num_prompts", type=int, default=None,
                        help="with --compile_only and no stage-1 folder: how many prompts the run has")

@@ -186,7 +186,8 @@ def compiled_section(m: dict) -> list[str]:
     """A compile-only document (tpu_wan.aot): each program's numbers as the TPU compiler gave them."""
     t, mesh, c = m["target"], m.get("mesh") or {}, m.get("config") or {}
     lines = ["## Compiled for " + t["topology"], "",
-             f"- target: {t['devices']} x {t['device_kind']} on {t['hosts']} host(s), "
+             f"- target: {t['devices']} x {t['device_kind']} on {t['hosts']} host(s)"
+             + (" (a multi-host slice: run with --distributed on every host)" if t["hosts"] > 1 else "") + ", "
              f"{human_bytes(t['hbm_bytes_per_device'])} HBM per device, {human_bytes(m['usable_bytes_per_device'])} "
              f"usable ({m['hbm_reserve_fraction']:.0%} reserve)",
              f"- mesh: dp {mesh.get('dp')} x tp {mesh.get('tp')}; model {c.get('model_id')}, "

@@ -1,0 +1,119 @@
+"""python bench/tpu_compile.py [--smoke] [--cases 1.3b-480p 14b-720p ...] [--topologies v6e-8 ...] [--write]
+
+What the TPU compiler says of the real Wan 2.1 runs on the slices users rent, compiled on this CPU host (libtpu,
+deviceless: nothing runs, no weights are read). Each case runs
+`generate_flax.py --compile_only --topology T --search_mesh --compile_stages text_encoder transformer` as its
+own process (81 frames, CFG, one prompt, bfloat16, default block sizes), so every mesh the slice and the heads
+allow is compiled: the default mesh's row and the best one's come from the same run. The VAE's weights count in
+each program's peak (one process holds all three models); its programs are not compiled here: at these sizes
+XLA:TPU takes many minutes per 3D convolution program (see bench/README.md).
+
+Columns: compile s on this CPU (text encoder + step, that mesh), peak GiB per chip (the largest program, the other
+models' weights included) against HBM, fits, the step's FLOPs over the model's own arithmetic, and the bytes
+each chip moves per denoising step (collectives of the step's optimized HLO). --write puts the table into
+bench/README.md between its tpu_compile markers. --smoke: the tiny model on v5e-4 (seconds). The last line is
+`cases N fits F` (cases compiled, of which the default mesh fits). Compiler estimates, not measurements.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+GiB = 1 << 30
+MODELS = {"1.3b": "Wan-AI/Wan2.1-T2V-1.3B-Diffusers", "14b": "Wan-AI/Wan2.1-T2V-14B-Diffusers"}
+SIZES = {"480p": (480, 832), "720p": (720, 1280)}
+# (case, topologies) as the compile-only issue lists them: the sizes users ask about, on the slices they rent.
+CASES = {
+    "1.3b-480p": ("v5e-1", "v5e-4", "v6e-1", "v6e-4"),
+    "14b-480p": ("v5e-8", "v6e-8", "v5p-8"),
+    "14b-720p": ("v5e-8", "v6e-8", "v5p-8"),
+}
+MARKERS = ("<!-- tpu_compile:start -->", "<!-- tpu_compile:end -->")
+
+
+def compile_case(model_id: str, height: int, width: int, frames: int, topology: str, folder: Path) -> dict:
+    metrics = folder / f"{topology}-{height}.json"
+    cmd = [sys.executable, str(ROOT / "generate_flax.py"), "--model_id", model_id, "--height", str(height),
+           "--width", str(width), "--frames", str(frames), "--topology", topology, "--compile_only",
+           "--search_mesh", "--compile_stages", "text_encoder", "transformer", "--metrics", str(metrics)]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    if proc.returncode not in (0, 3):  # 3: nothing fits, still a result
+        raise SystemExit(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stderr[-3000:]}")
+    document = json.loads(metrics.read_text())
+    document["wall_s"] = time.perf_counter() - start
+    return document
+
+
+def rows_of(case: str, document: dict) -> list[list[str]]:
+    """The default mesh's row and, where another mesh ranks first, the best one's."""
+    from tpu_wan.mesh import default_mesh_shape
+
+    t = document["target"]
+    default = default_mesh_shape(t["devices"])
+    ranked = document["mesh_search"]
+    step = document["stages"]["transformer"]["compiled"][0]
+    ratio = "n/a" if step["flops"] is None else f"{step['flops'] / step['ideal_flops']:.2f}"
+    rows = []
+    for i, m in enumerate(ranked):
+        mine = (m["dp"], m["tp"]) == default
+        if not (mine or i == 0):
+            continue
+        label = " / ".join(w for w, on in (("default", mine), ("best", i == 0)) if on)
+        rows.append([case, t["topology"], f"dp {m['dp']} x tp {m['tp']} ({label})", f"{m['compile_s']:.0f}",
+                     f"{m['peak_bytes'] / GiB:.2f} / {t['hbm_bytes_per_device'] / GiB:.0f}",
+                     "yes" if m["fits"] else "no", ratio if i == 0 else "", f"{m['step_collective_bytes'] / 1e9:.1f}"])
+    return rows
+
+
+def table(rows: list[list[str]]) -> str:
+    head = ["case (81 frames)", "slice", "mesh", "compile s", "peak / HBM GiB per chip", "fits",
+            "step FLOPs / model's (best mesh)", "GB moved per chip per step"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def write_readme(text: str) -> None:
+    readme = ROOT / "bench" / "README.md"
+    content = readme.read_text()
+    start, end = content.index(MARKERS[0]) + len(MARKERS[0]), content.index(MARKERS[1])
+    readme.write_text(content[:start] + "\n" + text + "\n" + content[end:])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--smoke", action="store_true", help="the tiny model on v5e-4")
+    parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+    parser.add_argument("--topologies", nargs="+", default=None, help="only these slices")
+    parser.add_argument("--write", action="store_true", help="write the table into bench/README.md")
+    args = parser.parse_args()
+    sys.path.insert(0, str(ROOT))
+    rows, fits, count = [], 0, 0
+    with tempfile.TemporaryDirectory() as tmp:
+        plan = ([("tiny-random", "tiny-random", 64, 96, 9, "v5e-4")] if args.smoke else
+                [(case, MODELS[case.split("-")[0]], *SIZES[case.split("-")[1]], 81, topology)
+                 for case in args.cases for topology in CASES[case]
+                 if args.topologies is None or topology in args.topologies])
+        for case, model_id, height, width, frames, topology in plan:
+            document = compile_case(model_id, height, width, frames, topology, Path(tmp))
+            case_rows = rows_of(case, document)
+            rows += case_rows
+            count += 1
+            fits += any("default" in r[2] and r[5] == "yes" for r in case_rows)
+            print(*table(case_rows).splitlines()[2:], f"({document['wall_s']:.0f} s)", sep="\n", flush=True)
+    text = table(rows)
+    print(text)
+    if args.write and not args.smoke:
+        write_readme(text)
+    print(f"cases {count} fits {fits}")
+
+
+if __name__ == "__main__":
+    main()
