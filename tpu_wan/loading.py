@@ -202,3 +202,16 @@ def _as_dtype(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
     out = _aligned_empty(x.shape, dtype)
     out[...] = x  # the same rounding as x.astype(dtype), into a buffer jax can adopt without a copy on CPU
     return out
+
+
+def place_model(buffers: Mapping[str, np.ndarray], expected: Mapping[str, tuple[tuple[int, ...], np.dtype]],
+                component_dir: Path, rules: Sequence, mesh, *, abstract: bool = False,
+                overrides: Mapping[str, np.ndarray] | None = None) -> dict:
+    """A model's weights on the mesh: its computed buffers placed by their rules and its parameters read from
+    `component_dir` (load_sharded); with `abstract`, both as shapes and shardings only, nothing read."""
+    if abstract:
+        shapes = {**{name: (b.shape, b.dtype) for name, b in buffers.items()}, **expected}
+        return mesh_lib.abstract_weights(shapes, rules, mesh)
+    weights = mesh_lib.shard_weights(buffers, rules, mesh)
+    weights.update(load_sharded(expected, weight_files(component_dir), rules, mesh, overrides))
+    return weights

@@ -42,14 +42,8 @@ class TextEncoder:
         expected = checkpoints.expected_weights(model, dtype)
         buffers, forward = torchax_env.functionalize(model)
         del model
-        rules = mesh_lib.UMT5_RULES
-        if abstract:
-            shapes = {**{n: (b.shape, b.dtype) for n, b in buffers.items()}, **expected}
-            self.weights = mesh_lib.abstract_weights(shapes, rules, mesh)
-        else:
-            self.weights = mesh_lib.shard_weights(buffers, rules, mesh)
-            files = loading.weight_files(model_path / "text_encoder")
-            self.weights.update(loading.load_sharded(expected, files, rules, mesh))
+        self.weights = loading.place_model(buffers, expected, model_path / "text_encoder", mesh_lib.UMT5_RULES, mesh,
+                                           abstract=abstract)
 
         def encode(weights, input_ids, mask):  # [B S] int32 each -> [B S D]
             hidden = forward(weights, input_ids, attention_mask=mask, return_dict=False)[0]

@@ -54,14 +54,9 @@ class Denoiser:
         self.attention = attention.make_attention(attention_options, mesh)
         buffers, forward = torchax_env.functionalize(model, self.attention)
         del model
-        rules = mesh_lib.WAN_TRANSFORMER_RULES
-        if abstract:
-            shapes = {**{n: (b.shape, b.dtype) for n, b in buffers.items()}, **expected}
-            self.weights = mesh_lib.abstract_weights(shapes, rules, mesh)
-        else:
-            self.weights = mesh_lib.shard_weights(buffers, rules, mesh)
-            files = loading.weight_files(model_path / "transformer")
-            self.weights.update(loading.load_sharded(expected, files, rules, mesh, overrides))
+        self.weights = loading.place_model(buffers, expected, model_path / "transformer",
+                                           mesh_lib.WAN_TRANSFORMER_RULES, mesh, abstract=abstract,
+                                           overrides=overrides)
         self._forward = forward
         self._steps = {}  # cfg -> jitted step
         self.programs = {}  # what ran, for profiling.temp_bytes
