@@ -194,3 +194,22 @@ def test_a_multi_host_slice_compiles_and_says_so(tmp_path, capsys):
     m = json.loads((tmp_path / "metrics.json").read_text())
     assert m["target"]["devices"] == 8 and m["target"]["hosts"] == 2 and m["fits"]
     assert "on 2 host(s) (more chips than one host" in capsys.readouterr().out
+
+
+def test_a_local_folder_without_weight_files_compiles(tiny_path, tmp_path):
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_path, folder, ignore=shutil.ignore_patterns("*.safetensors"))
+    out = tmp_path / "out"
+    load(STAGE2).main([*TINY_RUN[2:], "--num_prompts", "1", "--model_id", str(folder), "--topology", "v6e-1",
+                       "--compile_only", "--output_dir", str(out)])
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["config"]["model_id"] == str(folder) and m["fits"]
+
+
+def test_conv_compile_bench_smoke():
+    from scripts import ROOT
+
+    last = run(ROOT / "bench" / "tpu_conv_compile.py", "--smoke").stdout.splitlines()[-1].split()
+    assert last[0] == "conv3d_over_matmul" and float(last[1]) > 0 and last[2] == "conv3d_f32_s"

@@ -23,13 +23,13 @@ from tpu_wan import arithmetic, artifacts, checkpoints, checks, config as config
 from tpu_wan.config import GenerationConfig
 from tpu_wan.errors import UserError
 from tpu_wan.mesh import check_heads, make_mesh
+from tpu_wan.profiling import STAGES
 from tpu_wan.topology import TpuTarget
 
 log = logging.getLogger("tpu_wan")
 # Part of each chip's HBM a program cannot count on: what the TPU runtime keeps for itself, and the slack of
 # packing buffers (XLA's own estimate assumes perfect packing).
 HBM_RESERVE_FRACTION = 0.05
-STAGES = ("text_encoder", "transformer", "vae")
 
 
 def usable_bytes(target: TpuTarget) -> int:
@@ -128,7 +128,7 @@ def vae_programs(model_path, mesh, cfg: GenerationConfig, uint8: bool) -> Progra
     return Programs(decoder.params, programs)
 
 
-def compile_run(model_id: str, cfg: GenerationConfig, target: TpuTarget, devices, *, stages=STAGES,
+def compile_run(cfg: GenerationConfig, target: TpuTarget, devices, *, stages=STAGES,
                 compile_stages=None, attention=None, uint8: bool = True, one_process: bool = False) -> dict:
     """Compiles the programs of `compile_stages` (default: all of `stages`) for a run of `cfg` (its mesh
     decided) on `target`; returns the metrics.json document. `one_process`: `stages` share a process
@@ -137,7 +137,7 @@ def compile_run(model_id: str, cfg: GenerationConfig, target: TpuTarget, devices
 
     dp, tp = cfg.mesh
     mesh = make_mesh(dp, tp, devices)
-    model_path = checkpoints.resolve_configs(model_id)
+    model_path = checkpoints.resolve_configs(cfg.model_id)
     attention = attention or attention_options(cfg)
     if "text_encoder" in stages:
         te = checkpoints.read_config(model_path, "text_encoder", ("num_heads",))
@@ -251,7 +251,7 @@ def compile_only(base: GenerationConfig, sampling, topology_name: str, *, dp: in
         mesh = make_mesh(mesh_dp, mesh_tp, devices)
         cfg = resolve_sampling(base, sampling, mesh)
         cfg = cfg if cfg.text_dtype else cfg.replace(text_dtype=cfg.dtype)
-        documents.append(compile_run(cfg.model_id, cfg, target, devices, stages=stages, uint8=uint8,
+        documents.append(compile_run(cfg, target, devices, stages=stages, uint8=uint8,
                                      compile_stages=compile_stages, one_process=one_process))
     ranked = rank(documents)
     best = ranked[0]
@@ -261,7 +261,7 @@ def compile_only(base: GenerationConfig, sampling, topology_name: str, *, dp: in
     return best
 
 
-def _gib(n) -> str:
+def _bytes(n) -> str:
     from tpu_wan.report import human_bytes
 
     return "-" if n is None else human_bytes(n)
@@ -272,7 +272,7 @@ def table(metrics: dict) -> str:
     t = metrics["target"]
     lines = [f"compiled for {t['topology']}: {t['devices']} x {t['device_kind']} on {t['hosts']} host(s)"
              + (" (more chips than one host: a multi-host slice, run with --distributed)" if t["hosts"] > 1 else "")
-             + f", {_gib(t['hbm_bytes_per_device'])} HBM each ({_gib(metrics['usable_bytes_per_device'])} usable); "
+             + f", {_bytes(t['hbm_bytes_per_device'])} HBM each ({_bytes(metrics['usable_bytes_per_device'])} usable); "
              f"mesh dp={metrics['mesh']['dp']} tp={metrics['mesh']['tp']}"]
     rows = [("stage", "program", "compile s", "weights/dev", "peak/dev", "fits", "flops/ideal", "collectives/call")]
     for stage, s in metrics["stages"].items():
@@ -280,17 +280,17 @@ def table(metrics: dict) -> str:
             moved = sum(c["bytes"] for c in p["collectives"].values())
             ratio = "-" if not p["flops"] or not p["ideal_flops"] else f"{p['flops'] / p['ideal_flops']:.2f}"
             rows.append((stage, p["name"], "-" if p["compile_s"] is None else f"{p['compile_s']:.1f}",
-                         _gib(s["weights_bytes_per_device"]), _gib(p["peak_bytes"]), "yes" if p["fits"] else "NO",
-                         ratio, "-" if p["skipped"] else _gib(moved)))
+                         _bytes(s["weights_bytes_per_device"]), _bytes(p["peak_bytes"]), "yes" if p["fits"] else "NO",
+                         ratio, "-" if p["skipped"] else _bytes(moved)))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines += ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
     for stage, held in metrics["resident_stages"].items():
         if stage not in metrics["stages"]:
-            lines.append(f"{stage}: not compiled (--compile_stages); its {_gib(held)} of weights per device are "
+            lines.append(f"{stage}: not compiled (--compile_stages); its {_bytes(held)} of weights per device are "
                          "counted in the others' peaks")
     for m in metrics.get("mesh_search", []):
         lines.append(f"mesh dp={m['dp']} tp={m['tp']}: fits {'yes' if m['fits'] else 'no'}, "
-                     f"{_gib(m['step_collective_bytes'])} moved per device per step, peak {_gib(m['peak_bytes'])}")
+                     f"{_bytes(m['step_collective_bytes'])} moved per device per step, peak {_bytes(m['peak_bytes'])}")
     lines.append("fits: yes" if metrics["fits"] else f"fits: no ({not_fitting(metrics)})")
     return "\n".join(lines)
 
