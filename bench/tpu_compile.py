@@ -1,4 +1,5 @@
-"""python bench/tpu_compile.py [--smoke] [--cases 1.3b-480p 14b-720p ...] [--topologies v6e-8 ...] [--write]
+"""python bench/tpu_compile.py [--smoke] [--cases 1.3b-480p 14b-720p ...] [--topologies v6e-8 ...] [--out DIR]
+       [--from_dir DIR] [--write]
 
 What the TPU compiler says of the real Wan 2.1 runs on the slices users rent, compiled on this CPU host (libtpu,
 deviceless: nothing runs, no weights are read). Each case runs
@@ -10,7 +11,8 @@ XLA:TPU takes many minutes per 3D convolution program (see bench/README.md).
 
 Columns: compile s on this CPU (text encoder + step, that mesh), peak GiB per chip (the largest program, the other
 models' weights included) against HBM, fits, the step's FLOPs over the model's own arithmetic, and the bytes
-each chip moves per denoising step (collectives of the step's optimized HLO). --write puts the table into
+each chip moves per denoising step (collectives of the step's optimized HLO). --out keeps each case's
+metrics.json, and --from_dir renders the table of the cases kept there without compiling. --write puts the table into
 bench/README.md between its tpu_compile markers. --smoke: the tiny model on v5e-4 (seconds). The last line is
 `cases N fits F` (cases compiled, of which the default mesh fits). Compiler estimates, not measurements.
 """
@@ -38,8 +40,9 @@ CASES = {
 MARKERS = ("<!-- tpu_compile:start -->", "<!-- tpu_compile:end -->")
 
 
-def compile_case(model_id: str, height: int, width: int, frames: int, topology: str, folder: Path) -> dict:
-    metrics = folder / f"{topology}-{height}.json"
+def compile_case(case: str, model_id: str, height: int, width: int, frames: int, topology: str,
+                 folder: Path) -> dict:
+    metrics = folder / f"{case}_{topology}.json"
     cmd = [sys.executable, str(ROOT / "generate_flax.py"), "--model_id", model_id, "--height", str(height),
            "--width", str(width), "--frames", str(frames), "--topology", topology, "--compile_only",
            "--search_mesh", "--compile_stages", "text_encoder", "transformer", "--metrics", str(metrics)]
@@ -47,8 +50,8 @@ def compile_case(model_id: str, height: int, width: int, frames: int, topology: 
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if proc.returncode not in (0, 3):  # 3: nothing fits, still a result
         raise SystemExit(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stderr[-3000:]}")
-    document = json.loads(metrics.read_text())
-    document["wall_s"] = time.perf_counter() - start
+    document = {**json.loads(metrics.read_text()), "case": case, "wall_s": time.perf_counter() - start}
+    metrics.write_text(json.dumps(document, indent=1))
     return document
 
 
@@ -93,16 +96,24 @@ def main() -> None:
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     parser.add_argument("--topologies", nargs="+", default=None, help="only these slices")
     parser.add_argument("--write", action="store_true", help="write the table into bench/README.md")
+    parser.add_argument("--out", default=None, help="keep each case's metrics.json here (default: a temp folder)")
+    parser.add_argument("--from_dir", default=None, help="no compiling: the table of the cases kept in this folder")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
     rows, fits, count = [], 0, 0
     with tempfile.TemporaryDirectory() as tmp:
+        out = Path(args.out or tmp)
+        out.mkdir(parents=True, exist_ok=True)
         plan = ([("tiny-random", "tiny-random", 64, 96, 9, "v5e-4")] if args.smoke else
                 [(case, MODELS[case.split("-")[0]], *SIZES[case.split("-")[1]], 81, topology)
                  for case in args.cases for topology in CASES[case]
                  if args.topologies is None or topology in args.topologies])
         for case, model_id, height, width, frames, topology in plan:
-            document = compile_case(model_id, height, width, frames, topology, Path(tmp))
+            kept = Path(args.from_dir or out) / f"{case}_{topology}.json"
+            if args.from_dir and not kept.is_file():
+                continue
+            document = (json.loads(kept.read_text()) if args.from_dir else
+                        compile_case(case, model_id, height, width, frames, topology, out))
             case_rows = rows_of(case, document)
             rows += case_rows
             count += 1

@@ -102,6 +102,21 @@ def test_the_numbers_are_the_compiled_programs_own(tiny_path):
     assert entry["argument_bytes"] >= aot.weights_bytes_per_device(built.weights)
 
 
+def test_generate_compiles_for_v5e4(tmp_path, monkeypatch, capsys):
+    """v5e-4 (dp 2, tp 2 by default); the VAE, compiled above for v6e-8, is left out (--compile_stages) here: its
+    convolutions take the TPU compiler a minute even at the tiny size (bench/tpu_conv_compile.py)."""
+    no_weights(monkeypatch)
+    load(GENERATE).main([*TINY_RUN, "--topology", "v5e-4", "--compile_only", "--compile_stages", "text_encoder",
+                         "transformer", "--output_dir", str(tmp_path)])
+    m = json.loads((tmp_path / "metrics.json").read_text())
+    assert m["mesh"] == {"dp": 2, "tp": 2} and m["fits"] and list(m["stages"]) == ["text_encoder", "transformer"]
+    assert set(m["resident_stages"]) == {"text_encoder", "transformer", "vae"}
+    step = m["stages"]["transformer"]["compiled"][0]
+    assert step["custom_calls"].get("tpu_custom_call", 0) >= 1
+    assert step["held_bytes"] == m["resident_stages"]["text_encoder"] + m["resident_stages"]["vae"]
+    assert "vae: not compiled (--compile_stages)" in capsys.readouterr().out
+
+
 def test_stage2_compiles_its_step_for_v5e4(tmp_path, monkeypatch):
     no_weights(monkeypatch)
     load(STAGE2).main([*TINY_RUN[2:], "--num_prompts", "3", "--model_id", "tiny-random", "--seeds", "1", "2",
