@@ -72,7 +72,8 @@ def rows_of(case: str, document: dict) -> list[list[str]]:
         label = " / ".join(w for w, on in (("default", mine), ("best", i == 0)) if on)
         rows.append([case, t["topology"], f"dp {m['dp']} x tp {m['tp']} ({label})", f"{m['compile_s']:.0f}",
                      f"{m['peak_bytes'] / GiB:.2f} / {t['hbm_bytes_per_device'] / GiB:.0f}",
-                     "yes" if m["fits"] else "no", ratio if i == 0 else "", f"{m['step_collective_bytes'] / 1e9:.1f}"])
+                     "yes" if m["fits"] else "no", ratio if i == 0 else "",
+                     "not compiled" if m["step_collective_bytes"] is None else f"{m['step_collective_bytes'] / 1e9:.1f}"])
     return rows
 
 

@@ -188,9 +188,11 @@ def candidate_meshes(target: TpuTarget, head_counts: list[int]) -> list[tuple[in
     return [(n // tp, tp) for tp in range(1, n + 1) if n % tp == 0 and all(h % tp == 0 for h in head_counts)]
 
 
-def step_collective_bytes(metrics: dict) -> int:
-    """Bytes each device moves in one denoising step (0 when the transformer was not compiled)."""
+def step_collective_bytes(metrics: dict) -> int | None:
+    """Bytes each device moves in one denoising step; None when the step was not compiled."""
     steps = metrics["stages"].get("transformer", {}).get("compiled", [])
+    if not steps or any(p["skipped"] for p in steps):
+        return None
     return sum(c["bytes"] for p in steps for c in p["collectives"].values())
 
 
@@ -204,7 +206,11 @@ def peak_bytes(metrics: dict) -> int:
 
 def rank(documents: list[dict]) -> list[dict]:
     """Meshes ranked: fits first, then fewer collective bytes per denoising step, then lower peak bytes."""
-    return sorted(documents, key=lambda m: (not m["fits"], step_collective_bytes(m), peak_bytes(m)))
+    def key(m):
+        moved = step_collective_bytes(m)
+        return not m["fits"], moved is None, moved or 0, peak_bytes(m)
+
+    return sorted(documents, key=key)
 
 
 def not_fitting(metrics: dict) -> str | None:
@@ -289,8 +295,10 @@ def table(metrics: dict) -> str:
             lines.append(f"{stage}: not compiled (--compile_stages); its {_bytes(held)} of weights per device are "
                          "counted in the others' peaks")
     for m in metrics.get("mesh_search", []):
-        lines.append(f"mesh dp={m['dp']} tp={m['tp']}: fits {'yes' if m['fits'] else 'no'}, "
-                     f"{_bytes(m['step_collective_bytes'])} moved per device per step, peak {_bytes(m['peak_bytes'])}")
+        moved = "step not compiled" if m["step_collective_bytes"] is None else \
+            f"{_bytes(m['step_collective_bytes'])} moved per device per step"
+        lines.append(f"mesh dp={m['dp']} tp={m['tp']}: fits {'yes' if m['fits'] else 'no'}, {moved}, "
+                     f"peak {_bytes(m['peak_bytes'])}")
     lines.append("fits: yes" if metrics["fits"] else f"fits: no ({not_fitting(metrics)})")
     return "\n".join(lines)
 

@@ -205,9 +205,10 @@ def compiled_section(m: dict) -> list[str]:
                                "yes" if p["fits"] else "**no**", flops(p["flops"]), flops(p["ideal_flops"]),
                                "n/a" if p.get("skipped") else human_bytes(moved), calls]))
     for row in m.get("mesh_search", []):
+        moved = row["step_collective_bytes"]
         lines.append(f"- mesh dp {row['dp']} x tp {row['tp']}: fits {'yes' if row['fits'] else 'no'}, "
-                     f"{human_bytes(row['step_collective_bytes'])} moved per device per step, peak "
-                     f"{human_bytes(row['peak_bytes'])}")
+                     + ("step not compiled" if moved is None else f"{human_bytes(moved)} moved per device per step")
+                     + f", peak {human_bytes(row['peak_bytes'])}")
     verdict = "everything fits" if m["fits"] else "something does not fit (see **no** above)"
     return lines + ["", f"Verdict: {verdict}. These are the compiler's estimates for one call of each program, "
                         "not measurements."]
