@@ -47,7 +47,8 @@ def test_every_program_of_the_run_compiles_for_v6e8(generate_v6e8):
     assert m["target"] == {"topology": "v6e-8", "device_kind": "TPU v6 lite", "devices": 8, "hosts": 1,
                            "hbm_bytes_per_device": 32 << 30}
     assert m["mesh"] == {"dp": 2, "tp": 4} and m["one_process"] and m["fits"]
-    assert m["config"]["dtype"] == "bfloat16"  # the TPU's default, as a real run there decides it
+    # the TPU's default, as a real run there decides it; generate_flax.py encodes in the model dtype too
+    assert m["config"]["dtype"] == m["config"]["text_dtype"] == "bfloat16"
     names = {stage: [p["name"] for p in s["compiled"]] for stage, s in m["stages"].items()}
     assert names == {"text_encoder": ["encode (2, 512)"], "transformer": ["step cfg=True"],
                      "vae": ["first", "rest", "to_uint8"]}

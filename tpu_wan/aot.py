@@ -236,8 +236,8 @@ class DoesNotFit(UserError):
 def compile_only(base: GenerationConfig, sampling, topology_name: str, *, dp: int | None = None,
                  tp: int | None = None, stages=STAGES, compile_stages=None, one_process: bool = False,
                  uint8: bool = True, search_mesh: bool = False) -> dict:
-    """The compile-only run of a script: `base` holds what stage 1 decides (model, prompts, text dtype: None
-    follows the model dtype, as generate_flax.py does), `sampling` the stage-2 flags. With `search_mesh`, every
+    """The compile-only run of a script: `base` holds what stage 1 decides (model, prompts, text dtype; with
+    `one_process` the model dtype, as generate_flax.py decides it), `sampling` the stage-2 flags. With `search_mesh`, every
     (dp, tp) the slice and the heads allow is compiled and the best document returned, with the ranking under
     "mesh_search"."""
     from tpu_wan.pipeline import resolve_sampling
@@ -256,7 +256,8 @@ def compile_only(base: GenerationConfig, sampling, topology_name: str, *, dp: in
     for mesh_dp, mesh_tp in meshes:
         mesh = make_mesh(mesh_dp, mesh_tp, devices)
         cfg = resolve_sampling(base, sampling, mesh)
-        cfg = cfg if cfg.text_dtype else cfg.replace(text_dtype=cfg.dtype)
+        if one_process:  # generate_flax.py encodes in the model dtype (oneshot.generate)
+            cfg = cfg.replace(text_dtype=cfg.dtype)
         documents.append(compile_run(cfg, target, devices, stages=stages, uint8=uint8,
                                      compile_stages=compile_stages, one_process=one_process))
     ranked = rank(documents)
