@@ -229,3 +229,16 @@ def test_conv_compile_bench_smoke():
 
     last = run(ROOT / "bench" / "tpu_conv_compile.py", "--smoke").stdout.splitlines()[-1].split()
     assert last[0] == "conv3d_over_matmul" and float(last[1]) > 0 and last[2] == "conv3d_f32_s"
+
+
+@pytest.mark.parametrize("args, expected", [
+    (("--num_prompts", "2"), "--num_prompts: expected a count >= 1 with --compile_only, found 2 without"),
+    (("--topology", "v6e-8", "--compile_only", "--num_prompts", "0"), "expected a count >= 1"),
+    (("--model_id", "tiny-random"), "--model_id: expected --compile_only --num_prompts N with it"),
+    (("--topology", "v6e-8", "--compile_only", "--input_dir", "nowhere"), "nowhere"),
+])
+def test_bad_stage2_compile_only_invocations(args, expected, tmp_path):
+    proc = run(STAGE2, *args, "--output_dir", tmp_path, check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("\n") == 1 and expected in proc.stderr
+    assert not list(tmp_path.iterdir())

@@ -103,7 +103,7 @@ def check_compile_args(args: argparse.Namespace) -> None:
     if num_prompts is not None and (not args.compile_only or num_prompts < 1):
         raise UsageError(f"--num_prompts: expected a count >= 1 with --compile_only, found {num_prompts}"
                          + ("" if args.compile_only else " without --compile_only"))
-    if getattr(args, "model_id", None) is not None and num_prompts is None and not hasattr(args, "prompt"):
+    if hasattr(args, "num_prompts") and args.model_id is not None and num_prompts is None:  # stage 2's flags
         raise UsageError("--model_id: expected --compile_only --num_prompts N with it (stage 2 reads the model "
                          "from the stage-1 folder)")
 
