@@ -88,7 +88,10 @@ def atomic_write(path: PathLike, write_fn: Callable[[Path], None], *, suffix: st
         if os.environ.get(_STALL_ENV) == path.name:
             import time
 
-            time.sleep(600)
+            # Short sleeps, not one long one: the kernel may hand a signal to another thread (jax's), and the
+            # handler then runs in the main thread only at its next wake-up.
+            for _ in range(12000):
+                time.sleep(0.05)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
