@@ -5,7 +5,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -28,13 +27,17 @@ def _stopped_mid_write(folder, sig) -> subprocess.CompletedProcess:
     env = dict(os.environ, TPU_WAN_STALL_BEFORE_RENAME=artifacts.EMBEDDINGS_FILE)
     proc = subprocess.Popen([sys.executable, str(STAGE1), *ARGS, "--prompt", "a second prompt", "--output_dir",
                              str(folder)], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 300
-    while not list(folder.glob(f".{artifacts.EMBEDDINGS_FILE}.*")) and time.time() < deadline:
-        assert proc.poll() is None, proc.stderr.read()
-        time.sleep(0.05)
+    seen = []
+    for line in proc.stderr:  # until the stage says it stalls with the temp file written (or ends)
+        seen.append(line)
+        if line.startswith("stalled before renaming"):
+            break
+    else:
+        raise AssertionError(f"stage 1 ended before stalling: {''.join(seen)}")
+    assert list(folder.glob(f".{artifacts.EMBEDDINGS_FILE}.*"))
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=60)
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, "".join(seen) + err)
 
 
 def _copy(src, dst):

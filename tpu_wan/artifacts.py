@@ -85,12 +85,12 @@ def atomic_write(path: PathLike, write_fn: Callable[[Path], None], *, suffix: st
             os.fsync(fd)  # fsync is per inode: this flushes whatever write_fn wrote through any descriptor
         finally:
             os.close(fd)
-        if os.environ.get(_STALL_ENV) == path.name:
+        if os.environ.get(_STALL_ENV) == path.name:  # the crash-safety tests signal once this line is out
+            import sys
             import time
 
-            # Short sleeps, not one long one: the kernel may hand a signal to another thread (jax's), and the
-            # handler then runs in the main thread only at its next wake-up.
-            for _ in range(12000):
+            print(f"stalled before renaming {tmp.name}", file=sys.stderr, flush=True)
+            for _ in range(12000):  # short sleeps: a signal handled in another thread is seen within 50 ms
                 time.sleep(0.05)
         os.replace(tmp, path)
     except BaseException:
