@@ -179,7 +179,7 @@ def test_with_libtpu_installed_runs_without_a_tpu_stay_quiet_on_the_cpu():
     # as a user's shell has it: no platform chosen, none of the TPU_* settings compiling for a slice makes
     env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS" and not k.startswith("TPU_")}
     ours = ("import argparse; from tpu_wan import cli; cli.setup_process(argparse.Namespace()); "
-            "import jax; print(jax.default_backend())")
+            "import jax; from jax.experimental import checkify; print(jax.default_backend())")  # all platforms known
     bare = "import jax; print(jax.default_backend())"
     results = [subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
                for code in (ours, bare)]

@@ -241,16 +241,19 @@ def setup_process(args: argparse.Namespace) -> None:
 
 def _leave_out_absent_tpu() -> None:
     """With libtpu installed (the test extra brings it, to compile for TPUs) but no TPU chip on this host, jax
-    would still load libtpu when it picks a backend, and libtpu logs errors about TPU hosts it cannot find; the
-    TPU backend is left out of that choice. Where JAX_PLATFORMS is set, or a chip is present, nothing changes."""
+    would still load libtpu when it picks a backend, and libtpu logs errors about TPU hosts it cannot find; on a
+    host with neither a TPU nor a GPU, jax is told to use the CPU. Where JAX_PLATFORMS is set, or an accelerator
+    is present, nothing changes."""
     import importlib.util
 
     if os.environ.get("JAX_PLATFORMS") or importlib.util.find_spec("libtpu") is None:
         return
-    from jax._src import hardware_utils, xla_bridge
+    import jax
+    from jax._src import hardware_utils
 
-    if hardware_utils.num_available_tpu_chips_and_device_id()[0] == 0:
-        xla_bridge._backend_factories.pop("tpu", None)
+    gpus = hardware_utils.has_visible_nvidia_gpu() or hardware_utils.num_available_amd_gpus(stop_at=1)
+    if hardware_utils.num_available_tpu_chips_and_device_id()[0] == 0 and not gpus:
+        jax.config.update("jax_platforms", "cpu")  # the only backend such a host has
 
 
 # Programs that compile faster than this are not worth a disk round trip (jax's default is 1 s, which would leave
