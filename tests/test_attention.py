@@ -1,5 +1,7 @@
 """The attention dispatch: choices, platforms, and shard_map'd kernels equal to unsharded attention."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -34,6 +36,36 @@ def test_pallas_tpu_kernels_refused_on_gpu(choice):
 def test_unknown_choice_is_an_error():
     with pytest.raises(AttentionError, match="attention must be one of .* found 'flash'"):
         AttentionOptions(choice="flash")
+
+
+@pytest.mark.parametrize("settings, expected", [
+    (dict(choice="xla", k_smooth=True), "--k_smooth acts on our kernel only: expected --attention auto or custom, "
+                                        "found --attention xla"),
+    (dict(choice="splash", k_smooth=True), "found --attention splash"),
+    (dict(choice="cudnn", k_smooth=True), "found --attention cudnn"),
+    (dict(choice="xla", bq=128), "--bqsize set the Pallas kernels' blocks: expected --attention auto, custom, "
+                                 "splash, found --attention xla"),
+    (dict(choice="cudnn", bkv=256, bkv_compute=128), "--bkvsize, --bkvcomputesize set"),
+])
+def test_kernel_settings_are_refused_where_they_do_nothing(settings, expected):
+    # They would change no number, only the settings a sweep folder is matched by.
+    with pytest.raises(AttentionError, match=re.escape(expected)):
+        AttentionOptions(**settings)
+
+
+def test_for_choice_keeps_only_what_acts_on_the_choice():
+    opts = AttentionOptions(choice="custom", k_smooth=True, window_size=4, bq=128, bkv=256, bkv_compute=128)
+    assert opts.for_choice("xla") == AttentionOptions(choice="xla", window_size=4)
+    assert opts.for_choice("splash") == AttentionOptions(choice="splash", window_size=4, bq=128, bkv=256,
+                                                         bkv_compute=128)
+
+
+def test_cudnn_is_a_choice_refused_where_it_cannot_run():
+    assert attention._resolve(AttentionOptions(choice="cudnn"), "gpu", 1024, jnp.bfloat16) == "cudnn"
+    with pytest.raises(AttentionError, match="--attention cudnn: cuDNN attention needs a GPU, found cpu"):
+        attention._resolve(AttentionOptions(choice="cudnn"), "cpu", 1024, jnp.bfloat16)
+    with pytest.raises(AttentionError, match="needs bfloat16 or float16 inputs, found float32"):
+        attention._resolve(AttentionOptions(choice="cudnn"), "gpu", 1024, np.float32)
 
 
 # (batch, heads): heads split over tp (with a window: it needs the query sequence whole); batch of 1 (query

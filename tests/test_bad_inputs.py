@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import pickle
 
 import numpy as np
 import pytest
@@ -65,6 +66,11 @@ def test_stage2_bad_flags(stage1_dir, flags, expect):
     args = dict(zip(SIZE[::2], SIZE[1::2])) | dict(zip(flags[::2], flags[1::2]))
     _refused(STAGE2, "--input_dir", stage1_dir, *[x for kv in args.items() for x in kv], folder=stage1_dir,
              expect=expect)
+
+
+def test_stage2_kernel_flag_that_would_do_nothing(stage1_dir):
+    _refused(STAGE2, "--input_dir", stage1_dir, *SIZE, "--attention", "xla", "--k_smooth", folder=stage1_dir,
+             expect=["--k_smooth acts on our kernel only", "found --attention xla"])
 
 
 def test_generate_bad_frames(tmp_path):
@@ -174,17 +180,27 @@ def test_stage2_pickled_checkpoint_is_not_executed(stage1_dir, tmp_path):
     import torch
 
     folder = _copy_stage1(stage1_dir, tmp_path)
-    torch.save({"generator": _Payload()}, folder / "evil.pt")  # unpickling it would create the marker file
+    marker = tmp_path / "pwned"
+    # The payload is live: unpickled the unsafe way, it creates its marker file.
+    probe = tmp_path / "probe"
+    pickle.loads(pickle.dumps(_Payload(probe)))
+    assert probe.exists()
+    torch.save({"generator": _Payload(marker)}, folder / "evil.pt")  # unpickling it would create `marker`
     _refused(STAGE2, "--input_dir", folder, *SIZE, "--transformer_checkpoint", folder / "evil.pt", folder=folder,
              expect=["evil.pt", "weights"])
-    assert not (tmp_path / "pwned").exists()
+    assert not marker.exists()
 
 
 class _Payload:
+    """Unpickling it touches `marker` (what a malicious checkpoint could do with any call)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
     def __reduce__(self):
         import pathlib
 
-        return (pathlib.Path.touch, (pathlib.Path(__file__).parent / "pwned",))
+        return (pathlib.Path.touch, (pathlib.Path(self.marker),))
 
 
 @pytest.fixture(scope="module")

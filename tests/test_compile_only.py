@@ -161,6 +161,9 @@ def test_14b_at_720p_does_not_fit_a_v5e_1(tmp_path):
     (("--topology", "v6e-8", "--compile_only", "--dp", "3"), "dp x tp must equal the 8"),
     (("--topology", "v6e-8", "--compile_only", "--tp", "8"), "tp must divide the 4 attention heads"),
     (("--topology", "v6e-8", "--compile_only", "--search_mesh", "--dp", "2"), "expected no --dp/--tp"),
+    # blocks the interpreter takes but Mosaic's 128-lane logits tile does not: refused for a TPU, in one line
+    (("--topology", "v6e-8", "--compile_only", "--bkvsize", "128", "--bkvcomputesize", "64"),
+     "expected bkv_compute a multiple of 128 (lanes of the logits tile) for a compiled kernel, found 64"),
 ])
 def test_bad_compile_only_invocations(args, expected, tmp_path):
     proc = run(GENERATE, *TINY_RUN, *args, "--output_dir", tmp_path, check=False)

@@ -46,9 +46,9 @@ def test_attention_settings_are_recorded():
     # an explicit AttentionOptions (run_stage2's `attention`) is what gets recorded
     from tpu_wan.attention import AttentionOptions
 
-    args = pipeline.with_attention(pipeline.SamplingArgs(), AttentionOptions(choice="xla", window_size=3, bq=16))
-    assert (args.attention, args.k_smooth, args.window_size, args.bqsize, args.bkvsize) == ("xla", False, 3, 16, None)
-    assert pipeline.attention_options(args) == AttentionOptions(choice="xla", window_size=3, bq=16)
+    args = pipeline.with_attention(pipeline.SamplingArgs(), AttentionOptions(choice="splash", window_size=3, bq=16))
+    assert (args.attention, args.k_smooth, args.window_size, args.bqsize, args.bkvsize) == ("splash", False, 3, 16, None)
+    assert pipeline.attention_options(args) == AttentionOptions(choice="splash", window_size=3, bq=16)
 
 
 def test_config_without_attention_fields_still_loads():

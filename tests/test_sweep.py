@@ -245,6 +245,10 @@ def test_rerun_of_a_finished_sweep_does_nothing(swept, stage1):
     proc = run(STAGE2, "--input_dir", stage1, "--output_dir", swept, *SIZE, "--seeds", "1-3", *MESH_4x2)
     assert "all 6 videos already in" in proc.stderr and "--overwrite to redo" in proc.stderr
     assert [(p.stat().st_ino, p.stat().st_mtime_ns) for p in files] == stats  # no model loaded, nothing written
+    # --log_level reaches the project's own logger: ERROR leaves only errors (there are none here).
+    quiet = run(STAGE2, "--input_dir", stage1, "--output_dir", swept, *SIZE, "--seeds", "1-3", *MESH_4x2,
+                "--log_level", "ERROR")
+    assert quiet.stderr.strip() == "", quiet.stderr
 
 
 def test_overwrite_redoes_every_video(swept, stage1, tmp_path):

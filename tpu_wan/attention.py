@@ -7,7 +7,7 @@ picks, per call, from the shapes it sees at trace time:
   splash  upstream jax.experimental.pallas.ops.tpu.splash_attention, the baseline to beat (TPU; interpret on CPU)
   xla     plain softmax attention that XLA fuses and GSPMD partitions (every backend); on one CPU device it
           runs one (batch row, head) at a time, the same numbers (see xla_attention_per_head)
-  cudnn   jax.nn.dot_product_attention's cuDNN flash attention (GPU, bf16/fp16)
+  cudnn   jax.nn.dot_product_attention's cuDNN flash attention (GPU; bf16/fp16, head dim <= 128)
 `auto` = custom on TPU for long self-attention, cudnn on GPU where it applies, xla otherwise (short
 cross-attention over text tokens, CPU). Kernels see one device's data: shard_map splits the batch over dp,
 heads over tp when they divide, and otherwise the query sequence over the axes left (keys stay whole).
@@ -41,6 +41,10 @@ class AttentionError(UserError):
 
 
 BLOCK_FLAGS = {"bq": "--bqsize", "bkv": "--bkvsize", "bkv_compute": "--bkvcomputesize"}
+# The choices each kernel setting acts on ('auto' sends long self-attention to our kernel on TPU); anywhere else
+# it would change nothing but the settings a sweep folder is matched by, so it is refused.
+TAKES_K_SMOOTH = ("auto", "custom")
+TAKES_BLOCKS = ("auto", "custom", "splash")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +70,18 @@ class AttentionOptions:
         if self.bkv is not None and self.bkv_compute is not None and self.bkv % self.bkv_compute:
             raise AttentionError(f"--bkvsize must be a multiple of --bkvcomputesize, found {self.bkv} and "
                                  f"{self.bkv_compute}")
+        if self.k_smooth and self.choice not in TAKES_K_SMOOTH:
+            raise AttentionError(f"--k_smooth acts on our kernel only: expected --attention {' or '.join(TAKES_K_SMOOTH)}, "
+                                 f"found --attention {self.choice}")
+        given = [BLOCK_FLAGS[n] for n in BLOCK_FLAGS if getattr(self, n) is not None]
+        if given and self.choice not in TAKES_BLOCKS:
+            raise AttentionError(f"{', '.join(given)} set the Pallas kernels' blocks: expected --attention "
+                                 f"{', '.join(TAKES_BLOCKS)}, found --attention {self.choice}")
+
+    def for_choice(self, choice: str) -> "AttentionOptions":
+        """These settings for `choice`, without the kernel settings that do not act on it (to compare choices)."""
+        blocks = {n: getattr(self, n) if choice in TAKES_BLOCKS else None for n in BLOCK_FLAGS}
+        return dataclasses.replace(self, choice=choice, k_smooth=self.k_smooth and choice in TAKES_K_SMOOTH, **blocks)
 
 
 def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float | None = None,
@@ -128,6 +144,8 @@ def _resolve(options: AttentionOptions, platform: str, kv_len: int, dtype, head_
     choice = options.choice
     if choice in ("custom", "splash") and (why := pallas_tpu_unsupported(choice, platform)):
         raise AttentionError(why)
+    if choice == "cudnn" and (why := cudnn_unsupported(platform, dtype, head_dim)):
+        raise AttentionError(f"--attention cudnn: {why}")
     if choice != "auto":
         return choice
     if platform == "tpu" and kv_len >= LONG_KV:
@@ -149,7 +167,9 @@ def _kernel(choice: str, options: AttentionOptions, q_len: int, kv_len: int, hea
         blocks = dataclasses.replace(splash_exp2.default_block_sizes(q_len, kv_len, head_dim, dtype), **given)
         if choice == "custom":
             splash_exp2.check_vmem(blocks, q_len, kv_len, head_dim, dtype)
-    except ValueError as err:  # a given size that does not combine with a default one, or over VMEM
+            if not interpret:
+                splash_exp2.check_lanes(blocks)
+    except ValueError as err:  # a given size that does not combine with a default one, over VMEM or off the lanes
         raise AttentionError(f"kernel block sizes ({flags} with the defaults for q_len={q_len} kv_len={kv_len}): "
                              f"expected {err}") from None
     if choice == "custom":

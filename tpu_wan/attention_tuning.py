@@ -194,10 +194,7 @@ def bench(shape: Shape, options: AttentionOptions, choices=BENCH_CHOICES,
     flops = shape.flops(window)
     rows = []
     for choice in runnable:
-        if choice == "cudnn":  # not an AttentionOptions choice (auto picks it on GPU); called directly
-            fn = functools.partial(attention.cudnn_attention, window_size=window)
-        else:
-            fn = attention.make_attention(dataclasses.replace(options, choice=choice))
+        fn = attention.make_attention(options.for_choice(choice))
         seconds = time_call(jax.jit(fn), args, repeats)
         tflops = flops / seconds / 1e12
         rows.append({
@@ -220,8 +217,8 @@ def sweep(shape: Shape, options: AttentionOptions, candidates, repeats: int = 3)
     for bq, bkv, bc in candidates:
         try:
             blocks = splash_exp2.BlockSizes(bq, bkv, bc)
-            if platform == "tpu" and bc % splash_exp2.NUM_LANES:
-                raise ValueError(f"compiled kernels need bkv_compute % {splash_exp2.NUM_LANES} == 0, found {bc}")
+            if platform == "tpu":
+                splash_exp2.check_lanes(blocks)
             splash_exp2.check_vmem(blocks, shape.q_len, shape.kv_len, shape.head_dim, shape.dtype)
         except ValueError as err:
             refused.append(f"({bq}, {bkv}, {bc}): {err}")

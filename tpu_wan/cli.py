@@ -51,7 +51,9 @@ def add_mesh_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tp", type=int, default=None, help="tensor-parallel size (default: devices / dp)")
     g.add_argument("--cpu_devices", type=int, default=None,
                    help="run on N virtual CPU devices (testing sharding without accelerators)")
-    g.add_argument("--log_level", default="WARNING", choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    g.add_argument("--log_level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+                   help="INFO: what each stage decides (resume, batches, compiles); WARNING or ERROR quiets it; "
+                        "DEBUG adds the libraries' own logs (default: INFO)")
     g.add_argument("--compilation_cache_dir", default=None,
                    help="persistent XLA compilation cache: a rerun with the same shapes skips compiling "
                         "(default: $JAX_COMPILATION_CACHE_DIR, else <cache>/jax_compilation_cache)")
@@ -220,8 +222,7 @@ def setup_process(args: argparse.Namespace) -> None:
         os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={args.cpu_devices}".strip()
     _setup_compilation_cache(args)
     _leave_out_absent_tpu()
-    logging.basicConfig(level=getattr(args, "log_level", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("tpu_wan").setLevel(logging.INFO)
+    _setup_logging(getattr(args, "log_level", "INFO"))
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     # Read by the libraries when they are imported (later, and only if needed: a refused run never pays for them).
     for name in ("TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY"):
@@ -237,6 +238,15 @@ def setup_process(args: argparse.Namespace) -> None:
     flags = [getattr(args, f, None) for f in ("coordinator_address", "num_processes", "process_id")]
     if distributed.check_flags(getattr(args, "distributed", False), *flags):
         distributed.initialize(*flags)
+
+
+def _setup_logging(level_name: str) -> None:
+    """--log_level sets the project's logger; the libraries' loggers stay at WARNING (their INFO lines are noise
+    to a user) unless DEBUG asks for everything or ERROR for less."""
+    level = getattr(logging, level_name)
+    libraries = level if level == logging.DEBUG else max(level, logging.WARNING)
+    logging.basicConfig(level=libraries, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("tpu_wan").setLevel(level)
 
 
 def _leave_out_absent_tpu() -> None:

@@ -24,7 +24,7 @@ DEFAULT_MODEL_ID = "Wan-AI/Wan2.1-T2V-14B-Diffusers"
 DEFAULT_PROMPT = "A cat playing piano in a jazz club, cinematic lighting"
 DTYPES = ("float32", "bfloat16")
 SOLVERS = ("unipc", "dpm++", "euler")
-ATTENTION_CHOICES = ("auto", "custom", "splash", "xla")
+ATTENTION_CHOICES = ("auto", "custom", "splash", "xla", "cudnn")
 VAE_SPATIAL = 8  # the VAE downsamples H and W by 8 ...
 VAE_TEMPORAL = 4  # ... and frames by 4, keeping the first frame: F = (frames - 1) / 4 + 1
 SIZE_MULTIPLE = VAE_SPATIAL * 2  # the DiT's 1x2x2 patches need latent H and W even

@@ -109,6 +109,13 @@ def check_vmem(block_sizes: BlockSizes, q_len: int, kv_len: int, head_dim: int, 
             f"VMEM_LIMIT_BYTES={VMEM_LIMIT_BYTES} ({VMEM_LIMIT_BYTES / 2**20:.0f} MiB, see docs/KERNEL.md)")
 
 
+def check_lanes(block_sizes: BlockSizes) -> None:
+    """Compiled kernels hold a [bq, bkv_compute] logits tile, whose lane dimension Mosaic splits in 128s."""
+    if block_sizes.bkv_compute % NUM_LANES:
+        raise ValueError(f"bkv_compute a multiple of {NUM_LANES} (lanes of the logits tile) for a compiled kernel, "
+                         f"found {block_sizes.bkv_compute}; interpret=True takes other sizes")
+
+
 def attended_pairs(q_len: int, kv_len: int, window_size: int | None = None) -> int:
     """(query, key) pairs inside the attention pattern: q_len * kv_len, or with a window W (self-attention,
     q_len == kv_len) those with |i - j| <= W."""
@@ -309,9 +316,8 @@ def splash_attention(q, k, v, *, block_sizes: BlockSizes = BlockSizes(), scale: 
             raise ValueError(f"scale must be a finite non-zero float or None, found {scale!r}")
         scale = float(scale)
     window_size = None if window_size is None else int(window_size)
-    if not interpret and block_sizes.bkv_compute % NUM_LANES:
-        raise ValueError(f"compiled kernels need bkv_compute % {NUM_LANES} == 0 (lanes of the logits tile), "
-                         f"found {block_sizes.bkv_compute=}; use interpret=True for other sizes")
+    if not interpret:
+        check_lanes(block_sizes)
     check_vmem(block_sizes, q.shape[1], k.shape[1], q.shape[2], q.dtype)
     return _splash_attention(q, k, v, block_sizes=block_sizes, scale=scale, window_size=window_size,
                              k_smooth=bool(k_smooth), pv_f32=bool(pv_f32), interpret=bool(interpret),
