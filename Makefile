@@ -1,10 +1,13 @@
 # `make demo` and `make test` bootstrap .venv on first use: torch's CPU build first, then the package.
-# On a TPU VM: make install EXTRAS=tpu TORCH_INDEX=https://download.pytorch.org/whl/cpu
+# On a TPU VM: make install EXTRAS=tpu (PYTHON=python3.12 to pick an interpreter; 3.11 to 3.14 work)
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 EXTRAS ?= test
-TORCH_INDEX ?=
+# torch only traces the model code here, so its CPU build is all a TPU host needs: PyPI's default Linux wheel
+# is the CUDA one (several GB). Elsewhere the default index (or a local wheel) serves torch.
+CPU_TORCH_INDEX := https://download.pytorch.org/whl/cpu
+TORCH_INDEX ?= $(if $(findstring tpu,$(EXTRAS)),$(CPU_TORCH_INDEX))
 STAMP := $(VENV)/.installed-$(EXTRAS)
 
 .PHONY: install demo test clean
