@@ -1,7 +1,8 @@
 """Check, time and tune the exp2 splash attention kernel.
 
     python custom_splash_attention.py check --heads 4 --q_len 300 --kv_len 300 --head_dim 128 --dtype bfloat16 \
-        --block_q 128 --block_kv 256 --block_kv_compute 128 [--window_size W] [--k_smooth] [--seed S] [--json]
+        --block_q 128 --block_kv 256 --block_kv_compute 128 [--window_size W] [--k_smooth] [--seed S] \
+        [--repeats N] [--json]
     python custom_splash_attention.py bench --heads 40 --q_len 75600 --kv_len 75600 --head_dim 128 \
         [--choices custom splash xla cudnn]
     python custom_splash_attention.py sweep --heads 10 --q_len 75600 --kv_len 75600 --head_dim 128 \
@@ -9,16 +10,17 @@
     python custom_splash_attention.py compile --topology v6e-8 --heads 10 --q_len 75600 --kv_len 75600 \
         --head_dim 128 [--block_q 2048 ...] [--json]
 
-check: kernel vs a float64 host reference (max_abs_err, rel_err); without a TPU (GPU included) the kernel runs
-in Pallas interpret mode on the host CPU. bench: median of repeats, TFLOP/s (of the attended pairs: a window
-counts only its own) and fraction of peak for what the backend runs (TPU: our kernel, upstream splash, XLA;
-GPU: XLA and cuDNN; CPU: all but cuDNN, the kernels interpreted: correct, not a speed measurement), listing
-what it skipped and why. sweep: block sizes for a shape, fastest first, the best marked, with the stage 2 flags
-that apply it. compile: the kernel compiled by the TPU compiler (Mosaic) for one chip of the slice, on any
-host: compile seconds, XLA's memory analysis and FLOPs; exit 1 with Mosaic's error in one line if it refuses.
---json prints one JSON object.
+check: kernel vs a float64 host reference (max_abs_err, rel_err: the worst over --repeats inputs); without a TPU
+(GPU included) the kernel runs in Pallas interpret mode on the host CPU. bench: median of --repeats calls, TFLOP/s
+(of the attended pairs: a window counts only its own) and fraction of peak for what the backend runs (TPU: our
+kernel, upstream splash, XLA; GPU: XLA and cuDNN; CPU: all but cuDNN, the kernels interpreted: correct, not a speed
+measurement), listing what it skipped and why. sweep: block sizes for a shape, fastest first, the best marked, with
+the stage 2 flags that apply it. compile: the kernel compiled by the TPU compiler (Mosaic) for one chip of the
+slice, on any host: compile seconds, XLA's memory analysis and FLOPs; exit 1 with Mosaic's error in one line if it
+refuses. --json prints one JSON object.
 """
 
+import argparse
 import itertools
 import json
 import sys
@@ -32,6 +34,13 @@ SWEEP_BQ = (512, 1024, 1560, 2048, 2520, 3328)
 SWEEP_BKV = (512, 1024, 2048, 2816, 4096)
 SWEEP_BKV_COMPUTE = (256, 512, 1024)
 BENCH_CHOICES = ("custom", "splash", "xla", "cudnn")  # attention_tuning.BENCH_CHOICES (not imported before jax)
+
+
+def _count(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a count >= 1, found {value}")
+    return value
 
 
 def _parser():
@@ -49,8 +58,15 @@ def _parser():
         p.add_argument("--block_kv_compute", type=int, default=None)
         p.add_argument("--window_size", type=int, default=None)
         p.add_argument("--k_smooth", action="store_true")
-        p.add_argument("--seed", type=int, default=0)
-        p.add_argument("--repeats", type=int, default=5)
+        if name != "compile":  # compiling needs no inputs and times nothing
+            p.add_argument("--seed", type=int, default=0, help="seed of the random inputs (check: of the first)")
+        if name == "check":
+            p.add_argument("--repeats", type=_count, default=1, metavar="N",
+                           help="check N random inputs, seeded --seed, --seed + 1, ...: the worst errors, and the "
+                                "seed of the worst rel_err (default: 1)")
+        elif name != "compile":
+            p.add_argument("--repeats", type=_count, default=5, metavar="N",
+                           help="timed calls after the compile-and-run: their median (default: 5)")
         p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
         if name == "bench":
             p.add_argument("--choices", nargs="+", default=list(BENCH_CHOICES), choices=BENCH_CHOICES,
@@ -93,11 +109,12 @@ def main(argv=None):
         bq=args.block_q, bkv=args.block_kv, bkv_compute=args.block_kv_compute,
     )
     if args.command == "check":
-        result = tuning.check(shape, options, seed=args.seed)
+        result = tuning.check(shape, options, seed=args.seed, repeats=args.repeats)
         rows, lines = [result], []
     elif args.command == "bench":
-        rows, skipped = tuning.bench(shape, options, choices=args.choices, repeats=args.repeats)
-        result = {"shape": vars(shape), "window_size": args.window_size, "results": rows, "skipped": skipped}
+        rows, skipped = tuning.bench(shape, options, choices=args.choices, repeats=args.repeats, seed=args.seed)
+        result = {"shape": vars(shape), "window_size": args.window_size, "seed": args.seed, "results": rows,
+                  "skipped": skipped}
         lines = [f"skipped {r['attention']}: {r['reason']}" for r in skipped]
     elif args.command == "compile":
         result = tuning.compile_for(shape, options, args.topology)
@@ -108,9 +125,10 @@ def main(argv=None):
                                  f"x {args.head_dim} with blocks {result['block_sizes']}: {result['error']}")
     else:
         candidates = itertools.product(args.bq_choices, args.bkv_choices, args.bkv_compute_choices)
-        rows = tuning.sweep(shape, options, candidates, repeats=args.repeats)  # an error if none fits
+        rows = tuning.sweep(shape, options, candidates, repeats=args.repeats, seed=args.seed)  # none fits: an error
         best = rows[0]
-        result = {"shape": vars(shape), "window_size": args.window_size, "results": rows, "best": best}
+        result = {"shape": vars(shape), "window_size": args.window_size, "seed": args.seed, "results": rows,
+                  "best": best}
         rows = [{"best": "*" if r is best else "", **r} for r in rows]
         lines = [f"best: --bqsize {best['bq']} --bkvsize {best['bkv']} --bkvcomputesize {best['bkv_compute']} "
                  "(stage 2 / generate_flax.py flags)"]

@@ -3,12 +3,14 @@
 import json
 
 import jax
+import numpy as np
 import pytest
 from conftest import KERNEL_BF16_RTOL, KERNEL_F32_RTOL
-from scripts import ROOT, run
+from scripts import ROOT, load, run
 
 from tpu_wan import attention_tuning as tuning
 from tpu_wan.attention import AttentionError, AttentionOptions
+from tpu_wan.cli import UsageError
 from tpu_wan.kernels.splash_exp2 import attended_pairs
 
 CLI = ROOT / "custom_splash_attention.py"
@@ -17,9 +19,10 @@ CLI = ROOT / "custom_splash_attention.py"
 def test_check_json_reports_errors_against_float64():
     proc = run(CLI, "check", "--heads", "2", "--q_len", "200", "--kv_len", "200", "--head_dim", "64",
                "--dtype", "bfloat16", "--block_q", "64", "--block_kv", "128", "--block_kv_compute", "64",
-               "--window_size", "40", "--k_smooth", "--seed", "3", "--json")
+               "--window_size", "40", "--k_smooth", "--seed", "3", "--repeats", "2", "--json")
     result = json.loads(proc.stdout)
     assert result["block_sizes"] == [64, 128, 64] and result["interpret"] is True
+    assert result["seed"] == 3 and result["repeats"] == 2 and result["worst_seed"] in (3, 4)
     assert 0 < result["rel_err"] <= KERNEL_BF16_RTOL and result["max_abs_err"] > 0
 
 
@@ -33,6 +36,28 @@ def test_check_fills_in_default_blocks():
     result = tuning.check(tuning.Shape(1, 40, 40, 64, "float32"), AttentionOptions(choice="custom"))
     assert result["block_sizes"] == [48, 128, 128]
     assert result["rel_err"] <= KERNEL_F32_RTOL
+
+
+def test_check_repeats_checks_that_many_seeded_inputs_and_reports_the_worst():
+    shape, options = tuning.Shape(1, 40, 40, 64, "bfloat16"), AttentionOptions(choice="custom")
+    singles = [tuning.check(shape, options, seed=s) for s in (5, 6, 7)]
+    assert len({r["rel_err"] for r in singles}) == 3  # three different inputs
+    result = tuning.check(shape, options, seed=5, repeats=3)
+    assert result["seed"] == 5 and result["repeats"] == 3
+    assert result["rel_err"] == max(r["rel_err"] for r in singles)
+    assert result["max_abs_err"] == max(r["max_abs_err"] for r in singles)
+    assert result["worst_seed"] == max(singles, key=lambda r: r["rel_err"])["seed"]
+
+
+def test_repeats_and_seed_flags_are_refused_where_meaningless():
+    parser = load(CLI)._parser()
+    assert parser.parse_args(["check", "--repeats", "3"]).repeats == 3
+    assert parser.parse_args(["check"]).repeats == 1 and parser.parse_args(["bench"]).repeats == 5
+    with pytest.raises(UsageError, match="--repeats: expected a count >= 1, found 0"):
+        parser.parse_args(["check", "--repeats", "0"])
+    for flag in ("--seed", "--repeats"):  # compiling takes no inputs and times nothing
+        with pytest.raises(UsageError, match=f"unrecognized arguments: {flag} 2"):
+            parser.parse_args(["compile", "--topology", "v6e-8", flag, "2"])
 
 
 def test_check_without_a_tpu_interprets_on_the_host_cpu(monkeypatch):
@@ -75,12 +100,30 @@ def test_bench_and_sweep_rows():
         tuning.sweep(shape, AttentionOptions(), [(64, 48, 32), (64, 64, 24)], repeats=1)
 
 
+def test_bench_and_sweep_inputs_come_from_the_seed(monkeypatch):
+    seen = []  # the inputs of each timed call, flattened
+
+    def record(fn, args, repeats):
+        seen.append(np.concatenate([np.asarray(a, np.float32).ravel() for a in args]))
+        return 1.0  # seconds: nothing is run or timed
+
+    monkeypatch.setattr(tuning, "time_call", record)
+    shape = tuning.Shape(1, 64, 64, 64, "float32")
+    for seed in (1, 1, 2):
+        tuning.bench(shape, AttentionOptions(), choices=("xla",), repeats=1, seed=seed)
+        tuning.sweep(shape, AttentionOptions(), [(64, 64, 64)], repeats=1, seed=seed)
+    bench_1, sweep_1, bench_1_again, sweep_1_again, bench_2, sweep_2 = seen
+    assert all(np.array_equal(bench_1, x) for x in (sweep_1, bench_1_again, sweep_1_again))
+    assert np.array_equal(bench_2, sweep_2) and not np.array_equal(bench_1, bench_2)
+
+
 TINY = ("--heads", "1", "--q_len", "64", "--kv_len", "64", "--head_dim", "64", "--dtype", "float32", "--repeats", "1")
 
 
 def test_bench_command_json():
-    proc = run(CLI, "bench", *TINY, "--window_size", "8", "--json")
+    proc = run(CLI, "bench", *TINY, "--window_size", "8", "--seed", "7", "--json")
     result = json.loads(proc.stdout)
+    assert result["seed"] == 7
     assert [r["attention"] for r in result["results"]] == ["custom", "splash", "xla"]
     assert result["skipped"] == [{"attention": "cudnn", "reason": "cuDNN attention needs a GPU, found cpu"}]
     flops = 4 * attended_pairs(64, 64, 8) * 64  # the window's pairs only
@@ -90,7 +133,8 @@ def test_bench_command_json():
 
 def test_sweep_command_json_and_table():
     choices = ("--bq_choices", "32", "64", "--bkv_choices", "64", "--bkv_compute_choices", "64", "24")
-    result = json.loads(run(CLI, "sweep", *TINY, *choices, "--json").stdout)
+    result = json.loads(run(CLI, "sweep", *TINY, *choices, "--seed", "7", "--json").stdout)
+    assert result["seed"] == 7
     timed = [(r["bq"], r["bkv"], r["bkv_compute"]) for r in result["results"]]
     assert sorted(timed) == [(32, 64, 64), (64, 64, 64)]  # 64 % 24 != 0: skipped
     assert result["best"] == result["results"][0]
