@@ -57,13 +57,29 @@ def _tolerate_missing_overloads():
         packet.__getattr__ = original
 
 
+def _assign_in_destination_dtype(tensor_class) -> None:
+    """torch casts the value of `out[index] = value` to out's dtype; torchax 0.0.13 hands both dtypes to jax's
+    scatter, which casts the same way but warns that a future jax will refuse it (diffusers' Wan RoPE writes
+    float32 rotations into a bf16 tensor). Casting first, as torch does, gives the same numbers without it."""
+    assign = tensor_class.__setitem__
+
+    def setitem(self, key, value):
+        if isinstance(value, torch.Tensor) and value.dtype != self.dtype:
+            value = value.to(self.dtype)
+        assign(self, key, value)
+
+    tensor_class.__setitem__ = setitem
+
+
 @functools.cache
 def _torchax():
     with _tolerate_missing_overloads():
         import torchax
         import torchax.interop
+        import torchax.tensor
 
         torchax.default_env()
+    _assign_in_destination_dtype(torchax.tensor.Tensor)
     return torchax
 
 
