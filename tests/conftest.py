@@ -94,16 +94,38 @@ def diffusers_pipe(tiny_path):
     return pipe
 
 
-def diffusers_run(pipe, prompt, guidance, output_type, flow_shift=3.0, **kwargs):
-    """diffusers' WanPipeline at the parity setting, UniPC with `flow_shift`, seeded like our stage 2."""
-    import torch
-    from diffusers import UniPCMultistepScheduler
+def diffusers_scheduler(solver: str, flow_shift: float):
+    """The diffusers scheduler each --sample_solver reproduces (tpu_wan.schedulers' docstring), built from
+    scratch: "unipc" is what Wan's scheduler_config.json holds, with `flow_shift`."""
+    import diffusers
 
-    pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config, flow_shift=flow_shift)
+    if solver == "unipc":
+        return diffusers.UniPCMultistepScheduler(
+            prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=flow_shift, num_train_timesteps=1000,
+            solver_order=2, solver_type="bh2", predict_x0=True, lower_order_final=True, disable_corrector=[],
+            final_sigmas_type="zero",
+        )
+    if solver == "dpm++":
+        return diffusers.DPMSolverMultistepScheduler(
+            prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=flow_shift, num_train_timesteps=1000,
+            algorithm_type="dpmsolver++", solver_order=2, lower_order_final=True, final_sigmas_type="zero",
+        )
+    assert solver == "euler", solver
+    return diffusers.FlowMatchEulerDiscreteScheduler(shift=flow_shift, num_train_timesteps=1000)
+
+
+def diffusers_run(pipe, prompt, guidance, output_type, flow_shift=3.0, solver="unipc", seeds=(SEED,), **kwargs):
+    """diffusers' WanPipeline at the parity setting with `solver` at `flow_shift` swapped into pipe.scheduler,
+    each video's noise drawn from its own seed as our stage 2 draws it (a list of prompts: one seed per prompt)."""
+    import torch
+
+    pipe.scheduler = diffusers_scheduler(solver, flow_shift)
+    generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+    negative = None if prompt is None else [NEGATIVE] * len(prompt) if isinstance(prompt, list) else NEGATIVE
     with torch.no_grad():
         out = pipe(
-            prompt=prompt, negative_prompt=None if prompt is None else NEGATIVE, height=HEIGHT, width=WIDTH, num_frames=FRAMES,
+            prompt=prompt, negative_prompt=negative, height=HEIGHT, width=WIDTH, num_frames=FRAMES,
             num_inference_steps=STEPS, guidance_scale=guidance, output_type=output_type,
-            generator=torch.Generator("cpu").manual_seed(SEED), **kwargs,
+            generator=generators[0] if len(generators) == 1 else generators, **kwargs,
         ).frames
-    return out.numpy() if output_type == "latent" else out
+    return out.float().numpy() if output_type == "latent" else out

@@ -1,8 +1,11 @@
 """Model presets and how explicit settings override them."""
 
+import json
+import shutil
+
 import pytest
 
-from tpu_wan import pipeline
+from tpu_wan import checkpoints, pipeline
 from tpu_wan.config import ConfigError, GenerationConfig, preset_for
 from tpu_wan.mesh import make_mesh
 
@@ -29,6 +32,28 @@ def test_explicit_settings_override_presets():
     assert _resolve("tiny-random").batch_size == 1  # CFG: the pair fills dp=2
 
 
+@pytest.mark.parametrize("model", ["Wan2.1-T2V-1.3B-Diffusers", "Wan2.1-T2V-14B-Diffusers"])
+def test_flow_shift_follows_the_resolution_and_equals_the_folder_at_the_trained_size(model):
+    # Whose flow_shift wins: --flow_shift if given, else the resolution's (Wan's sample_shift: 5.0 from 720p
+    # up, 3.0 below), never the model folder's scheduler_config.json. WanPipeline.from_pretrained uses the
+    # folder's value whatever the size; the published folders hold the value of their trained resolution, so
+    # at each model's preset size the two agree (README, "equals diffusers").
+    folder = checkpoints.PACKAGED_CONFIGS / model
+    shipped = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())["flow_shift"]
+    assert _resolve(f"Wan-AI/{model}").flow_shift == shipped
+    other_size = dict(height=720, width=1280) if shipped == 3.0 else dict(height=480, width=832)
+    assert _resolve(f"Wan-AI/{model}", **other_size).flow_shift != shipped  # the resolution decides
+    assert _resolve(str(folder), **other_size, flow_shift=shipped).flow_shift == shipped  # the flag decides
+
+
+def test_a_folders_scheduler_flow_shift_is_not_read(tmp_path, tiny_path):
+    folder = tmp_path / "tiny-shift-7"
+    shutil.copytree(tiny_path, folder)
+    config = folder / "scheduler" / "scheduler_config.json"
+    config.write_text(json.dumps(json.loads(config.read_text()) | {"flow_shift": 7.0}))
+    assert _resolve(str(folder), height=64, width=96).flow_shift == 3.0
+
+
 def test_bad_settings_are_refused():
     with pytest.raises(ConfigError, match="frames must be 4n\\+1"):
         _resolve("tiny-random", frames=10)
@@ -37,7 +62,7 @@ def test_bad_settings_are_refused():
 
 
 def test_attention_settings_are_recorded():
-    given = dict(attention="xla", k_smooth=True, window_size=8, bqsize=64, bkvsize=128, bkvcomputesize=64)
+    given = dict(attention="custom", k_smooth=True, window_size=8, bqsize=64, bkvsize=128, bkvcomputesize=64)
     cfg = _resolve("tiny-random", **given)
     assert {k: getattr(cfg, k) for k in given} == given
     assert GenerationConfig.from_json_dict(cfg.to_json_dict()) == cfg

@@ -26,11 +26,11 @@ def models(request, tiny_path):
     return oneshot.Generator("tiny-random", mesh, text_dtype="float32", dtype="float32")
 
 
-def _config(prompt, guidance):
-    cfg = GenerationConfig(model_id="tiny-random", prompts=(prompt,), negative_prompt=NEGATIVE)
+def _config(prompt, guidance, prompts=None, **sampling):
+    cfg = GenerationConfig(model_id="tiny-random", prompts=tuple(prompts or (prompt,)), negative_prompt=NEGATIVE)
     sampling = pipeline.SamplingArgs(
         height=HEIGHT, width=WIDTH, frames=FRAMES, num_inference_steps=STEPS, guidance_scale=guidance,
-        seeds=(SEED,), dtype="float32",
+        **{"seeds": (SEED,), "dtype": "float32", **sampling},
     )
     return pipeline.resolve_sampling(cfg, sampling, make_mesh(1, 1, devices=jax.devices()[:1]))
 
@@ -102,3 +102,72 @@ def test_custom_kernel_pipeline_equals_xla(models, tiny_path):
     print(f"custom vs xla: latents rel err {err:.2e}, frames max abs {np.abs(frames - xla_frames).max():.2e}")
     assert err <= LATENT_RTOL
     np.testing.assert_allclose(frames, xla_frames, rtol=0, atol=FRAMES_ATOL)
+
+
+@pytest.fixture(scope="module")
+def embeddings(models):
+    """The parity prompt's embeddings, encoded once per mesh for the denoising-only tests below."""
+    return pipeline.encode(models.encoder, _config(PROMPTS[0], 5.0))
+
+
+# The solvers other than the default, and the default at 720p's shift: the same transformer and noise, each
+# solver's coefficients against diffusers' scheduler of that kind swapped into pipe.scheduler.
+@pytest.mark.parametrize("solver, flow_shift", [("unipc", 5.0), ("dpm++", 3.0), ("dpm++", 5.0), ("euler", 3.0),
+                                                ("euler", 5.0)])
+def test_every_solver_and_shift_match_diffusers(models, diffusers_pipe, embeddings, solver, flow_shift):
+    cfg = _config(PROMPTS[0], 5.0, sample_solver=solver, flow_shift=flow_shift)
+    latents = pipeline.denoise(models.denoiser, cfg, *embeddings, progress=False)
+    ref = diffusers_run(diffusers_pipe, PROMPTS[0], 5.0, "latent", flow_shift=flow_shift, solver=solver)
+    err = rel_err(latents, ref)
+    print(f"{solver} flow_shift {flow_shift}: latents rel err {err:.2e}")
+    assert err <= LATENT_RTOL
+
+
+def test_solvers_and_shifts_change_the_result(models, embeddings):
+    # Guards the test above: each solver and each shift lands far from the others, so passing it is not luck.
+    runs = {(solver, shift): pipeline.denoise(models.denoiser, _config(PROMPTS[0], 5.0, sample_solver=solver,
+                                                                        flow_shift=shift), *embeddings, progress=False)
+            for solver, shift in [("unipc", 3.0), ("unipc", 5.0), ("dpm++", 3.0), ("euler", 3.0)]}
+    keys = list(runs)
+    for i, a in enumerate(keys):
+        for b in keys[i + 1:]:
+            assert rel_err(runs[a], runs[b]) > 100 * LATENT_RTOL, (a, b)
+
+
+def test_prompts_and_seeds_in_one_batch_match_diffusers_list_call(models, diffusers_pipe):
+    # Two prompts x two seeds, all four videos in one batch, against one diffusers call with a list of prompts
+    # and one generator per video (diffusers draws each row's noise from its own generator, as we do).
+    seeds = (7, SEED)
+    cfg = _config(None, 5.0, prompts=PROMPTS, seeds=seeds, batch_size=4)
+    videos = pipeline.plan(cfg)
+    prompt_embeds, negative_embeds = pipeline.encode(models.encoder, cfg)
+    latents = pipeline.denoise(models.denoiser, cfg, prompt_embeds, negative_embeds, progress=False)
+    ref = diffusers_run(diffusers_pipe, [PROMPTS[v.prompt_index] for v in videos], 5.0, "latent",
+                        seeds=[v.seed for v in videos])
+    assert latents.shape == ref.shape == (4, *latent_shape(1, HEIGHT, WIDTH, FRAMES)[1:])
+    errs = [rel_err(a, b) for a, b in zip(latents, ref)]
+    print("batch latents rel errs " + " ".join(f"{e:.2e}" for e in errs))
+    assert max(errs) <= LATENT_RTOL
+
+
+def test_init_latents_from_diffusers_prepare_latents_give_diffusers_video(models, diffusers_pipe, embeddings,
+                                                                          tmp_path):
+    # README: a `latents` file from diffusers can start stage 2. diffusers' own prepare_latents, seeded
+    # otherwise than our --seed, saved with safetensors.torch; the video is diffusers' video from those latents.
+    import safetensors.torch
+
+    start = diffusers_pipe.prepare_latents(1, 16, HEIGHT, WIDTH, FRAMES, torch.float32, torch.device("cpu"),
+                                           torch.Generator("cpu").manual_seed(1234))
+    path = tmp_path / "start.safetensors"
+    safetensors.torch.save_file({"latents": start}, path)
+    cfg = _config(PROMPTS[0], 5.0, init_latents=str(path))
+    latents = pipeline.denoise(models.denoiser, cfg, *embeddings, progress=False)
+    ref = diffusers_run(diffusers_pipe, PROMPTS[0], 5.0, "latent", latents=start)
+    err = rel_err(latents, ref)
+    print(f"init_latents: latents rel err {err:.2e}")
+    assert err <= LATENT_RTOL
+    assert rel_err(start.numpy(), pipeline.initial_noise(SEED, tuple(start.shape))) > 0.5  # not --seed's noise
+    ref_frames = diffusers_run(diffusers_pipe, PROMPTS[0], 5.0, "np", latents=start)
+    frames = models.decoder.decode(latents)
+    print(f"init_latents: frames max abs err {np.abs(frames - ref_frames).max():.2e}")
+    np.testing.assert_allclose(frames, ref_frames, rtol=0, atol=FRAMES_ATOL)

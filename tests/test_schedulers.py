@@ -1,45 +1,16 @@
 """tpu_wan.schedulers against the diffusers schedulers it reproduces."""
 
-import diffusers
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 
-from conftest import SCHEDULER_ATOL, SCHEDULER_RTOL
+from conftest import SCHEDULER_ATOL, SCHEDULER_RTOL, diffusers_scheduler
 
 from tpu_wan import schedulers
 
 SHAPE = (1, 16, 2, 4, 4)  # B, C, F, H, W
-
-
-def _diffusers_scheduler(solver, flow_shift):
-    if solver == "unipc":
-        return diffusers.UniPCMultistepScheduler(
-            prediction_type="flow_prediction",
-            use_flow_sigmas=True,
-            flow_shift=flow_shift,
-            num_train_timesteps=1000,
-            solver_order=2,
-            solver_type="bh2",
-            predict_x0=True,
-            lower_order_final=True,
-            disable_corrector=[],
-            final_sigmas_type="zero",
-        )
-    if solver == "dpm++":
-        return diffusers.DPMSolverMultistepScheduler(
-            prediction_type="flow_prediction",
-            use_flow_sigmas=True,
-            flow_shift=flow_shift,
-            num_train_timesteps=1000,
-            algorithm_type="dpmsolver++",
-            solver_order=2,
-            lower_order_final=True,
-            final_sigmas_type="zero",
-        )
-    return diffusers.FlowMatchEulerDiscreteScheduler(shift=flow_shift, num_train_timesteps=1000)
 
 
 _jitted_step = jax.jit(schedulers.step)
@@ -54,7 +25,7 @@ def _fake_model(sample, noise):
 @pytest.mark.parametrize("steps", [1, 4, 7, 25, 30, 100])
 @pytest.mark.parametrize("solver", schedulers.SOLVERS)
 def test_schedule_matches_diffusers(solver, steps, flow_shift):
-    ref = _diffusers_scheduler(solver, flow_shift)
+    ref = diffusers_scheduler(solver, flow_shift)
     ref.set_timesteps(steps)
     sched = schedulers.make_schedule(solver, steps, flow_shift)
     np.testing.assert_array_equal(sched.timesteps, ref.timesteps.numpy())
@@ -66,7 +37,7 @@ def test_schedule_matches_diffusers(solver, steps, flow_shift):
 @pytest.mark.parametrize("steps", [1, 2, 3, 10, 50])
 @pytest.mark.parametrize("solver", schedulers.SOLVERS)
 def test_matches_diffusers(solver, steps, flow_shift):
-    ref = _diffusers_scheduler(solver, flow_shift)
+    ref = diffusers_scheduler(solver, flow_shift)
     ref.set_timesteps(steps)
     sched = schedulers.make_schedule(solver, steps, flow_shift)
 
