@@ -35,6 +35,13 @@ LATENT_RTOL = 1e-5
 # Frames: one VAE decode, compared in absolute terms on a [0, 1] scale.
 FRAMES_ATOL = 1e-5
 
+# bfloat16 (the TPU default for stages 1 and 2) cannot equal the float32 reference; both sides round differently
+# (XLA keeps float32 inside fused ops where torch rounds each op's output to bf16), so our error may land on
+# either side of diffusers' own bf16 error. The measure: ours vs the float32 reference <= this factor x diffusers'
+# bf16 pipeline vs the same reference. Measured 0.77-1.09 (tests/test_bf16_parity.py prints each); a defect such
+# as a value rounded to bf16 where diffusers keeps float32 (timestep embedding, norms) shows as a multiple.
+BF16_OVER_DIFFUSERS = 1.5
+
 # Scheduler alone vs diffusers.
 # Relative error ||ours - diffusers|| / ||diffusers|| allowed after every step. Both sides evaluate the same
 # float32 linear combinations, but the rounding differs: XLA fuses them into FMAs, our step multiplies by stored
