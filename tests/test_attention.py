@@ -118,3 +118,50 @@ def test_window_with_split_query_sequence_is_refused():
     fn = attention.make_attention(AttentionOptions(choice="custom", window_size=4), make_mesh(2, 4))
     with pytest.raises(AttentionError, match="window_size with the query sequence split"):
         jax.jit(fn)(q, k, v)
+
+
+# One denoising step at real size: the 1.3B model at 480p x 81 frames (32,760 video tokens) and the 14B model
+# at 720p (75,600), traced (not run) on abstract weights; and the tiny model.
+@pytest.mark.parametrize("model, height, width, frames", [
+    ("tiny-random", 32, 48, 9),
+    ("Wan-AI/Wan2.1-T2V-1.3B-Diffusers", 480, 832, 81),
+    ("Wan-AI/Wan2.1-T2V-14B-Diffusers", 720, 1280, 81),
+], ids=["tiny", "1.3B-480p", "14B-720p"])
+def test_every_attention_of_a_step_reaches_our_dispatch(monkeypatch, model, height, width, frames):
+    # The transformer must never fall back to torchax's own scaled_dot_product_attention, which builds the
+    # whole [L, S] logits (at 14B 720p: 40 heads x 75,600^2 x 4 bytes ~ 229 GB per CFG row).
+    from tpu_wan import checkpoints, config as config_lib, torchax_env
+    from tpu_wan.transformer import Denoiser
+
+    torchax_env._torchax()  # torchax imported through our shim first
+    from torchax.ops import jtorch
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("attention went to torchax's reference lowering")
+
+    calls = []
+    make = attention.make_attention
+
+    def counting(*args, **kwargs):
+        fn = make(*args, **kwargs)
+
+        def counted(q, k, v, *, scale=None):
+            calls.append((q.shape, k.shape))
+            return fn(q, k, v, scale=scale)
+
+        return counted
+
+    monkeypatch.setattr(jtorch, "_sdpa_reference", refuse)
+    monkeypatch.setattr(attention, "make_attention", counting)
+    mesh = make_mesh(2, 4)
+    denoiser = Denoiser(checkpoints.resolve_configs(model), mesh, "bfloat16", abstract=True)
+    dit = denoiser.config
+    shape = config_lib.latent_shape(1, height, width, frames, dit.in_channels)
+    step, args = denoiser.step_program(shape, (2, 512, dit.text_dim), cfg=True)
+    jax.eval_shape(step, *args)
+
+    tokens = int(np.prod([n // p for n, p in zip(shape[2:], dit.patch_size)]))
+    heads, head_dim = dit.num_attention_heads, dit.attention_head_dim
+    self_attn, cross_attn = (2, heads, tokens, head_dim), (2, heads, 512, head_dim)
+    print(f"{model}: {len(calls)} attention calls for {dit.num_layers} blocks, L={tokens}")
+    assert calls == [((2, heads, tokens, head_dim), self_attn), ((2, heads, tokens, head_dim), cross_attn)] * dit.num_layers
