@@ -42,6 +42,36 @@ FRAMES_ATOL = 1e-5
 # as a value rounded to bf16 where diffusers keeps float32 (timestep embedding, norms) shows as a multiple.
 BF16_OVER_DIFFUSERS = 1.5
 
+# One small torch module through torchax vs torch eager, float32: the same ops, fused and reordered by XLA, so
+# a few ulp (measured <= 1.5e-7); a wrong op is far above.
+MODULE_RTOL = 1e-6
+
+# The VAE decoder alone vs diffusers' AutoencoderKLWan.decode, absolute on the [0, 1] frame scale.
+# float32: the same convolutions in another library reorder their sums (~1e-7 relative per op); across the ~40
+# conv layers and the causal caches measured <= 1.1e-6 (tiny) and 1.85e-6 (real config); a wrong cache frame
+# or weight layout gives >= 1e-2.
+VAE_F32_ATOL = 1e-5
+# bfloat16 weights and activations (8-bit mantissa, ~4e-3 relative per op), norms and softmax in float32:
+# measured 6.3e-3 (1 latent frame) to 1.46e-2 (9) on both configs.
+VAE_BF16_ATOL = 2e-2
+# Sharded vs unsharded decode: the same ops, but GSPMD splits the convolutions (halos) and reductions per
+# shard; measured 7.7e-7.
+VAE_SHARDED_ATOL = 1e-6
+
+# metrics.json's time accounting. Untimed gaps between the sections (mesh and config set-up, the loop around the
+# runs) are milliseconds against seconds of work; a stage left out of the sections, or a section counted twice,
+# is tens of percent.
+TIME_ACCOUNTING_RTOL = 0.05
+# A warm start still traces and lowers every program (only XLA's compile is cached); measured ~10x less compile
+# time on the tiny model, so half is far from both outcomes.
+WARM_COMPILE_MAX_FRACTION = 0.5
+
+# bf16 parity's floor: a run that silently stayed in float32 would sit ~1e-6 from the float32 reference, ~1e-4
+# of diffusers' bf16 error; bf16 runs land at 0.77-1.09 of it.
+BF16_MIN_SHARE = 0.25
+# float64 arithmetic that should be an identity (e.g. TFLOP/s x seconds / FLOPs): only a last-bit rounding.
+IDENTITY_RTOL = 1e-9
+
 # Scheduler alone vs diffusers.
 # Relative error ||ours - diffusers|| / ||diffusers|| allowed after every step. Both sides evaluate the same
 # float32 linear combinations, but the rounding differs: XLA fuses them into FMAs, our step multiplies by stored

@@ -5,7 +5,7 @@ import json
 import jax
 import numpy as np
 import pytest
-from conftest import KERNEL_BF16_RTOL, KERNEL_F32_RTOL
+from conftest import IDENTITY_RTOL, KERNEL_BF16_RTOL, KERNEL_F32_RTOL
 from scripts import ROOT, load, run
 
 from tpu_wan import attention_tuning as tuning
@@ -128,7 +128,7 @@ def test_bench_command_json():
     assert result["skipped"] == [{"attention": "cudnn", "reason": "cuDNN attention needs a GPU, found cpu"}]
     flops = 4 * attended_pairs(64, 64, 8) * 64  # the window's pairs only
     for row in result["results"]:
-        assert abs(row["tflops"] * row["seconds"] * 1e12 / flops - 1) < 1e-9
+        assert abs(row["tflops"] * row["seconds"] * 1e12 / flops - 1) < IDENTITY_RTOL
 
 
 def test_sweep_command_json_and_table():

@@ -9,6 +9,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from conftest import TIME_ACCOUNTING_RTOL, WARM_COMPILE_MAX_FRACTION
 from safetensors import safe_open
 from scripts import GENERATE, ROOT, run
 
@@ -17,12 +18,6 @@ from tpu_wan import artifacts, preview, profiling
 SIZE = ("--height", "32", "--width", "32", "--frames", "5", "--num_inference_steps", "3", "--seed", "3")
 ONE_DEVICE = ("--cpu_devices", "1", "--warmup_steps", "1")
 ITERATIONS = 3
-# Untimed gaps between the sections (mesh and config set-up, the loop around the runs) are milliseconds against
-# seconds of work; a stage left out of the sections, or a section counted twice, is tens of percent.
-TIME_ACCOUNTING_RTOL = 0.05
-# A warm start still traces and lowers every program (only XLA's compile is cached); measured ~10x less
-# compile time on the tiny model, so half is far from both outcomes.
-WARM_COMPILE_MAX_FRACTION = 0.5
 
 STAGE_FIELDS = {
     "load_s": float, "warmup_s": float, "run_s": list, "io_s": float, "wall_s": (float, type(None)),

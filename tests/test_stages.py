@@ -1,9 +1,11 @@
 """The three stage scripts as separate processes == generate_flax.py in one process, bit for bit."""
 
 import hashlib
+import time
 
 import numpy as np
 import pytest
+from conftest import TIME_ACCOUNTING_RTOL
 from scripts import GENERATE, MESH_2x4, STAGE1, STAGE2, STAGE3, run
 
 from tpu_wan import artifacts, video
@@ -12,12 +14,20 @@ PROMPT = "A robot dancing on a rooftop at sunset"
 SIZE = ("--height", "32", "--width", "48", "--frames", "9", "--num_inference_steps", "4", "--seed", "7")
 
 
+_process_seconds = {}  # stage -> wall time of its process, timed from outside
+
+
 @pytest.fixture(scope="module")
 def staged(tmp_path_factory, tiny_path):
     out = tmp_path_factory.mktemp("staged")
-    run(STAGE1, "--model_id", "tiny-random", "--prompt", PROMPT, "--output_dir", out, *MESH_2x4)
-    run(STAGE2, "--input_dir", out, *SIZE, *MESH_2x4)
-    run(STAGE3, "--input_dir", out, "--save_frames", *MESH_2x4)
+    for stage, script, args in (
+        ("text_encoder", STAGE1, ("--model_id", "tiny-random", "--prompt", PROMPT, "--output_dir", out)),
+        ("transformer", STAGE2, ("--input_dir", out, *SIZE)),
+        ("vae", STAGE3, ("--input_dir", out, "--save_frames")),
+    ):
+        start = time.perf_counter()
+        run(script, *args, *MESH_2x4)
+        _process_seconds[stage] = time.perf_counter() - start
     return out
 
 
@@ -64,11 +74,11 @@ def test_stage2_is_deterministic(staged, tmp_path):
 def test_each_stage_adds_its_metrics(staged):
     m = artifacts.load_metrics(staged / artifacts.METRICS_FILE)
     assert m["script"] == "stages" and list(m["stages"]) == ["text_encoder", "transformer", "vae"]
-    walls = [s["wall_s"] for s in m["stages"].values()]
-    assert m["total_s"] == sum(walls)
     for name, s in m["stages"].items():
+        # What a stage says it took fits inside its process's lifetime measured here (imports come on top).
+        assert 0 < s["wall_s"] < _process_seconds[name], (name, s["wall_s"], _process_seconds[name])
         sections = s["load_s"] + s["warmup_s"] + sum(s["run_s"]) + s["io_s"]
         # Each stage's sections cover its run up to set-up in milliseconds (see test_metrics.py).
-        assert abs(sections - s["wall_s"]) <= 0.05 * s["wall_s"], (name, sections, s["wall_s"])
+        assert abs(sections - s["wall_s"]) <= TIME_ACCOUNTING_RTOL * s["wall_s"], (name, sections, s["wall_s"])
         assert s["weights_bytes"] > 0 and s["compilations"] > 0
     assert m["stages"]["transformer"]["steps"] == 4
