@@ -28,12 +28,13 @@ jax.config.update("jax_enable_compilation_cache", False)
 
 # Tolerances, float32 throughout. Our path runs the same model code as diffusers but through XLA, which fuses
 # and reorders reductions (and GSPMD splits matmuls over tp), so each op may differ by a few ulp (~1e-7).
-# Embeddings: one encoder pass, errors stay at that level.
+# Embeddings: one encoder pass, errors stay at that level (measured <= 3.2e-7).
 EMBED_RTOL = 1e-6
-# Latents: those per-op differences pass through every transformer call and solver step and grow slowly.
-LATENT_RTOL = 1e-5
-# Frames: one VAE decode, compared in absolute terms on a [0, 1] scale.
-FRAMES_ATOL = 1e-5
+# Latents: those per-op differences pass through every transformer call and solver step and grow slowly
+# (measured <= 5.9e-7 over the solvers, shifts, batches and meshes of test_parity.py).
+LATENT_RTOL = 2e-6
+# Frames: one VAE decode, compared in absolute terms on a [0, 1] scale (measured <= 1.13e-6).
+FRAMES_ATOL = 5e-6
 
 # bfloat16 (the TPU default for stages 1 and 2) cannot equal the float32 reference; both sides round differently
 # (XLA keeps float32 inside fused ops where torch rounds each op's output to bf16), so our error may land on

@@ -91,8 +91,8 @@ def test_window_is_ignored_on_sharded_cross_attention(choice):
     # the S = 16 keys. Cross-attention is decided from the global L != S, so the window does not apply (as
     # documented: a window is for self-attention); deciding it per shard would mask by local offsets.
     q, k, v = _qkv(1, 4, 32, 16, 64, seed=7)
-    fn = attention.make_attention(AttentionOptions(choice=choice, window_size=2, bq=16, bkv=16, bkv_compute=16),
-                                  make_mesh(2, 4))
+    opts = AttentionOptions(choice="custom", window_size=2, bq=16, bkv=16, bkv_compute=16).for_choice(choice)
+    fn = attention.make_attention(opts, make_mesh(2, 4))
     assert rel_err(jax.jit(fn)(q, k, v), attention.xla_attention(q, k, v)) <= KERNEL_F32_RTOL
 
 
