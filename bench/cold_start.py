@@ -1,6 +1,6 @@
 """Cold vs warm start of generate_flax.py with the persistent compilation cache.
 
-    python bench/cold_start.py [--models tiny medium] [--cpu_devices 1]
+    python bench/cold_start.py [--models tiny medium] [--cpu_devices 1] [--smoke]
 
 For each model, three processes on one fresh cache folder: cold (empty cache), warm (same command again), and
 warm with --no_compilation_cache (compiles everything again, as without the cache). Prints each process's wall
@@ -10,7 +10,8 @@ clock (imports included), the compile seconds and cache hits from its metrics.js
 and for the first reads of the libraries from disk.
 
 tiny: the tiny-random checkpoint. medium: random weights, a 4-layer DiT of 12 x 64 heads (dim 768), a 4-layer
-UMT5 of d_model 512 and the real Wan 2.1 VAE config, built once into the cache folder.
+UMT5 of d_model 512 and the real Wan 2.1 VAE config, built once into the cache folder. --smoke: tiny only, at
+16x16x1 with 1 step and no warmup step (seconds per process).
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ MEDIUM = dict(
 )
 SIZES = {"tiny": ("--height", "32", "--width", "32", "--frames", "5"),
          "medium": ("--height", "64", "--width", "64", "--frames", "9")}
+STEPS = ("--num_inference_steps", "4", "--warmup_steps", "1")
+SMOKE = ("--height", "16", "--width", "16", "--frames", "1", "--num_inference_steps", "1", "--warmup_steps", "0")
 
 
 def model_path(name: str) -> str:
@@ -51,10 +54,10 @@ def model_path(name: str) -> str:
     return str(path)
 
 
-def generate(model: str, size, cache: Path, out: Path, cpu_devices: int, *extra: str) -> dict:
-    cmd = [sys.executable, str(ROOT / "generate_flax.py"), "--model_id", model, *size, "--num_inference_steps", "4",
-           "--warmup_steps", "1", "--cpu_devices", str(cpu_devices), "--compilation_cache_dir", str(cache),
-           "--output_video", str(out / "video.mp4"), *extra]
+def generate(model: str, run: tuple[str, ...], cache: Path, out: Path, cpu_devices: int, *extra: str) -> dict:
+    """`run`: the size and step arguments."""
+    cmd = [sys.executable, str(ROOT / "generate_flax.py"), "--model_id", model, *run, "--cpu_devices",
+           str(cpu_devices), "--compilation_cache_dir", str(cache), "--output_video", str(out / "video.mp4"), *extra]
     start = time.perf_counter()
     subprocess.run(cmd, check=True, capture_output=True, cwd=ROOT)
     wall = time.perf_counter() - start
@@ -68,17 +71,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=["tiny", "medium"], choices=sorted(SIZES))
     parser.add_argument("--cpu_devices", type=int, default=1)
+    parser.add_argument("--smoke", action="store_true", help="tiny only, smallest size, 1 step")
     args = parser.parse_args()
+    runs_of = {"tiny": SMOKE} if args.smoke else {name: (*SIZES[name], *STEPS) for name in args.models}
     ratios = {}
     print(f"{'model':<8} {'run':<10} {'process s':>9} {'total s':>8} {'compile s':>9} {'programs':>8} {'hits':>5}")
-    for name in args.models:
+    for name, run_args in runs_of.items():
         model = model_path(name)
         with tempfile.TemporaryDirectory() as tmp:
             tmp = Path(tmp)
             runs = {
-                "cold": generate(model, SIZES[name], tmp / "cache", tmp / "cold", args.cpu_devices),
-                "warm": generate(model, SIZES[name], tmp / "cache", tmp / "warm", args.cpu_devices),
-                "no cache": generate(model, SIZES[name], tmp / "cache", tmp / "off", args.cpu_devices,
+                "cold": generate(model, run_args, tmp / "cache", tmp / "cold", args.cpu_devices),
+                "warm": generate(model, run_args, tmp / "cache", tmp / "warm", args.cpu_devices),
+                "no cache": generate(model, run_args, tmp / "cache", tmp / "off", args.cpu_devices,
                                      "--no_compilation_cache"),
             }
         for run, r in runs.items():

@@ -1,6 +1,6 @@
 """Time the VAE decoder's 3x3x3 causal convolutions alone: XLA (ours) vs torch, and rewrites of ours.
 
-    .venv/bin/python bench/conv3d.py [--repeats 5]
+    .venv/bin/python bench/conv3d.py [--repeats 5] [--smoke]
 
 For the three channel widths of the real Wan 2.1 VAE decoder at a 9 x 128 x 128 decode (96 channels at 128 x 128,
 192 at 64 x 64, 384 at 32 x 32; float32, batch 1, the causal time padding already applied as our decoder's cache
@@ -8,6 +8,7 @@ does), the median time of `jax.lax.conv_general_dilated` (channels-last, as tpu_
 `torch.nn.functional.conv3d` (channels-first, as diffusers calls it), and three rewrites of the XLA one: the
 time taps as three 2D convolutions summed, the time taps folded into channels for one 2D convolution, and
 im2col + matmul. Prints GFLOP/s per row; the last line is `xla_over_torch <at 96 channels> <192> <384>`.
+--smoke: the same three rows at 8, 16 and 32 channels and a quarter of the size, one timed call each (seconds).
 bench/vae_decode.py times the whole decoder; this says how much of its gap the convolutions explain.
 """
 
@@ -25,6 +26,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 SHAPES = ((96, 6, 128), (192, 6, 64), (384, 4, 32))  # channels, input frames (2 cached + new), height = width
+SMOKE_SHAPES = ((8, 6, 32), (16, 6, 16), (32, 4, 8))
 _DN3 = ("NDHWC", "DHWIO", "NDHWC")
 _DN2 = ("NHWC", "HWIO", "NHWC")
 
@@ -71,11 +73,13 @@ def median_seconds(fn, repeats: int) -> float:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--smoke", action="store_true", help="small channels and sizes, one repeat")
     args = parser.parse_args()
+    shapes, repeats = (SMOKE_SHAPES, 1) if args.smoke else (SHAPES, args.repeats)
     print(f"jax {jax.__version__} on {jax.default_backend()}, torch {torch.__version__} threads "
           f"{torch.get_num_threads()}, float32")
     ratios = []
-    for c, t, h in SHAPES:
+    for c, t, h in shapes:
         rng = np.random.default_rng(0)
         x = rng.standard_normal((1, t, h, h, c)).astype(np.float32)
         w = (rng.standard_normal((3, 3, 3, c, c)) * 0.05).astype(np.float32)
@@ -87,13 +91,13 @@ def main():
                          ("im2col", im2col)):
             jitted = jax.jit(fn)
             diff = float(jnp.abs(jitted(xj, wj) - ref).max())
-            row[name] = median_seconds(lambda: jitted(xj, wj).block_until_ready(), args.repeats)
+            row[name] = median_seconds(lambda: jitted(xj, wj).block_until_ready(), repeats)
             print(f"{c:4d} ch {t - 2} frames {h}x{h}: {name:10s} {row[name] * 1e3:7.0f} ms "
                   f"{flops / row[name] / 1e9:5.0f} GFLOP/s (max diff vs conv3d {diff:.1e})")
         xt = torch.from_numpy(x).permute(0, 4, 1, 2, 3).contiguous()  # [N C T H W]
         wt = torch.from_numpy(w).permute(4, 3, 0, 1, 2).contiguous()  # [C_out C_in 3 3 3]
         with torch.no_grad():
-            torch_s = median_seconds(lambda: torch.nn.functional.conv3d(xt, wt, padding=(0, 1, 1)), args.repeats)
+            torch_s = median_seconds(lambda: torch.nn.functional.conv3d(xt, wt, padding=(0, 1, 1)), repeats)
         print(f"{c:4d} ch {t - 2} frames {h}x{h}: {'torch':10s} {torch_s * 1e3:7.0f} ms "
               f"{flops / torch_s / 1e9:5.0f} GFLOP/s")
         ratios.append(row["xla conv3d"] / torch_s)

@@ -1,4 +1,4 @@
-"""python bench/dit_step.py [--repeats 5] [--attention auto] [--cache DIR]
+"""python bench/dit_step.py [--repeats 5] [--attention auto] [--cache DIR] [--smoke]
 
 Time one denoising step of a medium Wan DiT: ours (tpu_wan.transformer.Denoiser's jitted step, the program
 stage 2 runs every step: CFG pair as one batch of 2, guidance combine, UniPC update; 1x1 mesh) against
@@ -13,11 +13,14 @@ whose update is exactly `next = v` gives our guided velocity, compared with torc
 to max |v|). Our trace+lower and compile times are reported apart; then --repeats timed calls of each side,
 interleaved, median. The last line is `ratio_fp32 <ours/torch s at float32> ratio_bf16 <ours/torch s at
 bfloat16>` (the goal for float32 is <= 0.6). On a shared CPU absolute times say little; the ratios are the point.
+--smoke: the tiny-random checkpoint's transformer (tpu_wan.tiny) at latents [1, 16, 2, 8, 8] and 16 text tokens,
+one repeat (seconds).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import statistics
@@ -38,14 +41,14 @@ from tpu_wan.cli import with_cpu_xla_flags  # noqa: E402  (imports no jax)
 MEDIUM_CONFIG = dict(REAL_CONFIG, num_layers=4, attention_head_dim=64, ffn_dim=3072)  # 12 heads x 64 = 768
 LATENTS = (1, 16, 5, 32, 32)  # 5 x 16 x 16 patches of (1, 2, 2): 1280 video tokens
 TEXT_TOKENS = 512
+SMOKE_LATENTS = (1, 16, 2, 8, 8)  # 2 x 4 x 4 patches: 32 video tokens
+SMOKE_TEXT_TOKENS = 16
 GUIDANCE = 5.0
 DTYPES = ("float32", "bfloat16")
 
 
 def ensure_checkpoint(cache: Path) -> Path:
     """cache/transformer/{config.json, diffusion_pytorch_model.safetensors}: MEDIUM_CONFIG, seed 0, float32."""
-    import json
-
     config = cache / "transformer" / "config.json"
     if config.is_file() and (cache / "transformer" / "diffusion_pytorch_model.safetensors").is_file():
         saved = json.loads(config.read_text())
@@ -139,7 +142,10 @@ def main() -> None:
     parser.add_argument("--attention", default="auto", help="our attention choice (auto = xla on CPU)")
     parser.add_argument("--cache", type=Path, default=None,
                         help="checkpoint folder (default: bench-dit-medium-v1 beside the tiny-random cache)")
+    parser.add_argument("--smoke", action="store_true", help="the tiny-random transformer, small inputs, one repeat")
     args = parser.parse_args()
+    if args.smoke:
+        args.repeats = 1
     # The scripts' XLA settings, so the bench measures what users run (set before jax is imported).
     os.environ["XLA_FLAGS"] = with_cpu_xla_flags(os.environ.get("XLA_FLAGS", ""))
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -149,20 +155,26 @@ def main() -> None:
     from diffusers.utils import logging as df_logging
 
     from tpu_wan.mesh import make_mesh
-    from tpu_wan.tiny import default_cache_dir
+    from tpu_wan.tiny import default_cache_dir, ensure_tiny_checkpoint
 
     df_logging.set_verbosity_error()
-    cache = args.cache or default_cache_dir().parent / "bench-dit-medium-v1"
-    path = ensure_checkpoint(cache.expanduser())
+    if args.smoke:
+        path, latents_shape, text_tokens = ensure_tiny_checkpoint(), SMOKE_LATENTS, SMOKE_TEXT_TOKENS
+    else:
+        cache = args.cache or default_cache_dir().parent / "bench-dit-medium-v1"
+        path, latents_shape, text_tokens = ensure_checkpoint(cache.expanduser()), LATENTS, TEXT_TOKENS
+    config = json.loads((path / "transformer" / "config.json").read_text())
     mesh = make_mesh(1, 1, devices=jax.devices()[:1])
     rng = np.random.default_rng(0)
-    latents = rng.standard_normal(LATENTS).astype(np.float32)
-    embeds = rng.standard_normal((2, TEXT_TOKENS, MEDIUM_CONFIG["text_dim"])).astype(np.float32)  # cond, uncond
+    latents = rng.standard_normal(latents_shape).astype(np.float32)
+    embeds = rng.standard_normal((2, text_tokens, config["text_dim"])).astype(np.float32)  # cond, uncond
     print(f"jax {jax.__version__} on {jax.devices()[0].platform} ({os.cpu_count()} cpus), mesh 1x1, attention "
           f"{args.attention}, XLA_FLAGS={os.environ['XLA_FLAGS']!r}; torch {torch.__version__} threads "
           f"{torch.get_num_threads()}", flush=True)
-    print(f"checkpoint {path}: {MEDIUM_CONFIG['num_layers']} layers, dim 768, ffn 3072; latents {list(LATENTS)}, "
-          f"{TEXT_TOKENS} text tokens, CFG batch 2, {args.repeats} interleaved repeats", flush=True)
+    print(f"checkpoint {path}: {config['num_layers']} layers, dim "
+          f"{config['num_attention_heads'] * config['attention_head_dim']}, ffn {config['ffn_dim']}; latents "
+          f"{list(latents_shape)}, {text_tokens} text tokens, CFG batch 2, {args.repeats} interleaved repeats",
+          flush=True)
 
     results = {}
     for dtype in DTYPES:

@@ -1,4 +1,4 @@
-"""python bench/real_size.py [--cache DIR] [--paths ours,naive]
+"""python bench/real_size.py [--cache DIR] [--paths ours,naive] [--smoke]
 
 Peak host memory and time of loading the real-size Wan 2.1 T2V 1.3B transformer (random bf16 weights), ours
 (tpu_wan.transformer.Denoiser: meta-parameter model, every weight read from safetensors straight into its jax
@@ -20,7 +20,9 @@ On a CPU backend jax arrays ARE host memory: the loaded weights themselves live 
 baseline and the transients). The last line is
 `peak_rss_over_weights <ours peak RSS while loading / bf16 weight bytes>` (the goal is <= 1.3); the table
 also gives the peak of the whole child, steps included. Takes ~5 minutes on a
-2-core CPU (plus ~1 minute and 2.8 GB of disk to build the checkpoint once); never run in CI.
+2-core CPU (plus ~1 minute and 2.8 GB of disk to build the checkpoint once). --smoke: the same runs with a
+2-layer transformer of the same kind (bf16, save_pretrained) built into a temporary folder and 16 text tokens
+(seconds; its ratio is mostly the import baseline over tiny weights).
 """
 
 from __future__ import annotations
@@ -56,6 +58,10 @@ REAL_CONFIG = dict(
     eps=1e-6,
     rope_max_seq_len=1024,
 )
+# --smoke: the same architecture at the tiny checkpoint's widths (tpu_wan.tiny); RoPE splits the head dim 8/4/4.
+SMOKE_CONFIG = dict(REAL_CONFIG, num_attention_heads=2, attention_head_dim=16, text_dim=32, freq_dim=32, ffn_dim=64,
+                    num_layers=2)
+SMOKE_TEXT_TOKENS = 16
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 LATENTS = (1, 16, 1, 4, 4)  # 1 latent frame, 4x4 latents: 4 tokens after the (1, 2, 2) patching
 TEXT_TOKENS = 512
@@ -65,18 +71,24 @@ PATHS = ("ours", "naive")
 GIB = 1024**3
 
 
+def sizes(smoke: bool) -> tuple[dict, int]:
+    """(transformer config, text tokens) of the run."""
+    return (SMOKE_CONFIG, SMOKE_TEXT_TOKENS) if smoke else (REAL_CONFIG, TEXT_TOKENS)
+
+
 # ----------------------------------------------------------------------------------------------- checkpoint
 
-def checkpoint_ready(cache: Path) -> bool:
-    config = cache / "transformer" / "config.json"
-    if not (config.is_file() and (cache / "transformer" / WEIGHTS).is_file()):
+def checkpoint_ready(cache: Path, config: dict) -> bool:
+    saved = cache / "transformer" / "config.json"
+    if not (saved.is_file() and (cache / "transformer" / WEIGHTS).is_file()):
         return False
-    saved = json.loads(config.read_text())
-    return all(saved.get(k) == v for k, v in REAL_CONFIG.items())
+    saved = json.loads(saved.read_text())
+    return all(saved.get(k) == v for k, v in config.items())
 
 
-def build_checkpoint(cache: Path) -> None:
-    """Random real-config transformer, constructed directly in bf16 (2.8 GB, not 5.7 GB of f32), saved atomically."""
+def build_checkpoint(cache: Path, config: dict) -> None:
+    """Random transformer of `config`, constructed directly in bf16 (real config: 2.8 GB, not 5.7 GB of f32),
+    saved atomically."""
     import torch
     from diffusers import WanTransformer3DModel
 
@@ -87,7 +99,7 @@ def build_checkpoint(cache: Path) -> None:
         previous = torch.get_default_dtype()
         torch.set_default_dtype(torch.bfloat16)  # parameters are created (and initialised) in bf16
         try:
-            model = WanTransformer3DModel(**REAL_CONFIG).eval()
+            model = WanTransformer3DModel(**config).eval()
         finally:
             torch.set_default_dtype(previous)
         dtypes = {p.dtype for p in model.parameters()}
@@ -171,7 +183,7 @@ class Sampler:
 
 # ------------------------------------------------------------------------------------------------ children
 
-def run_child(which: str, cache: Path) -> dict:
+def run_child(which: str, cache: Path, smoke: bool) -> dict:
     """One path in this process: imports, load, 2 steps twice; returns the measurements."""
     start = time.perf_counter()
     import jax
@@ -192,31 +204,34 @@ def run_child(which: str, cache: Path) -> dict:
         start = time.perf_counter()
         if which == "ours":
             denoiser = Denoiser(cache, mesh, "bfloat16")
+            placed = denoiser.weights
         else:
             # The naive path: a torch copy of every weight (from_pretrained), the module deep-copied by
-            # functionalize (a second torch copy, held by the forward fn), then jax copies on the mesh.
+            # functionalize (a second torch copy, which `forward` keeps alive through the steps, as a pipeline
+            # built this way would), then jax copies on the mesh.
             model = checkpoints.load_transformer(cache, "bfloat16")
             weights, forward = torchax_env.functionalize(model, attention.make_attention("auto", mesh))
             placed = mesh_lib.shard_weights(weights, mesh_lib.WAN_TRANSFORMER_RULES, mesh)
-            jax.block_until_ready(placed)
-            denoiser = Denoiser.__new__(Denoiser)  # the same jitted step as ours, over these weights
-            denoiser.config, denoiser.mesh, denoiser.dtype = model.config, mesh, jax.numpy.dtype("bfloat16")
-            denoiser.weights, denoiser._forward, denoiser._steps = placed, forward, {}
             del model, weights
-        jax.block_until_ready(denoiser.weights)
+        jax.block_until_ready(placed)
         load_s = time.perf_counter() - start
     after_load = proc_status()
     load_ru = ru_maxrss()
     load_sampled = sampler.peak
+    if which == "naive":
+        # The same jitted step as ours, over the naive weights: a Denoiser built by its own constructor with no
+        # weights read (abstract: shapes only, a meta-device model), then given the placed ones.
+        denoiser = Denoiser(cache, mesh, "bfloat16", abstract=True)
+        denoiser.weights = placed
     jax_bytes = sum(a.nbytes for a in denoiser.weights.values())
     # Reset the high-water mark (VmHWM and ru_maxrss both), so the steps' own peak can be read apart from the load's.
     steps_apart = reset_peak()
 
     rng = np.random.default_rng(0)
     latents = rng.standard_normal(LATENTS).astype(np.float32)
-    text_dim = REAL_CONFIG["text_dim"]
-    embeds = (0.1 * rng.standard_normal((1, TEXT_TOKENS, text_dim))).astype(np.float32)
-    negative = (0.1 * rng.standard_normal((1, TEXT_TOKENS, text_dim))).astype(np.float32)
+    config, text_tokens = sizes(smoke)
+    embeds = (0.1 * rng.standard_normal((1, text_tokens, config["text_dim"]))).astype(np.float32)
+    negative = (0.1 * rng.standard_normal((1, text_tokens, config["text_dim"]))).astype(np.float32)
     schedule = schedulers.make_schedule("unipc", 50, 3.0)
     steps_s = []
     for _ in range(2):  # the first call compiles
@@ -267,23 +282,34 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="Peak host RSS of loading the real-size Wan 2.1 1.3B transformer")
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "tpu_wan" / "bench-wan1.3b-bf16")
     parser.add_argument("--paths", default=",".join(PATHS), help="comma-separated subset of ours,naive")
+    parser.add_argument("--smoke", action="store_true",
+                        help="a 2-layer checkpoint of the same kind in a temporary folder, 16 text tokens")
     parser.add_argument("--child", choices=PATHS + ("build",), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    cache = args.cache.expanduser().resolve()
+    config, _ = sizes(args.smoke)
 
     if args.child == "build":
-        build_checkpoint(cache)
+        build_checkpoint(args.cache, config)
         return
     if args.child:
-        print(json.dumps(run_child(args.child, cache)), flush=True)
+        print(json.dumps(run_child(args.child, args.cache, args.smoke)), flush=True)
         return
+    if args.smoke:
+        with tempfile.TemporaryDirectory(prefix="real-size-smoke-") as tmp:
+            measure(Path(tmp) / "checkpoint", args.paths, smoke=True)
+    else:
+        measure(args.cache.expanduser().resolve(), args.paths, smoke=False)
 
+
+def measure(cache: Path, paths: str, smoke: bool) -> None:
+    config, text_tokens = sizes(smoke)
+    child_args = ["--cache", str(cache), *(["--smoke"] if smoke else [])]
     # The parent imports neither torch nor jax, so its RSS (which a child's ru_maxrss may inherit across exec)
     # stays negligible; the checkpoint is built in a child of its own for the same reason.
-    if not checkpoint_ready(cache):
-        print(f"building the random 1.3B checkpoint into {cache} (once) ...", flush=True)
+    if not checkpoint_ready(cache, config):
+        print(f"building the random {'smoke' if smoke else '1.3B'} checkpoint into {cache} ...", flush=True)
         start = time.perf_counter()
-        if spawn(["--child", "build", "--cache", str(cache)]).returncode or not checkpoint_ready(cache):
+        if spawn(["--child", "build", *child_args]).returncode or not checkpoint_ready(cache, config):
             sys.exit("building the checkpoint failed")
         print(f"built in {time.perf_counter() - start:.0f}s", flush=True)
     weight_bytes, count = tensor_bytes([cache / "transformer" / WEIGHTS])
@@ -291,11 +317,11 @@ def main() -> None:
           f"weights", flush=True)
 
     results = {}
-    for which in args.paths.split(","):
+    for which in paths.split(","):
         if which not in PATHS:
             sys.exit(f"--paths: expected names from {PATHS}, found {which!r}")
         print(f"running {which} ...", flush=True)
-        proc = spawn(["--child", which, "--cache", str(cache)])
+        proc = spawn(["--child", which, *child_args])
         lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
         if proc.returncode or not lines:
             sys.exit(f"child {which} failed (exit {proc.returncode}):\n{proc.stdout}")
@@ -304,7 +330,7 @@ def main() -> None:
     print()
     first = next(iter(results.values()))
     print(f"backend {first['backend']}, 1x1 mesh, bfloat16, XLA_FLAGS={first['xla_flags']!r}; latents {list(LATENTS)}, "
-          f"{TEXT_TOKENS} text tokens, {STEPS} UniPC steps with CFG; weights {weight_bytes / GIB:.2f} GiB on disk")
+          f"{text_tokens} text tokens, {STEPS} UniPC steps with CFG; weights {weight_bytes / GIB:.2f} GiB on disk")
     print("GiB; baseline = RSS after the imports, right before loading; steps peak = the highest RSS while compiling "
           "and running the steps (high-water mark reset after the load); peak = the whole child")
     print(f"{'path':6s} {'load s':>6s} {'steps s':>7s} {'again s':>7s} {'baseline':>8s} {'after load':>10s} "

@@ -1,6 +1,6 @@
 """Time our Flax Wan VAE decoder against diffusers' AutoencoderKLWan.decode (torch eager, float32).
 
-    .venv/bin/python bench/vae_decode.py [--repeats 3] [--dtype float32] [--cache DIR]
+    .venv/bin/python bench/vae_decode.py [--repeats 3] [--dtype float32] [--cache DIR] [--smoke]
 
 Real Wan 2.1 VAE config with random weights (built once, cached under --cache). For each size: ours (jitted,
 timed after a warm-up call, median of --repeats, latents in -> frames on the host) and diffusers in the same
@@ -8,7 +8,8 @@ process (torch.no_grad, float32, the WanPipeline de-normalisation and post-proce
 --repeats), their ratio, max abs difference and GFLOP/s (FLOPs from XLA's cost analysis of our programs);
 then our lower+compile time at 5 and 17 latent frames with fresh decoders (min of 2). The last line is
 `ratio_9f_128 <ours/torch at 9 frames 128x128> compile_ratio_17_5 <17 / 5>`. On CPU absolute times say
-little; the ratios are the point.
+little; the ratios are the point. --smoke: the tiny-random checkpoint's VAE (tpu_wan.tiny), the 9f_128 size only,
+one repeat, one compile of each length (seconds).
 """
 
 from __future__ import annotations
@@ -87,18 +88,25 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "tpu_wan" / "bench-real-vae-v1")
+    parser.add_argument("--smoke", action="store_true", help="the tiny-random VAE, one size, one repeat")
     args = parser.parse_args()
+    sizes = {"9f_128": SIZES["9f_128"]} if args.smoke else SIZES
+    repeats, compile_runs = (1, 1) if args.smoke else (args.repeats, 2)
 
     import jax
     import torch
     from diffusers import AutoencoderKLWan
 
     from tpu_wan.mesh import make_mesh
+    from tpu_wan.tiny import ensure_tiny_checkpoint
     from tpu_wan.vae import VaeDecoder
 
-    args.cache.parent.mkdir(parents=True, exist_ok=True)
-    path = ensure_real_vae(args.cache)
-    mesh = make_mesh()
+    if args.smoke:
+        path = ensure_tiny_checkpoint()
+    else:
+        args.cache.parent.mkdir(parents=True, exist_ok=True)
+        path = ensure_real_vae(args.cache)
+    mesh = make_mesh(1, 1, devices=jax.devices()[:1])
     print(f"jax {jax.__version__} on {jax.devices()[0].platform} x{len(jax.devices())}, mesh {dict(mesh.shape)}, "
           f"torch {torch.__version__} threads {torch.get_num_threads()}, ours {args.dtype}", flush=True)
     ours = VaeDecoder(path, mesh, dtype=args.dtype)
@@ -107,13 +115,13 @@ def main() -> None:
     torch_decode(vae, rng.standard_normal((1, 16, 1, 8, 8)).astype(np.float32))  # process-level warm-up
 
     ratios = {}
-    for name, (f, h, w) in SIZES.items():
+    for name, (f, h, w) in sizes.items():
         latents = rng.standard_normal((1, 16, f, h, w)).astype(np.float32)
         start = time.perf_counter()
         ours.decode(latents)  # compiles
         first_call = time.perf_counter() - start
-        t_ours, frames = timed(lambda: ours.decode(latents), args.repeats)
-        t_torch, ref = timed(lambda: torch_decode(vae, latents), args.repeats)
+        t_ours, frames = timed(lambda: ours.decode(latents), repeats)
+        t_torch, ref = timed(lambda: torch_decode(vae, latents), repeats)
         ratios[name] = t_ours / t_torch
         err = float(np.abs(frames - ref).max())
         gflop = decode_flops(ours) / 1e9
@@ -123,13 +131,13 @@ def main() -> None:
               f"{gflop / t_torch:.1f}", flush=True)
 
     compile_s = {5: [], 17: []}
-    for _ in range(2):  # alternating fresh decoders, min of two: one compile varies by ~30% on a busy CPU
+    for _ in range(compile_runs):  # alternating fresh decoders, min of two: one compile varies by ~30% on a busy CPU
         for f in (17, 5):
             compile_s[f].append(VaeDecoder(path, mesh, dtype=args.dtype).compile_seconds((1, 16, f, *COMPILE_HW)))
     compile_s = {f: min(s) for f, s in compile_s.items()}
     for f in (5, 17):
         print(f"lower+compile at {f} latent frames ({4 * (f - 1) + 1} frames, latents {COMPILE_HW}): "
-              f"{compile_s[f]:.2f}s (both programs, min of 2)", flush=True)
+              f"{compile_s[f]:.2f}s (both programs, min of {compile_runs})", flush=True)
     print(f"ratio_9f_128 {ratios['9f_128']:.3f} compile_ratio_17_5 {compile_s[17] / compile_s[5]:.3f}")
 
 

@@ -191,22 +191,6 @@ def test_with_libtpu_installed_runs_without_a_tpu_stay_quiet_on_the_cpu():
     assert "TPU_WORKER_HOSTNAMES" in results[1].stderr  # what the setup avoids (if libtpu goes quiet, drop it)
 
 
-def test_bench_smoke():
-    from scripts import ROOT
-
-    proc = run(ROOT / "bench" / "tpu_compile.py", "--smoke")
-    assert proc.stdout.splitlines()[-1] == "cases 1 fits 1"
-    assert "| tiny-random | v5e-4 | dp 2 x tp 2 (default" in proc.stdout
-
-
-def test_startup_bench_smoke():
-    from scripts import ROOT
-
-    last = run(ROOT / "bench" / "startup.py", "--smoke").stdout.splitlines()[-1].split()
-    assert last[0] == "with_over_without" and float(last[1]) > 0
-    assert last[2:4] == ["with_stderr_lines", "0"]
-
-
 def test_a_multi_host_slice_compiles_and_says_so(tmp_path, capsys):
     load(STAGE2).main([*TINY_RUN[2:], "--num_prompts", "2", "--model_id", "tiny-random", "--topology", "v5p-16",
                        "--compile_only", "--output_dir", str(tmp_path)])
@@ -225,13 +209,6 @@ def test_a_local_folder_without_weight_files_compiles(tiny_path, tmp_path):
                        "--compile_only", "--output_dir", str(out)])
     m = json.loads((out / "metrics.json").read_text())
     assert m["config"]["model_id"] == str(folder) and m["fits"]
-
-
-def test_conv_compile_bench_smoke():
-    from scripts import ROOT
-
-    last = run(ROOT / "bench" / "tpu_conv_compile.py", "--smoke").stdout.splitlines()[-1].split()
-    assert last[0] == "conv3d_over_matmul" and float(last[1]) > 0 and last[2] == "conv3d_f32_s"
 
 
 @pytest.mark.parametrize("args, expected", [

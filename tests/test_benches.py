@@ -1,0 +1,67 @@
+"""Every benchmark in bench/ runs its --smoke mode: the same code path at tiny sizes, so none breaks unseen."""
+
+import importlib.util
+import math
+import re
+
+import pytest
+from scripts import ROOT, run
+
+# bench -> (keys of its last line with how many numbers follow each, patterns of lines its output must hold).
+BENCHES = {
+    "cold_start.py": ({"tiny_cold_over_warm": 1, "tiny_uncached_over_warm": 1}, ()),
+    # Both paths load and run their steps to finite latents.
+    "real_size.py": ({"peak_rss_over_weights": 1},
+                     (r"^ours: baseline .* finite=True$", r"^naive: baseline .* finite=True$")),
+    "vae_decode.py": ({"ratio_9f_128": 1, "compile_ratio_17_5": 1}, ()),
+    "dit_step.py": ({"ratio_fp32": 1, "ratio_bf16": 1}, ()),
+    "conv3d.py": ({"xla_over_torch": 3}, ()),
+}
+
+
+def numbers_by_key(line: str) -> dict[str, list[float]]:
+    """'a 1.5 b 2 3' -> {'a': [1.5], 'b': [2.0, 3.0]}"""
+    out, key = {}, None
+    for word in line.split():
+        try:
+            value = float(word)
+        except ValueError:
+            key = word
+            out[key] = []
+        else:
+            out.setdefault(key, []).append(value)
+    return out
+
+
+@pytest.mark.parametrize("bench", list(BENCHES))
+def test_bench_smoke(bench):
+    keys, expected_lines = BENCHES[bench]
+    proc = run(ROOT / "bench" / bench, "--smoke")
+    last = numbers_by_key(proc.stdout.splitlines()[-1])
+    assert {key: len(values) for key, values in last.items()} == keys, proc.stdout[-2000:]
+    assert all(math.isfinite(v) and v >= 0 for values in last.values() for v in values), last
+    for pattern in expected_lines:
+        assert re.search(pattern, proc.stdout, re.MULTILINE), pattern
+
+
+needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                                  reason="libtpu is not installed: nothing can compile for a TPU on this host")
+
+
+@needs_libtpu
+def test_tpu_compile_smoke():
+    proc = run(ROOT / "bench" / "tpu_compile.py", "--smoke")
+    assert proc.stdout.splitlines()[-1] == "cases 1 fits 1"
+    assert "| tiny-random | v5e-4 | dp 2 x tp 2 (default" in proc.stdout
+
+
+@needs_libtpu
+def test_tpu_conv_compile_smoke():
+    last = run(ROOT / "bench" / "tpu_conv_compile.py", "--smoke").stdout.splitlines()[-1].split()
+    assert last[0] == "conv3d_over_matmul" and float(last[1]) > 0 and last[2] == "conv3d_f32_s"
+
+
+def test_startup_smoke():
+    last = run(ROOT / "bench" / "startup.py", "--smoke").stdout.splitlines()[-1].split()
+    assert last[0] == "with_over_without" and float(last[1]) > 0
+    assert last[2:4] == ["with_stderr_lines", "0"]
