@@ -1,5 +1,6 @@
 """Batch generation: prompt files, seed sweeps compiled once, resume after SIGKILL, per-video names."""
 
+import dataclasses
 import logging
 import random
 import re
@@ -13,11 +14,12 @@ import jax
 import numpy as np
 import pytest
 from conftest import EMBED_RTOL, rel_err
-from scripts import ROOT, STAGE1, STAGE2, STAGE3, run
+from scripts import ROOT, STAGE2, run
 
 from tpu_wan import artifacts, pipeline, video
 from tpu_wan.batch import SLUG_MAX, BatchError, parse_seeds, plan_videos, prompt_slugs, read_prompt_file, slugify
-from tpu_wan.config import GenerationConfig
+from tpu_wan.config import DEFAULT_NEGATIVE_PROMPT, ConfigError, GenerationConfig
+from tpu_wan.errors import UserError
 from tpu_wan.mesh import make_mesh
 
 PROMPTS = ("A cat playing piano", "一只小狗在雪地里奔跑")
@@ -115,19 +117,27 @@ def test_more_prompts_than_one_encoder_batch(encoder, diffusers_pipe):
         assert rel_err(ours_neg[i], ref_neg[i]) <= EMBED_RTOL, i
 
 
+# The stages as library calls in this process (the scripts are thin wrappers over them; the command-line
+# contract is tested with subprocesses where it matters: exit codes, SIGKILL, log levels).
+SAMPLING = pipeline.SamplingArgs(height=32, width=32, frames=5, num_inference_steps=3, seeds=SEEDS)
+
+
+def stage2(input_dir, output_dir, sampling=SAMPLING, **kwargs):
+    return pipeline.run_stage2(input_dir, sampling, output_dir=output_dir, dp=4, tp=2, **kwargs)
+
+
 @pytest.fixture(scope="module")
 def stage1(tmp_path_factory, tiny_path):
     out = tmp_path_factory.mktemp("sweep")
-    prompt_file = out / "prompts.txt"
-    prompt_file.write_text("\n".join(PROMPTS) + "\n", encoding="utf-8")
-    run(STAGE1, "--model_id", "tiny-random", "--prompt_file", prompt_file, "--output_dir", out, *MESH_4x2)
+    (out / "prompts.txt").write_text("\n".join(PROMPTS) + "\n", encoding="utf-8")
+    pipeline.run_stage1("tiny-random", list(PROMPTS), DEFAULT_NEGATIVE_PROMPT, out, dp=4, tp=2)
     return out
 
 
 @pytest.fixture(scope="module")
 def swept(stage1, tmp_path_factory):
     out = tmp_path_factory.mktemp("swept")
-    run(STAGE2, "--input_dir", stage1, "--output_dir", out, *SIZE, "--seeds", "1-3", *MESH_4x2)
+    stage2(stage1, out)
     return out
 
 
@@ -169,11 +179,12 @@ def test_sweep_files_match_in_process_results(swept, stage1):
 LONG = ("--height", "32", "--width", "32", "--frames", "5", "--num_inference_steps", "10", "--seeds", "1-8")
 
 
-def test_kill_mid_sweep_then_resume(stage1, tmp_path):
-    # 16 videos in 8 batches of 2: SIGKILL once the first batch has landed, rerun, compare with an uninterrupted
-    # run. Each video is its own file, so the kill may also fall between the two files of a later batch.
+def test_kill_mid_sweep_then_resume(stage1, tmp_path, caplog):
+    # 16 videos in 8 batches of 2: SIGKILL the script once the first batch has landed, rerun, compare with an
+    # uninterrupted run. Each video is its own file, so the kill may also fall between the two files of a batch.
     uninterrupted, out = tmp_path / "uninterrupted", tmp_path / "resumed"
-    run(STAGE2, "--input_dir", stage1, "--output_dir", uninterrupted, *LONG, *MESH_4x2)
+    long = dataclasses.replace(SAMPLING, num_inference_steps=10, seeds=tuple(range(1, 9)))
+    stage2(stage1, uninterrupted, long)
     cmd = [sys.executable, str(STAGE2), "--input_dir", str(stage1), "--output_dir", str(out), *LONG, *MESH_4x2]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
@@ -184,8 +195,9 @@ def test_kill_mid_sweep_then_resume(stage1, tmp_path):
     first = artifacts.list_video_latents(out)
     assert 2 <= len(first) < 16, sorted(first)  # the first batch, not all of them
     stats = {name: (p.stat().st_ino, p.stat().st_mtime_ns) for name, p in first.items()}
-    rerun = run(STAGE2, "--input_dir", stage1, "--output_dir", out, *LONG, *MESH_4x2, "--log_level", "INFO")
-    assert f"resuming: {len(first)} of 16 videos already" in rerun.stderr
+    with caplog.at_level(logging.INFO, logger="tpu_wan"):
+        stage2(stage1, out, long)
+    assert f"resuming: {len(first)} of 16 videos already" in caplog.text
     done = artifacts.list_video_latents(out)
     assert len(done) == 16
     assert {name: (done[name].stat().st_ino, done[name].stat().st_mtime_ns) for name in first} == stats
@@ -195,21 +207,18 @@ def test_kill_mid_sweep_then_resume(stage1, tmp_path):
 
 
 @pytest.mark.parametrize("change,expected", [
-    (("--num_inference_steps", "4"), "num_inference_steps: 3 -> 4"),
-    (("--window_size", "4"), "window_size: None -> 4"),  # local attention: other latents
+    (dict(num_inference_steps=4), "num_inference_steps: 3 -> 4"),
+    (dict(window_size=4), "window_size: None -> 4"),  # local attention: other latents
 ], ids=["steps", "window_size"])
 def test_rerun_with_other_settings_is_refused(swept, stage1, change, expected):
     before = {n: p.read_bytes() for n, p in artifacts.list_video_latents(swept).items()}
-    proc = run(STAGE2, "--input_dir", stage1, "--output_dir", swept, *SIZE, "--seeds", "1-3", *MESH_4x2, *change,
-               check=False)
-    assert proc.returncode == 2
-    assert expected in proc.stderr and "--overwrite" in proc.stderr
+    with pytest.raises(ConfigError, match=re.escape(expected) + ".*--overwrite"):
+        stage2(stage1, swept, dataclasses.replace(SAMPLING, **change))
     assert {n: p.read_bytes() for n, p in artifacts.list_video_latents(swept).items()} == before
 
 
 def test_resuming_a_folder_from_before_attention_was_recorded_is_refused(tmp_path):
     from tpu_wan import sweep
-    from tpu_wan.config import ConfigError
 
     cfg = pipeline.resolve_sampling(GenerationConfig(model_id="tiny-random", prompts=("a cat",), negative_prompt=""),
                                     pipeline.SamplingArgs(), make_mesh(4, 2))
@@ -223,7 +232,6 @@ def test_resuming_a_folder_from_before_attention_was_recorded_is_refused(tmp_pat
 def test_mismatch_message_cuts_long_values(tmp_path):
     # A prompt file of many long prompts: the refusal names the field and stays one readable line.
     from tpu_wan import sweep
-    from tpu_wan.config import ConfigError
 
     def cfg(prompts):
         return pipeline.resolve_sampling(GenerationConfig(model_id="tiny-random", prompts=prompts, negative_prompt=""),
@@ -239,27 +247,28 @@ def test_mismatch_message_cuts_long_values(tmp_path):
 
 
 def test_rerun_of_a_finished_sweep_does_nothing(swept, stage1):
+    # The script: the default log level says so; --log_level reaches the project's own logger, and ERROR leaves
+    # only errors (none here).
     files = [*artifacts.list_video_latents(swept).values(), swept / artifacts.CONFIG_FILE,
              swept / artifacts.METRICS_FILE]
     stats = [(p.stat().st_ino, p.stat().st_mtime_ns) for p in files]
     proc = run(STAGE2, "--input_dir", stage1, "--output_dir", swept, *SIZE, "--seeds", "1-3", *MESH_4x2)
     assert "all 6 videos already in" in proc.stderr and "--overwrite to redo" in proc.stderr
     assert [(p.stat().st_ino, p.stat().st_mtime_ns) for p in files] == stats  # no model loaded, nothing written
-    # --log_level reaches the project's own logger: ERROR leaves only errors (there are none here).
     quiet = run(STAGE2, "--input_dir", stage1, "--output_dir", swept, *SIZE, "--seeds", "1-3", *MESH_4x2,
                 "--log_level", "ERROR")
     assert quiet.stderr.strip() == "", quiet.stderr
 
 
-def test_overwrite_redoes_every_video(swept, stage1, tmp_path):
+def test_overwrite_redoes_every_video(swept, stage1, tmp_path, caplog):
     out = tmp_path / "again"
     shutil.copytree(swept, out)
     stale = out / artifacts.LATENTS_DIR / "stale_seed9.safetensors"  # a video the new settings do not make
     shutil.copy(out / artifacts.LATENTS_DIR / "prompt_seed1.safetensors", stale)
     old = {n: (p.stat().st_ino, p.stat().st_mtime_ns) for n, p in artifacts.list_video_latents(out).items()}
-    proc = run(STAGE2, "--input_dir", stage1, "--output_dir", out, *SIZE, "--seeds", "1-3", *MESH_4x2,
-               "--overwrite")
-    assert "resuming" not in proc.stderr and "already in" not in proc.stderr
+    with caplog.at_level(logging.INFO, logger="tpu_wan"):
+        stage2(stage1, out, overwrite=True)
+    assert "resuming" not in caplog.text and "already in" not in caplog.text
     new = artifacts.list_video_latents(out)
     assert sorted(new) == sorted(artifacts.list_video_latents(swept))  # the stale one is gone
     for name, path in artifacts.list_video_latents(swept).items():
@@ -271,8 +280,8 @@ def test_true_single_run_equals_its_sweep_video(stage1, swept, tmp_path):
     # Stage 1 for one prompt alone and stage 2 for one seed, as a user would run them, on the sweep's mesh and
     # batch size. In the sweep, (prompt 1, seed 1) shared its batch with prompt 0 and its stage-1 call with
     # prompt 0; here it is alone in both (its batch padded with itself).
-    run(STAGE1, "--model_id", "tiny-random", "--prompt", PROMPTS[1], "--output_dir", tmp_path, *MESH_4x2)
-    run(STAGE2, "--input_dir", tmp_path, *SIZE, "--seed", "1", "--batch_size", "2", *MESH_4x2)
+    pipeline.run_stage1("tiny-random", [PROMPTS[1]], DEFAULT_NEGATIVE_PROMPT, tmp_path, dp=4, tp=2)
+    stage2(tmp_path, tmp_path, dataclasses.replace(SAMPLING, seeds=(1,), batch_size=2))
     embeds, negative = artifacts.load_embeddings(tmp_path)
     sweep_embeds, sweep_negative = artifacts.load_embeddings(stage1)
     np.testing.assert_array_equal(embeds[0], sweep_embeds[1])
@@ -284,21 +293,20 @@ def test_true_single_run_equals_its_sweep_video(stage1, swept, tmp_path):
 
 
 def test_stage3_names_every_video(swept, tmp_path):
-    cfg_dir = swept
-    run(STAGE3, "--input_dir", cfg_dir, "--output_dir", tmp_path)
+    pipeline.run_stage3(swept, output_dir=tmp_path, dp=4, tp=2)
     mp4s = sorted(p.name for p in tmp_path.glob("*.mp4"))
     assert mp4s == sorted(f"{v.name}.mp4" for v in plan_videos(PROMPTS, SEEDS))
     frames, fps = video.read_video(tmp_path / mp4s[0])
     assert frames.shape == (5, 32, 32, 3)
-    proc = run(STAGE3, "--input_dir", cfg_dir, "--output_video", tmp_path / "one.mp4", check=False)
-    assert proc.returncode == 2 and "expected one video, found 6" in proc.stderr
+    with pytest.raises(ConfigError, match="--output_video: expected one video, found 6: use --output_dir"):
+        pipeline.run_stage3(swept, output_video=tmp_path / "one.mp4")
 
 
 def test_generate_flax_sweep_equals_staged(stage1, swept, tmp_path):
-    from scripts import GENERATE
+    from tpu_wan import oneshot
 
-    run(GENERATE, "--model_id", "tiny-random", "--prompt_file", stage1 / "prompts.txt", *SIZE, "--seeds", "1-3",
-        *MESH_4x2, "--warmup_steps", "1", "--output_dir", tmp_path / "videos", "--save_intermediates", tmp_path)
+    oneshot.generate("tiny-random", list(PROMPTS), DEFAULT_NEGATIVE_PROMPT, SAMPLING, dp=4, tp=2, warmup_steps=1,
+                     output_dir=tmp_path / "videos", save_intermediates=tmp_path)
     assert sorted(p.name for p in (tmp_path / "videos").glob("*.mp4")) == sorted(
         f"{v.name}.mp4" for v in plan_videos(PROMPTS, SEEDS))
     ours = artifacts.list_video_latents(tmp_path)
@@ -308,7 +316,7 @@ def test_generate_flax_sweep_equals_staged(stage1, swept, tmp_path):
 
 def test_refused_overwrite_keeps_previous_results(swept, stage1):
     before = {n: p.read_bytes() for n, p in artifacts.list_video_latents(swept).items()}
-    proc = run(STAGE2, "--input_dir", stage1, "--output_dir", swept, *SIZE, "--seeds", "1-3", *MESH_4x2,
-               "--overwrite", "--transformer_checkpoint", swept / "missing.safetensors", check=False)
-    assert proc.returncode == 2 and "expected a file, found nothing" in proc.stderr
+    missing = dataclasses.replace(SAMPLING, transformer_checkpoint=str(swept / "missing.safetensors"))
+    with pytest.raises(UserError, match="expected a file, found nothing"):
+        stage2(stage1, swept, missing, overwrite=True)
     assert {n: p.read_bytes() for n, p in artifacts.list_video_latents(swept).items()} == before
