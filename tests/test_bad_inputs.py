@@ -9,15 +9,17 @@ import pytest
 import safetensors.numpy
 from scripts import GENERATE, MESH_2x4, STAGE1, STAGE2, STAGE3, run
 
-from tpu_wan import artifacts
+from tpu_wan import artifacts, pipeline
+from tpu_wan.config import DEFAULT_NEGATIVE_PROMPT
 
 SIZE = ("--height", "32", "--width", "32", "--frames", "5", "--num_inference_steps", "2")
 
 
 @pytest.fixture(scope="module")
 def stage1_dir(tmp_path_factory, tiny_path):
+    """A good stage-1 folder, made in this process (the refusals below are what runs as scripts)."""
     out = tmp_path_factory.mktemp("stage1")
-    run(STAGE1, "--model_id", "tiny-random", "--prompt", "a cat", "--output_dir", out, *MESH_2x4)
+    pipeline.run_stage1("tiny-random", ["a cat"], DEFAULT_NEGATIVE_PROMPT, out, dp=2, tp=4)
     return out
 
 
@@ -206,7 +208,8 @@ class _Payload:
 @pytest.fixture(scope="module")
 def stage2_dir(stage1_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("stage2")
-    run(STAGE2, "--input_dir", stage1_dir, "--output_dir", out, *SIZE, *MESH_2x4)
+    sampling = pipeline.SamplingArgs(height=32, width=32, frames=5, num_inference_steps=2)
+    pipeline.run_stage2(stage1_dir, sampling, output_dir=out, dp=2, tp=4)
     return out
 
 
