@@ -10,7 +10,9 @@ from scripts import GENERATE, STAGE2, load, run
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
                                 reason="libtpu is not installed: nothing can compile for a TPU on this host")
 
-TINY_RUN = ("--model_id", "tiny-random", "--height", "32", "--width", "32", "--frames", "5", "--attention", "custom")
+# 16x16: the smallest frame the VAE takes, whose convolutions XLA:TPU compiles ~4x faster than 32x32 (8 s vs 45 s for
+# the VAE's frame scan on v6e-8); the DiT still sees 2 video tokens through our kernel.
+TINY_RUN = ("--model_id", "tiny-random", "--height", "16", "--width", "16", "--frames", "5", "--attention", "custom")
 PROGRAM_FIELDS = {"name", "compile_s", "argument_bytes", "output_bytes", "alias_bytes", "temp_bytes",
                   "generated_code_bytes", "held_bytes", "peak_bytes", "flops", "ideal_flops", "collectives",
                   "custom_calls", "fits", "skipped"}
