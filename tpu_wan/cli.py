@@ -157,10 +157,13 @@ def add_stage2_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--non_strict", action="store_true",
                    help="apply the fine-tuned weights that fit; report missing/unexpected/mis-shaped ones")
     g.add_argument("--attention", default="auto", choices=ATTENTION_CHOICES,
-                   help="auto: our exp2 kernel on TPU for long self-attention, XLA otherwise")
-    g.add_argument("--k_smooth", action="store_true", help="subtract the mean key first (exact; safer in bf16)")
+                   help="auto: our exp2 kernel on TPU for long self-attention, cuDNN on a GPU in bf16, XLA "
+                        "otherwise; custom / splash: the Pallas TPU kernels; cudnn: jax's cuDNN attention (GPU)")
+    g.add_argument("--k_smooth", action="store_true",
+                   help="subtract the mean key first (exact; safer in bf16); our kernel only (auto, custom)")
     g.add_argument("--window_size", type=int, default=None, help="local self-attention window (default: global)")
-    g.add_argument("--bqsize", type=int, default=None, help="kernel query block (default: per shape)")
+    g.add_argument("--bqsize", type=int, default=None,
+                   help="kernel query block (default: per shape); the block flags: auto, custom, splash only")
     g.add_argument("--bkvsize", type=int, default=None, help="kernel key/value block (default: per shape)")
     g.add_argument("--bkvcomputesize", type=int, default=None, help="kernel key compute block (default: per shape)")
     g.add_argument("--warmup_steps", type=int, default=0, help="steps run first to compile (not saved)")
