@@ -125,13 +125,14 @@ def main(argv=None):
                                  f"x {args.head_dim} with blocks {result['block_sizes']}: {result['error']}")
     else:
         candidates = itertools.product(args.bq_choices, args.bkv_choices, args.bkv_compute_choices)
-        rows = tuning.sweep(shape, options, candidates, repeats=args.repeats, seed=args.seed)  # none fits: an error
+        rows, refused = tuning.sweep(shape, options, candidates, repeats=args.repeats, seed=args.seed)  # none: error
         best = rows[0]
         result = {"shape": vars(shape), "window_size": args.window_size, "seed": args.seed, "results": rows,
-                  "best": best}
+                  "best": best, "refused": refused}
         rows = [{"best": "*" if r is best else "", **r} for r in rows]
-        lines = [f"best: --bqsize {best['bq']} --bkvsize {best['bkv']} --bkvcomputesize {best['bkv_compute']} "
-                 "(stage 2 / generate_flax.py flags)"]
+        lines = [f"refused ({r['bq']}, {r['bkv']}, {r['bkv_compute']}): {r['reason']}" for r in refused]
+        lines.append(f"best: --bqsize {best['bq']} --bkvsize {best['bkv']} --bkvcomputesize {best['bkv_compute']} "
+                     "(stage 2 / generate_flax.py flags)")
     print(json.dumps(result) if args.json else "\n".join([_table(rows), *lines]))
 
 

@@ -109,7 +109,7 @@ def test_block_sizes_over_vmem_are_refused_with_the_flags():
     opts = AttentionOptions(choice="custom", bq=2048, bkv=4096, bkv_compute=512)
     x = jax.ShapeDtypeStruct((1, 1, 8192, 128), jnp.bfloat16)
     with pytest.raises(AttentionError, match=r"--bqsize 2048, --bkvsize 4096, --bkvcomputesize 512 .* need "
-                                             r"\d+ bytes .* VMEM_LIMIT_BYTES=16777216"):
+                                             r"\d+ bytes .* VMEM limit of 16777216 bytes"):
         jax.eval_shape(attention.make_attention(opts), x, x, x)
 
 

@@ -93,9 +93,12 @@ def test_bench_and_sweep_rows():
     assert skipped == [{"attention": "cudnn", "reason": "cuDNN attention needs a GPU, found cpu"}]
     assert all(r["seconds"] > 0 and r["tflops"] > 0 for r in rows)
     assert rows[0]["interpret"] is True and rows[1]["interpret"] is False
-    swept = tuning.sweep(shape, AttentionOptions(), [(32, 64, 32), (64, 64, 64), (64, 48, 32)], repeats=1)
-    assert {(r["bq"], r["bkv"], r["bkv_compute"]) for r in swept} == {(32, 64, 32), (64, 64, 64)}  # 48 % 32 != 0
+    swept, refused = tuning.sweep(shape, AttentionOptions(), [(32, 64, 32), (64, 48, 32), (64, 64, 64)], repeats=1)
+    assert {(r["bq"], r["bkv"], r["bkv_compute"]) for r in swept} == {(32, 64, 32), (64, 64, 64)}
     assert swept[0]["seconds"] <= swept[1]["seconds"]
+    # a refused candidate is listed and the sweep goes on to the next
+    assert [(r["bq"], r["bkv"], r["bkv_compute"]) for r in refused] == [(64, 48, 32)]
+    assert "multiple of --bkvcomputesize" in refused[0]["reason"]
     with pytest.raises(AttentionError, match=r"none of the 2 candidate block sizes fits; first refusal \(64, 48, 32\)"):
         tuning.sweep(shape, AttentionOptions(), [(64, 48, 32), (64, 64, 24)], repeats=1)
 
@@ -148,4 +151,4 @@ def test_sweep_command_with_nothing_that_fits():
     proc = run(CLI, "sweep", "--q_len", "8192", "--kv_len", "8192", "--bq_choices", "4096", "--bkv_choices", "8192",
                "--bkv_compute_choices", "2048", check=False)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
-    assert "none of the 1 candidate block sizes fits" in proc.stderr and "VMEM_LIMIT_BYTES=16777216" in proc.stderr
+    assert "none of the 1 candidate block sizes fits" in proc.stderr and "VMEM limit of 16777216 bytes" in proc.stderr

@@ -156,17 +156,21 @@ def _resolve(options: AttentionOptions, platform: str, kv_len: int, dtype, head_
 
 
 def _kernel(choice: str, options: AttentionOptions, q_len: int, kv_len: int, head_dim: int, dtype,
-            window: int | None, interpret: bool):
+            window: int | None, device_kind: str | None):
     """fn(q [N L D], k [N S D], v [N S D], scale) for one device's data. q_len is the local (per-shard) query
-    length; `window` was decided by the caller from the global shapes (None for cross-attention)."""
+    length; `window` was decided by the caller from the global shapes (None for cross-attention). device_kind:
+    the TPU chip it compiles for (its VMEM limit), None to run interpreted on the host."""
     from tpu_wan.kernels import splash_exp2
 
     given = {n: getattr(options, n) for n in ("bq", "bkv", "bkv_compute") if getattr(options, n) is not None}
     flags = ", ".join(f"{BLOCK_FLAGS[n]} {v}" for n, v in given.items())
+    interpret = device_kind is None
+    vmem_limit = splash_exp2.VMEM_LIMIT_BYTES if interpret else splash_exp2.vmem_limit_for(device_kind)
     try:
-        blocks = dataclasses.replace(splash_exp2.default_block_sizes(q_len, kv_len, head_dim, dtype), **given)
+        defaults = splash_exp2.default_block_sizes(q_len, kv_len, head_dim, dtype, vmem_limit)
+        blocks = dataclasses.replace(defaults, **given)
         if choice == "custom":
-            splash_exp2.check_vmem(blocks, q_len, kv_len, head_dim, dtype)
+            splash_exp2.check_vmem(blocks, q_len, kv_len, head_dim, dtype, vmem_limit)
             if not interpret:
                 splash_exp2.check_lanes(blocks)
     except ValueError as err:  # a given size that does not combine with a default one, over VMEM or off the lanes
@@ -175,7 +179,7 @@ def _kernel(choice: str, options: AttentionOptions, q_len: int, kv_len: int, hea
     if choice == "custom":
         return functools.partial(
             splash_exp2.splash_attention, block_sizes=blocks, window_size=window, k_smooth=options.k_smooth,
-            interpret=interpret,
+            interpret=interpret, vmem_limit_bytes=vmem_limit,
         )
     return functools.partial(_upstream_splash, blocks=blocks, window=window, interpret=interpret)
 
@@ -238,6 +242,11 @@ def check_calls(fn: AttentionFn, *, batch: int, heads: int, head_dim: int, token
         jax.eval_shape(fn, q, kv, kv)
 
 
+def _device_kind(mesh: Mesh | None) -> str:
+    """The TPU chip the kernels compile for: the mesh's (abstract devices too), else the default device's."""
+    return (mesh.devices.flat[0] if mesh is not None else jax.devices()[0]).device_kind
+
+
 def make_attention(options: AttentionOptions | str = "auto", mesh: Mesh | None = None,
                    platform: str | None = None) -> AttentionFn:
     """The attention function for `options` on `mesh`; an unsupported choice is an error, never a fallback.
@@ -259,9 +268,9 @@ def make_attention(options: AttentionOptions | str = "auto", mesh: Mesh | None =
             return xla_attention(q, k, v, scale=scale, window_size=window)
         if choice == "cudnn":
             return cudnn_attention(q, k, v, scale=scale, window_size=window)
-        interpret = platform != "tpu"
+        device_kind = _device_kind(mesh) if platform == "tpu" else None  # None: interpreted on the host
         if mesh is None or mesh.size == 1:
-            return _per_device(_kernel(choice, options, l, s, d, q.dtype, window, interpret), scale)(q, k, v)
+            return _per_device(_kernel(choice, options, l, s, d, q.dtype, window, device_kind), scale)(q, k, v)
         q_spec, kv_spec, seq_axes = _shard_specs(mesh, b, n)
         shards = math.prod(mesh.shape[a] for a in seq_axes)
         if seq_axes and window is not None:
@@ -271,7 +280,7 @@ def make_attention(options: AttentionOptions | str = "auto", mesh: Mesh | None =
             )
         lp = -(-l // shards) * shards  # the query sequence splits evenly; padded rows are dropped below
         qp = jnp.pad(q, ((0, 0), (0, 0), (0, lp - l), (0, 0)))
-        local = _per_device(_kernel(choice, options, lp // shards, s, d, q.dtype, window, interpret), scale)
+        local = _per_device(_kernel(choice, options, lp // shards, s, d, q.dtype, window, device_kind), scale)
         out = jax.shard_map(local, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec), out_specs=q_spec, check_vma=False)(
             qp, k, v
         )

@@ -80,9 +80,11 @@ def _host_cpu():
                              f"a cpu backend (JAX_PLATFORMS must include cpu), found {err}") from None
 
 
-def block_sizes(shape: Shape, options: AttentionOptions) -> splash_exp2.BlockSizes:
-    """The kernel's block sizes at `shape`: the per-shape defaults with the given ones over them."""
-    blocks = splash_exp2.default_block_sizes(shape.q_len, shape.kv_len, shape.head_dim, shape.dtype)
+def block_sizes(shape: Shape, options: AttentionOptions,
+                vmem_limit: int = splash_exp2.VMEM_LIMIT_BYTES) -> splash_exp2.BlockSizes:
+    """The kernel's block sizes at `shape` for a chip with `vmem_limit`: the per-shape defaults with the given
+    ones over them."""
+    blocks = splash_exp2.default_block_sizes(shape.q_len, shape.kv_len, shape.head_dim, shape.dtype, vmem_limit)
     given = {n: getattr(options, n) for n in ("bq", "bkv", "bkv_compute") if getattr(options, n) is not None}
     try:
         return dataclasses.replace(blocks, **given)
@@ -101,7 +103,8 @@ def compile_for(shape: Shape, options: AttentionOptions, topology: str) -> dict:
 
     target = parse_target(topology)
     shape.window(options.window_size)
-    blocks = block_sizes(shape, options)
+    limit = splash_exp2.vmem_limit_for(target.generation.device_kind)
+    blocks = splash_exp2.effective_block_sizes(block_sizes(shape, options, limit), shape.q_len, shape.kv_len)
     mesh = make_mesh(1, 1, target.devices()[:1])
     fn = attention.make_attention(options, mesh)  # the mesh's platform is tpu: the compiled kernel
     dims = [(1, shape.heads, n, shape.head_dim) for n in (shape.q_len, shape.kv_len, shape.kv_len)]
@@ -110,7 +113,8 @@ def compile_for(shape: Shape, options: AttentionOptions, topology: str) -> dict:
         "topology": target.name, "device_kind": target.generation.device_kind, **dataclasses.asdict(shape),
         "window_size": options.window_size, "k_smooth": options.k_smooth,
         "block_sizes": [blocks.bq, blocks.bkv, blocks.bkv_compute],
-        "vmem_bytes": splash_exp2.vmem_bytes(blocks, shape.head_dim, shape.dtype),
+        "vmem_bytes": splash_exp2.vmem_bytes(blocks, shape.head_dim, shape.dtype), "vmem_limit_bytes": limit,
+        "grid_steps_per_head": splash_exp2.grid_steps(blocks, shape.q_len, shape.kv_len),
     }
     start = time.perf_counter()
     try:
@@ -139,9 +143,10 @@ def check(shape: Shape, options: AttentionOptions, seed: int = 0, repeats: int =
     if repeats < 1:
         raise AttentionError(f"check: expected repeats >= 1, found {repeats}")
     window = shape.window(options.window_size)
-    blocks = block_sizes(shape, options)
     platform = "tpu" if jax.default_backend() == "tpu" else "cpu"
     device = jax.devices()[0] if platform == "tpu" else _host_cpu()
+    blocks = block_sizes(shape, options, splash_exp2.vmem_limit_for(device.device_kind) if platform == "tpu"
+                         else splash_exp2.VMEM_LIMIT_BYTES)
     fn = jax.jit(attention.make_attention(options, platform=platform))  # compiled once, for every input
     errors = []  # (rel_err, max_abs_err, seed) of each input
     for s in range(seed, seed + repeats):
@@ -214,35 +219,30 @@ def bench(shape: Shape, options: AttentionOptions, choices=BENCH_CHOICES, repeat
     return rows, skipped
 
 
-def sweep(shape: Shape, options: AttentionOptions, candidates, repeats: int = 3, seed: int = 0) -> list[dict]:
-    """Times the custom kernel for each (bq, bkv, bkv_compute) on random_inputs(shape, seed), fastest first.
-    Candidates that are invalid or over the VMEM limit are skipped; none left is an error."""
+def sweep(shape: Shape, options: AttentionOptions, candidates, repeats: int = 3,
+          seed: int = 0) -> tuple[list[dict], list[dict]]:
+    """(rows, refused): the custom kernel timed for each (bq, bkv, bkv_compute) on random_inputs(shape, seed),
+    fastest first; refused: {"bq", "bkv", "bkv_compute", "reason"} for each candidate that is invalid, over the
+    chip's VMEM limit or that the compiler refuses (the sweep goes on past it). None timed is an error."""
     platform = jax.default_backend()
     if why := attention.pallas_tpu_unsupported("custom", platform):
         raise AttentionError(f"sweep times the custom kernel: {why}")
     window = shape.window(options.window_size)
-    candidates = list(candidates)
-    timed, refused = [], []
-    for bq, bkv, bc in candidates:
-        try:
-            blocks = splash_exp2.BlockSizes(bq, bkv, bc)
-            if platform == "tpu":
-                splash_exp2.check_lanes(blocks)
-            splash_exp2.check_vmem(blocks, shape.q_len, shape.kv_len, shape.head_dim, shape.dtype)
-        except ValueError as err:
-            refused.append(f"({bq}, {bkv}, {bc}): {err}")
-            continue
-        timed.append(blocks)
-    if not timed:
-        raise AttentionError(f"sweep: none of the {len(candidates)} candidate block sizes fits; first refusal "
-                             f"{refused[0] if refused else '(no candidates given)'}")
     args = random_inputs(shape, seed)
     flops = shape.flops(window)
-    rows = []
-    for blocks in timed:
-        opts = dataclasses.replace(options, choice="custom", bq=blocks.bq, bkv=blocks.bkv,
-                                   bkv_compute=blocks.bkv_compute)
-        seconds = time_call(jax.jit(attention.make_attention(opts)), args, repeats)
-        rows.append({"bq": blocks.bq, "bkv": blocks.bkv, "bkv_compute": blocks.bkv_compute, "seconds": seconds,
-                     "tflops": flops / seconds / 1e12})
-    return sorted(rows, key=lambda r: r["seconds"])
+    rows, refused = [], []
+    for bq, bkv, bc in candidates:
+        try:
+            opts = dataclasses.replace(options, choice="custom", bq=bq, bkv=bkv, bkv_compute=bc)
+            seconds = time_call(jax.jit(attention.make_attention(opts)), args, repeats)
+        except (AttentionError, ValueError, jax.errors.JaxRuntimeError) as err:  # ours, or Mosaic's refusal
+            reason = " ".join(str(err).split("\n")[0].split())
+            refused.append({"bq": bq, "bkv": bkv, "bkv_compute": bc, "reason": reason})
+            continue
+        rows.append({"bq": bq, "bkv": bkv, "bkv_compute": bc, "seconds": seconds, "tflops": flops / seconds / 1e12})
+    if not rows:
+        first = refused[0] if refused else None
+        raise AttentionError(f"sweep: none of the {len(refused)} candidate block sizes fits; first refusal "
+                             + (f"({first['bq']}, {first['bkv']}, {first['bkv_compute']}): {first['reason']}"
+                                if first else "(no candidates given)"))
+    return sorted(rows, key=lambda r: r["seconds"]), refused

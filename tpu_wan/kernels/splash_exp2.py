@@ -36,14 +36,21 @@ NUM_SUBLANES = 8
 # it sees at least itself or, without a window, key 0), and against a real max 2^(MASK - m) = 0 exactly.
 # -1e30 is far below any real logit yet far from overflow (m - MASK stays finite in float32).
 MASK_VALUE = -1e30
-# Per-core VMEM limit: the kernel entry refuses block sizes whose vmem_bytes exceed it, the compiled kernel
-# asks Mosaic for exactly this much scoped VMEM (CompilerParams(vmem_limit_bytes=...)), and the default
-# BlockSizes stay well under it. 16 MiB is the smallest VMEM of any TPU generation (v2, v3, v4: 16 MiB per
-# core, see vmem_capacity_bytes in jax/_src/pallas/mosaic/tpu_info.py; v5e/v6e have 128 MiB, v5p 64 MiB) and,
-# to our knowledge, the default scoped VMEM limit a Mosaic kernel gets on v5e (32 MiB on v6e). Raising it
-# above that default also needs XLA's --xla_tpu_scoped_vmem_limit_kib (see CompilerParams' docstring and
-# "Tuning" in docs/KERNEL.md).
+# Scoped VMEM a kernel asks Mosaic for (CompilerParams(vmem_limit_bytes=...)), per chip: the kernel entry refuses
+# blocks whose vmem_bytes exceed it and the default blocks are picked within it. Physical VMEM per core (see
+# vmem_capacity_bytes in jax/_src/pallas/mosaic/tpu_info.py): v2-v4 16 MiB, v5p 64 MiB, v5e and v6e 128 MiB.
+# Half of that, capped at 32 MiB, leaves XLA's own scoped VMEM room; v5e, v6e and v5p all compile kernels asking
+# for it (tests/test_kernel_compile.py). VMEM_LIMIT_BYTES, the smallest, serves older chips, unknown ones and the
+# interpreter, so a check on CPU refuses what any TPU could not run.
 VMEM_LIMIT_BYTES = 16 * 1024 * 1024
+VMEM_LIMITS = {"TPU v5 lite": 32 * 1024 * 1024, "TPU v6 lite": 32 * 1024 * 1024, "TPU v5": 32 * 1024 * 1024}
+
+
+def vmem_limit_for(device_kind: str | None) -> int:
+    """The scoped VMEM limit for a chip (its jax device_kind); VMEM_LIMIT_BYTES for any other."""
+    return VMEM_LIMITS.get(device_kind, VMEM_LIMIT_BYTES)
+
+
 _DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 _NT_DIMS = (((1,), (1,)), ((), ()))  # [a, d] x [b, d] -> [a, b]
 _NN_DIMS = (((1,), (0,)), ((), ()))  # [a, b] x [b, d] -> [a, d]
@@ -98,15 +105,16 @@ def vmem_bytes(block_sizes: BlockSizes, head_dim: int, dtype) -> int:
     return blocks + scratch + chunk
 
 
-def check_vmem(block_sizes: BlockSizes, q_len: int, kv_len: int, head_dim: int, dtype) -> None:
-    """Raises ValueError if the blocks the kernel would run with at this shape need more than VMEM_LIMIT_BYTES."""
+def check_vmem(block_sizes: BlockSizes, q_len: int, kv_len: int, head_dim: int, dtype,
+               limit: int = VMEM_LIMIT_BYTES) -> None:
+    """Raises ValueError if the blocks the kernel would run with at this shape need more than `limit` bytes."""
     blocks = effective_block_sizes(block_sizes, q_len, kv_len)
     need = vmem_bytes(blocks, head_dim, dtype)
-    if need > VMEM_LIMIT_BYTES:
+    if need > limit:
         raise ValueError(
             f"block sizes (bq={blocks.bq}, bkv={blocks.bkv}, bkv_compute={blocks.bkv_compute}) need {need} bytes "
             f"({need / 2**20:.2f} MiB) of VMEM at head_dim={head_dim} {jnp.dtype(dtype).name}: expected at most "
-            f"VMEM_LIMIT_BYTES={VMEM_LIMIT_BYTES} ({VMEM_LIMIT_BYTES / 2**20:.0f} MiB, see docs/KERNEL.md)")
+            f"the chip's VMEM limit of {limit} bytes ({limit / 2**20:.0f} MiB, see docs/KERNEL.md)")
 
 
 def check_lanes(block_sizes: BlockSizes) -> None:
@@ -125,34 +133,42 @@ def attended_pairs(q_len: int, kv_len: int, window_size: int | None = None) -> i
     return kv_len + 2 * (w * kv_len - w * (w + 1) // 2)  # the diagonal, then each offset 1..w on both sides
 
 
-# Per-shape defaults: the largest blocks (fewer grid steps, more reuse of each DMA'd block) whose padding stays
-# within _PAD_TOLERANCE of the sequence, and whose VMEM stays under _DEFAULT_VMEM_SHARE of VMEM_LIMIT_BYTES
-# (the rest is headroom for Mosaic's own internal scratch).
+# Per-shape defaults: the fewest grid steps (each costs ~0.35 us of pipeline overhead besides its MXU work) among
+# blocks that fit the VMEM limit and waste little: padded query rows are computed in full, so bq may pad the
+# query length by _Q_PAD_TOLERANCE; key chunks that hold only padding are skipped, so a large bkv costs only the
+# DMA of its padded rows, up to _KV_PAD_TOLERANCE of the key length. Ties: larger bq (each query block reads all
+# of K and V once, so fewer query blocks is less HBM traffic).
 _MAX_BQ, _MAX_BKV, _DEFAULT_BC = 2048, 4096, 512
-_PAD_TOLERANCE = 0.005
-_DEFAULT_VMEM_SHARE = 0.75
+_Q_PAD_TOLERANCE = 0.005
+_KV_PAD_TOLERANCE = 0.03
 
 
-def _largest_block(length: int, step: int, largest: int, fits=lambda b: True) -> int:
-    """The largest multiple of `step` (<= `largest`) that pads `length` by at most _PAD_TOLERANCE (or as
-    little as any candidate does) and `fits`."""
+def _block_candidates(length: int, step: int, largest: int, tolerance: float) -> list[int]:
+    """Multiples of `step` up to `largest` (or the padded length) padding `length` by at most `tolerance` of it,
+    or by as little as any candidate does."""
     top = max(step, min(largest, _round_up(length, step)))
-    candidates = [b for b in range(step, top + 1, step) if fits(b)] or [step]
-    waste = {b: _round_up(length, b) - length for b in candidates}
-    allowed = max(min(waste.values()), _PAD_TOLERANCE * length)
-    return max(b for b in candidates if waste[b] <= allowed)
+    waste = {b: _round_up(length, b) - length for b in range(step, top + 1, step)}
+    allowed = max(min(waste.values()), tolerance * length)
+    return [b for b, w in waste.items() if w <= allowed]
 
 
-def default_block_sizes(q_len: int, kv_len: int, head_dim: int = 128, dtype=jnp.bfloat16) -> BlockSizes:
-    """Blocks that waste little padding at this shape and fit VMEM; see docs/KERNEL.md for Wan's lengths."""
+def grid_steps(blocks: BlockSizes, q_len: int, kv_len: int) -> int:
+    """Grid steps per head: query blocks x key blocks (after shrinking to the sequence)."""
+    b = effective_block_sizes(blocks, q_len, kv_len)
+    return -(-q_len // b.bq) * -(-kv_len // b.bkv)
+
+
+def default_block_sizes(q_len: int, kv_len: int, head_dim: int = 128, dtype=jnp.bfloat16,
+                        vmem_limit: int = VMEM_LIMIT_BYTES) -> BlockSizes:
+    """The blocks with the fewest grid steps that fit `vmem_limit` and waste little padding (see above)."""
     bc = min(_DEFAULT_BC, _round_up(kv_len, NUM_LANES))
-    budget = _DEFAULT_VMEM_SHARE * VMEM_LIMIT_BYTES
-    # bq in steps of 16: a bf16 vreg packs 16 rows.
-    bq = _largest_block(q_len, 2 * NUM_SUBLANES, _MAX_BQ,
-                        lambda b: vmem_bytes(BlockSizes(b, bc, bc), head_dim, dtype) <= budget)
-    bkv = _largest_block(kv_len, bc, _MAX_BKV,
-                         lambda b: vmem_bytes(BlockSizes(bq, b, bc), head_dim, dtype) <= budget)
-    return BlockSizes(bq=bq, bkv=bkv, bkv_compute=bc)
+    fitting = [BlockSizes(bq, bkv, bc)
+               for bq in _block_candidates(q_len, 2 * NUM_SUBLANES, _MAX_BQ, _Q_PAD_TOLERANCE)  # bf16 packs 16 rows
+               for bkv in _block_candidates(kv_len, bc, _MAX_BKV, _KV_PAD_TOLERANCE)
+               if vmem_bytes(BlockSizes(bq, bkv, bc), head_dim, dtype) <= vmem_limit]
+    if not fitting:
+        return BlockSizes(2 * NUM_SUBLANES, bc, bc)
+    return min(fitting, key=lambda b: (grid_steps(b, q_len, kv_len), -b.bq, -b.bkv))
 
 
 def _check_inputs(q, k, v, window_size):
@@ -180,15 +196,15 @@ def _check_inputs(q, k, v, window_size):
 
 def attention_reference(q, k, v, *, block_sizes: BlockSizes | None = None, scale: float | None = None,
                         window_size: int | None = None, k_smooth: bool = False, pv_f32: bool = False,
-                        interpret: bool = False) -> jax.Array:
+                        interpret: bool = False, vmem_limit_bytes: int = VMEM_LIMIT_BYTES) -> jax.Array:
     """softmax(q k^T * scale) v computed in float32 (HIGHEST matmul precision), returned as float32.
 
-    Takes splash_attention's keywords, like upstream's reference. block_sizes, k_smooth, pv_f32 and interpret
-    are ignored: tiling and the interpreter do not change the math, subtracting the mean key shifts every
+    Takes splash_attention's keywords, like upstream's reference. block_sizes, k_smooth, pv_f32, interpret and
+    vmem_limit_bytes are ignored: tiling and the interpreter do not change the math, subtracting the mean key shifts every
     logit of a row by the same amount, and the P.V precision is a rounding choice; none changes the exact
     result this computes.
     """
-    del block_sizes, k_smooth, pv_f32, interpret
+    del block_sizes, k_smooth, pv_f32, interpret, vmem_limit_bytes
     _check_inputs(q, k, v, window_size)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     f32, hi = jnp.float32, lax.Precision.HIGHEST
@@ -240,7 +256,8 @@ def _kernel(q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, acc_ref, *, logit_scale, b
 
     def compute(c, masked):
         k0 = j * bkv + c * bc  # global index of the chunk's first key
-        k = k_ref[c * bc:(c + 1) * bc, :]
+        rows = pl.ds(pl.multiple_of(c * bc, bc), bc)
+        k = k_ref[rows, :]
         hi = lax.Precision.HIGHEST if k.dtype == f32 else None
         s = lax.dot_general(q, k, _NT_DIMS, preferred_element_type=f32, precision=hi)  # [bq, bc]
         if logit_scale != 1.0:
@@ -258,7 +275,7 @@ def _kernel(q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, acc_ref, *, logit_scale, b
         alpha = jnp.exp2(m_prev - m_next)  # rescales what was summed against the old max
         l_ref[...] = alpha * l_prev + jnp.sum(p, axis=1, keepdims=True)
         m_ref[...] = m_next
-        v = v_ref[c * bc:(c + 1) * bc, :]
+        v = v_ref[rows, :]
         if pv_f32:
             pv = lax.dot_general(p, v.astype(f32), _NN_DIMS, preferred_element_type=f32,
                                  precision=lax.Precision.HIGHEST)
@@ -266,11 +283,14 @@ def _kernel(q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, acc_ref, *, logit_scale, b
             pv = lax.dot_general(p.astype(v.dtype), v, _NN_DIMS, preferred_element_type=f32, precision=hi)
         acc_ref[...] = _lanes(alpha, acc_ref.shape[1]) * acc_ref[...] + pv
 
-    for c in range(bkv // bc):  # static: the logits tile is [bq, bc]
-        k0, k1 = j * bkv + c * bc, j * bkv + c * bc + bc - 1
+    # A rolled loop over the chunks of the key block: one copy of the chunk code, so Mosaic holds one chunk's
+    # logits and probabilities at a time (unrolled, its VMEM use grew with bkv / bc past vmem_bytes' estimate).
+    def chunk(c, carry):
+        k0 = j * bkv + c * bc
+        k1 = k0 + bc - 1
         # Run a chunk only if it holds a real key some row may see; mask it only if some (row, key) is out.
-        live = k0 < kv_len if mask_padding and (num_kv_blocks - 1) * bkv + c * bc >= kv_len else None
-        needs_mask = k1 >= kv_len if pad_mask and (num_kv_blocks - 1) * bkv + c * bc + bc > kv_len else None
+        live = k0 < kv_len if pad_mask else None
+        needs_mask = k1 >= kv_len if pad_mask else None
         if window is not None:
             live = _all(live, k1 >= r0 - window, k0 <= r1 + window)
             needs_mask = _any(needs_mask, jnp.logical_not(jnp.logical_and(k0 >= r1 - window, k1 <= r0 + window)))
@@ -281,6 +301,9 @@ def _kernel(q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, acc_ref, *, logit_scale, b
         else:  # two copies of the chunk code: the unmasked one saves the iota/compare/select per logit
             pl.when(_all(live, needs_mask))(functools.partial(compute, c, True))
             pl.when(_all(live, jnp.logical_not(needs_mask)))(functools.partial(compute, c, False))
+        return carry
+
+    lax.fori_loop(0, bkv // bc, chunk, 0)
 
     @pl.when(j == num_kv_blocks - 1)
     def _finish():
@@ -291,7 +314,8 @@ def _kernel(q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, acc_ref, *, logit_scale, b
 
 def splash_attention(q, k, v, *, block_sizes: BlockSizes = BlockSizes(), scale: float | None = None,
                      window_size: int | None = None, k_smooth: bool = False, pv_f32: bool = False,
-                     interpret: bool = False, _mask_padding: bool = True) -> jax.Array:
+                     interpret: bool = False, vmem_limit_bytes: int = VMEM_LIMIT_BYTES,
+                     _mask_padding: bool = True) -> jax.Array:
     """softmax(q k^T * scale) v for q [N, L, D], k and v [N, S, D] (float32 or bfloat16); returns [N, L, D]
     in q.dtype.
 
@@ -304,8 +328,8 @@ def splash_attention(q, k, v, *, block_sizes: BlockSizes = BlockSizes(), scale: 
     uninitialised VMEM read as NaN, bounds-checked reads) on CPU; any D and blocks that are multiples of 8
     work there, while compiled kernels need bkv_compute % 128 == 0 and are meant for D = 64 or 128.
     Blocks larger than the (padded) sequence are shrunk to it, so short sequences do not pay for padding;
-    blocks whose VMEM (vmem_bytes, after shrinking) exceeds VMEM_LIMIT_BYTES are refused, in interpret mode
-    too, so a check on CPU refuses what a TPU could not run. `_mask_padding=False` leaves padded keys
+    blocks whose VMEM (vmem_bytes, after shrinking) exceeds `vmem_limit_bytes` (the chip's, vmem_limit_for) are
+    refused, in interpret mode too, so a check on CPU refuses what the TPU could not run. `_mask_padding=False` leaves padded keys
     unmasked, for a test that shows the mask matters.
     """
     _check_inputs(q, k, v, window_size)
@@ -318,15 +342,16 @@ def splash_attention(q, k, v, *, block_sizes: BlockSizes = BlockSizes(), scale: 
     window_size = None if window_size is None else int(window_size)
     if not interpret:
         check_lanes(block_sizes)
-    check_vmem(block_sizes, q.shape[1], k.shape[1], q.shape[2], q.dtype)
+    check_vmem(block_sizes, q.shape[1], k.shape[1], q.shape[2], q.dtype, vmem_limit_bytes)
     return _splash_attention(q, k, v, block_sizes=block_sizes, scale=scale, window_size=window_size,
                              k_smooth=bool(k_smooth), pv_f32=bool(pv_f32), interpret=bool(interpret),
-                             mask_padding=bool(_mask_padding))
+                             vmem_limit_bytes=int(vmem_limit_bytes), mask_padding=bool(_mask_padding))
 
 
 @functools.partial(jax.jit, static_argnames=("block_sizes", "scale", "window_size", "k_smooth", "pv_f32",
-                                             "interpret", "mask_padding"))
-def _splash_attention(q, k, v, *, block_sizes, scale, window_size, k_smooth, pv_f32, interpret, mask_padding):
+                                             "interpret", "vmem_limit_bytes", "mask_padding"))
+def _splash_attention(q, k, v, *, block_sizes, scale, window_size, k_smooth, pv_f32, interpret, vmem_limit_bytes,
+                      mask_padding):
     f32 = jnp.float32
     n, q_len, d = q.shape
     kv_len = k.shape[1]
@@ -379,7 +404,7 @@ def _splash_attention(q, k, v, *, block_sizes, scale, window_size, k_smooth, pv_
                         pltpu.VMEM((bq, NUM_LANES), f32),  # l: running row sum of 2^(s - m)
                         pltpu.VMEM((bq, d), f32)],  # acc: running sum of 2^(s - m) v
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary"),
-                                             vmem_limit_bytes=VMEM_LIMIT_BYTES),
+                                             vmem_limit_bytes=vmem_limit_bytes),
         cost_estimate=pl.CostEstimate(flops=4 * pairs * d, transcendentals=pairs,
                                       bytes_accessed=(2 * q.size + k.size * (q_pad_len // bq) * 2) * itemsize),
         # Pallas' TPU interpreter follows TPU semantics (memory spaces, NaN-filled uninitialised scratch,
