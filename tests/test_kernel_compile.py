@@ -3,48 +3,118 @@ per-chip shapes the attention dispatch gives the Wan runs (libtpu, deviceless: c
 
 import importlib.util
 import json
+import math
+import types
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from scripts import ROOT, run
 
-from tpu_wan import attention_tuning as tuning
+from tpu_wan import attention, attention_tuning as tuning, topology
 from tpu_wan.attention import AttentionOptions
-from tpu_wan.kernels.splash_exp2 import VMEM_LIMIT_BYTES
+from tpu_wan.batch import default_batch_size
+from tpu_wan.kernels import splash_exp2
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
                                 reason="libtpu is not installed: nothing can compile for a TPU on this host")
 
-# (heads, q_len, kv_len) per chip, head dim 128. L = F * H/16 * W/16 video tokens: 21 * 45 * 80 = 75,600 at
-# 720p x 81 frames, 21 * 30 * 52 = 32,760 at 480p; S = 512 text tokens.
-WAN_SHAPES = {
-    "14B 720p self-attention, tp=4": (10, 75600, 75600),
-    "14B 720p cross-attention, tp=4 (--attention custom)": (10, 75600, 512),
-    "14B 720p without CFG on dp=2: the query sequence split over dp": (10, 37800, 75600),
-    "1.3B 480p self-attention, tp=1": (12, 32760, 32760),
-    "1.3B 480p self-attention, tp=4": (3, 32760, 32760),
-}
+# L = F * H/16 * W/16 video tokens: 21 * 30 * 52 = 32,760 at 480p x 81 frames, 21 * 45 * 80 = 75,600 at 720p;
+# S = 512 text tokens. Heads: 12 (1.3B), 40 (14B); head dim 128.
+VIDEO_TOKENS, TEXT_TOKENS, HEADS = (32760, 75600), 512, (12, 40)
+SLICES = ("v5e-4", "v5e-8", "v6e-4", "v6e-8", "v5p-8")
+GENERATIONS = {"v5e": "TPU v5 lite", "v6e": "TPU v6 lite", "v5p": "TPU v5"}
 
 
-@pytest.mark.parametrize("topology", ["v5e-8", "v6e-8", "v5p-8"])
-@pytest.mark.parametrize("case", list(WAN_SHAPES))
-def test_kernel_compiles_at_the_wan_shapes(topology, case):
-    heads, q_len, kv_len = WAN_SHAPES[case]
-    result = tuning.compile_for(tuning.Shape(heads, q_len, kv_len, 128, "bfloat16"), AttentionOptions(choice="custom"),
-                                topology)
-    assert result["accepted"], result["error"]
-    assert result["custom_calls"]["tpu_custom_call"] == 1  # the Mosaic kernel, once
-    assert result["vmem_bytes"] <= VMEM_LIMIT_BYTES
-    assert result["output_bytes"] == heads * q_len * 128 * 2  # [1 N L D] bf16
+def dispatch_shapes() -> set[tuple[int, int]]:
+    """(q_len, kv_len) per chip of every attention call the dispatch makes for 1.3B and 14B at 480p and 720p on
+    SLICES, every (dp, tp) the heads allow, with CFG (batch 2 x the default videos per batch) and for one video
+    without it (batch 1: the query sequence splits over dp)."""
+    shapes = set()
+    for name in SLICES:
+        chips = topology.parse_target(name).chips
+        for heads in HEADS:
+            for tp in (t for t in (1, 2, 4, 8) if chips % t == 0 and heads % t == 0):
+                dp = chips // tp
+                mesh = types.SimpleNamespace(shape={"dp": dp, "tp": tp})
+                for batch in (2 * default_batch_size(dp, True), 1):
+                    _, _, seq_axes = attention._shard_specs(mesh, batch, heads)
+                    shards = math.prod(mesh.shape[a] for a in seq_axes)
+                    for tokens in VIDEO_TOKENS:
+                        q_len = -(-tokens // shards)
+                        shapes |= {(q_len, tokens), (q_len, TEXT_TOKENS)}
+    return shapes
+
+
+# Lengths no Wan run has, a prime and a few around block edges, so the estimate is not tuned to the named ones.
+OTHER_SHAPES = {(1000, 1000), (5003, 5003), (12345, 512), (49999, 49999), (100, 100)}
+
+
+def _compile_at(generation: str, q_len: int, kv_len: int, blocks, vmem_limit: int):
+    """The kernel for one head compiled for one chip of `generation` at a scoped VMEM limit of `vmem_limit`."""
+    device = topology.parse_target(f"{generation}-8").devices()[0]
+    mesh = Mesh(np.array([device]), ("x",))
+    args = [jax.ShapeDtypeStruct((1, n, 128), jnp.bfloat16, sharding=NamedSharding(mesh, P())) for n in
+            (q_len, kv_len, kv_len)]
+    fn = jax.jit(lambda q, k, v: splash_exp2.splash_attention(q, k, v, block_sizes=blocks, vmem_limit_bytes=vmem_limit))
+    return fn.lower(*args).compile()
+
+
+def _vmem_cases():
+    cases = [("v5e", *shape) for shape in sorted(dispatch_shapes() | OTHER_SHAPES)]  # v5e needs the most VMEM
+    return cases + [(g, tokens, tokens) for g in ("v6e", "v5p") for tokens in VIDEO_TOKENS]
+
+
+@pytest.mark.parametrize("generation, q_len, kv_len", _vmem_cases())
+def test_default_blocks_compile_within_the_vmem_estimate(generation, q_len, kv_len):
+    # Mosaic gets exactly ceil(vmem_bytes) of scoped VMEM: the estimate must be an upper bound of what the
+    # compiled kernel uses, and the default blocks must fit the chip's limit.
+    limit = splash_exp2.vmem_limit_for(GENERATIONS[generation])
+    blocks = splash_exp2.default_block_sizes(q_len, kv_len, 128, jnp.bfloat16, limit)
+    need = splash_exp2.vmem_bytes(splash_exp2.effective_block_sizes(blocks, q_len, kv_len), 128, jnp.bfloat16)
+    assert need <= limit
+    compiled = _compile_at(generation, q_len, kv_len, blocks, need)
+    assert "tpu_custom_call" in compiled.as_text()
+
+
+def test_the_dispatch_covers_the_named_shapes():
+    shapes = dispatch_shapes()
+    for shape in [(75600, 75600), (75600, 512), (37800, 75600), (32760, 32760), (4095, 32760), (9450, 512)]:
+        assert shape in shapes, shape
+
+
+@pytest.mark.parametrize("generation", list(GENERATIONS))
+def test_few_grid_steps_at_720p(generation):
+    # 14B 720p self-attention, 10 heads per chip: ~0.5 us of MXU work per 512 x 512 tile against ~0.35 us of
+    # overhead per grid step, so the blocks must be large in both directions.
+    blocks = splash_exp2.default_block_sizes(75600, 75600, 128, jnp.bfloat16,
+                                             splash_exp2.vmem_limit_for(GENERATIONS[generation]))
+    print(generation, blocks, splash_exp2.grid_steps(blocks, 75600, 75600), "grid steps per head")
+    assert splash_exp2.grid_steps(blocks, 75600, 75600) <= 1000
 
 
 def test_the_dispatch_splits_the_query_sequence_where_the_batch_does_not_divide_dp():
-    """The sequence-split case above is the dispatch's own: one batch row on dp=2 puts half of L on each shard."""
-    from tpu_wan import attention, topology
+    """One batch row on dp=2 puts half of L on each shard (the sequence-split shapes above)."""
     from tpu_wan.mesh import make_mesh
 
     mesh = make_mesh(2, 4, topology.parse_target("v6e-8").devices())
     q_spec, _, seq_axes = attention._shard_specs(mesh, batch=1, heads=40)
     assert seq_axes == ("dp",) and tuple(q_spec) == (None, "tp", "dp", None)
+
+
+@pytest.mark.parametrize("topology_name", ["v5e-8", "v6e-8", "v5p-8"])
+def test_the_models_call_compiles_at_14b_720p(topology_name):
+    # Through make_attention, as the models call it: 10 heads per chip (tp = 4).
+    result = tuning.compile_for(tuning.Shape(10, 75600, 75600, 128, "bfloat16"), AttentionOptions(choice="custom"),
+                                topology_name)
+    assert result["accepted"], result["error"]
+    assert result["custom_calls"]["tpu_custom_call"] == 1  # the Mosaic kernel, once
+    assert result["vmem_bytes"] <= result["vmem_limit_bytes"] and result["grid_steps_per_head"] <= 1000
+    assert result["output_bytes"] == 10 * 75600 * 128 * 2  # [1 N L D] bf16
+    print(topology_name, {k: result[k] for k in ("block_sizes", "vmem_bytes", "grid_steps_per_head",
+                                                  "argument_bytes", "temp_bytes")})
 
 
 def test_compile_command(tmp_path):
