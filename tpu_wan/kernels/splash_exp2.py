@@ -276,6 +276,8 @@ def _kernel(q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, acc_ref, *, logit_scale, b
         l_ref[...] = alpha * l_prev + jnp.sum(p, axis=1, keepdims=True)
         m_ref[...] = m_next
         v = v_ref[rows, :]
+        if masked and pad_mask:  # past the end: p is 0 there, but 0 x (NaN or Inf left in the buffer) is not
+            v = jnp.where(lax.broadcasted_iota(jnp.int32, v.shape, 0) < kv_len - k0, v, jnp.zeros_like(v))
         if pv_f32:
             pv = lax.dot_general(p, v.astype(f32), _NN_DIMS, preferred_element_type=f32,
                                  precision=lax.Precision.HIGHEST)
@@ -372,10 +374,12 @@ def _splash_attention(q, k, v, *, block_sizes, scale, window_size, k_smooth, pv_
     blocks = effective_block_sizes(block_sizes, q_len, kv_len)
     bq, bkv, bc = blocks.bq, blocks.bkv, blocks.bkv_compute
     q_pad_len, kv_pad_len = _round_up(q_len, bq), _round_up(kv_len, bkv)
-    # Zero padding; padded keys are masked in the kernel, padded query rows sliced off below.
-    q = jnp.pad(q, ((0, 0), (0, q_pad_len - q_len), (0, 0)))
-    k = jnp.pad(k, ((0, 0), (0, kv_pad_len - kv_len), (0, 0)))
-    v = jnp.pad(v, ((0, 0), (0, kv_pad_len - kv_len), (0, 0)))
+    if not mask_padding:  # the test-only path: zero keys past the end, left unmasked, to show the mask matters
+        k = jnp.pad(k, ((0, 0), (0, kv_pad_len - kv_len), (0, 0)))
+        v = jnp.pad(v, ((0, 0), (0, kv_pad_len - kv_len), (0, 0)))
+    # Lengths that are not block multiples need no padded copies: the last query and key blocks run past the
+    # arrays' ends. Rows read there hold whatever the buffer held; the kernel masks those keys (and zeroes their
+    # values), and writes to query rows past the end are dropped.
     num_kv_blocks = kv_pad_len // bkv
 
     def kv_index_map(h, i, j):
@@ -399,7 +403,7 @@ def _splash_attention(q, k, v, *, block_sizes, scale, window_size, k_smooth, pv_
                   pl.BlockSpec((None, bkv, d), kv_index_map),
                   pl.BlockSpec((None, bkv, d), kv_index_map)],
         out_specs=pl.BlockSpec((None, bq, d), lambda h, i, j: (h, i, 0)),
-        out_shape=jax.ShapeDtypeStruct((n, q_pad_len, d), q.dtype),
+        out_shape=jax.ShapeDtypeStruct((n, q_len, d), q.dtype),
         scratch_shapes=[pltpu.VMEM((bq, NUM_LANES), f32),  # m: running row max (base-2 logits)
                         pltpu.VMEM((bq, NUM_LANES), f32),  # l: running row sum of 2^(s - m)
                         pltpu.VMEM((bq, d), f32)],  # acc: running sum of 2^(s - m) v
@@ -413,4 +417,4 @@ def _splash_attention(q, k, v, *, block_sizes, scale, window_size, k_smooth, pv_
         interpret=pltpu.InterpretParams() if interpret else False,
         name="splash_exp2_fwd",
     )(q, k, v)
-    return out[:, :q_len]
+    return out
