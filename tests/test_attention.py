@@ -22,7 +22,7 @@ def test_auto_resolves_per_platform_and_length():
     opts = AttentionOptions()
     assert attention._resolve(opts, "cpu", 75_600, np.float32) == "xla"
     assert attention._resolve(opts, "tpu", 75_600, np.float32) == "custom"
-    assert attention._resolve(opts, "tpu", 512, np.float32) == "xla"  # cross-attention over text
+    assert attention._resolve(opts, "tpu", 512, np.float32) == "custom"  # cross-attention over text too
     assert attention._resolve(opts, "gpu", 75_600, jax.numpy.bfloat16) == "cudnn"
     assert attention._resolve(opts, "gpu", 75_600, np.float32) == "xla"
 
@@ -165,3 +165,11 @@ def test_every_attention_of_a_step_reaches_our_dispatch(monkeypatch, model, heig
     self_attn, cross_attn = (2, heads, tokens, head_dim), (2, heads, 512, head_dim)
     print(f"{model}: {len(calls)} attention calls for {dit.num_layers} blocks, L={tokens}")
     assert calls == [((2, heads, tokens, head_dim), self_attn), ((2, heads, tokens, head_dim), cross_attn)] * dit.num_layers
+
+
+def test_splash_baseline_at_block_multiples_needs_no_segment_ids():
+    # Lengths that are block multiples call upstream splash without segment ids (no per-logit compare).
+    q, k, v = _qkv(1, 2, 256, 256, 64, seed=11)
+    fn = attention.make_attention(AttentionOptions(choice="splash", bq=128, bkv=128, bkv_compute=128), platform="cpu")
+    assert "segment" not in str(jax.make_jaxpr(fn)(q, k, v)).lower()
+    assert rel_err(jax.jit(fn)(q, k, v), attention.xla_attention(q, k, v)) <= KERNEL_F32_RTOL

@@ -8,8 +8,8 @@ picks, per call, from the shapes it sees at trace time:
   xla     plain softmax attention that XLA fuses and GSPMD partitions (every backend); on one CPU device it
           runs one (batch row, head) at a time, the same numbers (see xla_attention_per_head)
   cudnn   jax.nn.dot_product_attention's cuDNN flash attention (GPU; bf16/fp16, head dim <= 128)
-`auto` = custom on TPU for long self-attention, cudnn on GPU where it applies, xla otherwise (short
-cross-attention over text tokens, CPU). Kernels see one device's data: shard_map splits the batch over dp,
+`auto` = custom on TPU (self- and cross-attention), cudnn on GPU where it applies, xla otherwise (CPU).
+Kernels see one device's data: shard_map splits the batch over dp,
 heads over tp when they divide, and otherwise the query sequence over the axes left (keys stay whole).
 A window (options.window_size) applies to self-attention only, on every choice; whether a call is
 self-attention is decided once, from the global shapes (L == S), never from one shard's.
@@ -31,9 +31,6 @@ from tpu_wan.config import ATTENTION_CHOICES
 from tpu_wan.errors import UserError
 
 AttentionFn = Callable[..., jax.Array]
-# Below this many keys attention is cheap and latency-bound (cross-attention over 512 text tokens): XLA's fused
-# einsum-softmax-einsum beats a blocked kernel there.
-LONG_KV = 4096
 
 
 class AttentionError(UserError):
@@ -41,7 +38,7 @@ class AttentionError(UserError):
 
 
 BLOCK_FLAGS = {"bq": "--bqsize", "bkv": "--bkvsize", "bkv_compute": "--bkvcomputesize"}
-# The choices each kernel setting acts on ('auto' sends long self-attention to our kernel on TPU); anywhere else
+# The choices each kernel setting acts on ('auto' sends every call to our kernel on TPU); anywhere else
 # it would change nothing but the settings a sweep folder is matched by, so it is refused.
 TAKES_K_SMOOTH = ("auto", "custom")
 TAKES_BLOCKS = ("auto", "custom", "splash")
@@ -148,7 +145,10 @@ def _resolve(options: AttentionOptions, platform: str, kv_len: int, dtype, head_
         raise AttentionError(f"--attention cudnn: {why}")
     if choice != "auto":
         return choice
-    if platform == "tpu" and kv_len >= LONG_KV:
+    if platform == "tpu":
+        # Every call, cross-attention over the 512 text tokens included: XLA's einsum-softmax-einsum keeps the
+        # float32 [L, S] logits in HBM (compiled for v6e at 14B 720p, 10 heads: 2,953 MiB of temp per call, and
+        # 5.0 ms by XLA's cost model), where the kernel needs no temp at all (docs/KERNEL.md).
         return "custom"
     if cudnn_unsupported(platform, dtype, head_dim) is None:
         return "cudnn"  # cuDNN's fused attention takes 16-bit inputs and head dims up to 128
@@ -204,11 +204,14 @@ def _upstream_splash(q, k, v, *, scale, blocks, window, interpret):
         block_sizes=sk.BlockSizes(bq, bkv, bc, bq, bkv, bc),
         interpret=interpret,
     )
+    q = (q * scale).astype(q.dtype)
+    if (lp, sp) == (l, s):  # block multiples: nothing to mask (segment ids would cost a compare per logit)
+        return kernel(q, k, v)
     # Padded keys get their own segment, so real queries never attend to them.
     q_seg = (jnp.arange(lp) >= l).astype(jnp.int32)
     kv_seg = (jnp.arange(sp) >= s).astype(jnp.int32)
     pad = lambda x, to: jnp.pad(x, ((0, 0), (0, to - x.shape[1]), (0, 0)))  # noqa: E731
-    out = kernel(pad(q * scale, lp).astype(q.dtype), pad(k, sp), pad(v, sp), segment_ids=sk.SegmentIds(q_seg, kv_seg))
+    out = kernel(pad(q, lp), pad(k, sp), pad(v, sp), segment_ids=sk.SegmentIds(q_seg, kv_seg))
     return out[:, :l]
 
 
