@@ -22,6 +22,7 @@ refuses. --json prints one JSON object.
 
 import argparse
 import itertools
+import os
 import json
 import sys
 from pathlib import Path
@@ -74,6 +75,9 @@ def _parser():
         if name == "compile":
             p.add_argument("--topology", required=True, metavar="NAME",
                            help="the TPU slice whose chip to compile for (v5e-8, v6e-8, v5p-8, ...): no TPU needed")
+            p.add_argument("--llo_stats", action="store_true",
+                           help="count the vector ops (multiplies, exp2/exp, adds, maxima) of one grid step in "
+                                "Mosaic's LLO; needs a fresh process (Mosaic's dump is set before libtpu starts)")
         if name == "sweep":
             for flag, values in (("bq", SWEEP_BQ), ("bkv", SWEEP_BKV), ("bkv_compute", SWEEP_BKV_COMPUTE)):
                 p.add_argument(f"--{flag}_choices", type=int, nargs="+", default=list(values), metavar="N",
@@ -99,6 +103,12 @@ def _table(rows):
 def main(argv=None):
     args = _parser().parse_args(argv)
     args.compile_only = args.command == "compile"  # the host's CPU backend is all compiling for a TPU needs
+    dump_dir = None
+    if getattr(args, "llo_stats", False):  # before libtpu starts: it reads its flags once
+        import tempfile
+
+        dump_dir = tempfile.mkdtemp(prefix="tpu-wan-llo-")
+        os.environ["LIBTPU_INIT_ARGS"] = f"{os.environ.get('LIBTPU_INIT_ARGS', '')} --xla_mosaic_dump_to={dump_dir}"
     cli.setup_process(args)
     from tpu_wan import attention_tuning as tuning
     from tpu_wan.attention import AttentionOptions
@@ -119,6 +129,12 @@ def main(argv=None):
     elif args.command == "compile":
         result = tuning.compile_for(shape, options, args.topology)
         rows, lines = [{k: v for k, v in result.items() if k not in ("custom_calls", "error")}], []
+        if dump_dir is not None and result["accepted"]:
+            import shutil
+
+            result["llo_per_grid_step"] = tuning.llo_stats(dump_dir)
+            shutil.rmtree(dump_dir, ignore_errors=True)
+            lines.append("LLO ops per grid step: " + " ".join(f"{k} {v}" for k, v in result["llo_per_grid_step"].items()))
         if not result["accepted"]:
             print(json.dumps(result) if args.json else _table(rows))
             raise KernelRejected(f"{args.topology} refused the kernel at {args.heads} x {args.q_len} x {args.kv_len} "

@@ -130,3 +130,15 @@ def test_compile_command(tmp_path):
               "--block_q", "64", "--block_kv", "64", "--block_kv_compute", "64", check=False)
     assert bad.returncode == 1 and bad.stderr.count("\n") == 1
     assert "v6e-8 refused the kernel" in bad.stderr and "bkv_compute a multiple of 128" in bad.stderr
+
+
+def test_llo_stats_count_the_kernels_vector_ops():
+    # One bf16 1024 x 1024 grid step on v6e, from Mosaic's LLO dump: exp2 is the exponential the kernel runs.
+    proc = run(ROOT / "custom_splash_attention.py", "compile", "--topology", "v6e-8", "--heads", "1", "--q_len",
+               "1024", "--kv_len", "1024", "--block_q", "1024", "--block_kv", "1024", "--block_kv_compute", "1024",
+               "--llo_stats", "--json")
+    llo = json.loads(proc.stdout)["llo_per_grid_step"]
+    print("LLO ops per grid step:", llo)
+    assert llo["vpow2"] > 0 and llo["vexp"] == 0
+    # [1024, 1024] float32 logits are 1,024 vregs: the exponentials are at least one per vreg of the tile.
+    assert llo["vpow2"] >= 1024 and llo["vmul"] > 0

@@ -135,6 +135,26 @@ def compile_for(shape: Shape, options: AttentionOptions, topology: str) -> dict:
             "custom_calls": hlo.summarize(compiled.as_text())["custom_calls"]}
 
 
+# Vector ops counted in Mosaic's final LLO: multiplies, the two exponentials (exp2 lowers to vpow2, exp to vexp),
+# adds, subtracts and maxima of one grid step (one bq x bkv key block).
+LLO_OPS = ("vmul", "vpow2", "vexp", "vadd", "vsub", "vmax")
+LLO_DUMP_FLAG = "--xla_mosaic_dump_to"
+
+
+def llo_stats(dump_dir) -> dict:
+    """Counts of LLO_OPS in the kernel's final LLO, from a folder Mosaic dumped into (LIBTPU_INIT_ARGS has
+    LLO_DUMP_FLAG=<folder> before libtpu starts): the largest post-finalize-llo file, the kernel's body."""
+    import re
+    from pathlib import Path
+
+    dumps = sorted(Path(dump_dir).glob("*post-finalize-llo.txt"), key=lambda p: p.stat().st_size)
+    if not dumps:
+        raise AttentionError(f"llo stats: expected Mosaic's LLO dumps in {dump_dir}, found none (libtpu started "
+                             f"before {LLO_DUMP_FLAG} was set?)")
+    text = dumps[-1].read_text()
+    return {op: len(re.findall(rf"\bllo\.{op}\b", text)) for op in LLO_OPS}
+
+
 def check(shape: Shape, options: AttentionOptions, seed: int = 0, repeats: int = 1) -> dict:
     """Kernel output vs the float64 reference on `repeats` random inputs, seeded seed, seed + 1, ...: the worst
     max_abs_err and rel_err (Frobenius norm ratio) over them, and worst_seed, the seed of the worst rel_err
