@@ -8,7 +8,7 @@
     python custom_splash_attention.py sweep --heads 10 --q_len 75600 --kv_len 75600 --head_dim 128 \
         [--bq_choices 1024 2048 --bkv_choices 512 1024 --bkv_compute_choices 512]
     python custom_splash_attention.py compile --topology v6e-8 --heads 10 --q_len 75600 --kv_len 75600 \
-        --head_dim 128 [--block_q 2048 ...] [--json]
+        --head_dim 128 [--block_q 2048 ...] [--llo_stats] [--json]
 
 check: kernel vs a float64 host reference (max_abs_err, rel_err: the worst over --repeats inputs); without a TPU
 (GPU included) the kernel runs in Pallas interpret mode on the host CPU. bench: median of --repeats calls, TFLOP/s
@@ -16,7 +16,8 @@ check: kernel vs a float64 host reference (max_abs_err, rel_err: the worst over 
 kernel, upstream splash, XLA; GPU: XLA and cuDNN; CPU: all but cuDNN, the kernels interpreted: correct, not a speed
 measurement), listing what it skipped and why. sweep: block sizes for a shape, fastest first, the best marked, with
 the stage 2 flags that apply it. compile: the kernel compiled by the TPU compiler (Mosaic) for one chip of the
-slice, on any host: compile seconds, XLA's memory analysis and FLOPs; exit 1 with Mosaic's error in one line if it
+slice, on any host: compile seconds, XLA's memory analysis and FLOPs, the VMEM estimate and limit, grid steps per
+head (--llo_stats: the vector ops of one grid step in Mosaic's LLO); exit 1 with Mosaic's error in one line if it
 refuses. --json prints one JSON object.
 """
 

@@ -24,7 +24,7 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from tpu_wan import mesh as mesh_lib
 from tpu_wan.config import ATTENTION_CHOICES
@@ -236,13 +236,27 @@ def _shard_specs(mesh: Mesh, batch: int, heads: int) -> tuple[P, P, tuple[str, .
 
 
 def check_calls(fn: AttentionFn, *, batch: int, heads: int, head_dim: int, tokens: int, text_len: int,
-                dtype) -> None:
-    """Traces `fn`'s self-attention (L = S = tokens) and cross-attention (S = text_len) calls on abstract
-    inputs: a setting the shapes do not support is refused before any weight is loaded or anything runs."""
+                dtype, mesh: Mesh | None = None) -> None:
+    """The self-attention (L = S = tokens) and cross-attention (S = text_len) calls of `fn` on abstract inputs,
+    before any weight is loaded or anything runs: traced, and on a TPU mesh (a real chip, or a slice compiled for
+    with --topology) compiled, so a setting the shapes or the TPU compiler refuse is one line, not a failure
+    minutes into loading."""
+    compile_for_tpu = mesh is not None and mesh_lib.platform(mesh) == "tpu"
     for kv_len in (tokens, text_len):
-        q = jax.ShapeDtypeStruct((batch, heads, tokens, head_dim), jnp.dtype(dtype))  # [B N L D]
-        kv = jax.ShapeDtypeStruct((batch, heads, kv_len, head_dim), jnp.dtype(dtype))  # [B N S D]
-        jax.eval_shape(fn, q, kv, kv)
+        shapes = [(batch, heads, tokens, head_dim), (batch, heads, kv_len, head_dim), (batch, heads, kv_len, head_dim)]
+        if not compile_for_tpu:
+            jax.eval_shape(fn, *(jax.ShapeDtypeStruct(s, jnp.dtype(dtype)) for s in shapes))  # [B N L D], [B N S D]
+            continue
+        replicated = NamedSharding(mesh, P())
+        args = [jax.ShapeDtypeStruct(s, jnp.dtype(dtype), sharding=replicated) for s in shapes]
+        lowered = jax.jit(fn).lower(*args)  # our own refusals (AttentionError) surface here, as on the CPU
+        try:
+            lowered.compile()
+        except Exception as err:  # Mosaic's or XLA's refusal
+            first = (str(err).strip().splitlines() or [""])[0]
+            raise AttentionError(f"the TPU compiler ({mesh.devices.flat[0].device_kind}) refused attention over "
+                                 f"{tokens} x {kv_len} tokens: expected it to compile, found {type(err).__name__}: "
+                                 f"{first}") from None
 
 
 def _device_kind(mesh: Mesh | None) -> str:

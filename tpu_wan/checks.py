@@ -64,7 +64,7 @@ def check_transformer_run(model_path: Path, cfg: GenerationConfig, mesh, options
     attention.check_calls(
         attention.make_attention(options, mesh), batch=cfg.batch_size * (2 if cfg.do_classifier_free_guidance else 1),
         heads=dit["num_attention_heads"], head_dim=dit["attention_head_dim"], tokens=tokens,
-        text_len=cfg.max_sequence_length, dtype=cfg.dtype,
+        text_len=cfg.max_sequence_length, dtype=cfg.dtype, mesh=mesh,
     )
     return dit
 
