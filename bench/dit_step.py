@@ -98,7 +98,7 @@ def run_dtype(path: Path, dtype: str, args, mesh, latents, embeds) -> dict:
     x = jax.device_put(latents, sharding)
     state = jax.device_put(schedulers.init_state(x), sharding)
     emb = jax.device_put(jnp.asarray(embeds).astype(ours.dtype), mesh_lib.batch_sharding(mesh, 2, 3))
-    step = ours._step_fn(True, sharding)
+    step, _ = ours.step_program(latents.shape, emb.shape, cfg=True)  # the program denoise runs (megatron: 1 device)
     t, coeffs, guidance = jnp.float32(schedule.timesteps[0]), jnp.asarray(schedule.coeffs[0]), jnp.float32(GUIDANCE)
     start = time.perf_counter()
     lowered = step.lower(ours.weights, x, state, emb, t, coeffs, guidance)

@@ -70,6 +70,14 @@ def test_tpu_compile_smoke():
 
 
 @needs_libtpu
+def test_sharding_compile_smoke():
+    # the tiny step compiled for v5e-8 in both modes; the closed form must rank them as the compiler does
+    proc = run(ROOT / "bench" / "sharding_compile.py", "--smoke")
+    assert proc.stdout.splitlines()[-1] == "cases 1 auto_agrees 1"
+    assert "| tiny | v5e-8 | dp 2 x tp 4 | sequence |" in proc.stdout
+
+
+@needs_libtpu
 def test_tpu_conv_compile_smoke():
     last = run(ROOT / "bench" / "tpu_conv_compile.py", "--smoke").stdout.splitlines()[-1].split()
     assert last[0] == "conv3d_over_matmul" and float(last[1]) > 0 and last[2] == "conv3d_f32_s"

@@ -138,11 +138,13 @@ def test_search_mesh_ranks_every_mesh_the_heads_allow(tmp_path):
                  "--compile_only", "--search_mesh", "--output_dir", str(tmp_path)])
     m = json.loads((tmp_path / "metrics.json").read_text())
     ranked = m["mesh_search"]
-    # the tiny DiT has 4 heads: tp in 1, 2, 4 on 8 chips
-    assert sorted((r["dp"], r["tp"]) for r in ranked) == [(2, 4), (4, 2), (8, 1)]
-    keys = [(not r["fits"], r["step_collective_bytes"], r["peak_bytes"]) for r in ranked]
+    # the tiny DiT has 4 heads: tp in 1, 2, 4 on 8 chips, each in both sharding modes (--sharding auto)
+    assert sorted((r["dp"], r["tp"], r["sharding"]) for r in ranked) == [
+        (dp, tp, mode) for dp, tp in [(2, 4), (4, 2), (8, 1)] for mode in ("megatron", "sequence")]
+    keys = [(not r["fits"], r["step_traffic_bytes"], r["peak_bytes"]) for r in ranked]
     assert keys == sorted(keys)
     assert m["mesh"] == {"dp": ranked[0]["dp"], "tp": ranked[0]["tp"]}
+    assert m["config"]["sharding"] == ranked[0]["sharding"]
 
 
 def test_14b_at_720p_does_not_fit_a_v5e_1(tmp_path):

@@ -141,16 +141,18 @@ def swept(stage1, tmp_path_factory):
     return out
 
 
-def test_sweep_compiles_once_and_equals_single_runs(stage1, tmp_path, caplog):
+@pytest.mark.parametrize("sharding", ["megatron", "sequence"])
+def test_sweep_compiles_once_and_equals_single_runs(stage1, tmp_path, caplog, sharding):
     # In process, on the same 4x2 mesh as the scripts: the whole sweep (6 videos, 3 batches of 2) compiles the
-    # denoising step once, and each video equals its own single run bit for bit.
+    # denoising step once, and each video equals its own single run bit for bit, in either sharding mode.
     mesh = make_mesh(4, 2)
     cfg = pipeline.resolve_sampling(
         GenerationConfig.from_json_dict(artifacts.load_config(stage1)),
-        pipeline.SamplingArgs(height=32, width=32, frames=5, num_inference_steps=3, seeds=SEEDS, dtype="float32"),
+        pipeline.SamplingArgs(height=32, width=32, frames=5, num_inference_steps=3, seeds=SEEDS, dtype="float32",
+                              sharding=sharding),
         mesh,
     )
-    assert cfg.batch_size == 2
+    assert cfg.batch_size == 2 and cfg.sharding == sharding
     prompt_embeds, negative_embeds = artifacts.load_embeddings(stage1)
     denoiser = pipeline._denoiser(pipeline.checkpoints.resolve_model("tiny-random"), mesh, "float32", "auto")
     with jax.log_compiles(), caplog.at_level(logging.WARNING):

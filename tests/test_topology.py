@@ -36,9 +36,10 @@ def test_unknown_slices_are_refused_naming_the_known_ones(name):
 
 
 # A hand-written module: the entry all-reduces once, a while loop (trip count 5) all-gathers and permutes each
-# trip inside an async wrapper, and one loop of unknown trip count all-to-alls once.
+# trip inside an async wrapper, and one loop of unknown trip count all-to-alls once. Its replica groups use XLA's
+# three spellings (explicit lists, iota, named mesh axes) and none (every one of the module's 8 partitions).
 HLO = """
-HloModule m
+HloModule m, num_partitions=8
 
 %add (a: f32[], b: f32[]) -> f32[] {
   %a = f32[] parameter(0)
@@ -48,7 +49,7 @@ HloModule m
 
 %async_body (p: bf16[16,128]) -> bf16[64,128] {
   %p = bf16[16,128]{1,0} parameter(0)
-  ROOT %ag = bf16[64,128]{1,0} all-gather(%p), dimensions={0}
+  ROOT %ag = bf16[64,128]{1,0} all-gather(%p), replica_groups=mesh['axis_0'=2,'axis_1'=4] {'axis_1'}, dimensions={0}
 }
 
 %body (t: (s32[], bf16[16,128])) -> (s32[], bf16[16,128]) {
@@ -75,7 +76,7 @@ ENTRY %main (x: f32[8,128], y: bf16[16,128]) -> f32[8,128] {
   %ar = f32[8,128]{1,0} all-reduce(%x), replica_groups={{0,1}}, to_apply=%add
   %w = (s32[], bf16[16,128]{1,0}) while(%t0), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"5"}}
   %w2 = f32[4,4]{1,0} while(%u0), condition=%cond, body=%body2
-  ROOT %rs = f32[2,128]{1,0} reduce-scatter(%x), dimensions={0}, to_apply=%add
+  ROOT %rs = f32[2,128]{1,0} reduce-scatter(%x), replica_groups=[2,4]<=[8], dimensions={0}, to_apply=%add
 }
 """
 
@@ -83,11 +84,17 @@ ENTRY %main (x: f32[8,128], y: bf16[16,128]) -> f32[8,128] {
 def test_hlo_summary_counts_loop_trips_and_bytes_per_device():
     summary = hlo.summarize(HLO)
     c = summary["collectives"]
-    assert c["all-reduce"] == {"count": 1, "bytes": 8 * 128 * 4}
-    assert c["reduce-scatter"] == {"count": 1, "bytes": 8 * 128 * 4}  # the full input it reads
-    assert c["all-gather"] == {"count": 5, "bytes": 5 * 64 * 128 * 2}  # the gathered result, each trip
-    assert c["collective-permute"] == {"count": 5, "bytes": 5 * 16 * 128 * 2}  # its operand, not the tuple
-    assert c["all-to-all"] == {"count": 1, "bytes": 4 * 4 * 4}  # unknown trip count: once
+    # traffic: what one device sends, ring algorithms over its group of n (all-reduce 2 (n-1)/n of its operand,
+    # all-gather (n-1)/n of its result, reduce-scatter and all-to-all (n-1)/n of their operand, a permute its operand)
+    assert c["all-reduce"] == {"count": 1, "bytes": 8 * 128 * 4, "traffic_bytes": 2 * 8 * 128 * 4 // 2}  # {0,1}: n=2
+    assert c["reduce-scatter"] == {"count": 1, "bytes": 8 * 128 * 4,  # the full input it reads
+                                   "traffic_bytes": 8 * 128 * 4 * 3 // 4}  # [2,4]<=[8]: 2 groups of 4
+    assert c["all-gather"] == {"count": 5, "bytes": 5 * 64 * 128 * 2,  # the gathered result, each trip
+                               "traffic_bytes": 5 * 64 * 128 * 2 * 3 // 4}  # over axis_1: n=4
+    assert c["collective-permute"] == {"count": 5, "bytes": 5 * 16 * 128 * 2,  # its operand, not the tuple
+                                       "traffic_bytes": 5 * 16 * 128 * 2}
+    assert c["all-to-all"] == {"count": 1, "bytes": 4 * 4 * 4,  # unknown trip count: once
+                               "traffic_bytes": 4 * 4 * 4 * 7 // 8}  # no groups: all 8 partitions
     assert summary["custom_calls"] == {"tpu_custom_call": 5}
 
 

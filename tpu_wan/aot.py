@@ -112,7 +112,8 @@ def transformer_programs(model_path, mesh, cfg: GenerationConfig, attention) -> 
     latents = config_lib.latent_shape(cfg.batch_size, cfg.height, cfg.width, cfg.frames, dit["in_channels"])
     guided = cfg.do_classifier_free_guidance
     rows = cfg.batch_size * (2 if guided else 1)
-    jitted, args = denoiser.step_program(latents, (rows, cfg.max_sequence_length, dit["text_dim"]), guided)
+    jitted, args = denoiser.step_program(latents, (rows, cfg.max_sequence_length, dit["text_dim"]), guided,
+                                         cfg.sharding or "megatron")
     tokens = math.prod(n // p for n, p in zip(latents[2:], dit["patch_size"]))
     ideal = arithmetic.dit_forward_flops(dit, rows, tokens, cfg.max_sequence_length)
     return Programs(denoiser.weights, {f"step cfg={guided}": (jitted, args, ideal)})
@@ -188,12 +189,13 @@ def candidate_meshes(target: TpuTarget, head_counts: list[int]) -> list[tuple[in
     return [(n // tp, tp) for tp in range(1, n + 1) if n % tp == 0 and all(h % tp == 0 for h in head_counts)]
 
 
-def step_collective_bytes(metrics: dict) -> int | None:
-    """Bytes each device moves in one denoising step; None when the step was not compiled."""
+def step_collective_bytes(metrics: dict, count: str = "bytes") -> int | None:
+    """Bytes each device moves in one denoising step (`count`: "bytes", the collectives' sizes, or
+    "traffic_bytes", what it sends; tpu_wan.hlo); None when the step was not compiled."""
     steps = metrics["stages"].get("transformer", {}).get("compiled", [])
     if not steps or any(p["skipped"] for p in steps):
         return None
-    return sum(c["bytes"] for p in steps for c in p["collectives"].values())
+    return sum(c[count] for p in steps for c in p["collectives"].values())
 
 
 def compile_seconds(metrics: dict) -> float:
@@ -205,9 +207,10 @@ def peak_bytes(metrics: dict) -> int:
 
 
 def rank(documents: list[dict]) -> list[dict]:
-    """Meshes ranked: fits first, then fewer collective bytes per denoising step, then lower peak bytes."""
+    """Meshes (and sharding modes) ranked: fits first, then fewer bytes sent per device per denoising step, then
+    lower peak bytes."""
     def key(m):
-        moved = step_collective_bytes(m)
+        moved = step_collective_bytes(m, "traffic_bytes")
         return not m["fits"], moved is None, moved or 0, peak_bytes(m)
 
     return sorted(documents, key=key)
@@ -238,8 +241,8 @@ def compile_only(base: GenerationConfig, sampling, topology_name: str, *, dp: in
                  uint8: bool = True, search_mesh: bool = False) -> dict:
     """The compile-only run of a script: `base` holds what stage 1 decides (model, prompts, text dtype; with
     `one_process` the model dtype, as generate_flax.py decides it), `sampling` the stage-2 flags. With `search_mesh`, every
-    (dp, tp) the slice and the heads allow is compiled and the best document returned, with the ranking under
-    "mesh_search"."""
+    (dp, tp) the slice and the heads allow is compiled (in both sharding modes when `sampling.sharding` is
+    auto) and the best document returned, with the ranking under "mesh_search"."""
     from tpu_wan.pipeline import resolve_sampling
     from tpu_wan.topology import parse_target
 
@@ -252,18 +255,25 @@ def compile_only(base: GenerationConfig, sampling, topology_name: str, *, dp: in
                  (("text_encoder", "num_heads"), ("transformer", "num_attention_heads"))
                  if c in stages]
         meshes = candidate_meshes(target, heads)
+    from tpu_wan.parallelism import MODES
+
+    modes = MODES if search_mesh and sampling.sharding == "auto" and "transformer" in stages else (None,)
     documents = []
     for mesh_dp, mesh_tp in meshes:
         mesh = make_mesh(mesh_dp, mesh_tp, devices)
-        cfg = resolve_sampling(base, sampling, mesh)
-        if one_process:  # generate_flax.py encodes in the model dtype (oneshot.generate)
-            cfg = cfg.replace(text_dtype=cfg.dtype)
-        documents.append(compile_run(cfg, target, devices, stages=stages, uint8=uint8,
-                                     compile_stages=compile_stages, one_process=one_process))
+        for mode in modes:
+            cfg = resolve_sampling(base, sampling, mesh)
+            cfg = cfg.replace(sharding=mode or cfg.sharding)
+            if one_process:  # generate_flax.py encodes in the model dtype (oneshot.generate)
+                cfg = cfg.replace(text_dtype=cfg.dtype)
+            documents.append(compile_run(cfg, target, devices, stages=stages, uint8=uint8,
+                                         compile_stages=compile_stages, one_process=one_process))
     ranked = rank(documents)
     best = ranked[0]
     if search_mesh:
-        best["mesh_search"] = [{**m["mesh"], "fits": m["fits"], "step_collective_bytes": step_collective_bytes(m),
+        best["mesh_search"] = [{**m["mesh"], "sharding": m["config"]["sharding"], "fits": m["fits"],
+                                "step_collective_bytes": step_collective_bytes(m),
+                                "step_traffic_bytes": step_collective_bytes(m, "traffic_bytes"),
                                 "peak_bytes": peak_bytes(m), "compile_s": compile_seconds(m)} for m in ranked]
     return best
 
@@ -280,15 +290,18 @@ def table(metrics: dict) -> str:
     lines = [f"compiled for {t['topology']}: {t['devices']} x {t['device_kind']} on {t['hosts']} host(s)"
              + (" (more chips than one host: a multi-host slice, run with --distributed)" if t["hosts"] > 1 else "")
              + f", {_bytes(t['hbm_bytes_per_device'])} HBM each ({_bytes(metrics['usable_bytes_per_device'])} usable); "
-             f"mesh dp={metrics['mesh']['dp']} tp={metrics['mesh']['tp']}"]
-    rows = [("stage", "program", "compile s", "weights/dev", "peak/dev", "fits", "flops/ideal", "collectives/call")]
+             f"mesh dp={metrics['mesh']['dp']} tp={metrics['mesh']['tp']}"
+             + (f", DiT sharding {metrics['config']['sharding']}" if metrics["config"].get("sharding") else "")]
+    rows = [("stage", "program", "compile s", "weights/dev", "peak/dev", "fits", "flops/ideal", "collectives/call",
+             "sent/call")]
     for stage, s in metrics["stages"].items():
         for p in s["compiled"]:
             moved = sum(c["bytes"] for c in p["collectives"].values())
+            sent = sum(c.get("traffic_bytes", 0) for c in p["collectives"].values())
             ratio = "-" if not p["flops"] or not p["ideal_flops"] else f"{p['flops'] / p['ideal_flops']:.2f}"
             rows.append((stage, p["name"], "-" if p["compile_s"] is None else f"{p['compile_s']:.1f}",
                          _bytes(s["weights_bytes_per_device"]), _bytes(p["peak_bytes"]), "yes" if p["fits"] else "NO",
-                         ratio, "-" if p["skipped"] else _bytes(moved)))
+                         ratio, "-" if p["skipped"] else _bytes(moved), "-" if p["skipped"] else _bytes(sent)))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines += ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
     for stage, held in metrics["resident_stages"].items():
@@ -297,9 +310,10 @@ def table(metrics: dict) -> str:
                          "counted in the others' peaks")
     for m in metrics.get("mesh_search", []):
         moved = "step not compiled" if m["step_collective_bytes"] is None else \
-            f"{_bytes(m['step_collective_bytes'])} moved per device per step"
-        lines.append(f"mesh dp={m['dp']} tp={m['tp']}: fits {'yes' if m['fits'] else 'no'}, {moved}, "
-                     f"peak {_bytes(m['peak_bytes'])}")
+            f"{_bytes(m['step_traffic_bytes'])} sent per device per step ({_bytes(m['step_collective_bytes'])} " \
+            "as the collectives' sizes)"
+        lines.append(f"mesh dp={m['dp']} tp={m['tp']} sharding {m['sharding']}: fits {'yes' if m['fits'] else 'no'}, "
+                     f"{moved}, peak {_bytes(m['peak_bytes'])}")
     lines.append("fits: yes" if metrics["fits"] else f"fits: no ({not_fitting(metrics)})")
     return "\n".join(lines)
 

@@ -28,6 +28,37 @@ def dit_forward_flops(cfg: dict, rows: int, tokens: int, text_len: int) -> int:
     return rows * (blocks + embed + conditions)
 
 
+def ring_bytes(kind: str, size: int, n: int) -> float:
+    """Bytes one of `n` devices sends in a ring collective over an array of `size` bytes (the operand for
+    all-reduce and all-to-all, the gathered result for all-gather), as tpu_wan.hlo counts `traffic_bytes`."""
+    if n <= 1:
+        return 0.0
+    return (2 if kind == "all-reduce" else 1) * (n - 1) / n * size
+
+
+def dit_step_traffic_bytes(cfg: dict, layout, rows: int, tokens: int, text_len: int, itemsize: int) -> float:
+    """Bytes each chip sends in one denoising step's DiT forward (`rows` batch rows, CFG included) under
+    `layout` (a tpu_wan.parallelism.Layout), counting only what grows with the tokens or the weights: the
+    activation-sized collectives and the weight gathers (docs/ARCHITECTURE.md section 5 lists them)."""
+    mesh = layout.mesh
+    tp = mesh.shape["tp"]
+    e, ffn, layers = cfg["num_attention_heads"] * cfg["attention_head_dim"], cfg["ffn_dim"], cfg["num_layers"]
+    b = rows // mesh.shape["dp"] if layout.batch_axis(rows) else rows  # rows on one chip
+    hidden = b * tokens * e * itemsize  # one [b L E] hidden state
+    text = b * text_len * e * itemsize
+    if layout.mode == "megatron":
+        # three all-reduces of the hidden state per block (after self-attention, cross-attention, FFN), the q/k
+        # RMS-norm statistics (f32 per token: self q, k; cross q), once the text embedder's output
+        per_block = 3 * ring_bytes("all-reduce", hidden, tp) + 3 * ring_bytes("all-reduce", b * tokens * 4, tp)
+        return layers * per_block + ring_bytes("all-reduce", text, tp)
+    n = layout.token_shards(rows)
+    block_weights = (6 * e * e + 2 * e * ffn) * itemsize  # self q k v out, cross q out, FFN in and out
+    attention = (4 * ring_bytes("all-to-all", hidden // n, n) if cfg["num_attention_heads"] % n == 0
+                 else 2 * ring_bytes("all-gather", hidden, n))
+    cross_kv = 2 * ring_bytes("all-gather", text, tp)  # the text's k and v, projected on feature shards
+    return layers * (ring_bytes("all-gather", block_weights, tp) + attention + cross_kv)
+
+
 def umt5_encoder_flops(cfg: dict, rows: int, seq_len: int) -> int:
     """One UMT5 encoder forward over `rows` texts of `seq_len` tokens; `cfg` is text_encoder/config.json
     (gated FFN: wi_0, wi_1, wo)."""

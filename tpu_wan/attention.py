@@ -10,7 +10,9 @@ picks, per call, from the shapes it sees at trace time:
   cudnn   jax.nn.dot_product_attention's cuDNN flash attention (GPU; bf16/fp16, head dim <= 128)
 `auto` = custom on TPU (self- and cross-attention), cudnn on GPU where it applies, xla otherwise (CPU).
 Kernels see one device's data: shard_map splits the batch over dp,
-heads over tp when they divide, and otherwise the query sequence over the axes left (keys stay whole).
+heads over tp when they divide, and otherwise the query sequence over the axes left (keys stay whole). In the
+sequence-parallel layout (tpu_wan.parallelism) the tokens arrive split, and every choice runs inside
+parallelism.sequence_attention (all-to-all to whole sequences of a group of heads, or k/v gathered).
 A window (options.window_size) applies to self-attention only, on every choice; whether a call is
 self-attention is decided once, from the global shapes (L == S), never from one shard's.
 """
@@ -26,7 +28,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from tpu_wan import mesh as mesh_lib
+from tpu_wan import mesh as mesh_lib, parallelism
 from tpu_wan.config import ATTENTION_CHOICES
 from tpu_wan.errors import UserError
 
@@ -156,15 +158,17 @@ def _resolve(options: AttentionOptions, platform: str, kv_len: int, dtype, head_
 
 
 def _kernel(choice: str, options: AttentionOptions, q_len: int, kv_len: int, head_dim: int, dtype,
-            window: int | None, device_kind: str | None):
+            window: int | None, device_kind: str | None, shard_mapped: bool = False):
     """fn(q [N L D], k [N S D], v [N S D], scale) for one device's data. q_len is the local (per-shard) query
     length; `window` was decided by the caller from the global shapes (None for cross-attention). device_kind:
-    the TPU chip it compiles for (its VMEM limit), None to run interpreted on the host."""
+    the TPU chip it compiles for (its VMEM limit), None to run interpreted on the host: in Pallas' TPU
+    interpreter on one device, in its generic one inside a multi-device shard_map (`shard_mapped`), where the
+    TPU interpreter's cross-device barrier hangs a DiT step on virtual CPU devices (splash_exp2.splash_attention)."""
     from tpu_wan.kernels import splash_exp2
 
     given = {n: getattr(options, n) for n in ("bq", "bkv", "bkv_compute") if getattr(options, n) is not None}
     flags = ", ".join(f"{BLOCK_FLAGS[n]} {v}" for n, v in given.items())
-    interpret = device_kind is None
+    interpret = ("generic" if shard_mapped else True) if device_kind is None else False
     vmem_limit = splash_exp2.VMEM_LIMIT_BYTES if interpret else splash_exp2.vmem_limit_for(device_kind)
     try:
         defaults = splash_exp2.default_block_sizes(q_len, kv_len, head_dim, dtype, vmem_limit)
@@ -181,7 +185,7 @@ def _kernel(choice: str, options: AttentionOptions, q_len: int, kv_len: int, hea
             splash_exp2.splash_attention, block_sizes=blocks, window_size=window, k_smooth=options.k_smooth,
             interpret=interpret, vmem_limit_bytes=vmem_limit,
         )
-    return functools.partial(_upstream_splash, blocks=blocks, window=window, interpret=interpret)
+    return functools.partial(_upstream_splash, blocks=blocks, window=window, interpret=bool(interpret))
 
 
 def _upstream_splash(q, k, v, *, scale, blocks, window, interpret):
@@ -265,10 +269,11 @@ def _device_kind(mesh: Mesh | None) -> str:
 
 
 def make_attention(options: AttentionOptions | str = "auto", mesh: Mesh | None = None,
-                   platform: str | None = None) -> AttentionFn:
+                   platform: str | None = None, layout: parallelism.Layout | None = None) -> AttentionFn:
     """The attention function for `options` on `mesh`; an unsupported choice is an error, never a fallback.
     platform: where it will run (default: the mesh's devices' platform, else jax.default_backend()); "cpu" with
-    the inputs on a CPU device runs the Pallas kernels interpreted on the host whatever the default backend is."""
+    the inputs on a CPU device runs the Pallas kernels interpreted on the host whatever the default backend is.
+    layout: how the model's activations are split (default: Megatron, tokens whole)."""
     if isinstance(options, str):
         options = AttentionOptions(choice=options)
     platform = platform or (mesh_lib.platform(mesh) if mesh is not None else jax.default_backend())
@@ -286,6 +291,22 @@ def make_attention(options: AttentionOptions | str = "auto", mesh: Mesh | None =
         if choice == "cudnn":
             return cudnn_attention(q, k, v, scale=scale, window_size=window)
         device_kind = _device_kind(mesh) if platform == "tpu" else None  # None: interpreted on the host
+        if layout is not None and layout.token_shards(b) > 1:
+            if window is not None and n % layout.token_shards(b):
+                raise AttentionError(
+                    f"window_size with k and v gathered (sequence sharding): expected heads divisible by the "
+                    f"{layout.token_shards(b)} token shards, found heads={n}")
+
+            def make_local(heads, q_len, kv_len):
+                if choice == "xla":
+                    return functools.partial(xla_attention, window_size=window)
+                if choice == "cudnn":
+                    return functools.partial(cudnn_attention, window_size=window)
+                kernel = _kernel(choice, options, q_len, kv_len, d, q.dtype, window, device_kind, shard_mapped=True)
+                return lambda q, k, v, *, scale: _per_device(kernel, scale)(q, k, v)
+
+            return parallelism.sequence_attention(make_local, layout, q, k, v, scale=scale,
+                                                  self_attention=l == s)
         if mesh is None or mesh.size == 1:
             return _per_device(_kernel(choice, options, l, s, d, q.dtype, window, device_kind), scale)(q, k, v)
         q_spec, kv_spec, seq_axes = _shard_specs(mesh, b, n)
@@ -297,7 +318,8 @@ def make_attention(options: AttentionOptions | str = "auto", mesh: Mesh | None =
             )
         lp = -(-l // shards) * shards  # the query sequence splits evenly; padded rows are dropped below
         qp = jnp.pad(q, ((0, 0), (0, 0), (0, lp - l), (0, 0)))
-        local = _per_device(_kernel(choice, options, lp // shards, s, d, q.dtype, window, device_kind), scale)
+        local = _per_device(_kernel(choice, options, lp // shards, s, d, q.dtype, window, device_kind,
+                                    shard_mapped=True), scale)
         out = jax.shard_map(local, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec), out_specs=q_spec, check_vma=False)(
             qp, k, v
         )

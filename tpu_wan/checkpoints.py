@@ -80,6 +80,15 @@ def resolve_configs(model_id: str) -> Path:
                           f"folder to compile without weights, found {model_id!r}")
 
 
+def config_folder(model_id: str) -> Path:
+    """A folder holding `model_id`'s config files, to decide settings before loading: the packaged configs of the
+    two published models, tiny-random, a local folder (tokenizer and weights optional), else the hub's download."""
+    if model_id in PACKAGED_MODELS or model_id == tiny.TINY_MODEL_ID:
+        return resolve_configs(model_id)
+    path = Path(model_id).expanduser()
+    return _checked(path, with_tokenizer=False) if path.exists() else resolve_model(model_id)
+
+
 def _checked(path: Path, with_tokenizer: bool = True) -> Path:
     """`path` if it is a Wan 2.1 text-to-video diffusers folder whose parts fit together."""
     index_file = path / "model_index.json"

@@ -49,20 +49,21 @@ def check_transformer_run(model_path: Path, cfg: GenerationConfig, mesh, options
     """A resolved stage-2 config against the transformer's config.json: tp divides the heads, the embeddings
     have its text dim, the attention settings trace at the run's shapes, and a fine-tuned checkpoint is
     readable (its names are checked against the model's as it loads). Returns that config.json."""
-    from tpu_wan import attention, checkpoints, finetune, mesh as mesh_lib
+    from tpu_wan import attention, checkpoints, finetune, mesh as mesh_lib, parallelism
 
     if cfg.transformer_checkpoint is not None:
         finetune.read_checkpoint(cfg.transformer_checkpoint, cfg.checkpoint_key)  # lazy: headers only
 
     dit = checkpoints.read_config(model_path, "transformer", required=(
         "num_attention_heads", "attention_head_dim", "text_dim", "in_channels", "patch_size"))
-    mesh_lib.check_heads(mesh, dit["num_attention_heads"], "transformer")
+    if cfg.sharding in (None, "megatron"):  # sequence sharding takes any head count (parallelism.sequence_attention)
+        mesh_lib.check_heads(mesh, dit["num_attention_heads"], "transformer")
     if prompt_embeds is not None:
         check_text_dim(prompt_embeds, cfg, dit["text_dim"])
     shape = config_lib.latent_shape(cfg.batch_size, cfg.height, cfg.width, cfg.frames, dit["in_channels"])
     tokens = math.prod(n // p for n, p in zip(shape[2:], dit["patch_size"]))  # [B C F H W] -> L video tokens
     attention.check_calls(
-        attention.make_attention(options, mesh), batch=cfg.batch_size * (2 if cfg.do_classifier_free_guidance else 1),
+        attention.make_attention(options, mesh, layout=parallelism.Layout(cfg.sharding or "megatron", mesh)), batch=cfg.batch_size * (2 if cfg.do_classifier_free_guidance else 1),
         heads=dit["num_attention_heads"], head_dim=dit["attention_head_dim"], tokens=tokens,
         text_len=cfg.max_sequence_length, dtype=cfg.dtype, mesh=mesh,
     )

@@ -13,7 +13,7 @@ import sys
 from typing import Callable, Sequence
 
 from tpu_wan.config import (
-    ATTENTION_CHOICES, DEFAULT_MODEL_ID, DEFAULT_NEGATIVE_PROMPT, DEFAULT_PROMPT, DTYPES, SOLVERS,
+    ATTENTION_CHOICES, SHARDING_CHOICES, DEFAULT_MODEL_ID, DEFAULT_NEGATIVE_PROMPT, DEFAULT_PROMPT, DTYPES, SOLVERS,
 )
 from tpu_wan.errors import UserError
 
@@ -166,6 +166,10 @@ def add_stage2_args(p: argparse.ArgumentParser) -> None:
                    help="kernel query block (default: per shape); the block flags: auto, custom, splash only")
     g.add_argument("--bkvsize", type=int, default=None, help="kernel key/value block (default: per shape)")
     g.add_argument("--bkvcomputesize", type=int, default=None, help="kernel key compute block (default: per shape)")
+    g.add_argument("--sharding", default="auto", choices=SHARDING_CHOICES,
+                   help="how the DiT splits over the mesh: megatron (weights split, activations whole on each tp "
+                        "chip), sequence (tokens split, weights gathered per block, all-to-all around attention), "
+                        "auto: the one moving fewer bytes per step for this model, size and mesh")
     g.add_argument("--warmup_steps", type=int, default=0, help="steps run first to compile (not saved)")
 
 

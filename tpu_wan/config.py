@@ -25,6 +25,8 @@ DEFAULT_PROMPT = "A cat playing piano in a jazz club, cinematic lighting"
 DTYPES = ("float32", "bfloat16")
 SOLVERS = ("unipc", "dpm++", "euler")
 ATTENTION_CHOICES = ("auto", "custom", "splash", "xla", "cudnn")
+# How the DiT is split over the mesh (tpu_wan.parallelism); the config records the mode that ran, never 'auto'.
+SHARDING_CHOICES = ("auto", "megatron", "sequence")
 VAE_SPATIAL = 8  # the VAE downsamples H and W by 8 ...
 VAE_TEMPORAL = 4  # ... and frames by 4, keeping the first frame: F = (frames - 1) / 4 + 1
 SIZE_MULTIPLE = VAE_SPATIAL * 2  # the DiT's 1x2x2 patches need latent H and W even
@@ -164,6 +166,9 @@ class GenerationConfig:
     bqsize: int | None = None  # kernel block sizes; None: the per-shape default
     bkvsize: int | None = None
     bkvcomputesize: int | None = None
+    # stage 2: the DiT's sharding mode, as decided ('auto' resolved); None in configs written before it was
+    # recorded, which ran megatron
+    sharding: str | None = None
     # stage 3
     fps: int = 16
     vae_dtype: str = "float32"
@@ -185,6 +190,8 @@ class GenerationConfig:
                 raise ConfigError("expected at least one seed, found none")
             if self.batch_size is not None and self.batch_size < 1:
                 raise ConfigError(f"batch_size must be >= 1, found {self.batch_size}")
+            if self.sharding is not None and self.sharding not in SHARDING_CHOICES[1:]:
+                raise ConfigError(f"sharding must be one of {SHARDING_CHOICES[1:]}, found {self.sharding!r}")
             if self.attention is not None:
                 validate_attention(self.attention, self.window_size, self.bqsize, self.bkvsize, self.bkvcomputesize)
 

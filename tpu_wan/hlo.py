@@ -2,9 +2,14 @@
 (`compiled.as_text()`), per device and per call of the program.
 
 An instruction inside a while loop counts once per trip when XLA knows the trip count (`known_trip_count` in
-its backend config, as for a `lax.scan`), else once. Collective bytes are per device: the larger of what the
-op reads and what it writes (all-gather: the gathered result; reduce-scatter: the full input; all-reduce,
-all-to-all, collective-permute: their operand), which bounds what one device sends or receives in it.
+its backend config, as for a `lax.scan`), else once. Two counts of collective bytes, both per device:
+- `bytes`: the larger of what the op reads and what it writes (all-gather: the gathered result; reduce-scatter:
+  the full input; all-reduce, all-to-all, collective-permute: their operand).
+- `traffic_bytes`: what one device sends in it over a group of n devices, as ring algorithms move data:
+  all-reduce 2 (n-1)/n of its operand (a reduce-scatter, then an all-gather), all-gather (n-1)/n of its result,
+  reduce-scatter and all-to-all (n-1)/n of their operand, collective-permute its operand. This is the count that
+  compares layouts: `bytes` counts an all-reduce once though it moves its operand 1.5 times over 4 devices, and
+  counts the shard a device already holds in an all-gather's result.
 """
 
 from __future__ import annotations
@@ -24,6 +29,10 @@ _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = (.+?) ([a-z][\w\-]*)\((.
 _ARRAY = re.compile(r"\b([a-z]\w*)\[([\d,]*)\]")
 _CALLEES = re.compile(r"\b(?:body|condition|calls|to_apply)=%([\w.\-]+)|branch_computations=\{([^}]*)\}")
 _TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
+_MESH_GROUPS = re.compile(r"replica_groups=mesh\[([^\]]*)\][^{]*\{([^}]*)\}")
+_LIST_GROUPS = re.compile(r"replica_groups=\{\{([\d,]*)\}")
+_IOTA_GROUPS = re.compile(r"replica_groups=\[\d+,(\d+)\]<=")
+_PARTITIONS = re.compile(r"\bnum_partitions=(\d+)")
 
 
 def array_bytes(type_text: str, skip_scalars: bool = False) -> int:
@@ -48,8 +57,33 @@ def _operands(args_text: str) -> list[str]:
     return re.findall(r"%([\w.\-]+)", args_text[:end])
 
 
+def group_size(args_text: str, num_devices: int) -> int:
+    """How many devices take part in each group of a collective, from its replica_groups in any of XLA's three
+    spellings (explicit lists, iota `[groups,size]<=[...]`, named mesh axes); empty groups: every device."""
+    if m := _MESH_GROUPS.search(args_text):
+        sizes = {name: int(size) for name, size in re.findall(r"'(\w+)'=(\d+)", m.group(1))}
+        return math.prod(sizes[name] for name in re.findall(r"'(\w+)'", m.group(2)))
+    if m := _LIST_GROUPS.search(args_text):
+        return len([d for d in m.group(1).split(",") if d])
+    if m := _IOTA_GROUPS.search(args_text):
+        return int(m.group(1))
+    return num_devices
+
+
+def traffic(kind: str, read: int, written: int, n: int) -> float:
+    """Bytes one device sends in collective `kind` over groups of n devices (see the module docstring)."""
+    if kind == "collective-permute":
+        return read
+    if n <= 1:
+        return 0.0
+    share = (n - 1) / n
+    return {"all-reduce": 2 * share * read, "all-gather": share * written}.get(kind, share * read)
+
+
 def summarize(hlo_text: str) -> dict:
-    """{"collectives": {kind: {"count", "bytes"}}, "custom_calls": {target: count}} of one call of the module."""
+    """{"collectives": {kind: {"count", "bytes", "traffic_bytes"}}, "custom_calls": {target: count}} of one
+    call of the module."""
+    num_devices = int(m.group(1)) if (m := _PARTITIONS.search(hlo_text)) else 1
     computations: list[tuple[str, list[tuple[str, str, str, str]]]] = []
     types: dict[str, str] = {}
     entry = None
@@ -74,7 +108,7 @@ def summarize(hlo_text: str) -> dict:
             for called, branches in _CALLEES.findall(rest):
                 for callee in [called] if called else re.findall(r"%([\w.\-]+)", branches):
                     times[callee] += times[comp] * trips
-    collectives = {kind: {"count": 0, "bytes": 0} for kind in COLLECTIVES}
+    collectives = {kind: {"count": 0, "bytes": 0, "traffic_bytes": 0} for kind in COLLECTIVES}
     custom_calls: dict[str, int] = defaultdict(int)
     for comp, instructions in computations:
         n = times[comp]
@@ -89,6 +123,8 @@ def summarize(hlo_text: str) -> dict:
                     written -= read
                 collectives[kind]["count"] += n
                 collectives[kind]["bytes"] += n * max(read, written)
+                moved = traffic(kind, read, written, group_size(rest, num_devices))
+                collectives[kind]["traffic_bytes"] += int(round(n * moved))
             elif op == "custom-call" and (target := re.search(r'custom_call_target="([^"]+)"', rest)):
                 custom_calls[target.group(1)] += n
     return {"collectives": collectives, "custom_calls": dict(custom_calls)}

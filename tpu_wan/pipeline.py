@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from tpu_wan import artifacts, checkpoints, checks, config as config_lib, distributed, profiling, sweep
@@ -55,6 +57,7 @@ class SamplingArgs:
     bqsize: int | None = None
     bkvsize: int | None = None
     bkvcomputesize: int | None = None
+    sharding: str = "auto"  # the DiT's sharding mode (config.SHARDING_CHOICES); auto: parallelism.choose
 
 
 def sampling_args(namespace) -> SamplingArgs:
@@ -121,7 +124,27 @@ def resolve_sampling(cfg: GenerationConfig, args: SamplingArgs, mesh) -> Generat
         bqsize=args.bqsize,
         bkvsize=args.bkvsize,
         bkvcomputesize=args.bkvcomputesize,
+        sharding=resolve_sharding(cfg, args, mesh, batch_size),
     )
+
+
+def resolve_sharding(cfg: GenerationConfig, args: SamplingArgs, mesh, batch_size: int) -> str:
+    """args.sharding, or for 'auto' the mode that moves fewer bytes per step at this model, size and mesh."""
+    if args.sharding != "auto":
+        if args.sharding not in config_lib.SHARDING_CHOICES:
+            raise ConfigError(f"sharding must be one of {config_lib.SHARDING_CHOICES}, found {args.sharding!r}")
+        return args.sharding
+    if mesh.size == 1:
+        return "megatron"  # nothing is split: the modes are one program
+    from tpu_wan import parallelism
+
+    dit = checkpoints.read_config(checkpoints.config_folder(cfg.model_id), "transformer", required=(
+        "num_attention_heads", "attention_head_dim", "ffn_dim", "num_layers", "in_channels", "patch_size"))
+    shape = config_lib.latent_shape(batch_size, args.height, args.width, args.frames, dit["in_channels"])
+    tokens = math.prod(n // p for n, p in zip(shape[2:], dit["patch_size"]))
+    rows = batch_size * (2 if args.guidance_scale > 1.0 else 1)
+    dtype = args.dtype or config_lib.default_dtype(mesh_platform(mesh))
+    return parallelism.choose(dit, rows, tokens, cfg.max_sequence_length, mesh, jnp.dtype(dtype).itemsize)
 
 
 def _encoder(model_path, mesh, dtype):

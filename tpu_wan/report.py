@@ -192,22 +192,28 @@ def compiled_section(m: dict) -> list[str]:
              f"usable ({m['hbm_reserve_fraction']:.0%} reserve)",
              f"- mesh: dp {mesh.get('dp')} x tp {mesh.get('tp')}; model {c.get('model_id')}, "
              f"{c.get('width')}x{c.get('height')}x{c.get('frames')} (WxHxF), batch size {c.get('batch_size')}, "
-             f"dtype {c.get('dtype')}" + ("; one process (generate_flax.py)" if m.get("one_process") else ""),
+             f"dtype {c.get('dtype')}" + (f", DiT sharding {c['sharding']}" if c.get("sharding") else "")
+             + ("; one process (generate_flax.py)" if m.get("one_process") else ""),
              "", "| stage | program | compile (s) | arguments | temp | peak / device | fits | FLOPs / device "
-             "| model FLOPs / device | collective bytes | custom calls |", "|---|---|" + "---:|" * 9]
+             "| model FLOPs / device | collective bytes | bytes sent / device | custom calls |", "|---|---|" + "---:|" * 10]
     for name, s in ordered_stages(m).items():
         for p in s["compiled"]:
             moved = sum(v["bytes"] for v in p["collectives"].values())
+            sent = sum(v.get("traffic_bytes", 0) for v in p["collectives"].values())
             calls = ", ".join(f"{k} x{v}" for k, v in p["custom_calls"].items()) or "-"
             flops = lambda x: "n/a" if x is None else f"{x:.3e}"  # noqa: E731
             lines.append(_row([name, p["name"], secs(p["compile_s"]), human_bytes(p["argument_bytes"]),
                                human_bytes(p["temp_bytes"]), human_bytes(p["peak_bytes"]),
                                "yes" if p["fits"] else "**no**", flops(p["flops"]), flops(p["ideal_flops"]),
-                               "n/a" if p.get("skipped") else human_bytes(moved), calls]))
+                               "n/a" if p.get("skipped") else human_bytes(moved),
+                               "n/a" if p.get("skipped") else human_bytes(sent), calls]))
     for row in m.get("mesh_search", []):
-        moved = row["step_collective_bytes"]
-        lines.append(f"- mesh dp {row['dp']} x tp {row['tp']}: fits {'yes' if row['fits'] else 'no'}, "
-                     + ("step not compiled" if moved is None else f"{human_bytes(moved)} moved per device per step")
+        moved, sent = row["step_collective_bytes"], row.get("step_traffic_bytes")
+        lines.append(f"- mesh dp {row['dp']} x tp {row['tp']}"
+                     + (f", sharding {row['sharding']}" if row.get("sharding") else "")
+                     + f": fits {'yes' if row['fits'] else 'no'}, "
+                     + ("step not compiled" if moved is None else f"{human_bytes(moved)} moved per device per step"
+                        + (f" ({human_bytes(sent)} sent)" if sent is not None else ""))
                      + f", peak {human_bytes(row['peak_bytes'])}")
     verdict = "everything fits" if m["fits"] else "something does not fit (see **no** above)"
     return lines + ["", f"Verdict: {verdict}. These are the compiler's estimates for one call of each program, "

@@ -30,7 +30,7 @@ SIGNATURE_FIELDS = (
     "model_id", "prompts", "negative_prompt", "max_sequence_length", "text_dtype", "height", "width", "frames",
     "num_inference_steps", "guidance_scale", "flow_shift", "sample_solver", "dtype", "init_latents",
     "transformer_checkpoint", "checkpoint_key", "mesh", "batch_size",
-    "attention", "k_smooth", "window_size", "bqsize", "bkvsize", "bkvcomputesize",
+    "attention", "k_smooth", "window_size", "bqsize", "bkvsize", "bkvcomputesize", "sharding",
 )
 
 
@@ -156,5 +156,6 @@ def denoise_videos(
             starting_latents(cfg, padded, plan, shape), prompt_embeds[rows],
             negative_embeds[rows] if cfg.do_classifier_free_guidance else None,
             schedule, cfg.guidance_scale, num_steps=num_steps, progress=progress,
+            sharding=cfg.sharding or "megatron",
         )
         on_batch(group, latents[: len(group)])

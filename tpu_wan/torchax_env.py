@@ -12,8 +12,9 @@ import contextlib
 import contextvars
 import copy
 import functools
+import re
 import warnings
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
@@ -143,8 +144,26 @@ def _to_numpy(t: torch.Tensor) -> np.ndarray:
     return t.numpy()
 
 
+Constraint = Callable[[Any], Any]  # jax array -> the same values, e.g. pinned to a sharding
+
+
+def _constrain_submodules(module: torch.nn.Module, constraints: Mapping[str, Constraint]) -> None:
+    """Hooks that pass the first positional input and the output of every submodule whose name fully matches a
+    pattern through its function (on the jax array under the torchax tensor)."""
+    interop = _torchax().interop
+    for pattern, fn in constraints.items():
+        on_tensor = lambda t, fn=fn: interop.torch_view(fn(interop.jax_view(t)))  # noqa: E731
+        matched = [m for name, m in module.named_modules() if re.fullmatch(pattern, name)]
+        if not matched:
+            raise ValueError(f"no submodule of {type(module).__name__} matches {pattern!r}")
+        for sub in matched:
+            sub.register_forward_pre_hook(lambda _, args, on=on_tensor: (on(args[0]), *args[1:]))
+            sub.register_forward_hook(lambda _, args, out, on=on_tensor: on(out))
+
+
 def functionalize(
-    module: torch.nn.Module, attention_fn: AttentionFn | None = None, method: str = "forward"
+    module: torch.nn.Module, attention_fn: AttentionFn | None = None, method: str = "forward",
+    constraints: Mapping[str, Constraint] | None = None,
 ) -> tuple[dict[str, np.ndarray], Callable]:
     """Returns (weights, fn): fn(weights, *args, **kwargs) runs `module.method` on jax arrays.
 
@@ -152,10 +171,13 @@ def functionalize(
     returned so the caller can place them on the mesh with its own shardings; parameters built on the meta
     device are not returned, fn expects them in `weights` too (see tpu_wan.loading). Weights tied under
     several names appear once. Call fn inside jax.jit: eager calls go op by op through torchax.
+    `constraints`: submodule name pattern -> a function applied to that submodule's first input and its output
+    (a tensor), e.g. a sharding constraint on every transformer block's hidden state.
     """
     weights, aliases = module_weights(module)
     module = copy.deepcopy(module)
     env = _env()
+    _constrain_submodules(module, constraints or {})
     names = set(weights) | set(meta_parameters(module))
 
     def fn(weights_in: dict, *args, **kwargs):

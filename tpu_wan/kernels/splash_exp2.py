@@ -316,7 +316,7 @@ def _kernel(q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, acc_ref, *, logit_scale, b
 
 def splash_attention(q, k, v, *, block_sizes: BlockSizes = BlockSizes(), scale: float | None = None,
                      window_size: int | None = None, k_smooth: bool = False, pv_f32: bool = False,
-                     interpret: bool = False, vmem_limit_bytes: int = VMEM_LIMIT_BYTES,
+                     interpret: bool | str = False, vmem_limit_bytes: int = VMEM_LIMIT_BYTES,
                      _mask_padding: bool = True) -> jax.Array:
     """softmax(q k^T * scale) v for q [N, L, D], k and v [N, S, D] (float32 or bfloat16); returns [N, L, D]
     in q.dtype.
@@ -329,6 +329,10 @@ def splash_attention(q, k, v, *, block_sizes: BlockSizes = BlockSizes(), scale: 
     interpret: run the same kernel in Pallas' TPU interpreter (pltpu.InterpretParams(): TPU memory spaces,
     uninitialised VMEM read as NaN, bounds-checked reads) on CPU; any D and blocks that are multiples of 8
     work there, while compiled kernels need bkv_compute % 128 == 0 and are meant for D = 64 or 128.
+    interpret="generic": Pallas' generic interpreter instead (the kernel body as plain jax ops, no TPU
+    semantics), for kernels inside a multi-device shard_map: the TPU interpreter holds every kernel call at a
+    barrier across the devices, and a DiT step whose queries are split over 8 virtual CPU devices never
+    returns from it (tpu_wan.attention).
     Blocks larger than the (padded) sequence are shrunk to it, so short sequences do not pay for padding;
     blocks whose VMEM (vmem_bytes, after shrinking) exceeds `vmem_limit_bytes` (the chip's, vmem_limit_for) are
     refused, in interpret mode too, so a check on CPU refuses what the TPU could not run. `_mask_padding=False` leaves padded keys
@@ -346,7 +350,8 @@ def splash_attention(q, k, v, *, block_sizes: BlockSizes = BlockSizes(), scale: 
         check_lanes(block_sizes)
     check_vmem(block_sizes, q.shape[1], k.shape[1], q.shape[2], q.dtype, vmem_limit_bytes)
     return _splash_attention(q, k, v, block_sizes=block_sizes, scale=scale, window_size=window_size,
-                             k_smooth=bool(k_smooth), pv_f32=bool(pv_f32), interpret=bool(interpret),
+                             k_smooth=bool(k_smooth), pv_f32=bool(pv_f32),
+                             interpret=interpret if interpret == "generic" else bool(interpret),
                              vmem_limit_bytes=int(vmem_limit_bytes), mask_padding=bool(_mask_padding))
 
 
@@ -414,7 +419,7 @@ def _splash_attention(q, k, v, *, block_sizes, scale, window_size, k_smooth, pv_
         # Pallas' TPU interpreter follows TPU semantics (memory spaces, NaN-filled uninitialised scratch,
         # bounds-checked reads). The generic interpret=True also runs this kernel in jax 0.10.2 (~1.5x faster
         # on CPU) but knows nothing TPU-specific.
-        interpret=pltpu.InterpretParams() if interpret else False,
+        interpret=True if interpret == "generic" else pltpu.InterpretParams() if interpret else False,
         name="splash_exp2_fwd",
     )(q, k, v)
     return out

@@ -1,0 +1,124 @@
+"""Sequence-parallel sharding (tpu_wan.parallelism): the tiny pipeline against diffusers on every mesh shape, the
+token regrouping against plain attention, and how `--sharding auto` decides."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import FRAMES, HEIGHT, LATENT_RTOL, NEGATIVE, PROMPTS, SEED, STEPS, WIDTH, diffusers_run, rel_err
+
+from tpu_wan import arithmetic, attention, checkpoints, hlo, parallelism, pipeline
+from tpu_wan.config import GenerationConfig, latent_shape
+from tpu_wan.mesh import make_mesh
+
+MESHES = [(1, 1), (2, 4), (1, 8), (8, 1)]
+# float32 attention over [B N L D] against the same math in one piece: only the order of the float32 sums differs.
+REGROUP_ATOL = 1e-6
+
+
+def _config(mesh, **sampling):
+    cfg = GenerationConfig(model_id="tiny-random", prompts=(PROMPTS[0],), negative_prompt=NEGATIVE)
+    args = pipeline.SamplingArgs(**{"height": HEIGHT, "width": WIDTH, "frames": FRAMES, "num_inference_steps": STEPS,
+                                    "guidance_scale": 5.0, "seeds": (SEED,), "dtype": "float32", **sampling})
+    return pipeline.resolve_sampling(cfg, args, mesh)
+
+
+@pytest.fixture(scope="module")
+def embeddings(tiny_path):
+    """Our embeddings on one device (test_parity holds them to diffusers')."""
+    encoder = pipeline._encoder(tiny_path, make_mesh(1, 1, jax.devices()[:1]), "float32")
+    return pipeline.encode(encoder, _config(make_mesh(1, 1, jax.devices()[:1])))
+
+
+def _tokens(tiny_path) -> int:
+    dit = checkpoints.read_config(tiny_path, "transformer")
+    shape = latent_shape(1, HEIGHT, WIDTH, FRAMES, dit["in_channels"])
+    return math.prod(n // p for n, p in zip(shape[2:], dit["patch_size"]))
+
+
+@pytest.mark.parametrize("mesh_shape", MESHES, ids=lambda m: f"mesh{m[0]}x{m[1]}")
+def test_sequence_sharding_equals_diffusers(mesh_shape, tiny_path, embeddings, diffusers_pipe):
+    dp, tp = mesh_shape
+    mesh = make_mesh(dp, tp, devices=jax.devices()[: dp * tp])
+    assert _tokens(tiny_path) == 18  # divides none of the meshes' 4 or 8 token shards: the padding path runs
+    cfg = _config(mesh, sharding="sequence", attention="custom")
+    assert cfg.sharding == "sequence"
+    denoiser = pipeline._denoiser(tiny_path, mesh, "float32", "custom")
+    latents = pipeline.denoise(denoiser, cfg, *embeddings, progress=False)
+    ref = diffusers_run(diffusers_pipe, PROMPTS[0], 5.0, "latent")
+    err = rel_err(latents, ref)
+    print(f"mesh {dp}x{tp} sequence sharding, custom kernel: latents rel err {err:.2e}")
+    assert err <= LATENT_RTOL
+    if mesh.size > 1:  # the program that ran split the tokens: it moves them between devices
+        ((jitted, args),) = denoiser.programs.values()
+        collectives = hlo.summarize(jitted.lower(*args).compile().as_text())["collectives"]
+        # 2x4: the 4 heads divide the 4 token shards, so q, k, v and the output are regrouped by all-to-all.
+        # 8x1: Megatron would move nothing (tp = 1, and 2 rows do not split over dp = 8), sequence splits the
+        # tokens over dp and gathers k and v. 1x8: Megatron cannot split 4 heads over tp = 8 at all.
+        kinds = ("all-to-all",) if (dp, tp) == (2, 4) else tuple(collectives)
+        assert sum(collectives[k]["count"] for k in kinds) > 0, collectives
+
+
+def test_the_two_modes_share_one_loaded_model(tiny_path, embeddings):
+    mesh = make_mesh(2, 4)
+    denoiser = pipeline._denoiser(tiny_path, mesh, "float32", "xla")
+    runs = {mode: pipeline.denoise(denoiser, _config(mesh, sharding=mode, attention="xla"), *embeddings,
+                                   progress=False) for mode in parallelism.MODES}
+    assert rel_err(runs["sequence"], runs["megatron"]) <= LATENT_RTOL
+    assert denoiser.forward("sequence") is denoiser.forward("sequence")  # traced once per mode, same weights
+
+
+@pytest.mark.parametrize("mesh_shape,rows,heads", [((2, 4), 2, 4), ((1, 8), 2, 4), ((8, 1), 2, 4), ((2, 4), 1, 8)])
+@pytest.mark.parametrize("self_attention", [True, False], ids=["self", "cross"])
+def test_regrouped_attention_equals_plain_attention(mesh_shape, rows, heads, self_attention):
+    dp, tp = mesh_shape
+    layout = parallelism.Layout("sequence", make_mesh(dp, tp))
+    rng = np.random.default_rng(0)
+    tokens = 45  # divides no shard count above
+    keys = tokens if self_attention else 24
+    q = jnp.asarray(rng.standard_normal((rows, heads, tokens, 16)), jnp.float32)
+    k, v = (jnp.asarray(rng.standard_normal((rows, heads, keys, 16)), jnp.float32) for _ in range(2))
+    fn = attention.make_attention("xla", layout.mesh, layout=layout)
+    out = jax.jit(fn)(q, k, v)
+    np.testing.assert_allclose(out, attention.xla_attention(q, k, v), atol=REGROUP_ATOL)
+
+
+def test_layout_axes():
+    mesh = make_mesh(2, 4)
+    sequence, megatron = parallelism.Layout("sequence", mesh), parallelism.Layout("megatron", mesh)
+    assert sequence.token_axes(2) == ("tp",) and sequence.token_shards(2) == 4  # the CFG pair on dp
+    assert sequence.token_axes(1) == ("dp", "tp") and sequence.token_shards(1) == 8  # one row: tokens on both
+    assert megatron.token_axes(2) == () and megatron.token_shards(2) == 1
+    assert parallelism.Layout("sequence", make_mesh(8, 1)).token_axes(2) == ("dp",)
+    with pytest.raises(ValueError, match="sharding mode"):
+        parallelism.Layout("ring", mesh)
+
+
+def test_traffic_closed_forms_by_hand():
+    # 14B at 720p x 81 frames on v6e-8 (dp 2 x tp 4), bf16, CFG: one row per chip, L = 21 x 45 x 80 = 75,600.
+    dit = {"num_attention_heads": 40, "attention_head_dim": 128, "ffn_dim": 13824, "num_layers": 40}
+    mesh = make_mesh(2, 4)
+    hidden = 75600 * 5120 * 2  # one [1, L, E] bf16 hidden state
+    megatron = 40 * (3 * 2 * 0.75 * hidden + 3 * 2 * 0.75 * 75600 * 4) + 2 * 0.75 * 512 * 5120 * 2
+    block_weights = (6 * 5120**2 + 2 * 5120 * 13824) * 2
+    sequence = 40 * (0.75 * block_weights + 4 * 0.75 * hidden / 4 + 2 * 0.75 * 512 * 5120 * 2)
+    for mode, expected in (("megatron", megatron), ("sequence", sequence)):
+        got = arithmetic.dit_step_traffic_bytes(dit, parallelism.Layout(mode, mesh), 2, 75600, 512, 2)
+        assert got == pytest.approx(expected, rel=1e-12), mode
+    assert parallelism.choose(dit, 2, 75600, 512, mesh, 2) == "sequence"
+    assert parallelism.choose(dit, 2, 1560, 512, mesh, 2) == "megatron"  # one 480p frame: weights outweigh tokens
+    assert parallelism.choose(dit, 2, 75600, 512, make_mesh(1, 1, jax.devices()[:1]), 2) == "megatron"  # a tie
+    assert parallelism.choose({**dit, "num_attention_heads": 12}, 2, 1560, 512, make_mesh(1, 8), 2) == "sequence"
+
+
+def test_auto_is_resolved_and_recorded(tiny_path):
+    mesh = make_mesh(2, 4)
+    short, long = _config(mesh), _config(mesh, height=128, width=192, frames=33)
+    assert (short.sharding, long.sharding) == ("megatron", "sequence")  # the tiny model's crossover
+    assert _config(make_mesh(1, 1, jax.devices()[:1])).sharding == "megatron"
+    assert _config(mesh, sharding="sequence").to_json_dict()["sharding"] == "sequence"
+    from tpu_wan import sweep
+
+    assert sweep.signature_digest(short) != sweep.signature_digest(short.replace(sharding="sequence"))
