@@ -5,7 +5,7 @@ What the TPU compiler says of the real Wan 2.1 runs on the slices users rent, co
 deviceless: nothing runs, no weights are read). Each case runs
 `generate_flax.py --compile_only --topology T --search_mesh --compile_stages text_encoder transformer` as its
 own process (81 frames, CFG, one prompt, bfloat16, default block sizes), so every mesh the slice and the heads
-allow is compiled: the default mesh's row and the best one's come from the same run. The VAE's weights count in
+allow is compiled, in both DiT sharding modes: the default mesh's rows and the best one's come from the same run. The VAE's weights count in
 each program's peak (one process holds all three models); its programs are not compiled here: at these sizes
 XLA:TPU takes many minutes per 3D convolution program (see bench/README.md).
 
@@ -70,7 +70,8 @@ def rows_of(case: str, document: dict) -> list[list[str]]:
         if not (mine or i == 0):
             continue
         label = " / ".join(w for w, on in (("default", mine), ("best", i == 0)) if on)
-        rows.append([case, t["topology"], f"dp {m['dp']} x tp {m['tp']} ({label})", f"{m['compile_s']:.0f}",
+        mode = f", {m['sharding']}" if m.get("sharding") else ""
+        rows.append([case, t["topology"], f"dp {m['dp']} x tp {m['tp']}{mode} ({label})", f"{m['compile_s']:.0f}",
                      f"{m['peak_bytes'] / GiB:.2f} / {t['hbm_bytes_per_device'] / GiB:.0f}",
                      "yes" if m["fits"] else "no", ratio if i == 0 else "",
                      "not compiled" if m["step_collective_bytes"] is None else f"{m['step_collective_bytes'] / 1e9:.1f}"])

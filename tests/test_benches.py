@@ -66,7 +66,7 @@ needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
 def test_tpu_compile_smoke():
     proc = run(ROOT / "bench" / "tpu_compile.py", "--smoke")
     assert proc.stdout.splitlines()[-1] == "cases 1 fits 1"
-    assert "| tiny-random | v5e-4 | dp 2 x tp 2 (default" in proc.stdout
+    assert "| tiny-random | v5e-4 | dp 2 x tp 2, megatron (default" in proc.stdout
 
 
 @needs_libtpu
