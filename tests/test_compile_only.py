@@ -232,11 +232,11 @@ def test_attention_the_tpu_compiler_refuses_is_one_error_before_the_run(tmp_path
     # The stage-2 checks compile the attention calls for the slice: a kernel Mosaic refuses (here: our VMEM
     # estimate and the chip's limit both shrunk to nothing, so our own check passes and Mosaic runs out of VMEM) is
     # an AttentionError naming the compiler, raised by the checks before the step is built.
+    from tpu_wan import kernel_tiling
     from tpu_wan.attention import AttentionError
-    from tpu_wan.kernels import splash_exp2
 
-    monkeypatch.setattr(splash_exp2, "vmem_limit_for", lambda kind: 1024)
-    monkeypatch.setattr(splash_exp2, "vmem_bytes", lambda *args: 0)
+    monkeypatch.setattr(kernel_tiling, "vmem_limit_for", lambda kind: 1024)
+    monkeypatch.setattr(kernel_tiling, "vmem_bytes", lambda *args: 0)
     with pytest.raises(AttentionError, match=r"the TPU compiler \(TPU v6 lite\) refused attention over 2 x 2 tokens"):
         load(STAGE2).main([*TINY_RUN[2:], "--num_prompts", "1", "--model_id", "tiny-random", "--topology", "v6e-8",
                            "--compile_only", "--output_dir", str(tmp_path)])

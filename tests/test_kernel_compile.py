@@ -13,7 +13,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from scripts import ROOT, run
 
-from tpu_wan import attention, attention_tuning as tuning, topology
+from tpu_wan import attention, attention_tuning as tuning, kernel_tiling, topology
 from tpu_wan.attention import AttentionOptions
 from tpu_wan.batch import default_batch_size
 from tpu_wan.kernels import splash_exp2
@@ -71,9 +71,9 @@ def _vmem_cases():
 def test_default_blocks_compile_within_the_vmem_estimate(generation, q_len, kv_len):
     # Mosaic gets exactly ceil(vmem_bytes) of scoped VMEM: the estimate must be an upper bound of what the
     # compiled kernel uses, and the default blocks must fit the chip's limit.
-    limit = splash_exp2.vmem_limit_for(GENERATIONS[generation])
-    blocks = splash_exp2.default_block_sizes(q_len, kv_len, 128, jnp.bfloat16, limit)
-    need = splash_exp2.vmem_bytes(splash_exp2.effective_block_sizes(blocks, q_len, kv_len), 128, jnp.bfloat16)
+    limit = kernel_tiling.vmem_limit_for(GENERATIONS[generation])
+    blocks = kernel_tiling.default_block_sizes(q_len, kv_len, 128, jnp.bfloat16, limit)
+    need = kernel_tiling.vmem_bytes(kernel_tiling.effective_block_sizes(blocks, q_len, kv_len), 128, jnp.bfloat16)
     assert need <= limit
     compiled = _compile_at(generation, q_len, kv_len, blocks, need)
     assert "tpu_custom_call" in compiled.as_text()
@@ -89,10 +89,10 @@ def test_the_dispatch_covers_the_named_shapes():
 def test_few_grid_steps_at_720p(generation):
     # 14B 720p self-attention, 10 heads per chip: ~0.5 us of MXU work per 512 x 512 tile against ~0.35 us of
     # overhead per grid step, so the blocks must be large in both directions.
-    blocks = splash_exp2.default_block_sizes(75600, 75600, 128, jnp.bfloat16,
-                                             splash_exp2.vmem_limit_for(GENERATIONS[generation]))
-    print(generation, blocks, splash_exp2.grid_steps(blocks, 75600, 75600), "grid steps per head")
-    assert splash_exp2.grid_steps(blocks, 75600, 75600) <= 1000
+    blocks = kernel_tiling.default_block_sizes(75600, 75600, 128, jnp.bfloat16,
+                                             kernel_tiling.vmem_limit_for(GENERATIONS[generation]))
+    print(generation, blocks, kernel_tiling.grid_steps(blocks, 75600, 75600), "grid steps per head")
+    assert kernel_tiling.grid_steps(blocks, 75600, 75600) <= 1000
 
 
 def test_the_dispatch_splits_the_query_sequence_where_the_batch_does_not_divide_dp():

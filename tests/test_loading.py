@@ -11,7 +11,7 @@ import torch
 from conftest import FRAMES, HEIGHT, LATENT_RTOL, NEGATIVE, PROMPTS, SEED, STEPS, WIDTH, diffusers_run, rel_err
 from safetensors.torch import save_file
 
-from tpu_wan import checkpoints, finetune, loading, mesh as mesh_lib, pipeline, schedulers
+from tpu_wan import checkpoints, finetune, loading, mesh as mesh_lib, pipeline, schedulers, sweep
 from tpu_wan.config import latent_shape
 from tpu_wan.finetune import FinetuneError
 from tpu_wan.mesh import make_mesh
@@ -70,7 +70,7 @@ def finetuned(tiny_path, tmp_path_factory):
 
 def _denoise(tiny_path, embeds, **finetune):
     denoiser = Denoiser(tiny_path, make_mesh(1, 1, devices=jax.devices()[:1]), "float32", **finetune)
-    noise = pipeline.initial_noise(SEED, latent_shape(1, HEIGHT, WIDTH, FRAMES))
+    noise = sweep.initial_noise(SEED, latent_shape(1, HEIGHT, WIDTH, FRAMES))
     schedule = schedulers.make_schedule("unipc", STEPS, 3.0)
     return denoiser.denoise(noise, *embeds, schedule, 5.0, progress=False)
 

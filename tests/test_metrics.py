@@ -160,7 +160,7 @@ def test_program_temp_bytes_need_no_second_compile(tiny_path):
     from tpu_wan.mesh import make_mesh
 
     mesh = make_mesh(1, 1, devices=jax.devices()[:1])
-    decoder = pipeline._decoder(tiny_path, mesh)
+    decoder = pipeline.load_decoder(tiny_path, mesh)
     decoder.decode(np.zeros((1, 16, 2, 4, 4), np.float32))
     before = profiling.compile_totals()
     temp = profiling.temp_bytes(decoder.programs)

@@ -11,7 +11,7 @@ from conftest import (
     diffusers_run, rel_err,
 )
 
-from tpu_wan import oneshot, pipeline
+from tpu_wan import oneshot, pipeline, sweep
 from tpu_wan.config import GenerationConfig, latent_shape
 from tpu_wan.mesh import make_mesh
 
@@ -78,7 +78,7 @@ def test_our_embeddings_and_noise_drive_diffusers(models, diffusers_pipe):
     # diffusers' WanPipeline, lands on our stage-2 latents.
     cfg = _config(PROMPTS[0], 5.0)
     prompt_embeds, negative_embeds, latents, _ = models.run(cfg, progress=False)
-    noise = pipeline.initial_noise(SEED, latent_shape(1, HEIGHT, WIDTH, FRAMES))
+    noise = sweep.initial_noise(SEED, latent_shape(1, HEIGHT, WIDTH, FRAMES))
     ref = diffusers_run(
         diffusers_pipe, None, 5.0, "latent", prompt_embeds=torch.from_numpy(prompt_embeds),
         negative_prompt_embeds=torch.from_numpy(negative_embeds), latents=torch.from_numpy(noise),
@@ -166,7 +166,7 @@ def test_init_latents_from_diffusers_prepare_latents_give_diffusers_video(models
     err = rel_err(latents, ref)
     print(f"init_latents: latents rel err {err:.2e}")
     assert err <= LATENT_RTOL
-    assert rel_err(start.numpy(), pipeline.initial_noise(SEED, tuple(start.shape))) > 0.5  # not --seed's noise
+    assert rel_err(start.numpy(), sweep.initial_noise(SEED, tuple(start.shape))) > 0.5  # not --seed's noise
     ref_frames = diffusers_run(diffusers_pipe, PROMPTS[0], 5.0, "np", latents=start)
     frames = models.decoder.decode(latents)
     print(f"init_latents: frames max abs err {np.abs(frames - ref_frames).max():.2e}")

@@ -28,7 +28,7 @@ def _config(mesh, **sampling):
 @pytest.fixture(scope="module")
 def embeddings(tiny_path):
     """Our embeddings on one device (test_parity holds them to diffusers')."""
-    encoder = pipeline._encoder(tiny_path, make_mesh(1, 1, jax.devices()[:1]), "float32")
+    encoder = pipeline.load_encoder(tiny_path, make_mesh(1, 1, jax.devices()[:1]), "float32")
     return pipeline.encode(encoder, _config(make_mesh(1, 1, jax.devices()[:1])))
 
 
@@ -45,7 +45,7 @@ def test_sequence_sharding_equals_diffusers(mesh_shape, tiny_path, embeddings, d
     assert _tokens(tiny_path) == 18  # divides none of the meshes' 4 or 8 token shards: the padding path runs
     cfg = _config(mesh, sharding="sequence", attention="custom")
     assert cfg.sharding == "sequence"
-    denoiser = pipeline._denoiser(tiny_path, mesh, "float32", "custom")
+    denoiser = pipeline.load_denoiser(tiny_path, mesh, "float32", "custom")
     latents = pipeline.denoise(denoiser, cfg, *embeddings, progress=False)
     ref = diffusers_run(diffusers_pipe, PROMPTS[0], 5.0, "latent")
     err = rel_err(latents, ref)
@@ -63,7 +63,7 @@ def test_sequence_sharding_equals_diffusers(mesh_shape, tiny_path, embeddings, d
 
 def test_the_two_modes_share_one_loaded_model(tiny_path, embeddings):
     mesh = make_mesh(2, 4)
-    denoiser = pipeline._denoiser(tiny_path, mesh, "float32", "xla")
+    denoiser = pipeline.load_denoiser(tiny_path, mesh, "float32", "xla")
     runs = {mode: pipeline.denoise(denoiser, _config(mesh, sharding=mode, attention="xla"), *embeddings,
                                    progress=False) for mode in parallelism.MODES}
     assert rel_err(runs["sequence"], runs["megatron"]) <= LATENT_RTOL

@@ -18,8 +18,9 @@ import numpy as np
 import pytest
 from conftest import KERNEL_BF16_RTOL, KERNEL_F32_RTOL, UNMASKED_MIN_ERR, rel_err
 
+from tpu_wan.kernel_tiling import vmem_bytes
 from tpu_wan.kernels.splash_exp2 import (VMEM_LIMIT_BYTES, BlockSizes, attended_pairs, attention_reference,
-                                         splash_attention, vmem_bytes)
+                                         splash_attention)
 
 SEED = 0
 

@@ -154,7 +154,7 @@ def test_sweep_compiles_once_and_equals_single_runs(stage1, tmp_path, caplog, sh
     )
     assert cfg.batch_size == 2 and cfg.sharding == sharding
     prompt_embeds, negative_embeds = artifacts.load_embeddings(stage1)
-    denoiser = pipeline._denoiser(pipeline.checkpoints.resolve_model("tiny-random"), mesh, "float32", "auto")
+    denoiser = pipeline.load_denoiser(pipeline.checkpoints.resolve_model("tiny-random"), mesh, "float32", "auto")
     with jax.log_compiles(), caplog.at_level(logging.WARNING):
         sweep_latents = pipeline.denoise(denoiser, cfg, prompt_embeds, negative_embeds, progress=False)
     compiles = [r for r in caplog.records if "Finished XLA compilation" in r.getMessage() and "_denoise_step" in r.getMessage()]

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from tpu_wan import mesh as mesh_lib, parallelism
+from tpu_wan import kernel_tiling, mesh as mesh_lib, parallelism
 from tpu_wan.config import ATTENTION_CHOICES
 from tpu_wan.errors import UserError
 
@@ -48,7 +48,7 @@ TAKES_BLOCKS = ("auto", "custom", "splash")
 
 @dataclasses.dataclass(frozen=True)
 class AttentionOptions:
-    """How attention runs. Block sizes None: per-shape defaults (kernels.splash_exp2.default_block_sizes)."""
+    """How attention runs. Block sizes None: per-shape defaults (kernels.kernel_tiling.default_block_sizes)."""
 
     choice: str = "auto"
     k_smooth: bool = False
@@ -169,14 +169,14 @@ def _kernel(choice: str, options: AttentionOptions, q_len: int, kv_len: int, hea
     given = {n: getattr(options, n) for n in ("bq", "bkv", "bkv_compute") if getattr(options, n) is not None}
     flags = ", ".join(f"{BLOCK_FLAGS[n]} {v}" for n, v in given.items())
     interpret = ("generic" if shard_mapped else True) if device_kind is None else False
-    vmem_limit = splash_exp2.VMEM_LIMIT_BYTES if interpret else splash_exp2.vmem_limit_for(device_kind)
+    vmem_limit = kernel_tiling.VMEM_LIMIT_BYTES if interpret else kernel_tiling.vmem_limit_for(device_kind)
     try:
-        defaults = splash_exp2.default_block_sizes(q_len, kv_len, head_dim, dtype, vmem_limit)
+        defaults = kernel_tiling.default_block_sizes(q_len, kv_len, head_dim, dtype, vmem_limit)
         blocks = dataclasses.replace(defaults, **given)
         if choice == "custom":
-            splash_exp2.check_vmem(blocks, q_len, kv_len, head_dim, dtype, vmem_limit)
+            kernel_tiling.check_vmem(blocks, q_len, kv_len, head_dim, dtype, vmem_limit)
             if not interpret:
-                splash_exp2.check_lanes(blocks)
+                kernel_tiling.check_lanes(blocks)
     except ValueError as err:  # a given size that does not combine with a default one, over VMEM or off the lanes
         raise AttentionError(f"kernel block sizes ({flags} with the defaults for q_len={q_len} kv_len={kv_len}): "
                              f"expected {err}") from None

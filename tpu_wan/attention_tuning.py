@@ -20,7 +20,7 @@ import numpy as np
 
 from tpu_wan import attention
 from tpu_wan.attention import AttentionError, AttentionOptions
-from tpu_wan.kernels import splash_exp2
+from tpu_wan import kernel_tiling
 
 BENCH_CHOICES = ("custom", "splash", "xla", "cudnn")
 # Dense bf16 matmul peak per chip, TFLOP/s, by jax device_kind prefix (vendor spec sheets).
@@ -41,7 +41,7 @@ class Shape:
     def flops(self, window_size: int | None = None) -> float:
         """Two matmuls (2 flops per multiply-add) over the (query, key) pairs attended: all of them, or with a
         window those with |i - j| <= window_size."""
-        pairs = splash_exp2.attended_pairs(self.q_len, self.kv_len, self.window(window_size))
+        pairs = kernel_tiling.attended_pairs(self.q_len, self.kv_len, self.window(window_size))
         return 4.0 * self.heads * pairs * self.head_dim
 
     def window(self, window_size: int | None) -> int | None:
@@ -81,10 +81,10 @@ def _host_cpu():
 
 
 def block_sizes(shape: Shape, options: AttentionOptions,
-                vmem_limit: int = splash_exp2.VMEM_LIMIT_BYTES) -> splash_exp2.BlockSizes:
+                vmem_limit: int = kernel_tiling.VMEM_LIMIT_BYTES) -> kernel_tiling.BlockSizes:
     """The kernel's block sizes at `shape` for a chip with `vmem_limit`: the per-shape defaults with the given
     ones over them."""
-    blocks = splash_exp2.default_block_sizes(shape.q_len, shape.kv_len, shape.head_dim, shape.dtype, vmem_limit)
+    blocks = kernel_tiling.default_block_sizes(shape.q_len, shape.kv_len, shape.head_dim, shape.dtype, vmem_limit)
     given = {n: getattr(options, n) for n in ("bq", "bkv", "bkv_compute") if getattr(options, n) is not None}
     try:
         return dataclasses.replace(blocks, **given)
@@ -103,8 +103,8 @@ def compile_for(shape: Shape, options: AttentionOptions, topology: str) -> dict:
 
     target = parse_target(topology)
     shape.window(options.window_size)
-    limit = splash_exp2.vmem_limit_for(target.generation.device_kind)
-    blocks = splash_exp2.effective_block_sizes(block_sizes(shape, options, limit), shape.q_len, shape.kv_len)
+    limit = kernel_tiling.vmem_limit_for(target.generation.device_kind)
+    blocks = kernel_tiling.effective_block_sizes(block_sizes(shape, options, limit), shape.q_len, shape.kv_len)
     mesh = make_mesh(1, 1, target.devices()[:1])
     fn = attention.make_attention(options, mesh)  # the mesh's platform is tpu: the compiled kernel
     dims = [(1, shape.heads, n, shape.head_dim) for n in (shape.q_len, shape.kv_len, shape.kv_len)]
@@ -113,8 +113,8 @@ def compile_for(shape: Shape, options: AttentionOptions, topology: str) -> dict:
         "topology": target.name, "device_kind": target.generation.device_kind, **dataclasses.asdict(shape),
         "window_size": options.window_size, "k_smooth": options.k_smooth,
         "block_sizes": [blocks.bq, blocks.bkv, blocks.bkv_compute],
-        "vmem_bytes": splash_exp2.vmem_bytes(blocks, shape.head_dim, shape.dtype), "vmem_limit_bytes": limit,
-        "grid_steps_per_head": splash_exp2.grid_steps(blocks, shape.q_len, shape.kv_len),
+        "vmem_bytes": kernel_tiling.vmem_bytes(blocks, shape.head_dim, shape.dtype), "vmem_limit_bytes": limit,
+        "grid_steps_per_head": kernel_tiling.grid_steps(blocks, shape.q_len, shape.kv_len),
     }
     start = time.perf_counter()
     try:
@@ -165,8 +165,8 @@ def check(shape: Shape, options: AttentionOptions, seed: int = 0, repeats: int =
     window = shape.window(options.window_size)
     platform = "tpu" if jax.default_backend() == "tpu" else "cpu"
     device = jax.devices()[0] if platform == "tpu" else _host_cpu()
-    blocks = block_sizes(shape, options, splash_exp2.vmem_limit_for(device.device_kind) if platform == "tpu"
-                         else splash_exp2.VMEM_LIMIT_BYTES)
+    blocks = block_sizes(shape, options, kernel_tiling.vmem_limit_for(device.device_kind) if platform == "tpu"
+                         else kernel_tiling.VMEM_LIMIT_BYTES)
     fn = jax.jit(attention.make_attention(options, platform=platform))  # compiled once, for every input
     errors = []  # (rel_err, max_abs_err, seed) of each input
     for s in range(seed, seed + repeats):

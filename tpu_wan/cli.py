@@ -1,4 +1,5 @@
-"""Command-line plumbing shared by the scripts: flag groups, process setup, and the error contract.
+"""Command-line plumbing shared by the scripts: flag groups, cheap flag checks and process setup (the error
+contract itself is tpu_wan.entry).
 
 Importing this module does not import jax: `setup_process` may still set XLA flags (e.g. virtual CPU
 devices) before the first jax import.
@@ -10,12 +11,12 @@ import argparse
 import logging
 import os
 import sys
-from typing import Callable, Sequence
 
 from tpu_wan.config import (
     ATTENTION_CHOICES, SHARDING_CHOICES, DEFAULT_MODEL_ID, DEFAULT_NEGATIVE_PROMPT, DEFAULT_PROMPT, DTYPES, SOLVERS,
 )
-from tpu_wan.errors import UserError
+from tpu_wan.entry import Parser, Terminated, make_parser, run_main  # noqa: F401  (the scripts' entry points)
+from tpu_wan.errors import UsageError, UserError  # noqa: F401
 
 DEFAULT_OUTPUT_DIR = "stage_outputs"
 STAGES = ("text_encoder", "transformer", "vae")  # tpu_wan.profiling.STAGES, without importing it
@@ -29,21 +30,6 @@ def with_cpu_xla_flags(flags: str) -> str:
     """XLA_FLAGS with CPU_XLA_FLAGS added (unless the user set that flag already)."""
     name = CPU_XLA_FLAGS.split("=")[0]
     return flags if name in flags else f"{flags} {CPU_XLA_FLAGS}".strip()
-
-class UsageError(UserError):
-    """A flag argparse refused."""
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse that reports a bad flag as a UsageError (one line, exit 2) instead of usage + exit."""
-
-    def error(self, message):
-        raise UsageError(f"{message} (see {self.prog} --help)")
-
-
-def make_parser(doc: str) -> Parser:
-    return Parser(description=doc.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=doc)
-
 
 def add_mesh_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("mesh")
@@ -305,31 +291,3 @@ def say(*lines: str) -> None:
         print(*lines, sep="\n")
 
 
-class Terminated(BaseException):
-    """SIGTERM, raised in the main thread like Ctrl-C's KeyboardInterrupt, so a write in flight removes its
-    temp file and leaves the previous artifact as it was."""
-
-
-def _raise_terminated(signum, frame):
-    raise Terminated()
-
-
-def run_main(main: Callable[[Sequence[str] | None], None], argv: Sequence[str] | None = None) -> int:
-    """Runs a script's main; bad input -> one line on stderr and status 2, Ctrl-C -> status 130, SIGTERM -> 143."""
-    import signal
-
-    prog = os.path.basename(sys.argv[0])
-    signal.signal(signal.SIGTERM, _raise_terminated)
-    try:
-        main(argv)
-    except UserError as err:
-        message = " ".join(str(err).split())  # one line, whatever the message holds
-        print(f"{prog}: error: {message}", file=sys.stderr)
-        return err.exit_status
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
-        return 130
-    except Terminated:
-        print(f"{prog}: terminated", file=sys.stderr)
-        return 143
-    return 0

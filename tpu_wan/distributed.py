@@ -12,7 +12,7 @@ import os
 
 import numpy as np
 
-from tpu_wan.errors import UserError
+from tpu_wan.errors import UsageError, UserError
 
 log = logging.getLogger("tpu_wan")
 
@@ -28,7 +28,6 @@ def tpu_pod_detected() -> bool:
 def check_flags(distributed: bool, coordinator_address: str | None, num_processes: int | None,
                 process_id: int | None) -> bool:
     """Whether to start the multi-process runtime for these flags; refuses incomplete or inconsistent ones."""
-    from tpu_wan.cli import UsageError
 
     given = [v is not None for v in (coordinator_address, num_processes, process_id)]
     if any(given) and not all(given):

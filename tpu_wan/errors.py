@@ -9,3 +9,7 @@ class UserError(ValueError):
     """Bad input; the message says what was expected and what was found."""
 
     exit_status = 2
+
+
+class UsageError(UserError):
+    """A flag argparse refused, or a flag value out of range."""

@@ -18,8 +18,8 @@ from tpu_wan import artifacts, checkpoints, checks, config as config_lib, sweep
 from tpu_wan.config import GenerationConfig
 from tpu_wan.mesh import check_heads, make_mesh
 from tpu_wan.pipeline import (
-    SamplingArgs, _decoder, _denoiser, _encoder, _finetune, attention_options, denoise, encode, plan,
-    resolve_sampling, video_paths, with_attention,
+    SamplingArgs, attention_options, denoise, encode, finetune_settings, load_decoder, load_denoiser, load_encoder,
+    plan, resolve_sampling, video_paths, with_attention,
 )
 from tpu_wan.profiling import Recorder
 
@@ -32,11 +32,11 @@ class Generator:
         self.recorder = recorder or Recorder()
         model_path = checkpoints.resolve_model(model_id)
         with self.recorder.section("text_encoder", "load"):
-            self.encoder = _encoder(model_path, mesh, text_dtype)
+            self.encoder = load_encoder(model_path, mesh, text_dtype)
         with self.recorder.section("transformer", "load"):
-            self.denoiser = _denoiser(model_path, mesh, dtype, attention, **finetune)
+            self.denoiser = load_denoiser(model_path, mesh, dtype, attention, **finetune)
         with self.recorder.section("vae", "load"):
-            self.decoder = _decoder(model_path, mesh, vae_dtype)
+            self.decoder = load_decoder(model_path, mesh, vae_dtype)
 
     def run(self, cfg: GenerationConfig, *, progress: bool = True, uint8: bool = False):
         """(prompt_embeds, negative_prompt_embeds, latents [V ...], frames [V ...]) for every video of `cfg`;
@@ -127,7 +127,7 @@ def generate(
         shape = config_lib.latent_shape(1, cfg.height, cfg.width, cfg.frames, dit["in_channels"])[1:]
         sweep.starting_latents(cfg, plan(cfg)[:1], plan(cfg), shape)
     gen = Generator(model_id, mesh, text_dtype=cfg.text_dtype, dtype=cfg.dtype, attention=attention,
-                    vae_dtype=vae_dtype, **_finetune(cfg, sampling.non_strict))
+                    vae_dtype=vae_dtype, **finetune_settings(cfg, sampling.non_strict))
     # Only --save_intermediates keeps the float frames; the mp4 needs uint8, converted on device (a quarter of
     # the bytes to move to the host).
     uint8 = not save_intermediates

@@ -23,15 +23,6 @@ from tpu_wan.profiling import Recorder
 log = logging.getLogger("tpu_wan")
 
 
-def initial_noise(seed: int, shape: tuple[int, ...]) -> np.ndarray:
-    """float32 N(0, 1) latents drawn exactly as diffusers' prepare_latents draws them for this seed."""
-    import torch
-    from diffusers.utils.torch_utils import randn_tensor
-
-    generator = torch.Generator("cpu").manual_seed(seed)
-    return randn_tensor(shape, generator=generator, dtype=torch.float32).numpy()
-
-
 @dataclasses.dataclass(frozen=True)
 class SamplingArgs:
     """Stage-2 settings as the user gave them; None means 'the default for this size / platform'."""
@@ -147,24 +138,32 @@ def resolve_sharding(cfg: GenerationConfig, args: SamplingArgs, mesh, batch_size
     return parallelism.choose(dit, rows, tokens, cfg.max_sequence_length, mesh, jnp.dtype(dtype).itemsize)
 
 
-def _encoder(model_path, mesh, dtype):
+# The building blocks both runners share (run_stage1/2/3 here, tpu_wan.oneshot's Generator): each model loaded
+# onto the mesh, and its work (encode, denoise, the VAE's decode).
+
+
+def load_encoder(model_path, mesh, dtype):
+    """UMT5 (stage 1) on `mesh`."""
     from tpu_wan.text_encoder import TextEncoder
 
     return TextEncoder(model_path, mesh, dtype)
 
 
-def _denoiser(model_path, mesh, dtype, attention, **finetune):
+def load_denoiser(model_path, mesh, dtype, attention, **finetune):
+    """The Wan DiT (stage 2) on `mesh`; `finetune`: finetune_settings' keywords."""
     from tpu_wan.transformer import Denoiser
 
     return Denoiser(model_path, mesh, dtype, attention, **finetune)
 
 
-def _finetune(cfg: GenerationConfig, non_strict: bool) -> dict:
+def finetune_settings(cfg: GenerationConfig, non_strict: bool) -> dict:
+    """load_denoiser's fine-tuned weight keywords for `cfg`."""
     return dict(transformer_checkpoint=cfg.transformer_checkpoint, checkpoint_key=cfg.checkpoint_key,
                 non_strict=non_strict)
 
 
-def _decoder(model_path, mesh, dtype: str = "float32"):
+def load_decoder(model_path, mesh, dtype: str = "float32"):
+    """The Wan VAE decoder (stage 3) on `mesh`."""
     from tpu_wan.vae import VaeDecoder
 
     return VaeDecoder(model_path, mesh, dtype)
@@ -217,7 +216,7 @@ def run_stage1(
     # before transformers is imported and the encoder loaded
     check_heads(mesh, checkpoints.read_config(model_path, "text_encoder", ("num_heads",))["num_heads"], "text encoder")
     with rec.section("text_encoder", "load"):
-        encoder = _encoder(model_path, mesh, dtype)
+        encoder = load_encoder(model_path, mesh, dtype)
     with rec.section("text_encoder", "run"):
         prompt_embeds, negative_embeds = encode(encoder, cfg)
     with rec.section("text_encoder", "io"):
@@ -265,7 +264,7 @@ def run_stage2(
         shape = config_lib.latent_shape(1, cfg.height, cfg.width, cfg.frames, dit["in_channels"])[1:]
         sweep.starting_latents(cfg, videos[:1], videos, shape)
     with rec.section("transformer", "load"):
-        denoiser = _denoiser(model_path, mesh, cfg.dtype, attention, **_finetune(cfg, sampling.non_strict))
+        denoiser = load_denoiser(model_path, mesh, cfg.dtype, attention, **finetune_settings(cfg, sampling.non_strict))
     with rec.section("transformer", "io"):
         if overwrite:  # only now, after every check passed: a refused run leaves the previous results alone
             sweep.clear_previous(output_dir)
@@ -322,7 +321,7 @@ def run_stage3(
         checks.check_latents(x, cfg, src)
     mesh = make_mesh(dp, tp)
     with rec.section("vae", "load"):
-        decoder = _decoder(checkpoints.resolve_model(cfg.model_id), mesh, vae_dtype)
+        decoder = load_decoder(checkpoints.resolve_model(cfg.model_id), mesh, vae_dtype)
     for x, (src, _) in zip(latents, sources):  # all of them before the first video is written
         if x.shape[1] != decoder.config.z_dim:
             raise ConfigError(f"{src.name}: expected {decoder.config.z_dim} latent channels for the VAE of "

@@ -11,7 +11,8 @@ import statistics
 import sys
 from typing import Sequence
 
-from tpu_wan import cli
+from tpu_wan import entry
+from tpu_wan.errors import UsageError
 
 STAGE_ORDER = ("text_encoder", "transformer", "vae")
 GiB, MiB, KiB = 2**30, 2**20, 2**10
@@ -230,14 +231,14 @@ def render(metrics: dict, device_memory_gib: float | None = None, title: str = "
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = cli.make_parser(__doc__)
+    parser = entry.make_parser(__doc__)
     parser.add_argument("metrics", help="metrics.json from generate_flax.py or the stage scripts")
     parser.add_argument("--device_memory_gib", type=float, default=None,
                         help="plan for this much memory per device (default: what the backend reported)")
     parser.add_argument("--output", default=None, help="write the report here (default: stdout)")
     args = parser.parse_args(argv)
     if args.device_memory_gib is not None and args.device_memory_gib <= 0:
-        raise cli.UsageError(f"--device_memory_gib must be > 0, found {args.device_memory_gib}")
+        raise UsageError(f"--device_memory_gib must be > 0, found {args.device_memory_gib}")
     text = render(load_metrics(args.metrics), args.device_memory_gib, title=args.metrics)
     if args.output is None:
         sys.stdout.write(text)
@@ -248,4 +249,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(cli.run_main(main))
+    sys.exit(entry.run_main(main))

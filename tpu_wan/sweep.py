@@ -112,9 +112,17 @@ def _previous_signature(folder: Path) -> dict | None:
     return signature(previous)
 
 
+def initial_noise(seed: int, shape: tuple[int, ...]) -> np.ndarray:
+    """float32 N(0, 1) latents drawn exactly as diffusers' prepare_latents draws them for this seed."""
+    import torch
+    from diffusers.utils.torch_utils import randn_tensor
+
+    generator = torch.Generator("cpu").manual_seed(seed)
+    return randn_tensor(shape, generator=generator, dtype=torch.float32).numpy()
+
+
 def starting_latents(cfg: GenerationConfig, videos: Sequence[Video], plan: Sequence[Video], shape) -> np.ndarray:
     """[len(videos), C, F, H, W]: each video's rows of --init_latents (plan order), else its seed's noise."""
-    from tpu_wan.pipeline import initial_noise
 
     if cfg.init_latents is None:
         return np.concatenate([initial_noise(v.seed, (1, *shape)) for v in videos])
