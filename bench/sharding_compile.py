@@ -104,13 +104,6 @@ def agreement(rows: list[dict]) -> tuple[int, int]:
     return len(both), agree
 
 
-def write_readme(text: str) -> None:
-    readme = ROOT / "bench" / "README.md"
-    content = readme.read_text()
-    start, end = content.index(MARKERS[0]) + len(MARKERS[0]), content.index(MARKERS[1])
-    readme.write_text(content[:start] + "\n" + text + "\n" + content[end:])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="the tiny model on v5e-8")
@@ -141,7 +134,10 @@ def main() -> None:
     text = table(rows)
     print(text)
     if args.write and not args.smoke:
-        write_readme(text)
+        sys.path.insert(0, str(ROOT / "bench"))
+        from tpu_compile import write_readme  # noqa: E402
+
+        write_readme(text, MARKERS)
     both, agree = agreement(rows)
     print(f"cases {both} auto_agrees {agree}")
 

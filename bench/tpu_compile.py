@@ -85,10 +85,11 @@ def table(rows: list[list[str]]) -> str:
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
 
 
-def write_readme(text: str) -> None:
+def write_readme(text: str, markers: tuple[str, str] = MARKERS) -> None:
+    """Puts `text` into bench/README.md between a bench's start and end markers."""
     readme = ROOT / "bench" / "README.md"
     content = readme.read_text()
-    start, end = content.index(MARKERS[0]) + len(MARKERS[0]), content.index(MARKERS[1])
+    start, end = content.index(markers[0]) + len(markers[0]), content.index(markers[1])
     readme.write_text(content[:start] + "\n" + text + "\n" + content[end:])
 
 
