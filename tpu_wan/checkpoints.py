@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 
 from tpu_wan import tiny
+from tpu_wan.config import DTYPES
 from tpu_wan.errors import UserError
 
 COMPONENTS = ("tokenizer", "text_encoder", "transformer", "vae", "scheduler")
-TORCH_DTYPES = {"float32": "float32", "bfloat16": "bfloat16"}
 
 
 class CheckpointError(UserError):
@@ -127,7 +127,9 @@ def read_config(model_path: Path, component: str, required: tuple[str, ...] = ()
 def _torch_dtype(dtype: str):
     import torch
 
-    return getattr(torch, TORCH_DTYPES[dtype])
+    if dtype not in DTYPES:
+        raise ValueError(f"expected a dtype in {DTYPES}, found {dtype!r}")
+    return getattr(torch, dtype)
 
 
 def _empty(build):

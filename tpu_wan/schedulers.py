@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-SOLVERS = ("unipc", "dpm++", "euler")
+from tpu_wan.config import SOLVERS
 
 # Column layout of Schedule.coeffs.
 SIGMA = 0  # sigma_t of the current step: x0 = sample - SIGMA * v

@@ -23,10 +23,10 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from tpu_wan import distributed, mesh as mesh_lib, profiling
+from tpu_wan.config import DTYPES
 from tpu_wan.errors import UserError
 from tpu_wan.vae_modules import WanVaeDecoder, to_jax_layout, torch_key
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
 DECODER_PREFIXES = ("decoder.", "post_quant_conv.")  # all other keys (encoder.*, quant_conv.*) stay unread
 
@@ -103,11 +103,11 @@ class VaeDecoder:
         """`abstract`: no weights read, only their shapes and shardings, to compile the decoder for a slice that
         is not attached (tpu_wan.aot)."""
         if dtype not in DTYPES:
-            raise UserError(f"vae dtype: expected one of {sorted(DTYPES)}, found {dtype!r}")
+            raise UserError(f"vae dtype: expected one of {list(DTYPES)}, found {dtype!r}")
         vae_path = Path(model_path) / "vae"
         self.config = load_config(vae_path)
         self.mesh = mesh
-        self.dtype = DTYPES[dtype]
+        self.dtype = getattr(jnp, dtype)  # jnp.float32 or jnp.bfloat16
         model = nnx.eval_shape(lambda: WanVaeDecoder(self.config, self.dtype))  # shapes only, no init
         self._graphdef, state = nnx.split(model)
         replicated = NamedSharding(mesh, P())
