@@ -51,10 +51,10 @@ def main(argv=None):
         raise cli.UsageError(f"--num_iterations must be >= 1, found {args.num_iterations}")
     prompts = cli.prompts_from(args)
     cli.setup_process(args)
-    from tpu_wan import artifacts, oneshot, pipeline, profiling
+    from tpu_wan import artifacts, oneshot, profiling
 
     stamp = time.strftime("%Y%m%d_%H%M%S")
-    sampling = pipeline.sampling_args(args)
+    sampling = cli.sampling_args(args)
     if args.compile_only:
         from tpu_wan import aot
         from tpu_wan.config import GenerationConfig

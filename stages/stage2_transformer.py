@@ -41,14 +41,14 @@ def main(argv=None):
         from tpu_wan import aot, artifacts
 
         base = aot.stage2_base(args.input_dir, args.num_prompts, args.model_id)
-        metrics = aot.compile_only(base, pipeline.sampling_args(args), args.topology, dp=args.dp, tp=args.tp,
+        metrics = aot.compile_only(base, cli.sampling_args(args), args.topology, dp=args.dp, tp=args.tp,
                                    stages=("transformer",), search_mesh=args.search_mesh)
         folder = Path(args.output_dir or args.input_dir)
         return cli.finish_compile_only(metrics, folder / artifacts.METRICS_FILE)
 
     result = pipeline.run_stage2(
-        args.input_dir, pipeline.sampling_args(args), output_dir=args.output_dir,
-        dp=args.dp, tp=args.tp, attention=pipeline.attention_options(args), warmup_steps=args.warmup_steps,
+        args.input_dir, cli.sampling_args(args), output_dir=args.output_dir,
+        dp=args.dp, tp=args.tp, warmup_steps=args.warmup_steps,
         overwrite=args.overwrite,
     )
     cfg = result.config

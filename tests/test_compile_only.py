@@ -79,7 +79,7 @@ def test_report_renders_a_compile_only_document(generate_v6e8):
 def test_the_numbers_are_the_compiled_programs_own(tiny_path):
     """Each entry's bytes equal memory_analysis() of the same program compiled again, its FLOPs cost_analysis()."""
     from tpu_wan import aot, pipeline, topology
-    from tpu_wan.config import GenerationConfig
+    from tpu_wan.config import AttentionOptions, GenerationConfig
     from tpu_wan.mesh import make_mesh
 
     target = topology.parse_target("v5e-4")
@@ -87,8 +87,8 @@ def test_the_numbers_are_the_compiled_programs_own(tiny_path):
     mesh = make_mesh(2, 2, devices)
     cfg = pipeline.resolve_sampling(
         GenerationConfig(model_id="tiny-random", prompts=("a",), negative_prompt="b", text_dtype="bfloat16"),
-        pipeline.SamplingArgs(height=32, width=32, frames=5, attention="custom"), mesh)
-    built = aot.transformer_programs(tiny_path, mesh, cfg, pipeline.attention_options(cfg))
+        pipeline.SamplingArgs(height=32, width=32, frames=5, attention=AttentionOptions("custom")), mesh)
+    built = aot.transformer_programs(tiny_path, mesh, cfg)
     (name, (jitted, args, ideal)), = built.programs.items()
     entry = aot.compile_program(name, jitted, args, ideal_flops=ideal, devices=4, held_bytes=0,
                                 usable=aot.usable_bytes(target))

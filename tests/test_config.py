@@ -1,5 +1,6 @@
 """Model presets and how explicit settings override them."""
 
+import argparse
 import json
 import shutil
 
@@ -62,18 +63,20 @@ def test_bad_settings_are_refused():
 
 
 def test_attention_settings_are_recorded():
+    # one value from the flags (cli.attention_options) through SamplingArgs into the config, and in the file as
+    # the flags' six keys
+    from tpu_wan import cli
+    from tpu_wan.config import AttentionOptions
+
     given = dict(attention="custom", k_smooth=True, window_size=8, bqsize=64, bkvsize=128, bkvcomputesize=64)
-    cfg = _resolve("tiny-random", **given)
-    assert {k: getattr(cfg, k) for k in given} == given
+    options = cli.attention_options(argparse.Namespace(**given))
+    assert options == AttentionOptions("custom", k_smooth=True, window_size=8, bq=64, bkv=128, bkv_compute=64)
+    cfg = _resolve("tiny-random", attention=options)
+    assert cfg.attention == options
+    assert {k: cfg.to_json_dict()[k] for k in given} == given
     assert GenerationConfig.from_json_dict(cfg.to_json_dict()) == cfg
     default = _resolve("tiny-random")
-    assert (default.attention, default.k_smooth, default.window_size, default.bqsize) == ("auto", False, None, None)
-    # an explicit AttentionOptions (run_stage2's `attention`) is what gets recorded
-    from tpu_wan.attention import AttentionOptions
-
-    args = pipeline.with_attention(pipeline.SamplingArgs(), AttentionOptions(choice="splash", window_size=3, bq=16))
-    assert (args.attention, args.k_smooth, args.window_size, args.bqsize, args.bkvsize) == ("splash", False, 3, 16, None)
-    assert pipeline.attention_options(args) == AttentionOptions(choice="splash", window_size=3, bq=16)
+    assert default.attention == AttentionOptions() == AttentionOptions("auto", False, None, None, None, None)
 
 
 def test_config_without_attention_fields_still_loads():
@@ -82,7 +85,7 @@ def test_config_without_attention_fields_still_loads():
     for name in ("attention", "k_smooth", "window_size", "bqsize", "bkvsize", "bkvcomputesize"):
         del old[name]
     cfg = GenerationConfig.from_json_dict(old)
-    assert (cfg.attention, cfg.k_smooth, cfg.window_size, cfg.height) == (None, None, None, 64)
+    assert (cfg.attention, cfg.height) == (None, 64)
     with pytest.raises(ConfigError, match="attention must be one of .* found 'fast'"):
         GenerationConfig.from_json_dict({**old, "attention": "fast"})
     with pytest.raises(ConfigError, match="window_size must be >= 0, found -1"):

@@ -10,7 +10,7 @@ import pytest
 from conftest import FRAMES, HEIGHT, LATENT_RTOL, NEGATIVE, PROMPTS, SEED, STEPS, WIDTH, diffusers_run, rel_err
 
 from tpu_wan import arithmetic, attention, checkpoints, hlo, parallelism, pipeline
-from tpu_wan.config import GenerationConfig, latent_shape
+from tpu_wan.config import AttentionOptions, GenerationConfig, latent_shape
 from tpu_wan.mesh import make_mesh
 
 MESHES = [(1, 1), (2, 4), (1, 8), (8, 1)]
@@ -43,7 +43,7 @@ def test_sequence_sharding_equals_diffusers(mesh_shape, tiny_path, embeddings, d
     dp, tp = mesh_shape
     mesh = make_mesh(dp, tp, devices=jax.devices()[: dp * tp])
     assert _tokens(tiny_path) == 18  # divides none of the meshes' 4 or 8 token shards: the padding path runs
-    cfg = _config(mesh, sharding="sequence", attention="custom")
+    cfg = _config(mesh, sharding="sequence", attention=AttentionOptions("custom"))
     assert cfg.sharding == "sequence"
     denoiser = pipeline.load_denoiser(tiny_path, mesh, "float32", "custom")
     latents = pipeline.denoise(denoiser, cfg, *embeddings, progress=False)
@@ -64,7 +64,7 @@ def test_sequence_sharding_equals_diffusers(mesh_shape, tiny_path, embeddings, d
 def test_the_two_modes_share_one_loaded_model(tiny_path, embeddings):
     mesh = make_mesh(2, 4)
     denoiser = pipeline.load_denoiser(tiny_path, mesh, "float32", "xla")
-    runs = {mode: pipeline.denoise(denoiser, _config(mesh, sharding=mode, attention="xla"), *embeddings,
+    runs = {mode: pipeline.denoise(denoiser, _config(mesh, sharding=mode, attention=AttentionOptions("xla")), *embeddings,
                                    progress=False) for mode in parallelism.MODES}
     assert rel_err(runs["sequence"], runs["megatron"]) <= LATENT_RTOL
     assert denoiser.forward("sequence") is denoiser.forward("sequence")  # traced once per mode, same weights

@@ -18,7 +18,7 @@ from scripts import ROOT, STAGE2, run
 
 from tpu_wan import artifacts, pipeline, video
 from tpu_wan.batch import SLUG_MAX, BatchError, parse_seeds, plan_videos, prompt_slugs, read_prompt_file, slugify
-from tpu_wan.config import DEFAULT_NEGATIVE_PROMPT, ConfigError, GenerationConfig
+from tpu_wan.config import DEFAULT_NEGATIVE_PROMPT, AttentionOptions, ConfigError, GenerationConfig
 from tpu_wan.errors import UserError
 from tpu_wan.mesh import make_mesh
 
@@ -210,7 +210,7 @@ def test_kill_mid_sweep_then_resume(stage1, tmp_path, caplog):
 
 @pytest.mark.parametrize("change,expected", [
     (dict(num_inference_steps=4), "num_inference_steps: 3 -> 4"),
-    (dict(window_size=4), "window_size: None -> 4"),  # local attention: other latents
+    (dict(attention=AttentionOptions(window_size=4)), "window_size: None -> 4"),  # local attention: other latents
 ], ids=["steps", "window_size"])
 def test_rerun_with_other_settings_is_refused(swept, stage1, change, expected):
     before = {n: p.read_bytes() for n, p in artifacts.list_video_latents(swept).items()}

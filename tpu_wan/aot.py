@@ -104,10 +104,10 @@ def text_encoder_programs(model_path, mesh, cfg: GenerationConfig) -> Programs:
     return Programs(encoder.weights, programs)
 
 
-def transformer_programs(model_path, mesh, cfg: GenerationConfig, attention) -> Programs:
+def transformer_programs(model_path, mesh, cfg: GenerationConfig) -> Programs:
     from tpu_wan.transformer import Denoiser
 
-    denoiser = Denoiser(model_path, mesh, cfg.dtype, attention, abstract=True)
+    denoiser = Denoiser(model_path, mesh, cfg.dtype, cfg.attention, abstract=True)
     dit = dict(denoiser.config)
     latents = config_lib.latent_shape(cfg.batch_size, cfg.height, cfg.width, cfg.frames, dit["in_channels"])
     guided = cfg.do_classifier_free_guidance
@@ -130,24 +130,21 @@ def vae_programs(model_path, mesh, cfg: GenerationConfig, uint8: bool) -> Progra
 
 
 def compile_run(cfg: GenerationConfig, target: TpuTarget, devices, *, stages=STAGES,
-                compile_stages=None, attention=None, uint8: bool = True, one_process: bool = False) -> dict:
+                compile_stages=None, uint8: bool = True, one_process: bool = False) -> dict:
     """Compiles the programs of `compile_stages` (default: all of `stages`) for a run of `cfg` (its mesh
     decided) on `target`; returns the metrics.json document. `one_process`: `stages` share a process
     (generate_flax.py), so each program's peak includes the other stages' weights, compiled or not."""
-    from tpu_wan.pipeline import attention_options
-
     dp, tp = cfg.mesh
     mesh = make_mesh(dp, tp, devices)
     model_path = checkpoints.resolve_configs(cfg.model_id)
-    attention = attention or attention_options(cfg)
     if "text_encoder" in stages:
         te = checkpoints.read_config(model_path, "text_encoder", ("num_heads",))
         check_heads(mesh, te["num_heads"], "text encoder")
     if "transformer" in stages:
-        checks.check_transformer_run(model_path, cfg, mesh, attention)
+        checks.check_transformer_run(model_path, cfg, mesh)
     build = {
         "text_encoder": lambda: text_encoder_programs(model_path, mesh, cfg),
-        "transformer": lambda: transformer_programs(model_path, mesh, cfg, attention),
+        "transformer": lambda: transformer_programs(model_path, mesh, cfg),
         "vae": lambda: vae_programs(model_path, mesh, cfg, uint8),
     }
     built = {stage: build[stage]() for stage in stages}

@@ -29,58 +29,10 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from tpu_wan import kernel_tiling, mesh as mesh_lib, parallelism
-from tpu_wan.config import ATTENTION_CHOICES
-from tpu_wan.errors import UserError
+from tpu_wan.config import BLOCK_FLAGS, AttentionOptions  # noqa: F401  (AttentionOptions: callers' one import)
+from tpu_wan.errors import AttentionError
 
 AttentionFn = Callable[..., jax.Array]
-
-
-class AttentionError(UserError):
-    """An attention choice the platform or the shapes cannot serve."""
-
-
-BLOCK_FLAGS = {"bq": "--bqsize", "bkv": "--bkvsize", "bkv_compute": "--bkvcomputesize"}
-# The choices each kernel setting acts on ('auto' sends every call to our kernel on TPU); anywhere else
-# it would change nothing but the settings a sweep folder is matched by, so it is refused.
-TAKES_K_SMOOTH = ("auto", "custom")
-TAKES_BLOCKS = ("auto", "custom", "splash")
-
-
-@dataclasses.dataclass(frozen=True)
-class AttentionOptions:
-    """How attention runs. Block sizes None: per-shape defaults (kernels.kernel_tiling.default_block_sizes)."""
-
-    choice: str = "auto"
-    k_smooth: bool = False
-    window_size: int | None = None  # self-attention only: query i sees keys |i - j| <= window_size
-    bq: int | None = None
-    bkv: int | None = None
-    bkv_compute: int | None = None
-
-    def __post_init__(self):
-        if self.choice not in ATTENTION_CHOICES:
-            raise AttentionError(f"attention must be one of {ATTENTION_CHOICES}, found {self.choice!r}")
-        if self.window_size is not None and self.window_size < 0:
-            raise AttentionError(f"window_size must be >= 0, found {self.window_size}")
-        for name in ("bq", "bkv", "bkv_compute"):
-            value = getattr(self, name)
-            if value is not None and (value <= 0 or value % 8):
-                raise AttentionError(f"{BLOCK_FLAGS[name]} must be a positive multiple of 8, found {value}")
-        if self.bkv is not None and self.bkv_compute is not None and self.bkv % self.bkv_compute:
-            raise AttentionError(f"--bkvsize must be a multiple of --bkvcomputesize, found {self.bkv} and "
-                                 f"{self.bkv_compute}")
-        if self.k_smooth and self.choice not in TAKES_K_SMOOTH:
-            raise AttentionError(f"--k_smooth acts on our kernel only: expected --attention {' or '.join(TAKES_K_SMOOTH)}, "
-                                 f"found --attention {self.choice}")
-        given = [BLOCK_FLAGS[n] for n in BLOCK_FLAGS if getattr(self, n) is not None]
-        if given and self.choice not in TAKES_BLOCKS:
-            raise AttentionError(f"{', '.join(given)} set the Pallas kernels' blocks: expected --attention "
-                                 f"{', '.join(TAKES_BLOCKS)}, found --attention {self.choice}")
-
-    def for_choice(self, choice: str) -> "AttentionOptions":
-        """These settings for `choice`, without the kernel settings that do not act on it (to compare choices)."""
-        blocks = {n: getattr(self, n) if choice in TAKES_BLOCKS else None for n in BLOCK_FLAGS}
-        return dataclasses.replace(self, choice=choice, k_smooth=self.k_smooth and choice in TAKES_K_SMOOTH, **blocks)
 
 
 def xla_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float | None = None,

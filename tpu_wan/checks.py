@@ -45,7 +45,7 @@ def check_text_dim(prompt_embeds: np.ndarray, cfg: GenerationConfig, text_dim: i
         )
 
 
-def check_transformer_run(model_path: Path, cfg: GenerationConfig, mesh, options, prompt_embeds=None) -> dict:
+def check_transformer_run(model_path: Path, cfg: GenerationConfig, mesh, prompt_embeds=None) -> dict:
     """A resolved stage-2 config against the transformer's config.json: tp divides the heads, the embeddings
     have its text dim, the attention settings trace at the run's shapes, and a fine-tuned checkpoint is
     readable (its names are checked against the model's as it loads). Returns that config.json."""
@@ -63,7 +63,7 @@ def check_transformer_run(model_path: Path, cfg: GenerationConfig, mesh, options
     shape = config_lib.latent_shape(cfg.batch_size, cfg.height, cfg.width, cfg.frames, dit["in_channels"])
     tokens = math.prod(n // p for n, p in zip(shape[2:], dit["patch_size"]))  # [B C F H W] -> L video tokens
     attention.check_calls(
-        attention.make_attention(options, mesh, layout=parallelism.Layout(cfg.sharding or "megatron", mesh)), batch=cfg.batch_size * (2 if cfg.do_classifier_free_guidance else 1),
+        attention.make_attention(cfg.attention, mesh, layout=parallelism.Layout(cfg.sharding or "megatron", mesh)), batch=cfg.batch_size * (2 if cfg.do_classifier_free_guidance else 1),
         heads=dit["num_attention_heads"], head_dim=dit["attention_head_dim"], tokens=tokens,
         text_len=cfg.max_sequence_length, dtype=cfg.dtype, mesh=mesh,
     )

@@ -8,12 +8,13 @@ devices) before the first jax import.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
 
 from tpu_wan.config import (
-    ATTENTION_CHOICES, SHARDING_CHOICES, DEFAULT_MODEL_ID, DEFAULT_NEGATIVE_PROMPT, DEFAULT_PROMPT, DTYPES, SOLVERS,
+    ATTENTION_CHOICES, SHARDING_CHOICES, AttentionOptions, SamplingArgs, DEFAULT_MODEL_ID, DEFAULT_NEGATIVE_PROMPT, DEFAULT_PROMPT, DTYPES, SOLVERS,
 )
 from tpu_wan.entry import Parser, Terminated, make_parser, run_main  # noqa: F401  (the scripts' entry points)
 from tpu_wan.errors import UsageError, UserError  # noqa: F401
@@ -176,6 +177,22 @@ def check_stage2_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--batch_size must be >= 1, found {args.batch_size}")
     if args.warmup_steps < 0:
         raise UsageError(f"--warmup_steps must be >= 0, found {args.warmup_steps}")
+
+
+def attention_options(args: argparse.Namespace) -> AttentionOptions:
+    """The --attention / --k_smooth / --window_size / block-size flags as one value."""
+    return AttentionOptions(choice=args.attention, k_smooth=args.k_smooth, window_size=args.window_size,
+                            bq=args.bqsize, bkv=args.bkvsize, bkv_compute=args.bkvcomputesize)
+
+
+def sampling_args(args: argparse.Namespace) -> SamplingArgs:
+    """The stage-2 flags as one value (--seeds, else --seed)."""
+    from tpu_wan.batch import parse_seeds
+
+    names = [f.name for f in dataclasses.fields(SamplingArgs) if f.name not in ("seeds", "attention")]
+    seeds = parse_seeds(args.seeds) if args.seeds else [args.seed]
+    return SamplingArgs(seeds=tuple(seeds), attention=attention_options(args),
+                        **{name: getattr(args, name) for name in names})
 
 
 def prompts_from(args: argparse.Namespace) -> list[str]:

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from tpu_wan.errors import UserError
+from tpu_wan.errors import AttentionError, UserError
 
 # The negative prompt of the Wan 2.1 model card (diffusers' WanPipeline example), the model's trained default.
 DEFAULT_NEGATIVE_PROMPT = (
@@ -30,6 +30,55 @@ SHARDING_CHOICES = ("auto", "megatron", "sequence")
 VAE_SPATIAL = 8  # the VAE downsamples H and W by 8 ...
 VAE_TEMPORAL = 4  # ... and frames by 4, keeping the first frame: F = (frames - 1) / 4 + 1
 SIZE_MULTIPLE = VAE_SPATIAL * 2  # the DiT's 1x2x2 patches need latent H and W even
+
+
+BLOCK_FLAGS = {"bq": "--bqsize", "bkv": "--bkvsize", "bkv_compute": "--bkvcomputesize"}
+# The choices each kernel setting acts on ('auto' sends every call to our kernel on TPU); anywhere else
+# it would change nothing but the settings a sweep folder is matched by, so it is refused.
+TAKES_K_SMOOTH = ("auto", "custom")
+TAKES_BLOCKS = ("auto", "custom", "splash")
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionOptions:
+    """How attention runs. Block sizes None: per-shape defaults (tpu_wan.kernel_tiling.default_block_sizes)."""
+
+    choice: str = "auto"
+    k_smooth: bool = False
+    window_size: int | None = None  # self-attention only: query i sees keys |i - j| <= window_size
+    bq: int | None = None
+    bkv: int | None = None
+    bkv_compute: int | None = None
+
+    def __post_init__(self):
+        if self.choice not in ATTENTION_CHOICES:
+            raise AttentionError(f"attention must be one of {ATTENTION_CHOICES}, found {self.choice!r}")
+        if self.window_size is not None and self.window_size < 0:
+            raise AttentionError(f"window_size must be >= 0, found {self.window_size}")
+        for name in ("bq", "bkv", "bkv_compute"):
+            value = getattr(self, name)
+            if value is not None and (value <= 0 or value % 8):
+                raise AttentionError(f"{BLOCK_FLAGS[name]} must be a positive multiple of 8, found {value}")
+        if self.bkv is not None and self.bkv_compute is not None and self.bkv % self.bkv_compute:
+            raise AttentionError(f"--bkvsize must be a multiple of --bkvcomputesize, found {self.bkv} and "
+                                 f"{self.bkv_compute}")
+        if self.k_smooth and self.choice not in TAKES_K_SMOOTH:
+            raise AttentionError(f"--k_smooth acts on our kernel only: expected --attention {' or '.join(TAKES_K_SMOOTH)}, "
+                                 f"found --attention {self.choice}")
+        given = [BLOCK_FLAGS[n] for n in BLOCK_FLAGS if getattr(self, n) is not None]
+        if given and self.choice not in TAKES_BLOCKS:
+            raise AttentionError(f"{', '.join(given)} set the Pallas kernels' blocks: expected --attention "
+                                 f"{', '.join(TAKES_BLOCKS)}, found --attention {self.choice}")
+
+    def for_choice(self, choice: str) -> "AttentionOptions":
+        """These settings for `choice`, without the kernel settings that do not act on it (to compare choices)."""
+        blocks = {n: getattr(self, n) if choice in TAKES_BLOCKS else None for n in BLOCK_FLAGS}
+        return dataclasses.replace(self, choice=choice, k_smooth=self.k_smooth and choice in TAKES_K_SMOOTH, **blocks)
+
+
+# generation_config.json's attention keys (the flags' names) -> AttentionOptions fields
+ATTENTION_KEYS = {"attention": "choice", "k_smooth": "k_smooth", "window_size": "window_size", "bqsize": "bq",
+                  "bkvsize": "bkv", "bkvcomputesize": "bkv_compute"}
 
 
 def cache_root() -> Path:
@@ -123,15 +172,26 @@ def validate_dtype(dtype: str) -> None:
         raise ConfigError(f"dtype must be one of {DTYPES}, found {dtype!r}")
 
 
-def validate_attention(choice: str, window_size: int | None, *block_sizes: int | None) -> None:
-    """The recorded attention settings (tpu_wan.attention.AttentionOptions checks them fully when it is built)."""
-    if choice not in ATTENTION_CHOICES:
-        raise ConfigError(f"attention must be one of {ATTENTION_CHOICES}, found {choice!r}")
-    if window_size is not None and window_size < 0:
-        raise ConfigError(f"window_size must be >= 0, found {window_size}")
-    for size in block_sizes:
-        if size is not None and size < 1:
-            raise ConfigError(f"attention block sizes must be >= 1, found {size}")
+@dataclasses.dataclass(frozen=True)
+class SamplingArgs:
+    """Stage-2 settings as the user gave them; None means 'the default for this size / platform'."""
+
+    height: int | None = None  # None: the model preset's (config.MODEL_PRESETS)
+    width: int | None = None
+    frames: int | None = None
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
+    seeds: tuple[int, ...] = (42,)
+    flow_shift: float | None = None
+    sample_solver: str = "unipc"
+    dtype: str | None = None
+    init_latents: str | None = None
+    batch_size: int | None = None
+    transformer_checkpoint: str | None = None
+    checkpoint_key: str | None = None
+    non_strict: bool = False
+    attention: AttentionOptions = AttentionOptions()  # recorded in the config
+    sharding: str = "auto"  # the DiT's sharding mode (config.SHARDING_CHOICES); auto: parallelism.choose
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,14 +218,9 @@ class GenerationConfig:
     transformer_checkpoint: str | None = None  # fine-tuned weights over the base transformer
     checkpoint_key: str | None = None
     mesh: tuple[int, int] | None = None
-    # stage 2, how attention ran (the --attention flags as given; 'auto' picks a backend per call and platform).
-    # None in configs written before these were recorded.
-    attention: str | None = None
-    k_smooth: bool | None = None
-    window_size: int | None = None  # local self-attention window; None: global
-    bqsize: int | None = None  # kernel block sizes; None: the per-shape default
-    bkvsize: int | None = None
-    bkvcomputesize: int | None = None
+    # stage 2, how attention ran (the --attention flags as given; 'auto' picks a backend per call and platform);
+    # in the file as the six flat keys ATTENTION_KEYS. None in configs written before these were recorded.
+    attention: AttentionOptions | None = None
     # stage 2: the DiT's sharding mode, as decided ('auto' resolved); None in configs written before it was
     # recorded, which ran megatron
     sharding: str | None = None
@@ -192,14 +247,18 @@ class GenerationConfig:
                 raise ConfigError(f"batch_size must be >= 1, found {self.batch_size}")
             if self.sharding is not None and self.sharding not in SHARDING_CHOICES[1:]:
                 raise ConfigError(f"sharding must be one of {SHARDING_CHOICES[1:]}, found {self.sharding!r}")
-            if self.attention is not None:
-                validate_attention(self.attention, self.window_size, self.bqsize, self.bkvsize, self.bkvcomputesize)
 
     def replace(self, **changes: Any) -> "GenerationConfig":
         return dataclasses.replace(self, **changes)
 
     def to_json_dict(self) -> dict[str, Any]:
-        out = dataclasses.asdict(self)
+        out = {}
+        for name, value in dataclasses.asdict(self).items():
+            if name == "attention":  # flat, under the flags' names
+                out.update(dict.fromkeys(ATTENTION_KEYS) if self.attention is None else
+                           {key: getattr(self.attention, field) for key, field in ATTENTION_KEYS.items()})
+            else:
+                out[name] = value
         out["prompts"] = list(self.prompts)
         if self.seeds is not None:
             out["seeds"] = list(self.seeds)
@@ -213,7 +272,13 @@ class GenerationConfig:
         missing = [n for n in ("model_id", "prompts", "negative_prompt") if n not in data]
         if missing:
             raise ConfigError(f"generation_config.json: expected keys {missing}, found {sorted(data)}")
-        fields = {k: v for k, v in data.items() if k in names}
+        fields = {k: v for k, v in data.items() if k in names and k != "attention"}
+        if data.get("attention") is not None:
+            try:
+                fields["attention"] = AttentionOptions(**{field: data.get(key) for key, field in ATTENTION_KEYS.items()
+                                                          if data.get(key) is not None})
+            except (AttentionError, TypeError) as err:
+                raise ConfigError(f"generation_config.json: expected valid attention settings, found {err}") from None
         for name in ("prompts", "seeds", "mesh"):
             value = fields.get(name)
             if value is None and name != "prompts":

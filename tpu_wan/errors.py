@@ -11,5 +11,9 @@ class UserError(ValueError):
     exit_status = 2
 
 
+class AttentionError(UserError):
+    """An attention setting, or a choice the platform or the shapes cannot serve."""
+
+
 class UsageError(UserError):
     """A flag argparse refused, or a flag value out of range."""

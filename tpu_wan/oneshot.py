@@ -15,11 +15,11 @@ from pathlib import Path
 import numpy as np
 
 from tpu_wan import artifacts, checkpoints, checks, config as config_lib, sweep
-from tpu_wan.config import GenerationConfig
+from tpu_wan.config import GenerationConfig, SamplingArgs
 from tpu_wan.mesh import check_heads, make_mesh
 from tpu_wan.pipeline import (
-    SamplingArgs, attention_options, denoise, encode, finetune_settings, load_decoder, load_denoiser, load_encoder,
-    plan, resolve_sampling, video_paths, with_attention,
+    denoise, encode, finetune_settings, load_decoder, load_denoiser, load_encoder, plan, resolve_sampling,
+    video_paths,
 )
 from tpu_wan.profiling import Recorder
 
@@ -93,7 +93,6 @@ def generate(
     vae_dtype: str = "float32",
     dp: int | None = None,
     tp: int | None = None,
-    attention=None,
     warmup_steps: int = 2,
     num_iterations: int = 1,
     profile_dir: str | Path | None = None,
@@ -101,15 +100,11 @@ def generate(
     save_intermediates: str | Path | None = None,
 ) -> GenerateResult:
     """All three stages in one process: load, warm up (compiles everything), then `num_iterations` timed runs
-    (the last one traced into `profile_dir` if given); writes the videos of the last run. `attention` (an
-    AttentionOptions or a choice) overrides the attention settings of `sampling`; the config records what ran."""
+    (the last one traced into `profile_dir` if given); writes the videos of the last run."""
     from tpu_wan import preview as preview_lib, profiling, video
 
     start = time.perf_counter()
     mesh = make_mesh(dp, tp)
-    if attention is not None:
-        sampling = with_attention(sampling, attention)
-    attention = attention_options(sampling)
     cfg = resolve_sampling(
         GenerationConfig(
             model_id=model_id, prompts=tuple(prompts), negative_prompt=negative_prompt,
@@ -122,11 +117,11 @@ def generate(
     paths = video_paths(cfg, output_video, output_dir)
     model_path = checkpoints.resolve_model(model_id)  # what the config files decide, before any model loads
     check_heads(mesh, checkpoints.read_config(model_path, "text_encoder", ("num_heads",))["num_heads"], "text encoder")
-    dit = checks.check_transformer_run(model_path, cfg, mesh, attention)
+    dit = checks.check_transformer_run(model_path, cfg, mesh)
     if cfg.init_latents is not None:
         shape = config_lib.latent_shape(1, cfg.height, cfg.width, cfg.frames, dit["in_channels"])[1:]
         sweep.starting_latents(cfg, plan(cfg)[:1], plan(cfg), shape)
-    gen = Generator(model_id, mesh, text_dtype=cfg.text_dtype, dtype=cfg.dtype, attention=attention,
+    gen = Generator(model_id, mesh, text_dtype=cfg.text_dtype, dtype=cfg.dtype, attention=cfg.attention,
                     vae_dtype=vae_dtype, **finetune_settings(cfg, sampling.non_strict))
     # Only --save_intermediates keeps the float frames; the mp4 needs uint8, converted on device (a quarter of
     # the bytes to move to the host).

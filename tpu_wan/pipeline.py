@@ -16,70 +16,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from tpu_wan import artifacts, checkpoints, checks, config as config_lib, distributed, profiling, sweep
-from tpu_wan.config import ConfigError, GenerationConfig
+from tpu_wan.config import ConfigError, GenerationConfig, SamplingArgs
 from tpu_wan.mesh import check_heads, make_mesh, platform as mesh_platform
 from tpu_wan.profiling import Recorder
 
 log = logging.getLogger("tpu_wan")
-
-
-@dataclasses.dataclass(frozen=True)
-class SamplingArgs:
-    """Stage-2 settings as the user gave them; None means 'the default for this size / platform'."""
-
-    height: int | None = None  # None: the model preset's (config.MODEL_PRESETS)
-    width: int | None = None
-    frames: int | None = None
-    num_inference_steps: int | None = None
-    guidance_scale: float | None = None
-    seeds: tuple[int, ...] = (42,)
-    flow_shift: float | None = None
-    sample_solver: str = "unipc"
-    dtype: str | None = None
-    init_latents: str | None = None
-    batch_size: int | None = None
-    transformer_checkpoint: str | None = None
-    checkpoint_key: str | None = None
-    non_strict: bool = False
-    # attention, named as the flags (attention_options builds the AttentionOptions); recorded in the config
-    attention: str = "auto"
-    k_smooth: bool = False
-    window_size: int | None = None
-    bqsize: int | None = None
-    bkvsize: int | None = None
-    bkvcomputesize: int | None = None
-    sharding: str = "auto"  # the DiT's sharding mode (config.SHARDING_CHOICES); auto: parallelism.choose
-
-
-def sampling_args(namespace) -> SamplingArgs:
-    """SamplingArgs from parsed flags of the same names (--seeds, else --seed)."""
-    from tpu_wan.batch import parse_seeds
-
-    fields = {f.name: getattr(namespace, f.name) for f in dataclasses.fields(SamplingArgs) if f.name != "seeds"}
-    seeds = parse_seeds(namespace.seeds) if namespace.seeds else [namespace.seed]
-    return SamplingArgs(seeds=tuple(seeds), **fields)
-
-
-def attention_options(namespace):
-    """AttentionOptions from the --attention / --k_smooth / --window_size / block-size flags."""
-    from tpu_wan.attention import AttentionOptions
-
-    return AttentionOptions(
-        choice=namespace.attention, k_smooth=namespace.k_smooth, window_size=namespace.window_size,
-        bq=namespace.bqsize, bkv=namespace.bkvsize, bkv_compute=namespace.bkvcomputesize,
-    )
-
-
-def with_attention(args: SamplingArgs, options) -> SamplingArgs:
-    """`args` with the attention settings of `options` (an AttentionOptions or a choice such as 'xla')."""
-    from tpu_wan.attention import AttentionOptions
-
-    if isinstance(options, str):
-        options = AttentionOptions(choice=options)
-    return dataclasses.replace(
-        args, attention=options.choice, k_smooth=options.k_smooth, window_size=options.window_size,
-        bqsize=options.bq, bkvsize=options.bkv, bkvcomputesize=options.bkv_compute,
-    )
 
 
 def resolve_sampling(cfg: GenerationConfig, args: SamplingArgs, mesh) -> GenerationConfig:
@@ -110,11 +51,6 @@ def resolve_sampling(cfg: GenerationConfig, args: SamplingArgs, mesh) -> Generat
         checkpoint_key=args.checkpoint_key,
         mesh=(mesh.shape["dp"], mesh.shape["tp"]),
         attention=args.attention,
-        k_smooth=args.k_smooth,
-        window_size=args.window_size,
-        bqsize=args.bqsize,
-        bkvsize=args.bkvsize,
-        bkvcomputesize=args.bkvcomputesize,
         sharding=resolve_sharding(cfg, args, mesh, batch_size),
     )
 
@@ -233,15 +169,13 @@ def run_stage2(
     output_dir: str | Path | None = None,
     dp: int | None = None,
     tp: int | None = None,
-    attention=None,
     warmup_steps: int = 0,
     overwrite: bool = False,
 ) -> StageRun:
     """Denoises every (prompt, seed) video from the stage-1 embeddings, saving each batch as it lands.
 
     One video: stage2_latents.safetensors; several: stage2_latents/<name>.safetensors. Videos already in
-    `output_dir` from the same settings are skipped (a rerun resumes), unless `overwrite`. `attention` (an
-    AttentionOptions or a choice) overrides the attention settings of `sampling`; the config records what ran."""
+    `output_dir` from the same settings are skipped (a rerun resumes), unless `overwrite`."""
     start, rec = time.perf_counter(), Recorder()
     output_dir = Path(output_dir or input_dir)
     with rec.section("transformer", "io"):
@@ -249,9 +183,6 @@ def run_stage2(
         prompt_embeds, negative_embeds = artifacts.load_embeddings(input_dir)
     checks.check_embeddings_file(input_dir, cfg, prompt_embeds, negative_embeds)
     mesh = make_mesh(dp, tp)
-    if attention is not None:
-        sampling = with_attention(sampling, attention)
-    attention = attention_options(sampling)
     cfg = resolve_sampling(cfg, sampling, mesh)
     videos = plan(cfg)
     todo = sweep.pending(output_dir, cfg, videos, overwrite)
@@ -259,12 +190,12 @@ def run_stage2(
         log.info("all %d videos already in %s (--overwrite to redo)", len(videos), output_dir)
         return StageRun(cfg, None)
     model_path = checkpoints.resolve_model(cfg.model_id)
-    dit = checks.check_transformer_run(model_path, cfg, mesh, attention, prompt_embeds)
+    dit = checks.check_transformer_run(model_path, cfg, mesh, prompt_embeds)
     if cfg.init_latents is not None:  # refused before anything is written
         shape = config_lib.latent_shape(1, cfg.height, cfg.width, cfg.frames, dit["in_channels"])[1:]
         sweep.starting_latents(cfg, videos[:1], videos, shape)
     with rec.section("transformer", "load"):
-        denoiser = load_denoiser(model_path, mesh, cfg.dtype, attention, **finetune_settings(cfg, sampling.non_strict))
+        denoiser = load_denoiser(model_path, mesh, cfg.dtype, cfg.attention, **finetune_settings(cfg, sampling.non_strict))
     with rec.section("transformer", "io"):
         if overwrite:  # only now, after every check passed: a refused run leaves the previous results alone
             sweep.clear_previous(output_dir)
