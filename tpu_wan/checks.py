@@ -70,6 +70,21 @@ def check_transformer_run(model_path: Path, cfg: GenerationConfig, mesh, prompt_
     return dit
 
 
+def check_stage2_run(model_path: Path, cfg: GenerationConfig, mesh, prompt_embeds=None) -> dict:
+    """Everything a stage-2 run (staged or in one process) is refused for before a model loads:
+    check_transformer_run, and --init_latents readable with one row of the right shape per video. Returns the
+    transformer's config.json."""
+    from tpu_wan import sweep
+    from tpu_wan.batch import plan_videos
+
+    dit = check_transformer_run(model_path, cfg, mesh, prompt_embeds)
+    if cfg.init_latents is not None:
+        videos = plan_videos(cfg.prompts, cfg.seeds)
+        shape = config_lib.latent_shape(1, cfg.height, cfg.width, cfg.frames, dit["in_channels"])[1:]
+        sweep.starting_latents(cfg, videos[:1], videos, shape)
+    return dit
+
+
 def check_latents(latents: np.ndarray, cfg: GenerationConfig, path: Path) -> None:
     """Stage-2 latents match the config's video size and are finite."""
     expected = config_lib.latent_shape(1, cfg.height, cfg.width, cfg.frames, latents.shape[1])

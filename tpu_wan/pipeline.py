@@ -190,10 +190,7 @@ def run_stage2(
         log.info("all %d videos already in %s (--overwrite to redo)", len(videos), output_dir)
         return StageRun(cfg, None)
     model_path = checkpoints.resolve_model(cfg.model_id)
-    dit = checks.check_transformer_run(model_path, cfg, mesh, prompt_embeds)
-    if cfg.init_latents is not None:  # refused before anything is written
-        shape = config_lib.latent_shape(1, cfg.height, cfg.width, cfg.frames, dit["in_channels"])[1:]
-        sweep.starting_latents(cfg, videos[:1], videos, shape)
+    checks.check_stage2_run(model_path, cfg, mesh, prompt_embeds)  # refused before anything is written
     with rec.section("transformer", "load"):
         denoiser = load_denoiser(model_path, mesh, cfg.dtype, cfg.attention, **finetune_settings(cfg, sampling.non_strict))
     with rec.section("transformer", "io"):
@@ -239,13 +236,12 @@ def run_stage3(
     cfg = GenerationConfig.from_json_dict(artifacts.load_config(input_dir))
     cfg = cfg.replace(fps=cfg.fps if fps is None else fps, vae_dtype=vae_dtype)
     videos = plan(cfg) if cfg.seeds else []
+    # one video: --output_video, else the stage folder's output_video.mp4; several: --output_dir, else the stage folder
+    destinations = video_paths(cfg, output_video, (output_dir or input_dir) if len(videos) > 1 else input_dir)
     if len(videos) > 1:
-        if output_video is not None:
-            raise ConfigError(f"--output_video: expected one video, found {len(videos)}: use --output_dir")
-        sources = [(artifacts.video_latents_path(input_dir, v.name), Path(output_dir or input_dir) / f"{v.name}.mp4")
-                   for v in videos]
+        sources = [(artifacts.video_latents_path(input_dir, v.name), dst) for v, dst in zip(videos, destinations)]
     else:
-        sources = [(input_dir / artifacts.LATENTS_FILE, Path(output_video or input_dir / artifacts.VIDEO_FILE))]
+        sources = [(input_dir / artifacts.LATENTS_FILE, destinations[0])]
     with rec.section("vae", "io"):
         latents = [artifacts.load_latents(src) for src, _ in sources]  # all present before any decoding
     for x, (src, _) in zip(latents, sources):
@@ -287,9 +283,10 @@ class StageRun:
 
 
 def video_paths(cfg: GenerationConfig, output_video: str | Path | None, output_dir: str | Path | None) -> list[Path]:
-    """Where each video of `cfg` goes: `output_video` for a single one, <output_dir>/<name>.mp4 for several."""
-    videos = plan(cfg)
-    if len(videos) == 1:
+    """Where each video of `cfg` goes: `output_video` (else <output_dir>/output_video.mp4) for a single one,
+    <output_dir>/<name>.mp4 for several; the output dir defaults to the current one."""
+    videos = plan(cfg) if cfg.seeds else []
+    if len(videos) <= 1:
         return [Path(output_video or Path(output_dir or ".") / artifacts.VIDEO_FILE)]
     if output_video is not None:
         raise ConfigError(f"--output_video: expected one video, found {len(videos)}: use --output_dir")
