@@ -19,7 +19,7 @@ import time
 
 import jax
 
-from tpu_wan import arithmetic, artifacts, checkpoints, checks, config as config_lib, hlo
+from tpu_wan import arithmetic, artifacts, checkpoints, config as config_lib, hlo, preflight
 from tpu_wan.config import GenerationConfig
 from tpu_wan.errors import UserError
 from tpu_wan.mesh import check_heads, make_mesh
@@ -141,7 +141,7 @@ def compile_run(cfg: GenerationConfig, target: TpuTarget, devices, *, stages=STA
         te = checkpoints.read_config(model_path, "text_encoder", ("num_heads",))
         check_heads(mesh, te["num_heads"], "text encoder")
     if "transformer" in stages:
-        checks.check_transformer_run(model_path, cfg, mesh)
+        preflight.check_transformer_run(model_path, cfg, mesh)
     build = {
         "text_encoder": lambda: text_encoder_programs(model_path, mesh, cfg),
         "transformer": lambda: transformer_programs(model_path, mesh, cfg),
@@ -323,7 +323,7 @@ def stage2_base(input_dir, num_prompts: int | None, model_id: str | None) -> Gen
     if num_prompts is None:
         cfg = GenerationConfig.from_json_dict(artifacts.load_config(input_dir))
         prompt_embeds, negative_embeds = artifacts.load_embeddings(input_dir)
-        checks.check_embeddings_file(input_dir, cfg, prompt_embeds, negative_embeds)
+        preflight.check_embeddings_file(input_dir, cfg, prompt_embeds, negative_embeds)
         return cfg
     return GenerationConfig(model_id=model_id or DEFAULT_MODEL_ID, prompts=tuple(f"prompt {i}" for i in range(num_prompts)),
                             negative_prompt=DEFAULT_NEGATIVE_PROMPT, max_sequence_length=512)

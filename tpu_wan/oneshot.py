@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tpu_wan import artifacts, checkpoints, checks, sweep
+from tpu_wan import artifacts, checkpoints, preflight, sweep
 from tpu_wan.config import GenerationConfig, SamplingArgs
 from tpu_wan.mesh import check_heads, make_mesh
 from tpu_wan.pipeline import (
@@ -117,7 +117,7 @@ def generate(
     paths = video_paths(cfg, output_video, output_dir)
     model_path = checkpoints.resolve_model(model_id)  # what the config files decide, before any model loads
     check_heads(mesh, checkpoints.read_config(model_path, "text_encoder", ("num_heads",))["num_heads"], "text encoder")
-    checks.check_stage2_run(model_path, cfg, mesh)
+    preflight.check_stage2_run(model_path, cfg, mesh)
     gen = Generator(model_id, mesh, text_dtype=cfg.text_dtype, dtype=cfg.dtype, attention=cfg.attention,
                     vae_dtype=vae_dtype, **finetune_settings(cfg, sampling.non_strict))
     # Only --save_intermediates keeps the float frames; the mp4 needs uint8, converted on device (a quarter of

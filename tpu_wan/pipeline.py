@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tpu_wan import artifacts, checkpoints, checks, config as config_lib, distributed, profiling, sweep
+from tpu_wan import artifacts, checkpoints, config as config_lib, distributed, preflight, profiling, sweep
 from tpu_wan.config import ConfigError, GenerationConfig, SamplingArgs
 from tpu_wan.mesh import check_heads, make_mesh, platform as mesh_platform
 from tpu_wan.profiling import Recorder
@@ -119,7 +119,7 @@ def plan(cfg: GenerationConfig):
 
 def denoise(denoiser, cfg: GenerationConfig, prompt_embeds, negative_prompt_embeds, *, num_steps=None, progress=True):
     """Latents [V, C, F, H, W] of every (prompt, seed) video of `cfg`, in plan order, kept in memory."""
-    checks.check_text_dim(prompt_embeds, cfg, denoiser.config.text_dim)
+    preflight.check_text_dim(prompt_embeds, cfg, denoiser.config.text_dim)
     videos = plan(cfg)
     out = []
     sweep.denoise_videos(
@@ -181,7 +181,7 @@ def run_stage2(
     with rec.section("transformer", "io"):
         cfg = GenerationConfig.from_json_dict(artifacts.load_config(input_dir))
         prompt_embeds, negative_embeds = artifacts.load_embeddings(input_dir)
-    checks.check_embeddings_file(input_dir, cfg, prompt_embeds, negative_embeds)
+    preflight.check_embeddings_file(input_dir, cfg, prompt_embeds, negative_embeds)
     mesh = make_mesh(dp, tp)
     cfg = resolve_sampling(cfg, sampling, mesh)
     videos = plan(cfg)
@@ -190,7 +190,7 @@ def run_stage2(
         log.info("all %d videos already in %s (--overwrite to redo)", len(videos), output_dir)
         return StageRun(cfg, None)
     model_path = checkpoints.resolve_model(cfg.model_id)
-    checks.check_stage2_run(model_path, cfg, mesh, prompt_embeds)  # refused before anything is written
+    preflight.check_stage2_run(model_path, cfg, mesh, prompt_embeds)  # refused before anything is written
     with rec.section("transformer", "load"):
         denoiser = load_denoiser(model_path, mesh, cfg.dtype, cfg.attention, **finetune_settings(cfg, sampling.non_strict))
     with rec.section("transformer", "io"):
@@ -245,7 +245,7 @@ def run_stage3(
     with rec.section("vae", "io"):
         latents = [artifacts.load_latents(src) for src, _ in sources]  # all present before any decoding
     for x, (src, _) in zip(latents, sources):
-        checks.check_latents(x, cfg, src)
+        preflight.check_latents(x, cfg, src)
     mesh = make_mesh(dp, tp)
     with rec.section("vae", "load"):
         decoder = load_decoder(checkpoints.resolve_model(cfg.model_id), mesh, vae_dtype)
