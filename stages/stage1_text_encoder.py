@@ -3,7 +3,7 @@
     python stages/stage1_text_encoder.py --model_id tiny-random --prompt "A cat playing piano"
     python stages/stage1_text_encoder.py --model_id tiny-random --prompt_file prompts.txt
 
-writes stage_outputs/stage1_embeddings.safetensors (prompt_embeds, negative_prompt_embeds: [N, 512, D]) and
+writes stage_outputs/stage1_embeddings.safetensors (prompt_embeds, negative_prompt_embeds: [P, 512, Et]) and
 stage_outputs/generation_config.json. Encode once, then run stage 2 as often as you like.
 """
 

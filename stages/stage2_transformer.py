@@ -3,7 +3,7 @@
     python stages/stage2_transformer.py --height 480 --width 832 --frames 81 --num_inference_steps 50
 
 reads stage_outputs/stage1_embeddings.safetensors and generation_config.json, writes
-stage_outputs/stage2_latents.safetensors (latents: [N, 16, (frames-1)/4+1, height/8, width/8]) and adds every
+stage_outputs/stage2_latents.safetensors (latents: [V, 16, (frames-1)/4+1, height/8, width/8]) and adds every
 setting it used to the config. --seeds 1-8 makes one video per (prompt, seed) in batches with one compilation,
 saved to stage_outputs/stage2_latents/<prompt-slug>_seed<seed>.safetensors as each batch lands; rerunning
 the same command resumes where a crash stopped it. Same seed, same bytes.

@@ -4,7 +4,7 @@
 
 reads stage_outputs/stage2_latents.safetensors, writes stage_outputs/output_video.mp4 (H.264; for a sweep,
 <prompt-slug>_seed<seed>.mp4 per video) and, with
---save_frames, stage_outputs/stage3_frames.safetensors (frames: [N, T, H, W, 3] float32 in [0, 1]).
+--save_frames, stage_outputs/stage3_frames.safetensors (frames: [V, T, Hp, Wp, 3] float32 in [0, 1]).
 """
 
 import sys

@@ -105,7 +105,7 @@ def test_writers_refuse_bad_arrays_before_touching_the_file(tmp_path):
         A.save_embeddings(tmp_path, pos, neg.astype(ml_dtypes.bfloat16))
     with pytest.raises(A.ArtifactError, match="expected prompt_embeds dtype float32 or bfloat16, found float64"):
         A.save_embeddings(tmp_path, pos.astype(np.float64), neg)
-    with pytest.raises(A.ArtifactError, match=r"expected 5 dims \[N, C, F, H, W\], found shape \(1, 16, 2\)"):
+    with pytest.raises(A.ArtifactError, match=r"expected 5 dims \[V, C, F, H, W\], found shape \(1, 16, 2\)"):
         A.save_latents(tmp_path / A.LATENTS_FILE, np.zeros((1, 16, 2), np.float32))
     with pytest.raises(A.ArtifactError, match="expected dtype float32, found bfloat16"):
         A.save_latents(tmp_path / A.LATENTS_FILE, np.zeros((1, 16, 1, 2, 2), ml_dtypes.bfloat16))
@@ -164,7 +164,7 @@ def test_wrong_ndim(tmp_path):
     path = tmp_path / A.LATENTS_FILE
     safetensors.numpy.save_file({"latents": np.zeros((1, 16, 2), np.float32)}, path,
                                 metadata={**GOOD_META, "kind": "latents"})
-    with pytest.raises(A.ArtifactError, match=r"expected 5 dims \[N, C, F, H, W\], found shape \(1, 16, 2\)"):
+    with pytest.raises(A.ArtifactError, match=r"expected 5 dims \[V, C, F, H, W\], found shape \(1, 16, 2\)"):
         A.load_latents(path)
 
 
@@ -220,7 +220,7 @@ def test_plain_torch_file_accepted_without_schema(tmp_path):
 
     path = tmp_path / "bad.safetensors"
     safetensors.torch.save_file({"latents": torch.zeros(1, 16, 2, 4, dtype=torch.float32)}, path)
-    with pytest.raises(A.ArtifactError, match=r"expected 5 dims \[N, C, F, H, W\], found shape \(1, 16, 2, 4\)"):
+    with pytest.raises(A.ArtifactError, match=r"expected 5 dims \[V, C, F, H, W\], found shape \(1, 16, 2, 4\)"):
         A.load_latents(path, require_schema=False)
     safetensors.torch.save_file({"latents": torch.zeros(1, 16, 2, 4, 4, dtype=torch.int32)}, path)
     with pytest.raises(A.ArtifactError, match="expected dtype float16 or bfloat16 or float32 or float64, found int32"):

@@ -29,6 +29,11 @@ FRAMES_FILE = "stage3_frames.safetensors"
 CONFIG_FILE = "generation_config.json"
 VIDEO_FILE = "output_video.mp4"
 SCHEMA_VERSION = 1
+# Dimension letters of the stage files (docs/FORMATS.md): prompts, text tokens, text hidden size; videos, latent
+# channels, latent frames / height / width; videos, video frames, pixel height / width, RGB.
+EMBEDDING_DIMS = ("P", "S", "Et")
+LATENT_DIMS = ("V", "C", "F", "H", "W")
+FRAME_DIMS = ("V", "T", "Hp", "Wp", "3")
 
 FORMAT_TAG = "tpu_wan"
 _RESERVED_METADATA = ("format", "schema_version", "kind")
@@ -124,13 +129,13 @@ def _dtype_name(dtype: np.dtype | str) -> str:
 def _check_layout(
     where: str,
     arrays: Mapping[str, tuple[tuple[int, ...], str]],
-    dims: str,
+    dims: tuple[str, ...],
     dtypes: tuple[str, ...],
     *,
     channels_last: int | None = None,
 ) -> None:
     """Shared checks for writers and readers. ``arrays`` maps key -> (shape, numpy dtype name); ``dims`` is
-    the dimension letters, e.g. "NCFHW". All arrays must have the same shape and dtype (the first one's)."""
+    the dimension letters (docs/FORMATS.md), e.g. LATENT_DIMS. All arrays must have the same shape and dtype (the first one's)."""
     first_key, (first_shape, first_dtype) = next(iter(arrays.items()))
     for key, (shape, dtype) in arrays.items():
         label = f"{key} " if len(arrays) > 1 else ""
@@ -161,7 +166,7 @@ def _build_metadata(where: str, kind: str, extra: Mapping[str, str] | None) -> d
     return metadata
 
 
-def _save_tensors(path: PathLike, kind: str, tensors: Mapping[str, Any], dims: str, dtypes: tuple[str, ...],
+def _save_tensors(path: PathLike, kind: str, tensors: Mapping[str, Any], dims: tuple[str, ...], dtypes: tuple[str, ...],
                   metadata: Mapping[str, str] | None, *, channels_last: int | None = None) -> Path:
     path = Path(path)
     # safetensors writes raw memory from data_ptr, so a strided view would be saved scrambled: force C order.
@@ -189,7 +194,7 @@ def _canonical_header(payload: bytes) -> bytes:
     return len(text).to_bytes(8, "little") + text + payload[8 + n :]
 
 
-def _load_tensors(path: PathLike, kind: str, keys: tuple[str, ...], dims: str, dtypes: tuple[str, ...], *,
+def _load_tensors(path: PathLike, kind: str, keys: tuple[str, ...], dims: tuple[str, ...], dtypes: tuple[str, ...], *,
                   require_schema: bool = True, hint: str = "", channels_last: int | None = None
                   ) -> dict[str, np.ndarray]:
     """Open ``path``, check header (metadata, keys, dtypes, shapes) before reading any data, then read."""
@@ -228,33 +233,33 @@ def _check_schema(where: str, kind: str, metadata: Mapping[str, str]) -> None:
 
 def save_embeddings(folder: PathLike, prompt_embeds: np.ndarray, negative_prompt_embeds: np.ndarray,
                     metadata: Mapping[str, str] | None = None) -> Path:
-    """Write ``folder/stage1_embeddings.safetensors``: both [N, S, D], equal shape, float32 or bfloat16."""
+    """Write ``folder/stage1_embeddings.safetensors``: both [P, S, Et], equal shape, float32 or bfloat16."""
     tensors = {"prompt_embeds": prompt_embeds, "negative_prompt_embeds": negative_prompt_embeds}
-    return _save_tensors(Path(folder) / EMBEDDINGS_FILE, "embeddings", tensors, "NSD", ("float32", "bfloat16"),
+    return _save_tensors(Path(folder) / EMBEDDINGS_FILE, "embeddings", tensors, EMBEDDING_DIMS, ("float32", "bfloat16"),
                          metadata)
 
 
 def load_embeddings(folder: PathLike) -> tuple[np.ndarray, np.ndarray]:
     """Read ``(prompt_embeds, negative_prompt_embeds)`` from ``folder``, in the dtype they were saved in."""
     t = _load_tensors(Path(folder) / EMBEDDINGS_FILE, "embeddings", ("prompt_embeds", "negative_prompt_embeds"),
-                      "NSD", ("float32", "bfloat16"), hint=" (run stage 1 first)")
+                      EMBEDDING_DIMS, ("float32", "bfloat16"), hint=" (run stage 1 first)")
     return t["prompt_embeds"], t["negative_prompt_embeds"]
 
 
 def save_latents(path: PathLike, latents: np.ndarray, metadata: Mapping[str, str] | None = None) -> Path:
-    """Write ``latents`` [N, C, F, H, W] float32 to the file ``path`` (normally ``folder / LATENTS_FILE``)."""
-    return _save_tensors(path, "latents", {"latents": latents}, "NCFHW", ("float32",), metadata)
+    """Write ``latents`` [V, C, F, H, W] float32 to the file ``path`` (normally ``folder / LATENTS_FILE``)."""
+    return _save_tensors(path, "latents", {"latents": latents}, LATENT_DIMS, ("float32",), metadata)
 
 
 def load_latents(path: PathLike, *, require_schema: bool = True) -> np.ndarray:
-    """Read float32 latents [N, C, F, H, W] from the file ``path``.
+    """Read float32 latents [V, C, F, H, W] from the file ``path``.
 
     ``require_schema=False`` also accepts a plain safetensors file holding only a ``latents`` tensor of any
     float dtype (e.g. from ``safetensors.torch.save_file``, for ``--init_latents``); it is cast to float32.
     """
     dtypes = ("float32",) if require_schema else _FLOAT_NAMES
     hint = " (run stage 2 first)" if Path(path).name == LATENTS_FILE else ""
-    latents = _load_tensors(path, "latents", ("latents",), "NCFHW", dtypes, require_schema=require_schema,
+    latents = _load_tensors(path, "latents", ("latents",), LATENT_DIMS, dtypes, require_schema=require_schema,
                             hint=hint)["latents"]
     # bf16/f16 -> f32 is exact; f64 -> f32 rounds to nearest.
     return latents.astype(np.float32, copy=False)
@@ -274,14 +279,14 @@ def list_video_latents(folder: PathLike) -> dict[str, Path]:
 
 
 def save_frames(folder: PathLike, frames: np.ndarray, metadata: Mapping[str, str] | None = None) -> Path:
-    """Write ``folder/stage3_frames.safetensors``: frames [N, T, H, W, 3] float32, values in [0, 1]."""
-    return _save_tensors(Path(folder) / FRAMES_FILE, "frames", {"frames": frames}, "NTHWC", ("float32",),
+    """Write ``folder/stage3_frames.safetensors``: frames [V, T, Hp, Wp, 3] float32, values in [0, 1]."""
+    return _save_tensors(Path(folder) / FRAMES_FILE, "frames", {"frames": frames}, FRAME_DIMS, ("float32",),
                          metadata, channels_last=3)
 
 
 def load_frames(folder: PathLike) -> np.ndarray:
-    """Read frames [N, T, H, W, 3] float32 from ``folder``."""
-    return _load_tensors(Path(folder) / FRAMES_FILE, "frames", ("frames",), "NTHWC", ("float32",),
+    """Read frames [V, T, Hp, Wp, 3] float32 from ``folder``."""
+    return _load_tensors(Path(folder) / FRAMES_FILE, "frames", ("frames",), FRAME_DIMS, ("float32",),
                          hint=" (run stage 3 first)", channels_last=3)["frames"]
 
 

@@ -137,7 +137,7 @@ def default_dtype(platform: str) -> str:
 
 
 def latent_shape(num_videos: int, height: int, width: int, frames: int, channels: int = 16) -> tuple[int, ...]:
-    """[N, C, F, H, W] of the latents for a video size, as diffusers' WanPipeline.prepare_latents."""
+    """[V, C, F, H, W] of the latents for a video size, as diffusers' WanPipeline.prepare_latents."""
     return (
         num_videos,
         channels,

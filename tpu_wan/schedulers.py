@@ -59,10 +59,10 @@ _F = np.float32
 class Schedule:
     """Host-side sampling schedule.
 
-    timesteps: [T] float32, the values diffusers passes to the transformer (whole numbers for unipc/dpm++, where
+    timesteps: [K] float32, the values diffusers passes to the transformer (whole numbers for unipc/dpm++, where
         diffusers stores them as int64; fractional float32 for euler).
-    sigmas: [T + 1] float32 flow sigmas, the last one 0.
-    coeffs: [T, NUM_COEFFS] float32, row i is the `coeffs_i` argument of `step` at step i.
+    sigmas: [K + 1] float32 flow sigmas, the last one 0.
+    coeffs: [K, NUM_COEFFS] float32, row i is the `coeffs_i` argument of `step` at step i.
     """
 
     solver: str
@@ -142,7 +142,7 @@ def _lambda(sigma: np.float32) -> np.float32:
 
 
 def _flow_sigmas(solver: str, steps: int, shift: float, num_train: int) -> tuple[np.ndarray, np.ndarray]:
-    """(timesteps [T] float32, sigmas [T + 1] float32) exactly as diffusers' set_timesteps builds them."""
+    """(timesteps [K] float32, sigmas [K + 1] float32) exactly as diffusers' set_timesteps builds them."""
 
     def shifted(s):
         return shift * s / (1 + (shift - 1) * s)

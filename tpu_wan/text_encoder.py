@@ -1,4 +1,4 @@
-"""Stage 1: prompts -> UMT5 embeddings [N, S, D], identical to diffusers' WanPipeline.encode_prompt.
+"""Stage 1: prompts -> UMT5 embeddings [P, S, Et], identical to diffusers' WanPipeline.encode_prompt.
 
 The tokenizer runs on the host; the UMT5 encoder runs on the mesh through torchax, weights sharded by
 mesh.UMT5_RULES and prompts split over dp.
@@ -74,7 +74,7 @@ class TextEncoder:
         return tokens["input_ids"].astype(np.int32), tokens["attention_mask"].astype(np.int32)
 
     def encode(self, prompts: Sequence[str], max_sequence_length: int = 512) -> np.ndarray:
-        """[N, S, D] embeddings in the encoder's dtype, zero past each prompt's token count."""
+        """[P, S, Et] embeddings in the encoder's dtype, zero past each prompt's token count."""
         chunks = [prompts[i : i + ENCODE_BATCH] for i in range(0, len(prompts), ENCODE_BATCH)]
         return np.concatenate([self._encode_batch(c, max_sequence_length) for c in chunks])
 
@@ -110,7 +110,7 @@ class TextEncoder:
 def encode_prompts(
     encoder: TextEncoder, prompts: Sequence[str], negative_prompt: str, max_sequence_length: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(prompt_embeds [N, S, D], negative_prompt_embeds [N, S, D]) in one encoder call."""
+    """(prompt_embeds [P, S, Et], negative_prompt_embeds [P, S, Et]) in one encoder call."""
     embeds = encoder.encode([*prompts, negative_prompt], max_sequence_length)
     n = len(prompts)
     negative = np.repeat(embeds[n:], n, axis=0)  # diffusers repeats the negative prompt per prompt

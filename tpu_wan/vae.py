@@ -1,4 +1,4 @@
-"""Stage 3: Wan VAE decode, normalised latents [N, C, F, h, w] -> frames [N, T, 8h, 8w, 3] in [0, 1].
+"""Stage 3: Wan VAE decode, normalised latents [V, C, F, H, W] -> frames [V, T, 8H, 8W, 3] in [0, 1].
 
 A native Flax NNX port of diffusers' AutoencoderKLWan decoder (modules in tpu_wan/vae_modules.py), loading
 its weights straight from `vae/diffusion_pytorch_model.safetensors` (only decoder.* and post_quant_conv.*;
@@ -81,7 +81,7 @@ def load_params(abstract: nnx.State, weights_file: Path, dtype, sharding) -> nnx
 
 
 def activation_sharding(mesh, shape: tuple[int, ...]) -> NamedSharding:
-    """[N T H W C] activations: N over dp where it divides, W over the remaining mesh axes (all of them, or
+    """[V T H W C] activations (H, W, C: that layer's resolution and width): V over dp where it divides, W over the remaining mesh axes (all of them, or
     tp alone) where it divides, else H; replicated otherwise. GSPMD adds the conv halo exchanges."""
     n, _, h, w, _ = shape
     batch = "dp" if mesh.shape["dp"] > 1 and n % mesh.shape["dp"] == 0 else None
@@ -127,28 +127,28 @@ class VaeDecoder:
     def _constrain(self, x: jax.Array) -> jax.Array:
         return jax.lax.with_sharding_constraint(x, activation_sharding(self.mesh, x.shape))
 
-    def _latents(self, latents: jax.Array) -> jax.Array:  # [N Z F h w] normalised -> [N F h w Z] model space
+    def _latents(self, latents: jax.Array) -> jax.Array:  # [V C F H W] normalised -> [V F H W C] model space
         z = latents / self._inv_std + self._mean  # float32, diffusers' de-normalisation
         return self._constrain(z.transpose(0, 2, 3, 4, 1).astype(self.dtype))
 
-    def _decode_first(self, params: nnx.State, latents: jax.Array):  # [N Z 1 h w] -> [N 1 H W 3], caches
+    def _decode_first(self, params: nnx.State, latents: jax.Array):  # [V C 1 H W] -> [V 1 Hp Wp 3], caches
         model = nnx.merge(self._graphdef, params)
         video, caches = model(self._latents(latents), None, first=True, constrain=self._constrain)
         return video, caches
 
     def _decode_rest(self, params: nnx.State, video: jax.Array, caches, latents: jax.Array) -> jax.Array:
-        """Frames [N T H W 3] in [0, 1] from frame 0's video [N 1 H W 3] and caches, latents [N Z F-1 h w]."""
+        """Frames [V T Hp Wp 3] in [0, 1] from frame 0's video [V 1 Hp Wp 3] and caches, latents [V C F-1 H W]."""
         model = nnx.merge(self._graphdef, params)
 
-        def step(caches, z_f):  # z_f [N h w Z] -> new caches, [N 4 H W 3]
+        def step(caches, z_f):  # z_f [V H W C] -> new caches, [V 4 Hp Wp 3]
             frames, caches = model(z_f[:, None], caches, first=False, constrain=self._constrain)
             return caches, frames
 
         if latents.shape[2]:
             _, rest = jax.lax.scan(step, caches, self._latents(latents).swapaxes(0, 1))  # [F-1 N 4 H W 3]
             n, _, h, w, c = video.shape
-            rest = rest.swapaxes(0, 1).reshape(n, -1, h, w, c)  # [N 4(F-1) H W 3], frames in time order
-            video = jnp.concatenate([video, rest], axis=1)  # [N T H W 3]
+            rest = rest.swapaxes(0, 1).reshape(n, -1, h, w, c)  # [V 4(F-1) Hp Wp 3], frames in time order
+            video = jnp.concatenate([video, rest], axis=1)  # [V T Hp Wp 3]
         return jnp.clip(video.astype(jnp.float32) * 0.5 + 0.5, 0.0, 1.0)  # WanPipeline's postprocess
 
     def compile_seconds(self, latents_shape: tuple[int, ...], first: bool = True) -> float:
@@ -166,7 +166,7 @@ class VaeDecoder:
         return time.perf_counter() - start
 
     def programs_for(self, latents_shape: tuple[int, ...], *, uint8: bool) -> dict:
-        """name -> (jitted, abstract arguments) of each program `decode` runs for latents [N C F h w] (with
+        """name -> (jitted, abstract arguments) of each program `decode` runs for latents [V C F H W] (with
         `uint8`, the on-device conversion too), as remember_program records them."""
         # Frame 0's video and caches, and the frames, carry the activation sharding their constraints give them.
         placed = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=activation_sharding(self.mesh, a.shape))  # noqa: E731
@@ -187,11 +187,11 @@ class VaeDecoder:
         return mesh_lib.batch_sharding(self.mesh, shape[0], len(shape))
 
     def decode(self, latents: np.ndarray, *, uint8: bool = False) -> np.ndarray:
-        """float32 frames [N, T, H, W, 3] in [0, 1] for normalised latents [N, C, F, h, w]; with `uint8`, the
+        """float32 frames [V, T, Hp, Wp, 3] in [0, 1] for normalised latents [V, C, F, H, W]; with `uint8`, the
         frames converted on device (a quarter of the bytes to transfer) exactly as video.to_uint8 does."""
         latents = np.asarray(latents, np.float32)
         if latents.ndim != 5 or latents.shape[1] != self.config.z_dim:
-            raise UserError(f"vae latents: expected [N, {self.config.z_dim}, F, h, w], found {list(latents.shape)}")
+            raise UserError(f"vae latents: expected [V, {self.config.z_dim}, F, H, W], found {list(latents.shape)}")
         first, rest = (jax.device_put(x, self._input_sharding(x.shape)) for x in (latents[:, :, :1], latents[:, :, 1:]))
         video, caches = self._first(self.params, first)
         frames = self._rest(self.params, video, caches, rest)

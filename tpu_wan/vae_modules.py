@@ -1,7 +1,8 @@
 """Flax NNX modules of the Wan 2.1 VAE decoder (diffusers' AutoencoderKLWan, decoder half), channels-last.
 
-Activations are [N, T, H, W, C]. Parameter paths mirror diffusers' state-dict keys, so `torch_key` maps them
-with the few renames in KEY_RENAMES, and `to_jax_layout` is the one place torch weight layouts become ours.
+Activations are [V, T, H, W, C] with H, W, C the layer's own resolution and width (latent-sized at the input,
+pixels at the output). Parameter paths mirror diffusers' state-dict keys, so `torch_key` maps them with the few
+renames in KEY_RENAMES, and `to_jax_layout` is the one place torch weight layouts become ours.
 
 Causal caches, as diffusers' `feat_cache` (CACHE_T = 2) but functional. diffusers decodes latent frame 0
 alone, then one latent frame per call, and every causal conv with a temporal kernel of 3 keeps the last two
@@ -45,12 +46,12 @@ class Chunk:
         self.constrain = constrain
 
     def swap(self, x: jax.Array) -> jax.Array:
-        """The cache for the conv about to read `x` [N T H W C], and records [cache, x]'s last CACHE_T frames."""
+        """The cache for the conv about to read `x` [V T H W C], and records [cache, x]'s last CACHE_T frames."""
         if self.old is None:  # first chunk: zero cache == diffusers' zero temporal padding
             old = jnp.zeros((x.shape[0], CACHE_T, *x.shape[2:]), x.dtype)
         else:
             old = self.old[len(self.new)]
-        self.new.append(self.constrain(jnp.concatenate([old, x], axis=1)[:, -CACHE_T:]))  # [N 2 H W C]
+        self.new.append(self.constrain(jnp.concatenate([old, x], axis=1)[:, -CACHE_T:]))  # [V 2 H W C]
         return old
 
     def skip(self, x: jax.Array) -> None:
@@ -68,10 +69,10 @@ class CausalConv3d(nnx.Module):
         self.bias = nnx.Param(jnp.zeros((cout,), dtype))
         self.kernel, self.precision = kernel, precision
 
-    def __call__(self, x: jax.Array, chunk: Chunk) -> jax.Array:  # [N T H W C] -> [N T H W O]
+    def __call__(self, x: jax.Array, chunk: Chunk) -> jax.Array:  # [V T H W C] -> [V T H W O]
         kt, kh, kw = self.kernel
         if kt > 1:  # kt == 3: the cache holds exactly the kt - 1 frames of left context
-            x = jnp.concatenate([chunk.swap(x), x], axis=1)  # [N T+2 H W C]
+            x = jnp.concatenate([chunk.swap(x), x], axis=1)  # [V T+2 H W C]
         y = jax.lax.conv_general_dilated(
             x, self.weight[...], window_strides=(1, 1, 1), padding=((0, 0), (kh // 2, kh // 2), (kw // 2, kw // 2)),
             dimension_numbers=("NDHWC", "DHWIO", "NDHWC"), precision=self.precision,
@@ -106,7 +107,7 @@ class ResidualBlock(nnx.Module):
         shortcut = CausalConv3d(cin, cout, (1, 1, 1), dtype=dtype, precision=precision) if cin != cout else None
         self.conv_shortcut = shortcut
 
-    def __call__(self, x: jax.Array, chunk: Chunk) -> jax.Array:  # [N T H W C] -> [N T H W O]
+    def __call__(self, x: jax.Array, chunk: Chunk) -> jax.Array:  # [V T H W C] -> [V T H W O]
         h = x if self.conv_shortcut is None else self.conv_shortcut(x, chunk)
         x = self.conv1(jax.nn.silu(self.norm1(x)), chunk)
         x = self.conv2(jax.nn.silu(self.norm2(x)), chunk)
@@ -124,7 +125,7 @@ class AttentionBlock(nnx.Module):
         self.proj_bias = nnx.Param(jnp.zeros((dim,), dtype))
         self.precision = precision
 
-    def __call__(self, x: jax.Array) -> jax.Array:  # [N T H W C]
+    def __call__(self, x: jax.Array) -> jax.Array:  # [V T H W C]
         n, t, h, w, c = x.shape
         qkv = jnp.dot(self.norm(x), self.to_qkv[...], precision=self.precision) + self.to_qkv_bias[...]
         q, k, v = jnp.split(qkv.reshape(n * t, h * w, 3 * c), 3, axis=-1)  # 3x [NT L C], L = H*W
@@ -144,7 +145,7 @@ class Resample(nnx.Module):
             CausalConv3d(dim, 2 * dim, (3, 1, 1), dtype=dtype, precision=precision) if mode == "upsample3d" else None
         )
 
-    def __call__(self, x: jax.Array, chunk: Chunk) -> jax.Array:  # [N T H W C] -> [N T' 2H 2W C/2]
+    def __call__(self, x: jax.Array, chunk: Chunk) -> jax.Array:  # [V T H W C] -> [V T' 2H 2W C/2]
         if self.time_conv is not None:
             if chunk.first:
                 # diffusers' 'Rep': latent frame 0 decodes to ONE video frame, and the next chunk's time_conv
@@ -203,7 +204,7 @@ class Decoder3d(nnx.Module):
         self.norm_out = RMSNorm(dims[-1], dtype=dtype)
         self.conv_out = CausalConv3d(dims[-1], out_channels, (3, 3, 3), **kw)
 
-    def __call__(self, x: jax.Array, chunk: Chunk) -> jax.Array:  # [N 1 h w Z] -> [N T 8h 8w 3]
+    def __call__(self, x: jax.Array, chunk: Chunk) -> jax.Array:  # [V 1 H W C] -> [V T 8H 8W 3]
         x = self.mid_block(self.conv_in(x, chunk), chunk)
         for block in self.up_blocks:
             x = block(x, chunk)
@@ -228,7 +229,7 @@ class WanVaeDecoder(nnx.Module):
             config["temperal_downsample"][::-1], config.get("out_channels", 3), dtype=dtype, precision=precision,
         )
 
-    def __call__(self, z, caches, *, first: bool, constrain=lambda x: x):  # [N 1 h w Z] -> [N T 8h 8w 3]
+    def __call__(self, z, caches, *, first: bool, constrain=lambda x: x):  # [V 1 H W C] -> [V T 8H 8W 3]
         chunk = Chunk(caches, first, constrain)
         x = self.decoder(self.post_quant_conv(z, chunk), chunk)
         return jnp.clip(x, -1.0, 1.0), tuple(chunk.new)  # diffusers clamps the decoder output to [-1, 1]
