@@ -21,7 +21,7 @@ import jax
 
 from tpu_wan import arithmetic, artifacts, checkpoints, config as config_lib, hlo, preflight
 from tpu_wan.config import GenerationConfig
-from tpu_wan.errors import UserError
+from tpu_wan.errors import DoesNotFit
 from tpu_wan.mesh import check_heads, make_mesh
 from tpu_wan.profiling import STAGES
 from tpu_wan.topology import TpuTarget
@@ -225,12 +225,6 @@ def not_fitting(metrics: dict) -> str | None:
                         f"({t['device_kind']} HBM {gib(t['hbm_bytes_per_device'])} less "
                         f"{metrics['hbm_reserve_fraction']:.0%} reserve) on {t['topology']}")
     return None
-
-
-class DoesNotFit(UserError):
-    """A compile-only run whose programs do not fit the slice: the message names the first one."""
-
-    exit_status = 3
 
 
 def compile_only(base: GenerationConfig, sampling, topology_name: str, *, dp: int | None = None,

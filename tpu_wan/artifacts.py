@@ -20,7 +20,7 @@ import numpy as np
 import safetensors
 import safetensors.numpy
 
-from tpu_wan.errors import UserError
+from tpu_wan.errors import ArtifactError
 
 EMBEDDINGS_FILE = "stage1_embeddings.safetensors"
 LATENTS_FILE = "stage2_latents.safetensors"
@@ -46,10 +46,6 @@ _DTYPE_NAMES = {
 _FLOAT_NAMES = ("float16", "bfloat16", "float32", "float64")
 
 PathLike = str | os.PathLike
-
-
-class ArtifactError(UserError):
-    """A stage file is missing or does not have the expected layout; the message says expected vs found."""
 
 
 _writes_enabled = True

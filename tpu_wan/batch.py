@@ -14,14 +14,10 @@ import unicodedata
 from pathlib import Path
 from typing import Sequence
 
-from tpu_wan.errors import UserError
+from tpu_wan.errors import BatchError
 
 log = logging.getLogger("tpu_wan")
 SLUG_MAX = 48
-
-
-class BatchError(UserError):
-    """A prompt file, seed list or batch size that cannot be used."""
 
 
 @dataclasses.dataclass(frozen=True)

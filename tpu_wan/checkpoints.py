@@ -15,13 +15,9 @@ import numpy as np
 
 from tpu_wan import tiny
 from tpu_wan.config import DTYPES
-from tpu_wan.errors import UserError
+from tpu_wan.errors import CheckpointError
 
 COMPONENTS = ("tokenizer", "text_encoder", "transformer", "vae", "scheduler")
-
-
-class CheckpointError(UserError):
-    """A model id that does not lead to a usable Wan 2.1 diffusers folder."""
 
 
 def resolve_model(model_id: str) -> Path:

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from tpu_wan.errors import AttentionError, UserError
+from tpu_wan.errors import AttentionError, ConfigError
 
 # The negative prompt of the Wan 2.1 model card (diffusers' WanPipeline example), the model's trained default.
 DEFAULT_NEGATIVE_PROMPT = (
@@ -92,10 +92,6 @@ def json_repr(value: Any, limit: int = 60) -> str:
 
     text = json.dumps(value, ensure_ascii=False)
     return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-class ConfigError(UserError):
-    """A setting outside what the model accepts; the message says expected vs found."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -12,15 +12,11 @@ import logging
 from pathlib import Path
 from typing import Mapping
 
-from tpu_wan.errors import UserError
+from tpu_wan.errors import FinetuneError
 
 log = logging.getLogger("tpu_wan")
 WRAPPER_PREFIXES = ("module.", "model.", "_orig_mod.", "transformer.")
 TORCH_SUFFIXES = (".pt", ".pth", ".bin")
-
-
-class FinetuneError(UserError):
-    """A fine-tuned checkpoint that does not fit the base model."""
 
 
 class _SafetensorsTensor:

@@ -23,14 +23,10 @@ import numpy as np
 from jax.sharding import NamedSharding
 
 from tpu_wan import mesh as mesh_lib
-from tpu_wan.errors import UserError
+from tpu_wan.errors import LoadError
 
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "model.safetensors")
 INDEX_FILES = ("diffusion_pytorch_model.safetensors.index.json", "model.safetensors.index.json")
-
-
-class LoadError(UserError):
-    """A checkpoint that does not hold the weights the model expects."""
 
 
 def weight_files(component_dir: Path) -> dict[str, Path]:

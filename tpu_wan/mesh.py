@@ -15,7 +15,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from tpu_wan.errors import UserError
+from tpu_wan.errors import MeshError
 
 AXES = ("dp", "tp")
 COLUMN = P("tp", None)  # split output features
@@ -53,10 +53,6 @@ UMT5_RULES: tuple[tuple[str, P], ...] = (
     (r"DenseReluDense\.wi(_0|_1)?\.weight$", COLUMN),
     (r"DenseReluDense\.wo\.weight$", ROW),
 )
-
-
-class MeshError(UserError):
-    """A mesh that does not fit the devices or the model; the message says expected vs found."""
 
 
 def default_mesh_shape(num_devices: int) -> tuple[int, int]:

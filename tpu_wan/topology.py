@@ -15,7 +15,7 @@ import dataclasses
 import os
 import re
 
-from tpu_wan.errors import UserError
+from tpu_wan.errors import TopologyError
 
 GIB = 1 << 30
 
@@ -41,10 +41,6 @@ GENERATIONS = {
 }
 # A single v5e or v6e TPU VM drives up to 8 chips (v5litepod-8, v6e-8); larger slices have 4 chips per host.
 SINGLE_HOST_CHIPS = 8
-
-
-class TopologyError(UserError):
-    """A slice name this toolkit cannot compile for, or a mesh that does not fit it."""
 
 
 @dataclasses.dataclass(frozen=True)
