@@ -57,7 +57,8 @@ def check_transformer_run(model_path: Path, cfg: GenerationConfig, mesh, prompt_
     dit = checkpoints.read_config(model_path, "transformer", required=(
         "num_attention_heads", "attention_head_dim", "text_dim", "in_channels", "patch_size"))
     if cfg.sharding in (None, "megatron"):  # sequence sharding takes any head count (parallelism.sequence_attention)
-        mesh_lib.check_heads(mesh, dit["num_attention_heads"], "transformer")
+        mesh_lib.check_heads(mesh, dit["num_attention_heads"],
+                             "transformer in --sharding megatron (--sharding sequence takes any head count)")
     if prompt_embeds is not None:
         check_text_dim(prompt_embeds, cfg, dit["text_dim"])
     shape = config_lib.latent_shape(cfg.batch_size, cfg.height, cfg.width, cfg.frames, dit["in_channels"])
