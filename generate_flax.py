@@ -45,7 +45,7 @@ def main(argv=None):
     cli.add_mesh_args(parser)
     cli.add_compile_args(parser)
     args = parser.parse_args(argv)
-    cli.check_stage2_args(args)
+    settings = cli.stage2_settings(args)
     cli.check_compile_args(args)
     if args.num_iterations < 1:
         raise cli.UsageError(f"--num_iterations must be >= 1, found {args.num_iterations}")
@@ -54,35 +54,34 @@ def main(argv=None):
     from tpu_wan import artifacts, oneshot, profiling
 
     stamp = time.strftime("%Y%m%d_%H%M%S")
-    sampling = cli.sampling_args(args)
     if args.compile_only:
         from tpu_wan import aot
         from tpu_wan.config import GenerationConfig
 
         base = GenerationConfig(model_id=args.model_id, prompts=tuple(prompts), negative_prompt=args.negative_prompt,
                                 max_sequence_length=args.max_sequence_length, fps=args.fps, vae_dtype=args.vae_dtype)
-        metrics = aot.compile_only(base, sampling, args.topology, dp=args.dp, tp=args.tp, one_process=True,
+        metrics = aot.compile_only(base, settings, args.topology, dp=args.dp, tp=args.tp, one_process=True,
                                    compile_stages=tuple(args.compile_stages), uint8=not args.save_intermediates,
                                    search_mesh=args.search_mesh)
         folder = Path(args.output_dir or (Path(args.output_video).parent if args.output_video else "."))
         return cli.finish_compile_only(metrics, args.metrics or folder / artifacts.METRICS_FILE)
-    several = len(prompts) * len(sampling.seeds) > 1
+    several = len(prompts) * len(settings.seeds) > 1
     output_video = args.output_video or (None if several else f"{stamp}.mp4")
     result = oneshot.generate(
-        args.model_id, prompts, args.negative_prompt, sampling,
+        args.model_id, prompts, args.negative_prompt, settings,
         max_sequence_length=args.max_sequence_length, fps=args.fps, vae_dtype=args.vae_dtype,
         dp=args.dp, tp=args.tp,
         warmup_steps=args.warmup_steps, output_video=output_video,
         output_dir=args.output_dir or (stamp if several else None),
         save_intermediates=args.save_intermediates, num_iterations=args.num_iterations, profile_dir=args.profile,
-        preview=args.preview,
+        preview=args.preview, non_strict=args.non_strict,
     )
     metrics_path = Path(args.metrics or result.videos[0].parent / artifacts.METRICS_FILE)
     artifacts.save_metrics(metrics_path, result.metrics)
     cli.say(profiling.table(result.metrics))
     step = result.metrics["stages"]["transformer"]["s_per_step"]
-    cli.say(f"{step:.4f} s/step (median; batches of {result.config.batch_size} video(s), "
-          f"{result.config.num_inference_steps} steps)")
+    cli.say(f"{step:.4f} s/step (median; batches of {result.config.stage2.batch_size} video(s), "
+          f"{result.config.stage2.num_inference_steps} steps)")
     cli.say(f"metrics: {metrics_path}")
     cli.say("video: " + ", ".join(str(p) for p in result.videos))
 

@@ -32,7 +32,7 @@ def main(argv=None):
     cli.add_mesh_args(parser)
     cli.add_compile_args(parser, stage2=True)
     args = parser.parse_args(argv)
-    cli.check_stage2_args(args)
+    settings = cli.stage2_settings(args)
     cli.check_compile_args(args)
     cli.setup_process(args)
     from tpu_wan import pipeline, profiling
@@ -41,22 +41,22 @@ def main(argv=None):
         from tpu_wan import aot, artifacts
 
         base = aot.stage2_base(args.input_dir, args.num_prompts, args.model_id)
-        metrics = aot.compile_only(base, cli.sampling_args(args), args.topology, dp=args.dp, tp=args.tp,
+        metrics = aot.compile_only(base, settings, args.topology, dp=args.dp, tp=args.tp,
                                    stages=("transformer",), search_mesh=args.search_mesh)
         folder = Path(args.output_dir or args.input_dir)
         return cli.finish_compile_only(metrics, folder / artifacts.METRICS_FILE)
 
     result = pipeline.run_stage2(
-        args.input_dir, cli.sampling_args(args), output_dir=args.output_dir,
+        args.input_dir, settings, output_dir=args.output_dir,
         dp=args.dp, tp=args.tp, warmup_steps=args.warmup_steps,
-        overwrite=args.overwrite,
+        overwrite=args.overwrite, non_strict=args.non_strict,
     )
     cfg = result.config
     if result.metrics:
         cli.say(profiling.table(result.metrics, only="transformer"))
-    videos = len(cfg.prompts) * len(cfg.seeds)
-    cli.say(f"stage 2: {videos} video(s), {cfg.num_inference_steps} steps at {cfg.width}x{cfg.height}x{cfg.frames}, "
-          f"seeds {list(cfg.seeds)} -> {args.output_dir or args.input_dir}")
+    videos = len(cfg.prompts) * len(cfg.stage2.seeds)
+    cli.say(f"stage 2: {videos} video(s), {cfg.stage2.num_inference_steps} steps at {cfg.stage2.video_size}, "
+          f"seeds {list(cfg.stage2.seeds)} -> {args.output_dir or args.input_dir}")
 
 
 if __name__ == "__main__":

@@ -208,7 +208,7 @@ class _Payload:
 @pytest.fixture(scope="module")
 def stage2_dir(stage1_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("stage2")
-    sampling = pipeline.SamplingArgs(height=32, width=32, frames=5, num_inference_steps=2)
+    sampling = pipeline.Stage2Settings(height=32, width=32, frames=5, num_inference_steps=2)
     pipeline.run_stage2(stage1_dir, sampling, output_dir=out, dp=2, tp=4)
     return out
 

@@ -57,9 +57,9 @@ def ours(request, tiny_path):
     if choice != "auto":  # auto is XLA attention on a CPU; custom is our Pallas kernel (interpreted)
         models = copy.copy(models)
         models.denoiser = Denoiser(tiny_path, models.denoiser.mesh, "bfloat16", choice)
-    cfg = pipeline.resolve_sampling(
+    cfg = pipeline.resolve_stage2(
         GenerationConfig(model_id="tiny-random", prompts=(PROMPT,), negative_prompt=NEGATIVE, text_dtype="bfloat16"),
-        pipeline.SamplingArgs(height=HEIGHT, width=WIDTH, frames=FRAMES, num_inference_steps=STEPS,
+        pipeline.Stage2Settings(height=HEIGHT, width=WIDTH, frames=FRAMES, num_inference_steps=STEPS,
                               guidance_scale=GUIDANCE, seeds=(SEED,), dtype="bfloat16"),
         models.denoiser.mesh,
     )

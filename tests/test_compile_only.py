@@ -85,9 +85,9 @@ def test_the_numbers_are_the_compiled_programs_own(tiny_path):
     target = topology.parse_target("v5e-4")
     devices = target.devices()
     mesh = make_mesh(2, 2, devices)
-    cfg = pipeline.resolve_sampling(
+    cfg = pipeline.resolve_stage2(
         GenerationConfig(model_id="tiny-random", prompts=("a",), negative_prompt="b", text_dtype="bfloat16"),
-        pipeline.SamplingArgs(height=32, width=32, frames=5, attention=AttentionOptions("custom")), mesh)
+        pipeline.Stage2Settings(height=32, width=32, frames=5, attention=AttentionOptions("custom")), mesh)
     built = aot.transformer_programs(tiny_path, mesh, cfg)
     (name, (jitted, args, ideal)), = built.programs.items()
     entry = aot.compile_program(name, jitted, args, ideal_flops=ideal, devices=4, held_bytes=0,

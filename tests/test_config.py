@@ -13,24 +13,24 @@ from tpu_wan.mesh import make_mesh
 
 def _resolve(model_id, **given):
     cfg = GenerationConfig(model_id=model_id, prompts=("a cat",), negative_prompt="")
-    return pipeline.resolve_sampling(cfg, pipeline.SamplingArgs(**given), make_mesh(2, 4))
+    return pipeline.resolve_stage2(cfg, pipeline.Stage2Settings(**given), make_mesh(2, 4))
 
 
 def test_presets_fill_what_the_user_left_out():
     big = _resolve("Wan-AI/Wan2.1-T2V-14B-Diffusers")
-    assert (big.height, big.width, big.frames, big.num_inference_steps, big.flow_shift) == (720, 1280, 81, 50, 5.0)
+    assert (big.stage2.height, big.stage2.width, big.stage2.frames, big.stage2.num_inference_steps, big.stage2.flow_shift) == (720, 1280, 81, 50, 5.0)
     small = _resolve("Wan-AI/Wan2.1-T2V-1.3B-Diffusers")
-    assert (small.height, small.width, small.flow_shift, small.guidance_scale) == (480, 832, 3.0, 5.0)
+    assert (small.stage2.height, small.stage2.width, small.stage2.flow_shift, small.stage2.guidance_scale) == (480, 832, 3.0, 5.0)
     assert preset_for("/models/Wan2.1-T2V-1.3B-Diffusers/") == preset_for("Wan-AI/Wan2.1-T2V-1.3B-Diffusers")
     assert preset_for("/some/other/folder") == preset_for("Wan-AI/Wan2.1-T2V-14B-Diffusers")
 
 
 def test_explicit_settings_override_presets():
     cfg = _resolve("Wan-AI/Wan2.1-T2V-14B-Diffusers", height=480, width=832, num_inference_steps=20, flow_shift=4.0)
-    assert (cfg.height, cfg.width, cfg.num_inference_steps, cfg.flow_shift) == (480, 832, 20, 4.0)
-    assert _resolve("Wan-AI/Wan2.1-T2V-14B-Diffusers", height=480, width=832).flow_shift == 3.0
-    assert _resolve("tiny-random", guidance_scale=1.0).batch_size == 2  # no CFG: dp=2 holds 2 videos
-    assert _resolve("tiny-random").batch_size == 1  # CFG: the pair fills dp=2
+    assert (cfg.stage2.height, cfg.stage2.width, cfg.stage2.num_inference_steps, cfg.stage2.flow_shift) == (480, 832, 20, 4.0)
+    assert _resolve("Wan-AI/Wan2.1-T2V-14B-Diffusers", height=480, width=832).stage2.flow_shift == 3.0
+    assert _resolve("tiny-random", guidance_scale=1.0).stage2.batch_size == 2  # no CFG: dp=2 holds 2 videos
+    assert _resolve("tiny-random").stage2.batch_size == 1  # CFG: the pair fills dp=2
 
 
 @pytest.mark.parametrize("model", ["Wan2.1-T2V-1.3B-Diffusers", "Wan2.1-T2V-14B-Diffusers"])
@@ -41,10 +41,10 @@ def test_flow_shift_follows_the_resolution_and_equals_the_folder_at_the_trained_
     # at each model's preset size the two agree (README, "equals diffusers").
     folder = checkpoints.PACKAGED_CONFIGS / model
     shipped = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())["flow_shift"]
-    assert _resolve(f"Wan-AI/{model}").flow_shift == shipped
+    assert _resolve(f"Wan-AI/{model}").stage2.flow_shift == shipped
     other_size = dict(height=720, width=1280) if shipped == 3.0 else dict(height=480, width=832)
-    assert _resolve(f"Wan-AI/{model}", **other_size).flow_shift != shipped  # the resolution decides
-    assert _resolve(str(folder), **other_size, flow_shift=shipped).flow_shift == shipped  # the flag decides
+    assert _resolve(f"Wan-AI/{model}", **other_size).stage2.flow_shift != shipped  # the resolution decides
+    assert _resolve(str(folder), **other_size, flow_shift=shipped).stage2.flow_shift == shipped  # the flag decides
 
 
 def test_a_folders_scheduler_flow_shift_is_not_read(tmp_path, tiny_path):
@@ -52,7 +52,7 @@ def test_a_folders_scheduler_flow_shift_is_not_read(tmp_path, tiny_path):
     shutil.copytree(tiny_path, folder)
     config = folder / "scheduler" / "scheduler_config.json"
     config.write_text(json.dumps(json.loads(config.read_text()) | {"flow_shift": 7.0}))
-    assert _resolve(str(folder), height=64, width=96).flow_shift == 3.0
+    assert _resolve(str(folder), height=64, width=96).stage2.flow_shift == 3.0
 
 
 def test_bad_settings_are_refused():
@@ -63,7 +63,7 @@ def test_bad_settings_are_refused():
 
 
 def test_attention_settings_are_recorded():
-    # one value from the flags (cli.attention_options) through SamplingArgs into the config, and in the file as
+    # one value from the flags (cli.attention_options) through Stage2Settings into the config, and in the file as
     # the flags' six keys
     from tpu_wan import cli
     from tpu_wan.config import AttentionOptions
@@ -72,11 +72,11 @@ def test_attention_settings_are_recorded():
     options = cli.attention_options(argparse.Namespace(**given))
     assert options == AttentionOptions("custom", k_smooth=True, window_size=8, bq=64, bkv=128, bkv_compute=64)
     cfg = _resolve("tiny-random", attention=options)
-    assert cfg.attention == options
+    assert cfg.stage2.attention == options
     assert {k: cfg.to_json_dict()[k] for k in given} == given
     assert GenerationConfig.from_json_dict(cfg.to_json_dict()) == cfg
     default = _resolve("tiny-random")
-    assert default.attention == AttentionOptions() == AttentionOptions("auto", False, None, None, None, None)
+    assert default.stage2.attention == AttentionOptions() == AttentionOptions("auto", False, None, None, None, None)
 
 
 def test_config_without_attention_fields_still_loads():
@@ -85,7 +85,7 @@ def test_config_without_attention_fields_still_loads():
     for name in ("attention", "k_smooth", "window_size", "bqsize", "bkvsize", "bkvcomputesize"):
         del old[name]
     cfg = GenerationConfig.from_json_dict(old)
-    assert (cfg.attention, cfg.height) == (None, 64)
+    assert (cfg.stage2.attention, cfg.stage2.height) == (None, 64)
     with pytest.raises(ConfigError, match="attention must be one of .* found 'fast'"):
         GenerationConfig.from_json_dict({**old, "attention": "fast"})
     with pytest.raises(ConfigError, match="window_size must be >= 0, found -1"):

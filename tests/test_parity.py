@@ -28,11 +28,11 @@ def models(request, tiny_path):
 
 def _config(prompt, guidance, prompts=None, **sampling):
     cfg = GenerationConfig(model_id="tiny-random", prompts=tuple(prompts or (prompt,)), negative_prompt=NEGATIVE)
-    sampling = pipeline.SamplingArgs(
+    sampling = pipeline.Stage2Settings(
         height=HEIGHT, width=WIDTH, frames=FRAMES, num_inference_steps=STEPS, guidance_scale=guidance,
         **{"seeds": (SEED,), "dtype": "float32", **sampling},
     )
-    return pipeline.resolve_sampling(cfg, sampling, make_mesh(1, 1, devices=jax.devices()[:1]))
+    return pipeline.resolve_stage2(cfg, sampling, make_mesh(1, 1, devices=jax.devices()[:1]))
 
 
 @pytest.mark.parametrize("prompt", PROMPTS, ids=["en", "zh"])

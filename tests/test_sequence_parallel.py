@@ -20,9 +20,9 @@ REGROUP_ATOL = 1e-6
 
 def _config(mesh, **sampling):
     cfg = GenerationConfig(model_id="tiny-random", prompts=(PROMPTS[0],), negative_prompt=NEGATIVE)
-    args = pipeline.SamplingArgs(**{"height": HEIGHT, "width": WIDTH, "frames": FRAMES, "num_inference_steps": STEPS,
+    args = pipeline.Stage2Settings(**{"height": HEIGHT, "width": WIDTH, "frames": FRAMES, "num_inference_steps": STEPS,
                                     "guidance_scale": 5.0, "seeds": (SEED,), "dtype": "float32", **sampling})
-    return pipeline.resolve_sampling(cfg, args, mesh)
+    return pipeline.resolve_stage2(cfg, args, mesh)
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +44,7 @@ def test_sequence_sharding_equals_diffusers(mesh_shape, tiny_path, embeddings, d
     mesh = make_mesh(dp, tp, devices=jax.devices()[: dp * tp])
     assert _tokens(tiny_path) == 18  # divides none of the meshes' 4 or 8 token shards: the padding path runs
     cfg = _config(mesh, sharding="sequence", attention=AttentionOptions("custom"))
-    assert cfg.sharding == "sequence"
+    assert cfg.stage2.sharding == "sequence"
     denoiser = pipeline.load_denoiser(tiny_path, mesh, "float32", "custom")
     latents = pipeline.denoise(denoiser, cfg, *embeddings, progress=False)
     ref = diffusers_run(diffusers_pipe, PROMPTS[0], 5.0, "latent")
@@ -116,8 +116,8 @@ def test_traffic_closed_forms_by_hand():
 def test_auto_is_resolved_and_recorded(tiny_path):
     mesh = make_mesh(2, 4)
     short, long = _config(mesh), _config(mesh, height=128, width=192, frames=33)
-    assert (short.sharding, long.sharding) == ("megatron", "sequence")  # the tiny model's crossover
-    assert _config(make_mesh(1, 1, jax.devices()[:1])).sharding == "megatron"
+    assert (short.stage2.sharding, long.stage2.sharding) == ("megatron", "sequence")  # the tiny model's crossover
+    assert _config(make_mesh(1, 1, jax.devices()[:1])).stage2.sharding == "megatron"
     assert _config(mesh, sharding="sequence").to_json_dict()["sharding"] == "sequence"
     from tpu_wan import sweep
 

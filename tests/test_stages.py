@@ -68,7 +68,7 @@ def test_config_records_every_setting(staged):
 
 def test_stage2_is_deterministic(staged, tmp_path):
     # The same settings again (in this process, the same 2x4 mesh of 8 CPU devices): the same bytes.
-    sampling = pipeline.SamplingArgs(height=32, width=48, frames=9, num_inference_steps=4, seeds=(7,))
+    sampling = pipeline.Stage2Settings(height=32, width=48, frames=9, num_inference_steps=4, seeds=(7,))
     pipeline.run_stage2(staged, sampling, output_dir=tmp_path, dp=2, tp=4)
     assert _sha(tmp_path / artifacts.LATENTS_FILE) == _sha(staged / artifacts.LATENTS_FILE)
 

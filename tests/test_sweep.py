@@ -119,7 +119,7 @@ def test_more_prompts_than_one_encoder_batch(encoder, diffusers_pipe):
 
 # The stages as library calls in this process (the scripts are thin wrappers over them; the command-line
 # contract is tested with subprocesses where it matters: exit codes, SIGKILL, log levels).
-SAMPLING = pipeline.SamplingArgs(height=32, width=32, frames=5, num_inference_steps=3, seeds=SEEDS)
+SAMPLING = pipeline.Stage2Settings(height=32, width=32, frames=5, num_inference_steps=3, seeds=SEEDS)
 
 
 def stage2(input_dir, output_dir, sampling=SAMPLING, **kwargs):
@@ -146,13 +146,13 @@ def test_sweep_compiles_once_and_equals_single_runs(stage1, tmp_path, caplog, sh
     # In process, on the same 4x2 mesh as the scripts: the whole sweep (6 videos, 3 batches of 2) compiles the
     # denoising step once, and each video equals its own single run bit for bit, in either sharding mode.
     mesh = make_mesh(4, 2)
-    cfg = pipeline.resolve_sampling(
+    cfg = pipeline.resolve_stage2(
         GenerationConfig.from_json_dict(artifacts.load_config(stage1)),
-        pipeline.SamplingArgs(height=32, width=32, frames=5, num_inference_steps=3, seeds=SEEDS, dtype="float32",
+        pipeline.Stage2Settings(height=32, width=32, frames=5, num_inference_steps=3, seeds=SEEDS, dtype="float32",
                               sharding=sharding),
         mesh,
     )
-    assert cfg.batch_size == 2 and cfg.sharding == sharding
+    assert cfg.stage2.batch_size == 2 and cfg.stage2.sharding == sharding
     prompt_embeds, negative_embeds = artifacts.load_embeddings(stage1)
     denoiser = pipeline.load_denoiser(pipeline.checkpoints.resolve_model("tiny-random"), mesh, "float32", "auto")
     with jax.log_compiles(), caplog.at_level(logging.WARNING):
@@ -222,8 +222,8 @@ def test_rerun_with_other_settings_is_refused(swept, stage1, change, expected):
 def test_resuming_a_folder_from_before_attention_was_recorded_is_refused(tmp_path):
     from tpu_wan import sweep
 
-    cfg = pipeline.resolve_sampling(GenerationConfig(model_id="tiny-random", prompts=("a cat",), negative_prompt=""),
-                                    pipeline.SamplingArgs(), make_mesh(4, 2))
+    cfg = pipeline.resolve_stage2(GenerationConfig(model_id="tiny-random", prompts=("a cat",), negative_prompt=""),
+                                    pipeline.Stage2Settings(), make_mesh(4, 2))
     old = {k: v for k, v in cfg.to_json_dict().items() if k not in ("attention", "k_smooth", "window_size")}
     artifacts.save_config(tmp_path, old)
     artifacts.save_latents(tmp_path / artifacts.LATENTS_FILE, np.zeros((1, 16, 2, 8, 12), np.float32))
@@ -236,8 +236,8 @@ def test_mismatch_message_cuts_long_values(tmp_path):
     from tpu_wan import sweep
 
     def cfg(prompts):
-        return pipeline.resolve_sampling(GenerationConfig(model_id="tiny-random", prompts=prompts, negative_prompt=""),
-                                         pipeline.SamplingArgs(), make_mesh(4, 2))
+        return pipeline.resolve_stage2(GenerationConfig(model_id="tiny-random", prompts=prompts, negative_prompt=""),
+                                         pipeline.Stage2Settings(), make_mesh(4, 2))
 
     old = cfg(tuple(f"prompt {i}: " + "a very long description " * 10 for i in range(50)))
     artifacts.save_config(tmp_path, old.to_json_dict())

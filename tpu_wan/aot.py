@@ -20,7 +20,7 @@ import time
 import jax
 
 from tpu_wan import arithmetic, artifacts, checkpoints, config as config_lib, hlo, preflight
-from tpu_wan.config import GenerationConfig
+from tpu_wan.config import GenerationConfig, Stage2Settings
 from tpu_wan.errors import DoesNotFit
 from tpu_wan.mesh import check_heads, make_mesh
 from tpu_wan.profiling import STAGES
@@ -107,13 +107,13 @@ def text_encoder_programs(model_path, mesh, cfg: GenerationConfig) -> Programs:
 def transformer_programs(model_path, mesh, cfg: GenerationConfig) -> Programs:
     from tpu_wan.transformer import Denoiser
 
-    denoiser = Denoiser(model_path, mesh, cfg.dtype, cfg.attention, abstract=True)
+    denoiser = Denoiser(model_path, mesh, cfg.stage2.dtype, cfg.stage2.attention, abstract=True)
     dit = dict(denoiser.config)
-    latents = config_lib.latent_shape(cfg.batch_size, cfg.height, cfg.width, cfg.frames, dit["in_channels"])
+    latents = cfg.stage2.latent_shape(cfg.stage2.batch_size, dit["in_channels"])
     guided = cfg.do_classifier_free_guidance
-    rows = cfg.batch_size * (2 if guided else 1)
+    rows = cfg.stage2.batch_size * (2 if guided else 1)
     jitted, args = denoiser.step_program(latents, (rows, cfg.max_sequence_length, dit["text_dim"]), guided,
-                                         cfg.sharding or "megatron")
+                                         cfg.stage2.sharding_mode)
     tokens = math.prod(n // p for n, p in zip(latents[2:], dit["patch_size"]))
     ideal = arithmetic.dit_forward_flops(dit, rows, tokens, cfg.max_sequence_length)
     return Programs(denoiser.weights, {f"step cfg={guided}": (jitted, args, ideal)})
@@ -123,7 +123,7 @@ def vae_programs(model_path, mesh, cfg: GenerationConfig, uint8: bool) -> Progra
     from tpu_wan.vae import VaeDecoder
 
     decoder = VaeDecoder(model_path, mesh, cfg.vae_dtype, abstract=True)
-    latents = config_lib.latent_shape(1, cfg.height, cfg.width, cfg.frames, decoder.config.z_dim)
+    latents = cfg.stage2.latent_shape(1, decoder.config.z_dim)
     programs = {name: (jitted, args, arithmetic.traced_flops(jitted, *args))
                 for name, (jitted, args) in decoder.programs_for(latents, uint8=uint8).items()}
     return Programs(decoder.params, programs)
@@ -134,7 +134,7 @@ def compile_run(cfg: GenerationConfig, target: TpuTarget, devices, *, stages=STA
     """Compiles the programs of `compile_stages` (default: all of `stages`) for a run of `cfg` (its mesh
     decided) on `target`; returns the metrics.json document. `one_process`: `stages` share a process
     (generate_flax.py), so each program's peak includes the other stages' weights, compiled or not."""
-    dp, tp = cfg.mesh
+    dp, tp = cfg.stage2.mesh
     mesh = make_mesh(dp, tp, devices)
     model_path = checkpoints.resolve_configs(cfg.model_id)
     if "text_encoder" in stages:
@@ -227,14 +227,14 @@ def not_fitting(metrics: dict) -> str | None:
     return None
 
 
-def compile_only(base: GenerationConfig, sampling, topology_name: str, *, dp: int | None = None,
+def compile_only(base: GenerationConfig, settings: Stage2Settings, topology_name: str, *, dp: int | None = None,
                  tp: int | None = None, stages=STAGES, compile_stages=None, one_process: bool = False,
                  uint8: bool = True, search_mesh: bool = False) -> dict:
     """The compile-only run of a script: `base` holds what stage 1 decides (model, prompts, text dtype; with
-    `one_process` the model dtype, as generate_flax.py decides it), `sampling` the stage-2 flags. With `search_mesh`, every
-    (dp, tp) the slice and the heads allow is compiled (in both sharding modes when `sampling.sharding` is
+    `one_process` the model dtype, as generate_flax.py decides it), `settings` the stage-2 flags. With `search_mesh`, every
+    (dp, tp) the slice and the heads allow is compiled (in both sharding modes when `settings.sharding` is
     auto) and the best document returned, with the ranking under "mesh_search"."""
-    from tpu_wan.pipeline import resolve_sampling
+    from tpu_wan.pipeline import resolve_stage2
     from tpu_wan.topology import parse_target
 
     target = parse_target(topology_name)
@@ -248,15 +248,15 @@ def compile_only(base: GenerationConfig, sampling, topology_name: str, *, dp: in
         meshes = candidate_meshes(target, heads)
     from tpu_wan.parallelism import MODES
 
-    modes = MODES if search_mesh and sampling.sharding == "auto" and "transformer" in stages else (None,)
+    modes = MODES if search_mesh and settings.sharding in (None, "auto") and "transformer" in stages else (None,)
     documents = []
     for mesh_dp, mesh_tp in meshes:
         mesh = make_mesh(mesh_dp, mesh_tp, devices)
         for mode in modes:
-            cfg = resolve_sampling(base, sampling, mesh)
-            cfg = cfg.replace(sharding=mode or cfg.sharding)
+            cfg = resolve_stage2(base, settings, mesh)
+            cfg = cfg.replace(sharding=mode or cfg.stage2.sharding)
             if one_process:  # generate_flax.py encodes in the model dtype (oneshot.generate)
-                cfg = cfg.replace(text_dtype=cfg.dtype)
+                cfg = cfg.replace(text_dtype=cfg.stage2.dtype)
             documents.append(compile_run(cfg, target, devices, stages=stages, uint8=uint8,
                                          compile_stages=compile_stages, one_process=one_process))
     ranked = rank(documents)

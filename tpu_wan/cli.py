@@ -14,7 +14,8 @@ import os
 import sys
 
 from tpu_wan.config import (
-    ATTENTION_CHOICES, SHARDING_CHOICES, AttentionOptions, SamplingArgs, DEFAULT_MODEL_ID, DEFAULT_NEGATIVE_PROMPT, DEFAULT_PROMPT, DTYPES, SOLVERS,
+    ATTENTION_CHOICES, DEFAULT_MODEL_ID, DEFAULT_NEGATIVE_PROMPT, DEFAULT_PROMPT, DEFAULT_SEED, DEFAULT_SOLVER, DTYPES,
+    SHARDING_CHOICES, SOLVERS, AttentionOptions, Stage2Settings,
 )
 from tpu_wan.entry import Parser, Terminated, make_parser, run_main  # noqa: F401  (the scripts' entry points)
 from tpu_wan.errors import UsageError, UserError  # noqa: F401
@@ -130,13 +131,13 @@ def add_stage2_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--num_inference_steps", type=int, default=None, help="default: 50")
     g.add_argument("--guidance_scale", type=float, default=None,
                    help="classifier-free guidance; <= 1 turns it off (default: 5.0)")
-    g.add_argument("--seed", type=int, default=42)
+    g.add_argument("--seed", type=int, default=DEFAULT_SEED)
     g.add_argument("--seeds", nargs="+", default=None, metavar="SEED",
                    help="several seeds, e.g. 1 2 3 or 1-8: one video per (prompt, seed); overrides --seed")
     g.add_argument("--batch_size", type=int, default=None,
                    help="videos per denoising batch (default: what the dp axis holds)")
     g.add_argument("--flow_shift", type=float, default=None, help="default: 5.0 at 720p and up, 3.0 below")
-    g.add_argument("--sample_solver", default="unipc", choices=SOLVERS)
+    g.add_argument("--sample_solver", default=DEFAULT_SOLVER, choices=SOLVERS)
     g.add_argument("--init_latents", default=None, help="safetensors file with key 'latents' to start from")
     g.add_argument("--transformer_checkpoint", default=None,
                    help="fine-tuned transformer weights (.safetensors, or .pt/.pth read weights-only) over the base")
@@ -160,39 +161,23 @@ def add_stage2_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--warmup_steps", type=int, default=0, help="steps run first to compile (not saved)")
 
 
-def check_stage2_args(args: argparse.Namespace) -> None:
-    """The cheap checks of stage-2 flags, run before any model is loaded."""
-    from tpu_wan import config
-
-    preset = config.preset_for(getattr(args, "model_id", None))
-    given = lambda name: getattr(preset, name) if getattr(args, name) is None else getattr(args, name)  # noqa: E731
-    config.validate_video_size(given("height"), given("width"), given("frames"))
-    shift = 1.0 if args.flow_shift is None else args.flow_shift
-    config.validate_sampling(given("num_inference_steps"), given("guidance_scale"), shift, args.sample_solver)
-    from tpu_wan.batch import parse_seeds
-
-    if args.seeds:
-        parse_seeds(args.seeds)
-    if args.batch_size is not None and args.batch_size < 1:
-        raise UsageError(f"--batch_size must be >= 1, found {args.batch_size}")
-    if args.warmup_steps < 0:
-        raise UsageError(f"--warmup_steps must be >= 0, found {args.warmup_steps}")
-
-
 def attention_options(args: argparse.Namespace) -> AttentionOptions:
     """The --attention / --k_smooth / --window_size / block-size flags as one value."""
     return AttentionOptions(choice=args.attention, k_smooth=args.k_smooth, window_size=args.window_size,
                             bq=args.bqsize, bkv=args.bkvsize, bkv_compute=args.bkvcomputesize)
 
 
-def sampling_args(args: argparse.Namespace) -> SamplingArgs:
-    """The stage-2 flags as one value (--seeds, else --seed)."""
+def stage2_settings(args: argparse.Namespace) -> Stage2Settings:
+    """The stage-2 flags as one value (--seeds, else --seed), checked as it is built (Stage2Settings): the scripts
+    call it first, so a bad flag is refused before jax is imported or a model loads."""
     from tpu_wan.batch import parse_seeds
 
-    names = [f.name for f in dataclasses.fields(SamplingArgs) if f.name not in ("seeds", "attention")]
+    if args.warmup_steps < 0:  # a run option that comes with the stage-2 flags
+        raise UsageError(f"--warmup_steps must be >= 0, found {args.warmup_steps}")
+    flags = [f.name for f in dataclasses.fields(Stage2Settings) if f.name not in ("seeds", "attention", "mesh")]
     seeds = parse_seeds(args.seeds) if args.seeds else [args.seed]
-    return SamplingArgs(seeds=tuple(seeds), attention=attention_options(args),
-                        **{name: getattr(args, name) for name in names})
+    return Stage2Settings(seeds=tuple(seeds), attention=attention_options(args),
+                          **{name: getattr(args, name) for name in flags})
 
 
 def prompts_from(args: argparse.Namespace) -> list[str]:

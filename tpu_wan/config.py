@@ -143,83 +143,109 @@ def latent_shape(num_videos: int, height: int, width: int, frames: int, channels
     )
 
 
-def validate_video_size(height: int, width: int, frames: int) -> None:
-    """Refuses sizes diffusers would silently round: H, W multiples of 16, frames = 4n + 1."""
-    for name, value in (("height", height), ("width", width)):
-        if value <= 0 or value % SIZE_MULTIPLE:
-            raise ConfigError(f"{name} must be a positive multiple of {SIZE_MULTIPLE}, found {value}")
-    if frames < 1 or (frames - 1) % VAE_TEMPORAL:
-        raise ConfigError(f"frames must be 4n+1 (1, 5, 9, ..., 81), found {frames}")
-
-
-def validate_sampling(num_inference_steps: int, guidance_scale: float, flow_shift: float, solver: str) -> None:
-    if num_inference_steps < 1:
-        raise ConfigError(f"num_inference_steps must be >= 1, found {num_inference_steps}")
-    if guidance_scale < 0:
-        raise ConfigError(f"guidance_scale must be >= 0, found {guidance_scale}")
-    if flow_shift <= 0:
-        raise ConfigError(f"flow_shift must be > 0, found {flow_shift}")
-    if solver not in SOLVERS:
-        raise ConfigError(f"sample_solver must be one of {SOLVERS}, found {solver!r}")
-
-
-def validate_dtype(dtype: str) -> None:
+def validate_dtype(dtype: str, name: str = "dtype") -> None:
     if dtype not in DTYPES:
-        raise ConfigError(f"dtype must be one of {DTYPES}, found {dtype!r}")
+        raise ConfigError(f"{name} must be one of {DTYPES}, found {dtype!r}")
+
+
+def _positive_multiple(name: str, value: int | None, multiple: int) -> None:
+    if value is not None and (value <= 0 or value % multiple):
+        raise ConfigError(f"{name} must be a positive multiple of {multiple}, found {value}")
+
+
+def _at_least(name: str, value: float | None, low: float) -> None:
+    if value is not None and not value >= low:
+        raise ConfigError(f"{name} must be >= {low}, found {value}")
 
 
 @dataclasses.dataclass(frozen=True)
-class SamplingArgs:
-    """Stage-2 settings as the user gave them; None means 'the default for this size / platform'."""
+class Stage2Settings:
+    """How stage 2 denoises. As asked for (cli.stage2_settings, library callers) None means 'the default for this
+    model, size and platform'; as recorded in a GenerationConfig (pipeline.resolve_stage2) every setting is
+    decided. Each given value is checked here, on construction, so a bad flag is refused before anything loads."""
 
     height: int | None = None  # None: the model preset's (config.MODEL_PRESETS)
     width: int | None = None
     frames: int | None = None
     num_inference_steps: int | None = None
     guidance_scale: float | None = None
-    seeds: tuple[int, ...] = (42,)
+    seeds: tuple[int, ...] | None = None  # one video per (prompt, seed); None: (DEFAULT_SEED,)
+    batch_size: int | None = None  # videos per denoising batch
     flow_shift: float | None = None
-    sample_solver: str = "unipc"
+    sample_solver: str | None = None  # None: unipc
     dtype: str | None = None
     init_latents: str | None = None
-    batch_size: int | None = None
-    transformer_checkpoint: str | None = None
+    transformer_checkpoint: str | None = None  # fine-tuned weights over the base transformer
     checkpoint_key: str | None = None
-    non_strict: bool = False
-    attention: AttentionOptions = AttentionOptions()  # recorded in the config
-    sharding: str = "auto"  # the DiT's sharding mode (config.SHARDING_CHOICES); auto: parallelism.choose
+    mesh: tuple[int, int] | None = None  # (dp, tp) it ran on; decided from --dp / --tp
+    # the --attention flags as given ('auto' picks a backend per call and platform); in the file as the six flat
+    # keys ATTENTION_KEYS. None: AttentionOptions(); recorded None only in configs written before it was recorded.
+    attention: AttentionOptions | None = None
+    # the DiT's sharding mode (SHARDING_CHOICES): 'auto' (or None) asks parallelism.choose; recorded as decided,
+    # None only in configs written before it was recorded, which ran megatron
+    sharding: str | None = None
+
+    def __post_init__(self):  # named as the flags (and the file's keys) are
+        # Sizes diffusers would silently round are refused: H, W multiples of 16, frames = 4n + 1.
+        _positive_multiple("--height", self.height, SIZE_MULTIPLE)
+        _positive_multiple("--width", self.width, SIZE_MULTIPLE)
+        if self.frames is not None and (self.frames < 1 or (self.frames - 1) % VAE_TEMPORAL):
+            raise ConfigError(f"--frames must be 4n+1 (1, 5, 9, ..., 81), found {self.frames}")
+        _at_least("--num_inference_steps", self.num_inference_steps, 1)
+        _at_least("--guidance_scale", self.guidance_scale, 0)
+        if self.flow_shift is not None and not self.flow_shift > 0:
+            raise ConfigError(f"--flow_shift must be > 0, found {self.flow_shift}")
+        if self.seeds is not None and not self.seeds:
+            raise ConfigError("expected at least one seed, found none")
+        _at_least("--batch_size", self.batch_size, 1)
+        if self.sample_solver is not None and self.sample_solver not in SOLVERS:
+            raise ConfigError(f"--sample_solver must be one of {SOLVERS}, found {self.sample_solver!r}")
+        if self.dtype is not None:
+            validate_dtype(self.dtype, "--dtype")
+        if self.sharding is not None and self.sharding not in SHARDING_CHOICES:
+            raise ConfigError(f"--sharding must be one of {SHARDING_CHOICES}, found {self.sharding!r}")
+
+    def latent_shape(self, num_videos: int, channels: int = 16) -> tuple[int, ...]:
+        return latent_shape(num_videos, self.height, self.width, self.frames, channels)
+
+    @property
+    def video_size(self) -> str:  # as the docs write sizes: WxHxF
+        return f"{self.width}x{self.height}x{self.frames}"
+
+    @property
+    def sharding_mode(self) -> str:
+        """The mode decided; configs written before it was recorded ran megatron."""
+        return self.sharding or "megatron"
+
+    def check_decided(self) -> None:
+        """Refuses a record (a config's settings) that leaves a required setting or the sharding undecided."""
+        missing = [name for name in DECIDED if getattr(self, name) is None]
+        if missing:
+            raise ConfigError(f"expected the stage-2 settings {missing} to be set, found none")
+        if self.sharding == "auto":
+            raise ConfigError(f"sharding must be one of {SHARDING_CHOICES[1:]}, found 'auto'")
+
+
+STAGE2_KEYS = tuple(f.name for f in dataclasses.fields(Stage2Settings))
+# what every recorded Stage2Settings has decided (the others may stay None)
+DECIDED = ("height", "width", "frames", "num_inference_steps", "guidance_scale", "seeds", "flow_shift",
+           "sample_solver", "dtype", "mesh")
+DEFAULT_SEED = 42
+DEFAULT_SOLVER = "unipc"
 
 
 @dataclasses.dataclass(frozen=True)
 class GenerationConfig:
-    """Everything that determines a folder's artifacts. Stage-2/3 fields stay None until those stages run."""
+    """Everything that determines a folder's artifacts. `stage2` stays None until stage 2 runs.
+
+    In the file every setting is a top-level key (the flags' names), stage 2's included."""
 
     model_id: str
     prompts: tuple[str, ...]
     negative_prompt: str
     max_sequence_length: int = 512
     text_dtype: str = "float32"
-    # stage 2
-    height: int | None = None
-    width: int | None = None
-    frames: int | None = None
-    num_inference_steps: int | None = None
-    guidance_scale: float | None = None
-    seeds: tuple[int, ...] | None = None  # one video per (prompt, seed)
-    batch_size: int | None = None  # videos per denoising batch
-    flow_shift: float | None = None
-    sample_solver: str | None = None
-    dtype: str | None = None
-    init_latents: str | None = None
-    transformer_checkpoint: str | None = None  # fine-tuned weights over the base transformer
-    checkpoint_key: str | None = None
-    mesh: tuple[int, int] | None = None
-    # stage 2, how attention ran (the --attention flags as given; 'auto' picks a backend per call and platform);
-    # in the file as the six flat keys ATTENTION_KEYS. None in configs written before these were recorded.
-    attention: AttentionOptions | None = None
-    # stage 2: the DiT's sharding mode, as decided ('auto' resolved); None in configs written before it was
-    # recorded, which ran megatron
-    sharding: str | None = None
+    stage2: Stage2Settings | None = None
     # stage 3
     fps: int = 16
     vae_dtype: str = "float32"
@@ -229,62 +255,54 @@ class GenerationConfig:
             raise ConfigError("expected at least one prompt, found none")
         if self.max_sequence_length < 1:
             raise ConfigError(f"max_sequence_length must be >= 1, found {self.max_sequence_length}")
-        validate_dtype(self.text_dtype)
-        validate_dtype(self.vae_dtype)
+        validate_dtype(self.text_dtype, "text_dtype")
+        validate_dtype(self.vae_dtype, "vae_dtype")
         if self.fps <= 0:
             raise ConfigError(f"fps must be > 0, found {self.fps}")
-        if self.height is not None:
-            validate_video_size(self.height, self.width, self.frames)
-            validate_sampling(self.num_inference_steps, self.guidance_scale, self.flow_shift, self.sample_solver)
-            validate_dtype(self.dtype)
-            if not self.seeds:
-                raise ConfigError("expected at least one seed, found none")
-            if self.batch_size is not None and self.batch_size < 1:
-                raise ConfigError(f"batch_size must be >= 1, found {self.batch_size}")
-            if self.sharding is not None and self.sharding not in SHARDING_CHOICES[1:]:
-                raise ConfigError(f"sharding must be one of {SHARDING_CHOICES[1:]}, found {self.sharding!r}")
+        if self.stage2 is not None:
+            self.stage2.check_decided()
 
     def replace(self, **changes: Any) -> "GenerationConfig":
+        """A copy with `changes`; stage-2 settings by their own names (cfg.replace(num_inference_steps=2))."""
+        stage2 = {name: changes.pop(name) for name in list(changes) if name in STAGE2_KEYS}
+        if stage2:
+            changes["stage2"] = dataclasses.replace(changes.get("stage2", self.stage2) or Stage2Settings(), **stage2)
         return dataclasses.replace(self, **changes)
 
     def to_json_dict(self) -> dict[str, Any]:
         out = {}
-        for name, value in dataclasses.asdict(self).items():
-            if name == "attention":  # flat, under the flags' names
-                out.update(dict.fromkeys(ATTENTION_KEYS) if self.attention is None else
-                           {key: getattr(self.attention, field) for key, field in ATTENTION_KEYS.items()})
+        for field in dataclasses.fields(self):
+            if field.name == "stage2":
+                out.update(_stage2_json(self.stage2))
             else:
-                out[name] = value
+                out[field.name] = getattr(self, field.name)
         out["prompts"] = list(self.prompts)
-        if self.seeds is not None:
-            out["seeds"] = list(self.seeds)
-        if self.mesh is not None:
-            out["mesh"] = list(self.mesh)
         return out
 
     @classmethod
     def from_json_dict(cls, data: dict[str, Any]) -> "GenerationConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
+        names = {f.name for f in dataclasses.fields(cls)} - {"stage2"}
         missing = [n for n in ("model_id", "prompts", "negative_prompt") if n not in data]
         if missing:
             raise ConfigError(f"generation_config.json: expected keys {missing}, found {sorted(data)}")
-        fields = {k: v for k, v in data.items() if k in names and k != "attention"}
+        fields = {k: v for k, v in data.items() if k in names}
+        stage2 = {k: data[k] for k in STAGE2_KEYS if data.get(k) is not None and k != "attention"}
         if data.get("attention") is not None:
             try:
-                fields["attention"] = AttentionOptions(**{field: data.get(key) for key, field in ATTENTION_KEYS.items()
+                stage2["attention"] = AttentionOptions(**{field: data.get(key) for key, field in ATTENTION_KEYS.items()
                                                           if data.get(key) is not None})
             except (AttentionError, TypeError) as err:
                 raise ConfigError(f"generation_config.json: expected valid attention settings, found {err}") from None
-        for name in ("prompts", "seeds", "mesh"):
-            value = fields.get(name)
+        for name, holder in (("prompts", fields), ("seeds", stage2), ("mesh", stage2)):
+            value = holder.get(name)
             if value is None and name != "prompts":
                 continue
             if not isinstance(value, list):
                 raise ConfigError(f"generation_config.json: expected {name} to be a list, found "
                                   f"{type(value).__name__} {json_repr(value)}")
-            fields[name] = tuple(value)
+            holder[name] = tuple(value)
         try:
-            return cls(**fields)
+            return cls(**fields, stage2=Stage2Settings(**stage2) if stage2 else None)
         except TypeError as err:  # a wrongly typed value the dataclass checks could not compare
             raise ConfigError(f"generation_config.json: expected values of the documented types, found {err}"
                               ) from None
@@ -292,4 +310,17 @@ class GenerationConfig:
     @property
     def do_classifier_free_guidance(self) -> bool:
         # diffusers runs the unconditional branch only when guidance_scale > 1 (at 1 it would cancel out).
-        return self.guidance_scale is not None and self.guidance_scale > 1.0
+        return self.stage2 is not None and self.stage2.guidance_scale > 1.0
+
+
+def _stage2_json(settings: Stage2Settings | None) -> dict[str, Any]:
+    """Stage 2's settings as generation_config.json's flat keys (None: stage 2 has not run, every key null)."""
+    out = {}
+    for name in STAGE2_KEYS:
+        value = None if settings is None else getattr(settings, name)
+        if name == "attention":  # flat, under the flags' names
+            out.update(dict.fromkeys(ATTENTION_KEYS) if value is None else
+                       {key: getattr(value, field) for key, field in ATTENTION_KEYS.items()})
+        else:
+            out[name] = list(value) if isinstance(value, tuple) else value
+    return out

@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 
 from tpu_wan import artifacts, checkpoints, preflight, sweep
-from tpu_wan.config import GenerationConfig, SamplingArgs
+from tpu_wan.config import GenerationConfig, Stage2Settings
 from tpu_wan.mesh import check_heads, make_mesh
 from tpu_wan.pipeline import (
-    denoise, encode, finetune_settings, load_decoder, load_denoiser, load_encoder, plan, resolve_sampling,
+    denoise, encode, finetune_settings, load_decoder, load_denoiser, load_encoder, plan, resolve_stage2,
     video_paths,
 )
 from tpu_wan.profiling import Recorder
@@ -84,7 +84,7 @@ def generate(
     model_id: str,
     prompts: list[str],
     negative_prompt: str,
-    sampling: SamplingArgs,
+    settings: Stage2Settings,
     *,
     output_video: str | Path | None = None,
     output_dir: str | Path | None = None,
@@ -98,6 +98,7 @@ def generate(
     profile_dir: str | Path | None = None,
     preview: bool = False,
     save_intermediates: str | Path | None = None,
+    non_strict: bool = False,
 ) -> GenerateResult:
     """All three stages in one process: load, warm up (compiles everything), then `num_iterations` timed runs
     (the last one traced into `profile_dir` if given); writes the videos of the last run."""
@@ -105,26 +106,26 @@ def generate(
 
     start = time.perf_counter()
     mesh = make_mesh(dp, tp)
-    cfg = resolve_sampling(
+    cfg = resolve_stage2(
         GenerationConfig(
             model_id=model_id, prompts=tuple(prompts), negative_prompt=negative_prompt,
             max_sequence_length=max_sequence_length, fps=fps, vae_dtype=vae_dtype,
         ),
-        sampling,
+        settings,
         mesh,
     )
-    cfg = cfg.replace(text_dtype=cfg.dtype)
+    cfg = cfg.replace(text_dtype=cfg.stage2.dtype)
     paths = video_paths(cfg, output_video, output_dir)
     model_path = checkpoints.resolve_model(model_id)  # what the config files decide, before any model loads
     check_heads(mesh, checkpoints.read_config(model_path, "text_encoder", ("num_heads",))["num_heads"], "text encoder")
     preflight.check_stage2_run(model_path, cfg, mesh)
-    gen = Generator(model_id, mesh, text_dtype=cfg.text_dtype, dtype=cfg.dtype, attention=cfg.attention,
-                    vae_dtype=vae_dtype, **finetune_settings(cfg, sampling.non_strict))
+    gen = Generator(model_id, mesh, text_dtype=cfg.text_dtype, dtype=cfg.stage2.dtype, attention=cfg.stage2.attention,
+                    vae_dtype=vae_dtype, **finetune_settings(cfg, non_strict))
     # Only --save_intermediates keeps the float frames; the mp4 needs uint8, converted on device (a quarter of
     # the bytes to move to the host).
     uint8 = not save_intermediates
     if warmup_steps:
-        gen.warmup(cfg, min(warmup_steps, cfg.num_inference_steps), uint8=uint8)
+        gen.warmup(cfg, min(warmup_steps, cfg.stage2.num_inference_steps), uint8=uint8)
     for i in range(num_iterations):
         with _trace(profile_dir if i == num_iterations - 1 else None):
             prompt_embeds, negative_embeds, latents, frames = gen.run(cfg, uint8=uint8)

@@ -16,62 +16,52 @@ import jax.numpy as jnp
 import numpy as np
 
 from tpu_wan import artifacts, checkpoints, config as config_lib, distributed, preflight, profiling, sweep
-from tpu_wan.config import ConfigError, GenerationConfig, SamplingArgs
+from tpu_wan.config import AttentionOptions, ConfigError, GenerationConfig, Stage2Settings
 from tpu_wan.mesh import check_heads, make_mesh, platform as mesh_platform
 from tpu_wan.profiling import Recorder
 
 log = logging.getLogger("tpu_wan")
 
 
-def resolve_sampling(cfg: GenerationConfig, args: SamplingArgs, mesh) -> GenerationConfig:
-    """The config with every stage-2 setting decided (preset and defaults filled in) and validated."""
+def resolve_stage2(cfg: GenerationConfig, asked: Stage2Settings, mesh) -> GenerationConfig:
+    """The config with every stage-2 setting decided: the model preset, defaults for this size and platform, the
+    mesh and the sharding mode filled in where `asked` leaves them None."""
     preset = config_lib.preset_for(cfg.model_id)
-    args = dataclasses.replace(args, **{
+    s = dataclasses.replace(asked, **{
         f: getattr(preset, f) for f in ("height", "width", "frames", "num_inference_steps", "guidance_scale")
-        if getattr(args, f) is None
+        if getattr(asked, f) is None
     })
-    config_lib.validate_video_size(args.height, args.width, args.frames)
     from tpu_wan.batch import default_batch_size
 
-    shift = args.flow_shift if args.flow_shift is not None else config_lib.default_flow_shift(args.height, args.width)
-    batch_size = args.batch_size or default_batch_size(mesh.shape["dp"], args.guidance_scale > 1.0)
-    return cfg.replace(
-        height=args.height,
-        width=args.width,
-        frames=args.frames,
-        num_inference_steps=args.num_inference_steps,
-        guidance_scale=args.guidance_scale,
-        seeds=tuple(args.seeds),
-        batch_size=batch_size,
-        flow_shift=shift,
-        sample_solver=args.sample_solver,
-        dtype=args.dtype or config_lib.default_dtype(mesh_platform(mesh)),
-        init_latents=args.init_latents,
-        transformer_checkpoint=args.transformer_checkpoint,
-        checkpoint_key=args.checkpoint_key,
+    s = dataclasses.replace(
+        s,
+        seeds=s.seeds or (config_lib.DEFAULT_SEED,),
+        batch_size=s.batch_size or default_batch_size(mesh.shape["dp"], s.guidance_scale > 1.0),
+        flow_shift=s.flow_shift if s.flow_shift is not None else config_lib.default_flow_shift(s.height, s.width),
+        sample_solver=s.sample_solver or config_lib.DEFAULT_SOLVER,
+        dtype=s.dtype or config_lib.default_dtype(mesh_platform(mesh)),
         mesh=(mesh.shape["dp"], mesh.shape["tp"]),
-        attention=args.attention,
-        sharding=resolve_sharding(cfg, args, mesh, batch_size),
+        attention=s.attention or AttentionOptions(),
     )
+    sharding = resolve_sharding(cfg.model_id, cfg.max_sequence_length, s, mesh)
+    return cfg.replace(stage2=dataclasses.replace(s, sharding=sharding))
 
 
-def resolve_sharding(cfg: GenerationConfig, args: SamplingArgs, mesh, batch_size: int) -> str:
-    """args.sharding, or for 'auto' the mode that moves fewer bytes per step at this model, size and mesh."""
-    if args.sharding != "auto":
-        if args.sharding not in config_lib.SHARDING_CHOICES:
-            raise ConfigError(f"sharding must be one of {config_lib.SHARDING_CHOICES}, found {args.sharding!r}")
-        return args.sharding
+def resolve_sharding(model_id: str, text_tokens: int, s: Stage2Settings, mesh) -> str:
+    """s.sharding, or for 'auto' (None) the mode that moves fewer bytes per step at this model, size and mesh.
+    `s`: settings with the size, guidance, batch size and dtype decided."""
+    if s.sharding not in (None, "auto"):
+        return s.sharding
     if mesh.size == 1:
         return "megatron"  # nothing is split: the modes are one program
     from tpu_wan import parallelism
 
-    dit = checkpoints.read_config(checkpoints.config_folder(cfg.model_id), "transformer", required=(
+    dit = checkpoints.read_config(checkpoints.config_folder(model_id), "transformer", required=(
         "num_attention_heads", "attention_head_dim", "ffn_dim", "num_layers", "in_channels", "patch_size"))
-    shape = config_lib.latent_shape(batch_size, args.height, args.width, args.frames, dit["in_channels"])
+    shape = s.latent_shape(s.batch_size, dit["in_channels"])
     tokens = math.prod(n // p for n, p in zip(shape[2:], dit["patch_size"]))
-    rows = batch_size * (2 if args.guidance_scale > 1.0 else 1)
-    dtype = args.dtype or config_lib.default_dtype(mesh_platform(mesh))
-    return parallelism.choose(dit, rows, tokens, cfg.max_sequence_length, mesh, jnp.dtype(dtype).itemsize)
+    rows = s.batch_size * (2 if s.guidance_scale > 1.0 else 1)
+    return parallelism.choose(dit, rows, tokens, text_tokens, mesh, jnp.dtype(s.dtype).itemsize)
 
 
 # The building blocks both runners share (run_stage1/2/3 here, tpu_wan.oneshot's Generator): each model loaded
@@ -94,7 +84,7 @@ def load_denoiser(model_path, mesh, dtype, attention, **finetune):
 
 def finetune_settings(cfg: GenerationConfig, non_strict: bool) -> dict:
     """load_denoiser's fine-tuned weight keywords for `cfg`."""
-    return dict(transformer_checkpoint=cfg.transformer_checkpoint, checkpoint_key=cfg.checkpoint_key,
+    return dict(transformer_checkpoint=cfg.stage2.transformer_checkpoint, checkpoint_key=cfg.stage2.checkpoint_key,
                 non_strict=non_strict)
 
 
@@ -114,7 +104,7 @@ def encode(encoder, cfg: GenerationConfig) -> tuple[np.ndarray, np.ndarray]:
 def plan(cfg: GenerationConfig):
     from tpu_wan.batch import plan_videos
 
-    return plan_videos(cfg.prompts, cfg.seeds)
+    return plan_videos(cfg.prompts, cfg.stage2.seeds)
 
 
 def denoise(denoiser, cfg: GenerationConfig, prompt_embeds, negative_prompt_embeds, *, num_steps=None, progress=True):
@@ -164,18 +154,20 @@ def run_stage1(
 
 def run_stage2(
     input_dir: str | Path,
-    sampling: SamplingArgs,
+    settings: Stage2Settings,
     *,
     output_dir: str | Path | None = None,
     dp: int | None = None,
     tp: int | None = None,
     warmup_steps: int = 0,
     overwrite: bool = False,
+    non_strict: bool = False,
 ) -> StageRun:
     """Denoises every (prompt, seed) video from the stage-1 embeddings, saving each batch as it lands.
 
     One video: stage2_latents.safetensors; several: stage2_latents/<name>.safetensors. Videos already in
-    `output_dir` from the same settings are skipped (a rerun resumes), unless `overwrite`."""
+    `output_dir` from the same settings are skipped (a rerun resumes), unless `overwrite`. `non_strict`: apply
+    the fine-tuned weights that fit (tpu_wan.finetune)."""
     start, rec = time.perf_counter(), Recorder()
     output_dir = Path(output_dir or input_dir)
     with rec.section("transformer", "io"):
@@ -183,7 +175,7 @@ def run_stage2(
         prompt_embeds, negative_embeds = artifacts.load_embeddings(input_dir)
     preflight.check_embeddings_file(input_dir, cfg, prompt_embeds, negative_embeds)
     mesh = make_mesh(dp, tp)
-    cfg = resolve_sampling(cfg, sampling, mesh)
+    cfg = resolve_stage2(cfg, settings, mesh)
     videos = plan(cfg)
     todo = sweep.pending(output_dir, cfg, videos, overwrite)
     if not todo:
@@ -192,7 +184,8 @@ def run_stage2(
     model_path = checkpoints.resolve_model(cfg.model_id)
     preflight.check_stage2_run(model_path, cfg, mesh, prompt_embeds)  # refused before anything is written
     with rec.section("transformer", "load"):
-        denoiser = load_denoiser(model_path, mesh, cfg.dtype, cfg.attention, **finetune_settings(cfg, sampling.non_strict))
+        denoiser = load_denoiser(model_path, mesh, cfg.stage2.dtype, cfg.stage2.attention,
+                                 **finetune_settings(cfg, non_strict))
     with rec.section("transformer", "io"):
         if overwrite:  # only now, after every check passed: a refused run leaves the previous results alone
             sweep.clear_previous(output_dir)
@@ -235,7 +228,7 @@ def run_stage3(
     input_dir = Path(input_dir)
     cfg = GenerationConfig.from_json_dict(artifacts.load_config(input_dir))
     cfg = cfg.replace(fps=cfg.fps if fps is None else fps, vae_dtype=vae_dtype)
-    videos = plan(cfg) if cfg.seeds else []
+    videos = plan(cfg) if cfg.stage2 else []
     # one video: --output_video, else the stage folder's output_video.mp4; several: --output_dir, else the stage folder
     destinations = video_paths(cfg, output_video, (output_dir or input_dir) if len(videos) > 1 else input_dir)
     if len(videos) > 1:
@@ -285,7 +278,7 @@ class StageRun:
 def video_paths(cfg: GenerationConfig, output_video: str | Path | None, output_dir: str | Path | None) -> list[Path]:
     """Where each video of `cfg` goes: `output_video` (else <output_dir>/output_video.mp4) for a single one,
     <output_dir>/<name>.mp4 for several; the output dir defaults to the current one."""
-    videos = plan(cfg) if cfg.seeds else []
+    videos = plan(cfg) if cfg.stage2 else []
     if len(videos) <= 1:
         return [Path(output_video or Path(output_dir or ".") / artifacts.VIDEO_FILE)]
     if output_video is not None:

@@ -51,22 +51,24 @@ def check_transformer_run(model_path: Path, cfg: GenerationConfig, mesh, prompt_
     readable (its names are checked against the model's as it loads). Returns that config.json."""
     from tpu_wan import attention, checkpoints, finetune, mesh as mesh_lib, parallelism
 
-    if cfg.transformer_checkpoint is not None:
-        finetune.read_checkpoint(cfg.transformer_checkpoint, cfg.checkpoint_key)  # lazy: headers only
+    if cfg.stage2.transformer_checkpoint is not None:
+        finetune.read_checkpoint(cfg.stage2.transformer_checkpoint, cfg.stage2.checkpoint_key)  # lazy: headers only
 
     dit = checkpoints.read_config(model_path, "transformer", required=(
         "num_attention_heads", "attention_head_dim", "text_dim", "in_channels", "patch_size"))
-    if cfg.sharding in (None, "megatron"):  # sequence sharding takes any head count (parallelism.sequence_attention)
+    if cfg.stage2.sharding_mode == "megatron":  # sequence sharding takes any head count (parallelism.sequence_attention)
         mesh_lib.check_heads(mesh, dit["num_attention_heads"],
                              "transformer in --sharding megatron (--sharding sequence takes any head count)")
     if prompt_embeds is not None:
         check_text_dim(prompt_embeds, cfg, dit["text_dim"])
-    shape = config_lib.latent_shape(cfg.batch_size, cfg.height, cfg.width, cfg.frames, dit["in_channels"])
+    shape = cfg.stage2.latent_shape(cfg.stage2.batch_size, dit["in_channels"])
     tokens = math.prod(n // p for n, p in zip(shape[2:], dit["patch_size"]))  # [B C F H W] -> L video tokens
+    layout = parallelism.Layout(cfg.stage2.sharding_mode, mesh)
     attention.check_calls(
-        attention.make_attention(cfg.attention, mesh, layout=parallelism.Layout(cfg.sharding or "megatron", mesh)), batch=cfg.batch_size * (2 if cfg.do_classifier_free_guidance else 1),
+        attention.make_attention(cfg.stage2.attention, mesh, layout=layout),
+        batch=cfg.stage2.batch_size * (2 if cfg.do_classifier_free_guidance else 1),
         heads=dit["num_attention_heads"], head_dim=dit["attention_head_dim"], tokens=tokens,
-        text_len=cfg.max_sequence_length, dtype=cfg.dtype, mesh=mesh,
+        text_len=cfg.max_sequence_length, dtype=cfg.stage2.dtype, mesh=mesh,
     )
     return dit
 
@@ -79,17 +81,17 @@ def check_stage2_run(model_path: Path, cfg: GenerationConfig, mesh, prompt_embed
     from tpu_wan.batch import plan_videos
 
     dit = check_transformer_run(model_path, cfg, mesh, prompt_embeds)
-    if cfg.init_latents is not None:
-        videos = plan_videos(cfg.prompts, cfg.seeds)
-        shape = config_lib.latent_shape(1, cfg.height, cfg.width, cfg.frames, dit["in_channels"])[1:]
+    if cfg.stage2.init_latents is not None:
+        videos = plan_videos(cfg.prompts, cfg.stage2.seeds)
+        shape = cfg.stage2.latent_shape(1, dit["in_channels"])[1:]
         sweep.starting_latents(cfg, videos[:1], videos, shape)
     return dit
 
 
 def check_latents(latents: np.ndarray, cfg: GenerationConfig, path: Path) -> None:
     """Stage-2 latents match the config's video size and are finite."""
-    expected = config_lib.latent_shape(1, cfg.height, cfg.width, cfg.frames, latents.shape[1])
+    expected = cfg.stage2.latent_shape(1, latents.shape[1])
     if latents.shape != expected:
-        raise ConfigError(f"{Path(path).name}: expected shape {expected} for {cfg.width}x{cfg.height}x{cfg.frames} "
+        raise ConfigError(f"{Path(path).name}: expected shape {expected} for {cfg.stage2.video_size} "
                           f"(generation_config.json), found {latents.shape} (rerun stage 2)")
     check_finite(latents, Path(path).name, "stage 2")

@@ -124,14 +124,14 @@ def initial_noise(seed: int, shape: tuple[int, ...]) -> np.ndarray:
 def starting_latents(cfg: GenerationConfig, videos: Sequence[Video], plan: Sequence[Video], shape) -> np.ndarray:
     """[len(videos), C, F, H, W]: each video's rows of --init_latents (plan order), else its seed's noise."""
 
-    if cfg.init_latents is None:
+    if cfg.stage2.init_latents is None:
         return np.concatenate([initial_noise(v.seed, (1, *shape)) for v in videos])
-    latents = artifacts.load_latents(cfg.init_latents, require_schema=False)
+    latents = artifacts.load_latents(cfg.stage2.init_latents, require_schema=False)
     expected = (len(plan), *shape)
     if latents.shape != expected:
         raise ConfigError(
-            f"--init_latents {cfg.init_latents}: expected shape {expected} for {len(plan)} video(s) at "
-            f"{cfg.width}x{cfg.height}x{cfg.frames}, found {latents.shape}"
+            f"--init_latents {cfg.stage2.init_latents}: expected shape {expected} for {len(plan)} video(s) at "
+            f"{cfg.stage2.video_size}, found {latents.shape}"
         )
     return latents[[plan.index(v) for v in videos]]
 
@@ -148,22 +148,21 @@ def denoise_videos(
     num_steps: int | None = None,
     progress: bool = True,
 ) -> None:
-    """Denoises `videos` in batches of cfg.batch_size; `on_batch(videos, latents)` gets each finished batch.
+    """Denoises `videos` in batches of cfg.stage2.batch_size; `on_batch(videos, latents)` gets each finished batch.
 
     The last batch is padded by repeating its last video, so every batch has the same shape and the step
     program compiles once for the whole sweep."""
-    from tpu_wan.config import latent_shape
-
-    schedule = schedulers.make_schedule(cfg.sample_solver, cfg.num_inference_steps, cfg.flow_shift)
-    shape = latent_shape(1, cfg.height, cfg.width, cfg.frames, denoiser.config.in_channels)[1:]
-    groups = batches(videos, cfg.batch_size)
+    s = cfg.stage2
+    schedule = schedulers.make_schedule(s.sample_solver, s.num_inference_steps, s.flow_shift)
+    shape = s.latent_shape(1, denoiser.config.in_channels)[1:]
+    groups = batches(videos, s.batch_size)
     for group in distributed.progress(groups, show=progress and len(groups) > 1, desc="batches", unit="batch"):
-        padded = group + [group[-1]] * (cfg.batch_size - len(group))
+        padded = group + [group[-1]] * (s.batch_size - len(group))
         rows = [v.prompt_index for v in padded]
         latents = denoiser.denoise(
             starting_latents(cfg, padded, plan, shape), prompt_embeds[rows],
             negative_embeds[rows] if cfg.do_classifier_free_guidance else None,
-            schedule, cfg.guidance_scale, num_steps=num_steps, progress=progress,
-            sharding=cfg.sharding or "megatron",
+            schedule, s.guidance_scale, num_steps=num_steps, progress=progress,
+            sharding=s.sharding_mode,
         )
         on_batch(group, latents[: len(group)])
