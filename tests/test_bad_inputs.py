@@ -3,6 +3,7 @@
 import hashlib
 import json
 import pickle
+import sys
 
 import numpy as np
 import pytest
@@ -278,3 +279,24 @@ def test_stage1_hub_id_without_hub(tmp_path, monkeypatch):
     _refused(STAGE1, "--model_id", "tpu-wan-test/no-such-model", "--output_dir", out, folder=out,
              expect=["model_id 'tpu-wan-test/no-such-model'", "tpu-wan-test/no-such-model does not exist",
                      "HF_HUB_OFFLINE"])
+
+
+def test_a_missing_dependency_is_one_line(monkeypatch, capsys):
+    # e.g. a GPU image without diffusers: an entry point says which package, in one line, status 2
+    from tpu_wan import entry
+
+    monkeypatch.setitem(sys.modules, "diffusers", None)  # `import diffusers` now raises ModuleNotFoundError
+
+    def main(argv):
+        from diffusers import WanTransformer3DModel  # noqa: F401
+
+    assert entry.run_main(main, []) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "expected the Python package diffusers installed" in err[0], err
+    assert "found no module 'diffusers'" in err[0]
+
+    def buggy(argv):  # a module that is not a dependency is a bug: its traceback is kept
+        import tpu_wan.no_such_module  # noqa: F401
+
+    with pytest.raises(ModuleNotFoundError):
+        entry.run_main(buggy, [])

@@ -2,7 +2,8 @@
 custom_splash_attention.py, `python -m tpu_wan.report`): flags refused in one line, and how a run ends.
 
 A UserError becomes one line on stderr and its exit status (2: bad input; 3: a compile-only run that does not
-fit), Ctrl-C status 130, SIGTERM status 143; anything else is a bug and keeps its traceback. Imports no jax.
+fit), a missing dependency one line and status 2, Ctrl-C status 130, SIGTERM status 143; anything else is a bug
+and keeps its traceback. Imports no jax.
 """
 
 from __future__ import annotations
@@ -26,6 +27,26 @@ def make_parser(doc: str) -> Parser:
     return Parser(description=doc.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=doc)
 
 
+# import name -> the distribution that provides it: the dependencies pyproject.toml declares (and libtpu, which
+# `--topology` needs), so that running from a tree whose environment lacks one says which, in one line.
+DEPENDENCIES = {
+    "torch": "torch", "jax": "jax", "jaxlib": "jaxlib", "torchax": "torchax", "diffusers": "diffusers",
+    "transformers": "transformers", "flax": "flax", "safetensors": "safetensors", "imageio": "imageio",
+    "imageio_ffmpeg": "imageio-ffmpeg", "huggingface_hub": "huggingface_hub", "tokenizers": "tokenizers",
+    "sentencepiece": "sentencepiece", "ftfy": "ftfy", "ml_dtypes": "ml_dtypes", "numpy": "numpy", "tqdm": "tqdm",
+    "accelerate": "accelerate", "filelock": "filelock", "cv2": "opencv-python-headless", "libtpu": "libtpu",
+}
+
+
+def missing_dependency(err: ModuleNotFoundError) -> str | None:
+    """The one-line message for a dependency that is not installed; None for any other missing module (a bug)."""
+    top = (err.name or "").split(".")[0]
+    if top not in DEPENDENCIES:
+        return None
+    return (f"expected the Python package {DEPENDENCIES[top]} installed (pip install -e . installs every "
+            f"dependency at its tested version), found no module {err.name!r}")
+
+
 class Terminated(BaseException):
     """SIGTERM, raised in the main thread like Ctrl-C's KeyboardInterrupt, so a write in flight removes its
     temp file and leaves the previous artifact as it was."""
@@ -47,6 +68,11 @@ def run_main(main: Callable[[Sequence[str] | None], None], argv: Sequence[str] |
         message = " ".join(str(err).split())  # one line, whatever the message holds
         print(f"{prog}: error: {message}", file=sys.stderr)
         return err.exit_status
+    except ModuleNotFoundError as err:
+        if (message := missing_dependency(err)) is None:
+            raise
+        print(f"{prog}: error: {message}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130

@@ -33,13 +33,21 @@ class _MissingOverload:
         raise NotImplementedError(f"aten overload {self.name} does not exist in torch {torch.__version__}")
 
 
+def _named_tensor_overloads_removed() -> bool:
+    """torch 2.13 removed the named-tensor (Dimname) overloads; torch 2.11 and 2.12 still have them."""
+    return "dim_Dimname" not in torch.ops.aten.prod.overloads()
+
+
 @contextlib.contextmanager
 def _tolerate_missing_overloads():
     # torchax 0.0.13 registers lowerings for 22 named-tensor (Dimname) overloads that torch 2.13 removed
     # (e.g. aten::prod.dim_Dimname); looking them up raises AttributeError and aborts `import torchax`.
     # While torchax imports and builds its first environment, a missing overload resolves to an inert
     # placeholder instead. The registry keys it creates are never hit: torch cannot dispatch to an
-    # overload it does not have.
+    # overload it does not have. Where torch still has them, nothing is patched.
+    if not _named_tensor_overloads_removed():
+        yield
+        return
     packet = torch._ops.OpOverloadPacket
     original = packet.__getattr__
 
