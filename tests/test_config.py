@@ -90,3 +90,18 @@ def test_config_without_attention_fields_still_loads():
         GenerationConfig.from_json_dict({**old, "attention": "fast"})
     with pytest.raises(ConfigError, match="window_size must be >= 0, found -1"):
         GenerationConfig.from_json_dict({**old, "attention": "auto", "window_size": -1})
+
+
+def test_a_config_records_stage2_whole_or_not_at_all():
+    stage1 = GenerationConfig(model_id="tiny-random", prompts=("a cat",), negative_prompt="")
+    data = stage1.to_json_dict()  # after stage 1: every stage-2 key present and null
+    assert data["height"] is None and data["attention"] is None
+    assert GenerationConfig.from_json_dict(data).stage2 is None
+    full = _resolve("tiny-random").to_json_dict()
+    assert GenerationConfig.from_json_dict(full).to_json_dict() == full  # the round trip
+    with pytest.raises(ConfigError, match=r"expected the stage-2 settings \['frames', 'dtype'\] to be set"):
+        GenerationConfig.from_json_dict({**full, "frames": None, "dtype": None})
+    with pytest.raises(ConfigError, match="sharding must be one of .* found 'auto'"):  # a record holds what ran
+        GenerationConfig.from_json_dict({**full, "sharding": "auto"})
+    with pytest.raises(ConfigError, match="--frames must be 4n[+]1"):  # the same checks as the flags
+        GenerationConfig.from_json_dict({**full, "frames": 6})

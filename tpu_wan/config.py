@@ -172,7 +172,7 @@ class Stage2Settings:
     seeds: tuple[int, ...] | None = None  # one video per (prompt, seed); None: (DEFAULT_SEED,)
     batch_size: int | None = None  # videos per denoising batch
     flow_shift: float | None = None
-    sample_solver: str | None = None  # None: unipc
+    sample_solver: str | None = None  # None: DEFAULT_SOLVER
     dtype: str | None = None
     init_latents: str | None = None
     transformer_checkpoint: str | None = None  # fine-tuned weights over the base transformer
@@ -221,7 +221,7 @@ class Stage2Settings:
         """Refuses a record (a config's settings) that leaves a required setting or the sharding undecided."""
         missing = [name for name in DECIDED if getattr(self, name) is None]
         if missing:
-            raise ConfigError(f"expected the stage-2 settings {missing} to be set, found none")
+            raise ConfigError(f"expected the stage-2 settings {missing} to be set, found them unset")
         if self.sharding == "auto":
             raise ConfigError(f"sharding must be one of {SHARDING_CHOICES[1:]}, found 'auto'")
 
@@ -229,7 +229,7 @@ class Stage2Settings:
 STAGE2_KEYS = tuple(f.name for f in dataclasses.fields(Stage2Settings))
 # what every recorded Stage2Settings has decided (the others may stay None)
 DECIDED = ("height", "width", "frames", "num_inference_steps", "guidance_scale", "seeds", "flow_shift",
-           "sample_solver", "dtype", "mesh")
+           "sample_solver", "dtype")
 DEFAULT_SEED = 42
 DEFAULT_SOLVER = "unipc"
 
