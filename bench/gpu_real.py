@@ -208,18 +208,15 @@ class TorchSide:
         return self.torch.cuda.max_memory_allocated() if self.device.type == "cuda" else None
 
     def decode(self, latents: np.ndarray) -> None:
-        """WanPipeline's decode: latents / (1 / std) + mean, vae.decode, (x * 0.5 + 0.5) clamped, to the host."""
-        torch = self.torch
+        """WanPipeline's decode (bench/vae_decode.py's torch_decode), frames back on the host."""
+        from vae_decode import torch_decode
+
         if not hasattr(self, "vae"):
             from diffusers import AutoencoderKLWan
 
-            self.vae = AutoencoderKLWan.from_pretrained(self.vae_path / "vae", torch_dtype=torch.float32).to(self.device)
-            cfg = self.vae.config
-            self.mean = torch.tensor(cfg.latents_mean, device=self.device).view(1, -1, 1, 1, 1)
-            self.inv_std = 1.0 / torch.tensor(cfg.latents_std, device=self.device).view(1, -1, 1, 1, 1)
-        z = torch.from_numpy(latents).to(self.device) / self.inv_std + self.mean
-        video = self.vae.decode(z, return_dict=False)[0]
-        (video * 0.5 + 0.5).clamp(0, 1).permute(0, 2, 3, 4, 1).cpu().numpy()
+            self.vae = AutoencoderKLWan.from_pretrained(self.vae_path / "vae", torch_dtype=self.torch.float32)
+            self.vae = self.vae.to(self.device)
+        torch_decode(self.vae, latents)
 
 
 def run_child(args) -> None:

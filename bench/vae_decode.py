@@ -52,14 +52,16 @@ def ensure_real_vae(cache: Path) -> Path:
 
 
 def torch_decode(vae, latents: np.ndarray) -> np.ndarray:
-    """WanPipeline's decode: latents / (1 / std) + mean, vae.decode, (x * 0.5 + 0.5) clamped, channels-last."""
+    """WanPipeline's decode: latents / (1 / std) + mean, vae.decode, (x * 0.5 + 0.5) clamped, channels-last, on
+    the VAE's device (CPU or GPU), frames back on the host."""
     import torch
 
-    mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1)
-    inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1)
+    device = next(vae.parameters()).device
+    mean = torch.tensor(vae.config.latents_mean, device=device).view(1, -1, 1, 1, 1)
+    inv_std = 1.0 / torch.tensor(vae.config.latents_std, device=device).view(1, -1, 1, 1, 1)
     with torch.no_grad():
-        video = vae.decode(torch.from_numpy(latents) / inv_std + mean, return_dict=False)[0]
-    return (video * 0.5 + 0.5).clamp(0, 1).permute(0, 2, 3, 4, 1).numpy()
+        video = vae.decode(torch.from_numpy(latents).to(device) / inv_std + mean, return_dict=False)[0]
+    return (video * 0.5 + 0.5).clamp(0, 1).permute(0, 2, 3, 4, 1).cpu().numpy()
 
 
 def timed(fn, repeats: int) -> tuple[float, object]:
