@@ -8,17 +8,17 @@
     python custom_splash_attention.py sweep --heads 10 --q_len 75600 --kv_len 75600 --head_dim 128 \
         [--bq_choices 1024 2048 --bkv_choices 512 1024 --bkv_compute_choices 512]
     python custom_splash_attention.py compile --topology v6e-8 --heads 10 --q_len 75600 --kv_len 75600 \
-        --head_dim 128 [--block_q 2048 ...] [--llo_stats] [--json]
+        --head_dim 128 [--block_q 2048 ...] [--attention splash] [--llo_stats] [--json]
 
 check: kernel vs a float64 host reference (max_abs_err, rel_err: the worst over --repeats inputs); without a TPU
 (GPU included) the kernel runs in Pallas interpret mode on the host CPU. bench: median of --repeats calls, TFLOP/s
 (of the attended pairs: a window counts only its own) and fraction of peak for what the backend runs (TPU: our
 kernel, upstream splash, XLA; GPU: XLA and cuDNN; CPU: all but cuDNN, the kernels interpreted: correct, not a speed
 measurement), listing what it skipped and why. sweep: block sizes for a shape, fastest first, the best marked, with
-the stage 2 flags that apply it. compile: the kernel compiled by the TPU compiler (Mosaic) for one chip of the
-slice, on any host: compile seconds, XLA's memory analysis and FLOPs, the VMEM estimate and limit, grid steps per
-head (--llo_stats: the vector ops of one grid step in Mosaic's LLO); exit 1 with Mosaic's error in one line if it
-refuses. --json prints one JSON object.
+the stage 2 flags that apply it. compile: the kernel (ours, or upstream's with --attention splash) compiled by the
+TPU compiler (Mosaic) for one chip of the slice, on any host: compile seconds, XLA's memory analysis and FLOPs, the
+VMEM estimate and limit, grid steps per head (--llo_stats: the vector ops and MXU pushes of one grid step in
+Mosaic's LLO); exit 1 with Mosaic's error in one line if it refuses. --json prints one JSON object.
 """
 
 import argparse
@@ -76,9 +76,12 @@ def _parser():
         if name == "compile":
             p.add_argument("--topology", required=True, metavar="NAME",
                            help="the TPU slice whose chip to compile for (v5e-8, v6e-8, v5p-8, ...): no TPU needed")
+            p.add_argument("--attention", default="custom", choices=("custom", "splash"),
+                           help="the kernel to compile: ours (custom, default) or upstream's splash attention")
             p.add_argument("--llo_stats", action="store_true",
-                           help="count the vector ops (multiplies, exp2/exp, adds, maxima) of one grid step in "
-                                "Mosaic's LLO; needs a fresh process (Mosaic's dump is set before libtpu starts)")
+                           help="count the vector ops (multiplies, exp2/exp, adds, maxima) and MXU pushes of one "
+                                "grid step in Mosaic's LLO; needs a fresh process (Mosaic's dump is set before "
+                                "libtpu starts)")
         if name == "sweep":
             for flag, values in (("bq", SWEEP_BQ), ("bkv", SWEEP_BKV), ("bkv_compute", SWEEP_BKV_COMPUTE)):
                 p.add_argument(f"--{flag}_choices", type=int, nargs="+", default=list(values), metavar="N",
@@ -116,7 +119,7 @@ def main(argv=None):
 
     shape = tuning.Shape(args.heads, args.q_len, args.kv_len, args.head_dim, args.dtype)
     options = AttentionOptions(
-        choice="custom", k_smooth=args.k_smooth, window_size=args.window_size,
+        choice=getattr(args, "attention", "custom"), k_smooth=args.k_smooth, window_size=args.window_size,
         bq=args.block_q, bkv=args.block_kv, bkv_compute=args.block_kv_compute,
     )
     if args.command == "check":
@@ -138,8 +141,9 @@ def main(argv=None):
             lines.append("LLO ops per grid step: " + " ".join(f"{k} {v}" for k, v in result["llo_per_grid_step"].items()))
         if not result["accepted"]:
             print(json.dumps(result) if args.json else _table(rows))
-            raise KernelRejected(f"{args.topology} refused the kernel at {args.heads} x {args.q_len} x {args.kv_len} "
-                                 f"x {args.head_dim} with blocks {result['block_sizes']}: {result['error']}")
+            raise KernelRejected(f"{args.topology} refused the {args.attention} kernel at {args.heads} x {args.q_len} "
+                                 f"x {args.kv_len} x {args.head_dim} with blocks {result['block_sizes']}: "
+                                 f"{result['error']}")
     else:
         candidates = itertools.product(args.bq_choices, args.bkv_choices, args.bkv_compute_choices)
         rows, refused = tuning.sweep(shape, options, candidates, repeats=args.repeats, seed=args.seed)  # none: error

@@ -113,8 +113,9 @@ def test_the_models_call_compiles_at_14b_720p(topology_name):
     assert result["custom_calls"]["tpu_custom_call"] == 1  # the Mosaic kernel, once
     assert result["vmem_bytes"] <= result["vmem_limit_bytes"] and result["grid_steps_per_head"] <= 1000
     assert result["output_bytes"] == 10 * 75600 * 128 * 2  # [1 N L D] bf16
-    # No padded copies of q, k, v or the output: the ragged last blocks are handled inside the kernel.
-    assert result["temp_bytes"] <= 0.05 * result["argument_bytes"]
+    # No padded copies of q, k, v or the output: the ragged last blocks are handled inside the kernel. The one
+    # temp is q scaled by the base-2 fold (in a model the multiply fuses into the ops that produce q).
+    assert result["temp_bytes"] <= 1.01 * result["output_bytes"]  # q and the output are both [1 N L D] bf16
     print(topology_name, {k: result[k] for k in ("block_sizes", "vmem_bytes", "grid_steps_per_head",
                                                   "argument_bytes", "temp_bytes")})
 
@@ -129,16 +130,26 @@ def test_compile_command(tmp_path):
     bad = run(cli, "compile", "--topology", "v6e-8", "--heads", "2", "--q_len", "1024", "--kv_len", "1024",
               "--block_q", "64", "--block_kv", "64", "--block_kv_compute", "64", check=False)
     assert bad.returncode == 1 and bad.stderr.count("\n") == 1
-    assert "v6e-8 refused the kernel" in bad.stderr and "bkv_compute a multiple of 128" in bad.stderr
+    assert "v6e-8 refused the custom kernel" in bad.stderr and "bkv_compute a multiple of 128" in bad.stderr
 
 
-def test_llo_stats_count_the_kernels_vector_ops():
-    # One bf16 1024 x 1024 grid step on v6e, from Mosaic's LLO dump: exp2 is the exponential the kernel runs.
+def _llo_per_grid_step(kernel: str) -> dict:
+    """Mosaic's LLO op counts for one bf16 1024 x 1024 grid step of `kernel` (custom or splash) on v6e."""
     proc = run(ROOT / "custom_splash_attention.py", "compile", "--topology", "v6e-8", "--heads", "1", "--q_len",
                "1024", "--kv_len", "1024", "--block_q", "1024", "--block_kv", "1024", "--block_kv_compute", "1024",
-               "--llo_stats", "--json")
-    llo = json.loads(proc.stdout)["llo_per_grid_step"]
-    print("LLO ops per grid step:", llo)
-    assert llo["vpow2"] > 0 and llo["vexp"] == 0
-    # [1024, 1024] float32 logits are 1,024 vregs: the exponentials are at least one per vreg of the tile.
-    assert llo["vpow2"] >= 1024 and llo["vmul"] > 0
+               "--attention", kernel, "--llo_stats", "--json")
+    return json.loads(proc.stdout)["llo_per_grid_step"]
+
+
+def test_fewer_vector_multiplies_than_upstream_splash():
+    ours, upstream = _llo_per_grid_step("custom"), _llo_per_grid_step("splash")
+    print("LLO ops per bf16 1024 x 1024 grid step on v6e: ours", ours, "upstream splash", upstream)
+    # The [1024, 1024] float32 logits are 1,024 vregs (8 x 128 each) and the row statistics [1024, 128] 128 more:
+    # one exponential per vreg of each, exp2 (vpow2) in ours, Mosaic's native exp (vexp) in upstream's.
+    vregs = 1024 * 1024 // 1024 + 1024 * 128 // 1024
+    assert (ours["vpow2"], ours["vexp"]) == (vregs, 0)
+    assert (upstream["vpow2"], upstream["vexp"]) == (0, vregs)
+    # The scale folded into q: no multiply per logit left (before the fold: 1,408 here).
+    assert ours["vmul"] <= upstream["vmul"] < vregs
+    # P.V on the MXU in bf16 (ours) takes fewer matmul pushes than upstream's float32 P.V.
+    assert ours["vmatmul"] < upstream["vmatmul"]

@@ -6,18 +6,22 @@ Pallas' TPU interpreter on CPU. (The twins share a body class rather than inheri
 passes a class's marks on to its subclasses, so an interpret subclass would be marked `tpu` too.) Shapes are
 small, as the interpreter is slow; they still cover lengths that are and are not block multiples, several key
 blocks and compute chunks per block, windows, cross-attention and both dtypes, plus seeded random shapes.
+Every bfloat16 input also runs upstream splash attention, the yardstick for bf16 error (_budget).
 """
 
 import functools
 import inspect
+import math
 import re
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import pytest
-from conftest import KERNEL_BF16_RTOL, KERNEL_F32_RTOL, UNMASKED_MIN_ERR, rel_err
+from conftest import BF16_OVER_SPLASH, KERNEL_BF16_RTOL, KERNEL_F32_RTOL, UNMASKED_MIN_ERR, rel_err
 
+from tpu_wan.attention import upstream_splash
 from tpu_wan.kernel_tiling import vmem_bytes
 from tpu_wan.kernels.splash_exp2 import (VMEM_LIMIT_BYTES, BlockSizes, attended_pairs, attention_reference,
                                          splash_attention)
@@ -33,8 +37,9 @@ def _inputs(rng, n, q_len, kv_len, d, dtype, k_offset=0.0):
     return tuple(jnp.asarray(x, dtype) for x in (q, k, v))
 
 
-def _reference64(q, k, v, *, scale=None, window_size=None):
-    """Softmax attention in float64 numpy on the (already rounded) inputs."""
+def _reference64(q, k, v, *, scale=None, window_size=None, round_p=False):
+    """Softmax attention in float64 numpy on the (already rounded) inputs. round_p: P = exp(s - rowmax) rounded
+    to bf16 before P.V, normalised by the sum of the unrounded P (what a bf16 P.V does)."""
     q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     s = np.einsum("nld,nsd->nls", q, k) * scale
@@ -42,7 +47,35 @@ def _reference64(q, k, v, *, scale=None, window_size=None):
         i, j = np.arange(q.shape[1])[:, None], np.arange(k.shape[1])[None, :]
         s = np.where(np.abs(i - j) <= window_size, s, -np.inf)
     p = np.exp(s - s.max(-1, keepdims=True))
-    return np.einsum("nls,nsd->nld", p / p.sum(-1, keepdims=True), v)
+    return np.einsum("nls,nsd->nld", _bf16(p) if round_p else p, v) / p.sum(-1, keepdims=True)
+
+
+def _bf16(x):
+    """x rounded to bfloat16 (to nearest even), back in float64."""
+    return np.asarray(x, np.float64).astype(ml_dtypes.bfloat16).astype(np.float64)
+
+
+def _budget(q, k, v, ref, *, scale=None, window_size=None, k_smooth=False, pv_f32=False, upstream_err):
+    """The error ours may have on these bf16 inputs: upstream's measured error and, in quadrature, the error of
+    each rounding ours makes that upstream does not, each alone in float64 (tests/conftest.py, BF16_OVER_SPLASH):
+    P to bf16 for P.V (unless pv_f32); the centred keys to bf16 (k_smooth); q * scale * log2(e) to bf16, beyond
+    what upstream's own rounding of q * scale costs (all of it where upstream's is exact: a power-of-two scale).
+    Returns (budget, the extras by name)."""
+    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+
+    def err(q=q, k=k, round_p=False):
+        return rel_err(_reference64(q, k, v, scale=scale, window_size=window_size, round_p=round_p), ref)
+
+    base2 = scale * math.log2(math.e)
+    fold, upstream_fold = err(q=_bf16(q * base2) / base2), err(q=_bf16(q * scale) / scale)
+    extras = {"fold": math.sqrt(max(0.0, fold**2 - upstream_fold**2))}
+    if not pv_f32:
+        extras["p"] = err(round_p=True)
+    if k_smooth:
+        mean = k.mean(axis=1, keepdims=True)
+        extras["k_smooth"] = err(k=_bf16(k - mean) + mean)
+    return math.sqrt(upstream_err**2 + sum(e**2 for e in extras.values())), extras
 
 
 def _rtol(dtype):
@@ -121,32 +154,58 @@ class SplashKernelBodies:
         assert err <= _rtol(dtype), err
         return err
 
+    def _check_bf16_against_upstream(self, err, q, k, v, ref, blocks, scale=None, window_size=None, **kwargs):
+        """Ours (error `err`) within BF16_OVER_SPLASH of upstream splash's error on the same inputs, after the
+        roundings ours makes by design (_budget). Returns upstream's error."""
+        up = upstream_splash(q, k, v, block_sizes=blocks, scale=scale, window_size=window_size,
+                             interpret=self.INTERPRET)
+        up_err = rel_err(up, ref)
+        budget, extras = _budget(q, k, v, ref, scale=scale, window_size=window_size, upstream_err=up_err, **kwargs)
+        print(f"bf16 rel err: ours {err:.3e}, upstream splash {up_err:.3e} (ours / upstream {err / up_err:.3f}), "
+              f"budget {budget:.3e} (ours / budget {err / budget:.3f}), extras "
+              + ", ".join(f"{name} {e:.2e}" for name, e in extras.items()))
+        assert err <= BF16_OVER_SPLASH * budget, (
+            f"ours {err:.3e} > {BF16_OVER_SPLASH} x budget {budget:.3e} (upstream splash {up_err:.3e}, "
+            f"extras {extras})")
+        return up_err
+
+    def _run(self, q, k, v, ref, dtype, blocks, **kwargs):
+        """Ours on q, k, v checked against `ref` (and for bf16 against upstream splash)."""
+        out = splash_attention(q, k, v, block_sizes=blocks, interpret=self.INTERPRET, **kwargs)
+        err = self._check(out, ref, dtype, q.shape)
+        if jnp.dtype(dtype) == jnp.bfloat16:
+            self._check_bf16_against_upstream(err, q, k, v, ref, blocks, **kwargs)
+
     @pytest.mark.parametrize("dtype,n,q_len,kv_len,d,window,k_smooth,blocks,scale", CASES)
     def test_matches_reference(self, dtype, n, q_len, kv_len, d, window, k_smooth, blocks, scale):
         rng = np.random.default_rng([SEED, n, q_len, kv_len, d, 0 if window is None else window + 1, k_smooth])
         q, k, v = _inputs(rng, n, q_len, kv_len, d, dtype)
-        out = splash_attention(q, k, v, block_sizes=self._blocks(*blocks), scale=scale, window_size=window,
-                               k_smooth=k_smooth, interpret=self.INTERPRET)
-        self._check(out, _reference64(q, k, v, scale=scale, window_size=window), dtype, q.shape)
+        self._run(q, k, v, _reference64(q, k, v, scale=scale, window_size=window), dtype, self._blocks(*blocks),
+                  scale=scale, window_size=window, k_smooth=k_smooth)
 
     @pytest.mark.parametrize("dtype,n,q_len,kv_len,d,window,k_smooth,blocks,seed", RANDOM_CASES,
                              ids=[f"{jnp.dtype(c[0]).name}-N{c[1]}-L{c[2]}-S{c[3]}-D{c[4]}-W{c[5]}-ks{int(c[6])}-"
                                   f"b{'x'.join(map(str, c[7]))}" for c in RANDOM_CASES])
     def test_random_shapes(self, dtype, n, q_len, kv_len, d, window, k_smooth, blocks, seed):
         q, k, v = _inputs(np.random.default_rng(seed), n, q_len, kv_len, d, dtype)
-        out = splash_attention(q, k, v, block_sizes=self._blocks(*blocks), window_size=window, k_smooth=k_smooth,
-                               interpret=self.INTERPRET)
-        self._check(out, _reference64(q, k, v, window_size=window), dtype, q.shape)
+        self._run(q, k, v, _reference64(q, k, v, window_size=window), dtype, self._blocks(*blocks),
+                  window_size=window, k_smooth=k_smooth)
 
     def test_pv_f32_bf16(self):
-        # float32 P.V leaves only the output's own rounding to bf16: the error sits at that floor.
+        # With P.V in float32 and D = 128 (scale 128^-0.5: upstream's q * scale is rounded too) ours makes
+        # exactly upstream's roundings, so it is held to upstream's error itself, no extras.
         rng = np.random.default_rng([SEED, 1])
         q, k, v = _inputs(rng, 3, 200, 200, 128, bf16)
         ref = _reference64(q, k, v, window_size=40)
-        out = splash_attention(q, k, v, block_sizes=self._blocks(64, 128, 64), window_size=40, pv_f32=True,
-                               interpret=self.INTERPRET)
+        blocks = self._blocks(64, 128, 64)
+        out = splash_attention(q, k, v, block_sizes=blocks, window_size=40, pv_f32=True, interpret=self.INTERPRET)
         err = self._check(out, ref, bf16, q.shape)
-        assert err <= 1.05 * rel_err(jnp.asarray(ref, f32).astype(bf16), ref), err
+        up_err = self._check_bf16_against_upstream(err, q, k, v, ref, blocks, window_size=40, pv_f32=True)
+        assert err <= BF16_OVER_SPLASH * up_err, (err, up_err)
+        # P.V in bf16 (the default) adds no more than P's own rounding, in quadrature
+        out = splash_attention(q, k, v, block_sizes=blocks, window_size=40, interpret=self.INTERPRET)
+        p_err = rel_err(_reference64(q, k, v, window_size=40, round_p=True), ref)
+        assert rel_err(out, ref) <= BF16_OVER_SPLASH * math.hypot(err, p_err), (rel_err(out, ref), err, p_err)
 
     def test_k_smooth_float32_keys_with_mean(self):
         # Keys sharing a large mean make large logits whose float32 rounding (~2^-24 |s|) shows in the output;

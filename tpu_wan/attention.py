@@ -137,22 +137,34 @@ def _kernel(choice: str, options: AttentionOptions, q_len: int, kv_len: int, hea
             splash_exp2.splash_attention, block_sizes=blocks, window_size=window, k_smooth=options.k_smooth,
             interpret=interpret, vmem_limit_bytes=vmem_limit,
         )
-    return functools.partial(_upstream_splash, blocks=blocks, window=window, interpret=bool(interpret))
+    return functools.partial(upstream_splash, block_sizes=blocks, window_size=window, interpret=bool(interpret))
 
 
-def _upstream_splash(q, k, v, *, scale, blocks, window, interpret):
+def upstream_block_sizes(block_sizes: kernel_tiling.BlockSizes, q_len: int, kv_len: int) -> kernel_tiling.BlockSizes:
+    """The blocks upstream_splash runs for ours: shrunk to the sequence, then rounded up to the multiples of 128
+    upstream requires of every block (bkv to a multiple of bkv_compute)."""
+    up = lambda x: kernel_tiling.round_up(x, kernel_tiling.NUM_LANES)  # noqa: E731
+    bq, bkv = up(min(block_sizes.bq, q_len)), up(min(block_sizes.bkv, kv_len))
+    bc = min(up(block_sizes.bkv_compute), bkv)
+    return kernel_tiling.BlockSizes(bq, kernel_tiling.round_up(bkv, bc), bc)
+
+
+def upstream_splash(q, k, v, *, block_sizes: kernel_tiling.BlockSizes, scale: float | None = None,
+                    window_size: int | None = None, interpret: bool = False) -> jax.Array:
+    """Upstream jax's splash attention on q [N L D], k and v [N S D], called as maxtext calls it (q pre-scaled in
+    its own dtype): the baseline our kernel is timed and judged against, at upstream_block_sizes. Lengths that are
+    not block multiples are padded, the padding masked with segment ids."""
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
 
     n, l, d = q.shape
     s = k.shape[1]
     scale = d**-0.5 if scale is None else scale
-    up = lambda x: -(-x // 128) * 128  # noqa: E731  upstream wants every block a multiple of 128 lanes
-    bq, bkv = up(min(blocks.bq, l)), up(min(blocks.bkv, s))
-    bc = max(128, min(up(blocks.bkv_compute), bkv) // 128 * 128)
-    bkv = -(-bkv // bc) * bc
-    lp, sp = -(-l // bq) * bq, -(-s // bkv) * bkv
-    mask = sm.FullMask((lp, sp)) if window is None else sm.LocalMask((lp, sp), (window, window), offset=0)
+    blocks = upstream_block_sizes(block_sizes, l, s)
+    bq, bkv, bc = blocks.bq, blocks.bkv, blocks.bkv_compute
+    lp, sp = kernel_tiling.round_up(l, bq), kernel_tiling.round_up(s, bkv)
+    mask = (sm.FullMask((lp, sp)) if window_size is None
+            else sm.LocalMask((lp, sp), (window_size, window_size), offset=0))
     kernel = sk.make_splash_mha(
         sm.MultiHeadMask([mask] * n),
         head_shards=1,

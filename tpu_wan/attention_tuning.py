@@ -93,18 +93,24 @@ def block_sizes(shape: Shape, options: AttentionOptions,
 
 
 def compile_for(shape: Shape, options: AttentionOptions, topology: str) -> dict:
-    """The kernel compiled for one chip of a TPU slice (tpu_wan.topology: no TPU needed) at `shape`, through
-    the same attention.make_attention the models call: compile seconds, XLA's memory and cost analysis, and
-    whether Mosaic accepted it ("error": its first line, if not)."""
+    """The kernel `options.choice` (custom: ours; splash: upstream's) compiled for one chip of a TPU slice
+    (tpu_wan.topology: no TPU needed) at `shape`, through the same attention.make_attention the models call:
+    compile seconds, XLA's memory and cost analysis, and whether Mosaic accepted it ("error": its first line, if
+    not). The VMEM estimate and limit are our kernel's (None for upstream's, which sets its own)."""
     from jax.sharding import NamedSharding, PartitionSpec as P
 
     from tpu_wan.mesh import make_mesh
     from tpu_wan.topology import parse_target
 
+    if options.choice not in ("custom", "splash"):
+        raise AttentionError(f"compile: expected the kernel custom or splash, found {options.choice!r}")
     target = parse_target(topology)
     shape.window(options.window_size)
     limit = kernel_tiling.vmem_limit_for(target.generation.device_kind)
     blocks = kernel_tiling.effective_block_sizes(block_sizes(shape, options, limit), shape.q_len, shape.kv_len)
+    ours = options.choice == "custom"
+    if not ours:
+        blocks = attention.upstream_block_sizes(blocks, shape.q_len, shape.kv_len)
     mesh = make_mesh(1, 1, target.devices()[:1])
     fn = attention.make_attention(options, mesh)  # the mesh's platform is tpu: the compiled kernel
     dims = [(1, shape.heads, n, shape.head_dim) for n in (shape.q_len, shape.kv_len, shape.kv_len)]
@@ -113,7 +119,9 @@ def compile_for(shape: Shape, options: AttentionOptions, topology: str) -> dict:
         "topology": target.name, "device_kind": target.generation.device_kind, **dataclasses.asdict(shape),
         "window_size": options.window_size, "k_smooth": options.k_smooth,
         "block_sizes": [blocks.bq, blocks.bkv, blocks.bkv_compute],
-        "vmem_bytes": kernel_tiling.vmem_bytes(blocks, shape.head_dim, shape.dtype), "vmem_limit_bytes": limit,
+        "attention": options.choice,
+        "vmem_bytes": kernel_tiling.vmem_bytes(blocks, shape.head_dim, shape.dtype) if ours else None,
+        "vmem_limit_bytes": limit if ours else None,
         "grid_steps_per_head": kernel_tiling.grid_steps(blocks, shape.q_len, shape.kv_len),
     }
     start = time.perf_counter()
@@ -135,9 +143,10 @@ def compile_for(shape: Shape, options: AttentionOptions, topology: str) -> dict:
             "custom_calls": hlo.summarize(compiled.as_text())["custom_calls"]}
 
 
-# Vector ops counted in Mosaic's final LLO: multiplies, the two exponentials (exp2 lowers to vpow2, exp to vexp),
-# adds, subtracts and maxima of one grid step (one bq x bkv key block).
-LLO_OPS = ("vmul", "vpow2", "vexp", "vadd", "vsub", "vmax")
+# Ops counted in Mosaic's final LLO for one grid step (one bq x bkv key block): the vector unit's multiplies,
+# the two exponentials (exp2 lowers to vpow2, exp to vexp), adds, subtracts and maxima, and the MXU's matmul
+# pushes (vmatmul: a float32 matmul takes several bf16 passes).
+LLO_OPS = ("vmul", "vpow2", "vexp", "vadd", "vsub", "vmax", "vmatmul")
 LLO_DUMP_FLAG = "--xla_mosaic_dump_to"
 
 

@@ -6,9 +6,10 @@ jax.experimental.pallas.ops.tpu.splash_attention: a grid (heads, query blocks, k
 sequential, the running softmax statistics and the output accumulator in float32 VMEM scratch, and an inner loop
 over `bkv_compute`-sized chunks of each `bkv`-sized key block that was DMA'd into VMEM.
 
-Base 2: softmax(x) = 2^(x log2 e) / sum 2^(x log2 e), so folding log2(e) into the softmax scale lets the
-online softmax call exp2 directly. exp is commonly evaluated as 2^(x log2 e), so this saves one multiply (and
-its rounding) per logit, and the kernel's VPU/EUP work, not the MXU, is often its bottleneck.
+Base 2: softmax(x) = 2^(x log2 e) / sum 2^(x log2 e). The softmax scale and log2(e) are folded into q once,
+before the kernel (as upstream folds its scale), so the logits arrive in base 2 and the online softmax calls
+exp2 on them with no multiply per logit. Mosaic has a native exp (vexp) as well as exp2 (vpow2): base 2 alone
+saves nothing, the fold is what removes the per-logit multiply (docs/KERNEL.md counts both in Mosaic's LLO).
 
 `attention_reference` is the plain float32 softmax attention the kernel is tested against.
 """
@@ -106,7 +107,7 @@ def _all(*conds):
     return functools.reduce(jnp.logical_and, conds) if conds else None
 
 
-def _kernel(q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, acc_ref, *, logit_scale, bq, bkv, bc, q_len, kv_len,
+def _kernel(q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, acc_ref, *, bq, bkv, bc, q_len, kv_len,
             kv_pad_len, window, mask_padding, pv_f32):
     """One (head, query block, key block) grid step. Scratch, all float32 and kept across the key blocks of a
     query block: m_ref [bq, 128] the running row max of the base-2 logits, l_ref [bq, 128] the running row sum
@@ -133,8 +134,6 @@ def _kernel(q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, acc_ref, *, logit_scale, b
         k = k_ref[rows, :]
         hi = lax.Precision.HIGHEST if k.dtype == f32 else None
         s = lax.dot_general(q, k, _NT_DIMS, preferred_element_type=f32, precision=hi)  # [bq, bc]
-        if logit_scale != 1.0:
-            s = s * logit_scale  # base-2 logits in float32 (see splash_attention for why here)
         if masked:
             cols = k0 + lax.broadcasted_iota(jnp.int32, s.shape, 1)
             keep = cols < kv_len if pad_mask else None
@@ -241,14 +240,12 @@ def _splash_attention(q, k, v, *, block_sizes, scale, window_size, k_smooth, pv_
         # the logits (and so their float32 rounding before exp2) smaller when keys share a large mean; for
         # bf16 the centred keys are rounded to bf16 once more. The mean is over the true keys (no padding yet).
         k = (k.astype(f32) - jnp.mean(k.astype(f32), axis=1, keepdims=True)).astype(k.dtype)
-    # Where the base-2 scale goes: float32 q is pre-scaled once here (one float32 rounding per element, <= 6e-8
-    # relative, and no per-logit multiply in the kernel). bfloat16 q is not: rounding q * scale * log2(e) back
-    # to bf16 moves each element by up to 2^-8 relative, which perturbs every logit as much as the inputs' own
-    # rounding did (measured on random data: output error 2.7e-3 instead of 2.15e-3). So for bf16 the multiply
-    # is folded into the float32 logits inside the kernel (one VPU multiply per logit, exact to float32).
-    if q.dtype == f32:
-        q, logit_scale = q * f32(logit_scale), 1.0
-
+    # The base-2 scale folded into q once: multiplied in float32, then cast back to q's dtype, so the kernel's
+    # logits are already in base 2 and it multiplies nothing per logit. float32: one rounding per element
+    # (<= 6e-8 relative). bfloat16: q * scale * log2(e) is rounded to bf16 (<= 2^-9 relative per element), as
+    # upstream splash rounds q * scale; where scale is a power of two (D = 64) upstream's product is exact and
+    # ours is not, since log2(e) never is. What that costs is measured against upstream (test_splash_kernel).
+    q = (q.astype(f32) * f32(logit_scale)).astype(q.dtype)
     blocks = effective_block_sizes(block_sizes, q_len, kv_len)
     bq, bkv, bc = blocks.bq, blocks.bkv, blocks.bkv_compute
     q_pad_len, kv_pad_len = round_up(q_len, bq), round_up(kv_len, bkv)
@@ -269,7 +266,7 @@ def _splash_attention(q, k, v, *, block_sizes, scale, window_size, k_smooth, pv_
         hi = lax.div(jnp.minimum(jnp.minimum(i * bq + bq - 1, q_len - 1) + window_size, kv_len - 1), bkv)
         return h, jnp.minimum(jnp.maximum(j, lo), hi), 0
 
-    kernel = functools.partial(_kernel, logit_scale=logit_scale, bq=bq, bkv=bkv, bc=bc, q_len=q_len,
+    kernel = functools.partial(_kernel, bq=bq, bkv=bkv, bc=bc, q_len=q_len,
                                kv_len=kv_len, kv_pad_len=kv_pad_len, window=window_size,
                                mask_padding=mask_padding, pv_f32=pv_f32)
     pairs = n * attended_pairs(q_len, kv_len, window_size)
