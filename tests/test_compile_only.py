@@ -47,7 +47,7 @@ def generate_v6e8(tmp_path_factory):
 def test_every_program_of_the_run_compiles_for_v6e8(generate_v6e8):
     folder, m = generate_v6e8
     assert m["target"] == {"topology": "v6e-8", "device_kind": "TPU v6 lite", "devices": 8, "hosts": 1,
-                           "hbm_bytes_per_device": 32 << 30}
+                           "hbm_bytes_per_device": 32 << 30, "usable_hbm_bytes_per_device": int(31.25 * 2**30)}
     assert m["mesh"] == {"dp": 2, "tp": 4} and m["one_process"] and m["fits"]
     # the TPU's default, as a real run there decides it; generate_flax.py encodes in the model dtype too
     assert m["config"]["dtype"] == m["config"]["text_dtype"] == "bfloat16"
@@ -91,7 +91,7 @@ def test_the_numbers_are_the_compiled_programs_own(tiny_path):
     built = aot.transformer_programs(tiny_path, mesh, cfg)
     (name, (jitted, args, ideal)), = built.programs.items()
     entry = aot.compile_program(name, jitted, args, ideal_flops=ideal, devices=4, held_bytes=0,
-                                usable=aot.usable_bytes(target))
+                                usable=target.usable_hbm_bytes)
     compiled = jitted.lower(*args).compile()
     mem = compiled.memory_analysis()
     assert (entry["argument_bytes"], entry["output_bytes"], entry["temp_bytes"], entry["generated_code_bytes"]) == (
@@ -153,9 +153,52 @@ def test_14b_at_720p_does_not_fit_a_v5e_1(tmp_path):
                "--output_dir", tmp_path, check=False)
     assert proc.returncode == 3, proc.stderr
     assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
-    assert "transformer program 'step cfg=True' needs 26.6" in proc.stderr and "TPU v5 lite HBM 16.00 GiB" in proc.stderr
+    assert "transformer program 'step cfg=True' on one TPU v5 lite chip" in proc.stderr
+    assert "expected at most the TPU compiler's limit of 15.75 GiB (HBM 16.00 GiB), found 26.6" in proc.stderr
+    assert "weights per device before any activation" in proc.stderr
     m = json.loads((tmp_path / "metrics.json").read_text())
     assert m["fits"] is False and m["stages"]["transformer"]["compiled"][0]["skipped"]
+
+
+def test_activations_the_compiler_refuses_end_in_one_line_and_keep_the_other_rows(tmp_path):
+    # The tiny model's weights fit a v5e-1 easily; XLA attention at 720p x 81 frames keeps [B N L L] float32
+    # logits (75,600 tokens): far past the HBM, and the TPU compiler itself refuses the step (RESOURCE_EXHAUSTED).
+    proc = run(GENERATE, "--model_id", "tiny-random", "--height", "720", "--width", "1280", "--frames", "81",
+               "--attention", "xla", "--topology", "v5e-1", "--compile_only", "--compile_stages", "text_encoder",
+               "transformer", "--output_dir", tmp_path, check=False)
+    assert proc.returncode == 3, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if not line.startswith("INFO tpu_wan:")]  # the progress log
+    assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "transformer program 'step cfg=True' on one TPU v5 lite chip" in proc.stderr
+    assert "expected at most the TPU compiler's limit of 15.75 GiB" in proc.stderr
+    assert "found the compiler refused it: it needs 170." in proc.stderr
+    m = json.loads((tmp_path / "metrics.json").read_text())
+    (encode,), (step,) = m["stages"]["text_encoder"]["compiled"], m["stages"]["transformer"]["compiled"]
+    assert encode["fits"] and encode["argument_bytes"] > 0  # the program that fits keeps its row
+    assert not step["fits"] and step["argument_bytes"] is None and step["peak_bytes"] > 170 * 2**30
+    assert step["skipped"].startswith("the compiler refused it") and step["compile_s"] > 0
+
+
+@pytest.mark.parametrize("name", ["v4-8", "v5e-1", "v5p-8", "v6e-1"])
+def test_the_fit_limit_is_the_compilers_own(name):
+    """Each generation's usable HBM is what the TPU compiler says is available when it refuses a program."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+    from tpu_wan import hlo, topology
+
+    target = topology.parse_target(name)
+    mesh = Mesh(np.array(target.devices()[:1]), ("x",))
+    too_big = jax.ShapeDtypeStruct((2 * target.hbm_bytes // 4 // 1024, 1024), jnp.float32,
+                                   sharding=NamedSharding(mesh, P()))
+    with pytest.raises(Exception) as info:
+        jax.jit(lambda x: x + 1).lower(too_big).compile()
+    oom = hlo.out_of_memory(info.value)
+    assert oom is not None, str(info.value)[:300]
+    # the compiler prints two decimals of GiB
+    assert abs(oom.available_bytes - target.usable_hbm_bytes) <= 0.005 * 2**30, (oom, target.usable_hbm_bytes)
 
 
 @pytest.mark.parametrize("args, expected", [

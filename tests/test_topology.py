@@ -10,22 +10,23 @@ from tpu_wan import arithmetic, checkpoints, hlo, topology
 from tpu_wan.topology import GIB
 
 
-@pytest.mark.parametrize("name, chips, hosts, kind, hbm_gib, grid", [
-    ("v4-8", 4, 1, "TPU v4", 32, "v4:2x2x1"),
-    ("v5e-1", 1, 1, "TPU v5 lite", 16, "v5e:1x1"),
-    ("v5e-4", 4, 1, "TPU v5 lite", 16, "v5e:2x2"),
-    ("v5e-8", 8, 1, "TPU v5 lite", 16, "v5e:2x4"),
-    ("v5p-8", 4, 1, "TPU v5", 95, "v5:2x2x1"),
-    ("v5p-16", 8, 2, "TPU v5", 95, "v5:2x2x2"),
-    ("v6e-1", 1, 1, "TPU v6 lite", 32, "v6e:1x1"),
-    ("v6e-8", 8, 1, "TPU v6 lite", 32, "v6e:2x4"),
-    ("v6e-16", 16, 4, "TPU v6 lite", 32, "v6e:4x4"),
+@pytest.mark.parametrize("name, chips, hosts, kind, hbm_gib, usable_gib, grid", [
+    ("v4-8", 4, 1, "TPU v4", 32, 30.75, "v4:2x2x1"),
+    ("v5e-1", 1, 1, "TPU v5 lite", 16, 15.75, "v5e:1x1"),
+    ("v5e-4", 4, 1, "TPU v5 lite", 16, 15.75, "v5e:2x2"),
+    ("v5e-8", 8, 1, "TPU v5 lite", 16, 15.75, "v5e:2x4"),
+    ("v5p-8", 4, 1, "TPU v5", 96, 95.74, "v5:2x2x1"),
+    ("v5p-16", 8, 2, "TPU v5", 96, 95.74, "v5:2x2x2"),
+    ("v6e-1", 1, 1, "TPU v6 lite", 32, 31.25, "v6e:1x1"),
+    ("v6e-8", 8, 1, "TPU v6 lite", 32, 31.25, "v6e:2x4"),
+    ("v6e-16", 16, 4, "TPU v6 lite", 32, 31.25, "v6e:4x4"),
 ])
-def test_slice_names(name, chips, hosts, kind, hbm_gib, grid):
+def test_slice_names(name, chips, hosts, kind, hbm_gib, usable_gib, grid):
     target = topology.parse_target(name)
     assert (target.chips, target.hosts, target.topology) == (chips, hosts, grid)
     assert target.describe() == {"topology": name, "device_kind": kind, "devices": chips, "hosts": hosts,
-                                 "hbm_bytes_per_device": hbm_gib * GIB}
+                                 "hbm_bytes_per_device": hbm_gib * GIB,
+                                 "usable_hbm_bytes_per_device": int(usable_gib * GIB)}
 
 
 @pytest.mark.parametrize("name", ["v6e-3", "v5p-6", "v7-8", "v6e", "tpu-8", ""])

@@ -27,13 +27,6 @@ from tpu_wan.profiling import STAGES
 from tpu_wan.topology import TpuTarget
 
 log = logging.getLogger("tpu_wan")
-# Part of each chip's HBM a program cannot count on: what the TPU runtime keeps for itself, and the slack of
-# packing buffers (XLA's own estimate assumes perfect packing).
-HBM_RESERVE_FRACTION = 0.05
-
-
-def usable_bytes(target: TpuTarget) -> int:
-    return int(target.hbm_bytes * (1 - HBM_RESERVE_FRACTION))
 
 
 def weights_bytes_per_device(weights) -> int:
@@ -46,40 +39,52 @@ def weights_bytes_per_device(weights) -> int:
 
 def compile_program(name: str, jitted, args, *, ideal_flops: int, devices: int, held_bytes: int,
                     usable: int) -> dict:
-    """One metrics.json "compiled" entry: compiles `jitted` at the abstract `args` and reads what XLA says.
+    """One metrics.json "compiled" entry: compiles `jitted` at the abstract `args` and reads what XLA says. A
+    program the TPU compiler refuses for want of HBM is an entry too (not compiled, what it said it needs).
 
     held_bytes: other models' weights the same process keeps on each device while this program runs."""
     log.info("compiling %s (%d devices)", name, devices)
     start = time.perf_counter()
-    compiled = jitted.lower(*args).compile()
+    try:
+        compiled = jitted.lower(*args).compile()
+    except Exception as err:  # noqa: BLE001  only the compiler's out-of-memory refusal is an answer; the rest raise
+        if (oom := hlo.out_of_memory(err)) is None:
+            raise
+        log.info("the TPU compiler refused %s: %s", name, oom.message)
+        return _refused(name, oom, held_bytes, ideal_flops / devices, time.perf_counter() - start)
     compile_s = time.perf_counter() - start
     log.info("compiled %s in %.1f s", name, compile_s)
-    mem = compiled.memory_analysis()
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, list) else cost
+    numbers = hlo.program_numbers(compiled)
     summary = hlo.summarize(compiled.as_text())
-    own = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
-           + mem.temp_size_in_bytes + mem.generated_code_size_in_bytes)
+    own = (numbers["argument_bytes"] + numbers["output_bytes"] - numbers["alias_bytes"] + numbers["temp_bytes"]
+           + numbers["generated_code_bytes"])
     peak = own + held_bytes
     return {
-        "name": name, "compile_s": compile_s,
-        "argument_bytes": mem.argument_size_in_bytes, "output_bytes": mem.output_size_in_bytes,
-        "alias_bytes": mem.alias_size_in_bytes, "temp_bytes": mem.temp_size_in_bytes,
-        "generated_code_bytes": mem.generated_code_size_in_bytes, "held_bytes": held_bytes, "peak_bytes": peak,
-        "flops": float(cost.get("flops", 0.0)), "ideal_flops": ideal_flops / devices,
+        "name": name, "compile_s": compile_s, **{k: v for k, v in numbers.items() if k != "flops"},
+        "held_bytes": held_bytes, "peak_bytes": peak, "flops": numbers["flops"], "ideal_flops": ideal_flops / devices,
         "collectives": summary["collectives"], "custom_calls": summary["custom_calls"], "fits": peak <= usable,
         "skipped": None,
     }
 
 
+_UNCOMPILED = ("argument_bytes", "output_bytes", "alias_bytes", "temp_bytes", "generated_code_bytes", "flops")
+
+
+def _refused(name: str, oom: hlo.OutOfMemory, held: int, ideal_flops: float, compile_s: float) -> dict:
+    """The entry of a program the TPU compiler refused as larger than the chip's HBM: peak_bytes is what it said
+    the program needs (plus the other models' weights held beside it)."""
+    return {"name": name, "compile_s": compile_s, **dict.fromkeys(_UNCOMPILED), "held_bytes": held,
+            "peak_bytes": oom.required_bytes + held, "ideal_flops": ideal_flops, "collectives": {},
+            "custom_calls": {}, "fits": False,
+            "skipped": f"the compiler refused it: it needs {_bytes(oom.required_bytes)}"}
+
+
 def _weights_exceed(name: str, weights: int, held: int, ideal_flops: float) -> dict:
-    """The entry of a program left uncompiled because the weights on each device already exceed its HBM:
-    peak_bytes is then that lower bound."""
-    none = dict.fromkeys(("compile_s", "argument_bytes", "output_bytes", "alias_bytes", "temp_bytes",
-                          "generated_code_bytes", "flops"))
-    return {"name": name, **none, "held_bytes": held, "peak_bytes": weights + held, "ideal_flops": ideal_flops,
+    """The entry of a program left uncompiled because the weights on each device already exceed what the
+    compiler allows: peak_bytes is then that lower bound."""
+    return {"name": name, "compile_s": None, **dict.fromkeys(_UNCOMPILED), "held_bytes": held, "peak_bytes": weights + held, "ideal_flops": ideal_flops,
             "collectives": {}, "custom_calls": {}, "fits": False,
-            "skipped": "not compiled: the weights on each device alone exceed the usable HBM"}
+            "skipped": f"{_bytes(weights)} of its model's weights per device before any activation (not compiled)"}
 
 
 @dataclasses.dataclass
@@ -149,7 +154,7 @@ def compile_run(cfg: GenerationConfig, target: TpuTarget, devices, *, stages=STA
     }
     built = {stage: build[stage]() for stage in stages}
     weights = {stage: weights_bytes_per_device(b.weights) for stage, b in built.items()}
-    usable = usable_bytes(target)
+    usable = target.usable_hbm_bytes
     out = {}
     for stage, b in built.items():
         if compile_stages is not None and stage not in compile_stages:
@@ -169,7 +174,6 @@ def compile_run(cfg: GenerationConfig, target: TpuTarget, devices, *, stages=STA
         "script": "compile_only",
         "created": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "target": target.describe(),
-        "hbm_reserve_fraction": HBM_RESERVE_FRACTION,
         "usable_bytes_per_device": usable,
         "mesh": {"dp": dp, "tp": tp},
         "one_process": one_process,
@@ -215,15 +219,16 @@ def rank(documents: list[dict]) -> list[dict]:
 
 def not_fitting(metrics: dict) -> str | None:
     """One line naming the first program that does not fit, or None."""
+    t, mesh = metrics["target"], metrics["mesh"]
     for stage, s in metrics["stages"].items():
         for p in s["compiled"]:
-            if not p["fits"]:
-                gib = lambda n: f"{n / (1 << 30):.2f} GiB"  # noqa: E731
-                t = metrics["target"]
-                return (f"{stage} program {p['name']!r} needs {gib(p['peak_bytes'])} per device at dp={metrics['mesh']['dp']} "
-                        f"tp={metrics['mesh']['tp']}: expected at most {gib(metrics['usable_bytes_per_device'])} "
-                        f"({t['device_kind']} HBM {gib(t['hbm_bytes_per_device'])} less "
-                        f"{metrics['hbm_reserve_fraction']:.0%} reserve) on {t['topology']}")
+            if p["fits"]:
+                continue
+            held = f" with {_bytes(p['held_bytes'])} of the other models' weights beside it" if p["held_bytes"] else ""
+            return (f"{stage} program {p['name']!r} on one {t['device_kind']} chip (dp={mesh['dp']} tp={mesh['tp']} on "
+                    f"{t['topology']}): expected at most the TPU compiler's limit of "
+                    f"{_bytes(metrics['usable_bytes_per_device'])} (HBM {_bytes(t['hbm_bytes_per_device'])}), found "
+                    + (p["skipped"] if p["skipped"] else f"it needs {_bytes(p['peak_bytes'])}") + held)
     return None
 
 
@@ -280,7 +285,8 @@ def table(metrics: dict) -> str:
     t = metrics["target"]
     lines = [f"compiled for {t['topology']}: {t['devices']} x {t['device_kind']} on {t['hosts']} host(s)"
              + (" (more chips than one host: a multi-host slice, run with --distributed)" if t["hosts"] > 1 else "")
-             + f", {_bytes(t['hbm_bytes_per_device'])} HBM each ({_bytes(metrics['usable_bytes_per_device'])} usable); "
+             + f", {_bytes(t['hbm_bytes_per_device'])} HBM each ({_bytes(metrics['usable_bytes_per_device'])} for a "
+             "program, the compiler's limit); "
              f"mesh dp={metrics['mesh']['dp']} tp={metrics['mesh']['tp']}"
              + (f", DiT sharding {metrics['config']['sharding']}" if metrics["config"].get("sharding") else "")]
     rows = [("stage", "program", "compile s", "weights/dev", "peak/dev", "fits", "flops/ideal", "collectives/call",

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from tpu_wan import kernel_tiling, mesh as mesh_lib, parallelism
+from tpu_wan import hlo, kernel_tiling, mesh as mesh_lib, parallelism
 from tpu_wan.config import BLOCK_FLAGS, AttentionOptions  # noqa: F401  (AttentionOptions: callers' one import)
 from tpu_wan.errors import AttentionError
 
@@ -221,6 +221,8 @@ def check_calls(fn: AttentionFn, *, batch: int, heads: int, head_dim: int, token
         try:
             lowered.compile()
         except Exception as err:  # Mosaic's or XLA's refusal
+            if hlo.out_of_memory(err) is not None:
+                continue  # the call alone, on replicated inputs, outgrew the HBM: whether the run fits is its own program's verdict
             first = (str(err).strip().splitlines() or [""])[0]
             raise AttentionError(f"the TPU compiler ({mesh.devices.flat[0].device_kind}) refused attention over "
                                  f"{tokens} x {kv_len} tokens: expected it to compile, found {type(err).__name__}: "

@@ -1,5 +1,7 @@
-"""What an optimized HLO module moves between devices and which custom calls it makes, read from its text
-(`compiled.as_text()`), per device and per call of the program.
+"""What a compiled program says of itself: its memory and cost analysis (`program_numbers`), the TPU compiler's
+refusal of a program that does not fit the chip's HBM (`out_of_memory`), and what its optimized HLO module moves
+between devices and which custom calls it makes, read from its text (`compiled.as_text()`), per device and per
+call of the program.
 
 An instruction inside a while loop counts once per trip when XLA knows the trip count (`known_trip_count` in
 its backend config, as for a `lax.scan`), else once. Two counts of collective bytes, both per device:
@@ -14,6 +16,7 @@ its backend config, as for a `lax.scan`), else once. Two counts of collective by
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from collections import defaultdict
@@ -33,6 +36,47 @@ _MESH_GROUPS = re.compile(r"replica_groups=mesh\[([^\]]*)\][^{]*\{([^}]*)\}")
 _LIST_GROUPS = re.compile(r"replica_groups=\{\{([\d,]*)\}")
 _IOTA_GROUPS = re.compile(r"replica_groups=\[\d+,(\d+)\]<=")
 _PARTITIONS = re.compile(r"\bnum_partitions=(\d+)")
+
+
+def program_numbers(compiled) -> dict:
+    """Per device, one call: XLA's memory analysis (bytes of arguments, outputs, aliased outputs, temporaries and
+    generated code) and its cost analysis (flops; a loop body counted once)."""
+    mem = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    return {"argument_bytes": mem.argument_size_in_bytes, "output_bytes": mem.output_size_in_bytes,
+            "alias_bytes": mem.alias_size_in_bytes, "temp_bytes": mem.temp_size_in_bytes,
+            "generated_code_bytes": mem.generated_code_size_in_bytes, "flops": float(cost.get("flops", 0.0))}
+
+
+@dataclasses.dataclass(frozen=True)
+class OutOfMemory:
+    """The TPU compiler's refusal of a program larger than a chip's HBM: what it needs and what there is, in
+    bytes, as precise as its message (two decimals of the unit)."""
+
+    required_bytes: int
+    available_bytes: int
+    message: str
+
+
+# XLA:TPU's two wordings (libtpu): the program's total, or the space it ran out of while assigning buffers.
+_OOM_TOTAL = re.compile(r"memory required for HLO temporaries \(([\d.]+)([KMGT]?)i?B?\) exceeds available HBM "
+                        r"\(([\d.]+)([KMGT]?)i?B?\)")
+_OOM_USED = re.compile(r"Used ([\d.]+)([KMGT]?)i?B? of ([\d.]+)([KMGT]?)i?B? hbm")
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def out_of_memory(err: BaseException) -> OutOfMemory | None:
+    """The compiler's "does not fit the HBM" refusal in `err` (RESOURCE_EXHAUSTED), or None for any other error."""
+    text = str(err)
+    if "RESOURCE_EXHAUSTED" not in text:
+        return None
+    match = _OOM_TOTAL.search(text) or _OOM_USED.search(text)
+    if match is None:
+        return None
+    need, need_unit, have, have_unit = match.groups()
+    first = text.strip().splitlines()[0]
+    return OutOfMemory(int(float(need) * _UNITS[need_unit]), int(float(have) * _UNITS[have_unit]), first)
 
 
 def array_bytes(type_text: str, skip_scalars: bool = False) -> int:

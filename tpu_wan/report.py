@@ -190,7 +190,7 @@ def compiled_section(m: dict) -> list[str]:
              f"- target: {t['devices']} x {t['device_kind']} on {t['hosts']} host(s)"
              + (" (a multi-host slice: run with --distributed on every host)" if t["hosts"] > 1 else "") + ", "
              f"{human_bytes(t['hbm_bytes_per_device'])} HBM per device, {human_bytes(m['usable_bytes_per_device'])} "
-             f"usable ({m['hbm_reserve_fraction']:.0%} reserve)",
+             "for one program (the TPU compiler's limit)",
              f"- mesh: dp {mesh.get('dp')} x tp {mesh.get('tp')}; model {c.get('model_id')}, "
              f"{c.get('width')}x{c.get('height')}x{c.get('frames')} (WxHxF), batch size {c.get('batch_size')}, "
              f"dtype {c.get('dtype')}" + (f", DiT sharding {c['sharding']}" if c.get("sharding") else "")

@@ -6,7 +6,9 @@ runs the real TPU compiler (XLA:TPU and Mosaic). Nothing runs; the compiled prog
 compute and move between chips (tpu_wan.aot).
 
 Slice names count TensorCores: v4 and v5p chips have two (a "megacore" JAX device each), so v4-8 and v5p-8 are
-4 chips; v5e and v6e chips have one. HBM per chip is the published figure.
+4 chips; v5e and v6e chips have one. HBM per chip is the physical figure; what one program may use of it is the
+TPU compiler's own limit, the "available HBM" it names when it refuses a larger program (RESOURCE_EXHAUSTED),
+read off libtpu 0.0.42.1 for each generation and checked against it by tests/test_topology.py.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ class Generation:
     device_kind: str  # what jax's devices report
     cores_per_chip: int
     hbm_bytes: int
+    usable_hbm_bytes: int  # the TPU compiler's limit for one program on one chip
     chips_per_host: int  # chips one TPU VM host drives in a multi-host slice
     topologies: dict[int, str]  # chips -> the chip grid
 
@@ -33,11 +36,11 @@ class Generation:
 _GRID_2D = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16", 256: "16x16"}
 _GRID_3D = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8", 256: "4x8x8"}
 
-GENERATIONS = {
-    "v4": Generation("v4", "TPU v4", 2, 32 * GIB, 4, _GRID_3D),
-    "v5e": Generation("v5e", "TPU v5 lite", 1, 16 * GIB, 4, _GRID_2D),
-    "v5p": Generation("v5", "TPU v5", 2, 95 * GIB, 4, _GRID_3D),
-    "v6e": Generation("v6e", "TPU v6 lite", 1, 32 * GIB, 4, _GRID_2D),
+GENERATIONS = {  # v5p: 96 GiB physical, published as 95 GiB (what the runtime leaves for programs)
+    "v4": Generation("v4", "TPU v4", 2, 32 * GIB, int(30.75 * GIB), 4, _GRID_3D),
+    "v5e": Generation("v5e", "TPU v5 lite", 1, 16 * GIB, int(15.75 * GIB), 4, _GRID_2D),
+    "v5p": Generation("v5", "TPU v5", 2, 96 * GIB, int(95.74 * GIB), 4, _GRID_3D),
+    "v6e": Generation("v6e", "TPU v6 lite", 1, 32 * GIB, int(31.25 * GIB), 4, _GRID_2D),
 }
 # A single v5e or v6e TPU VM drives up to 8 chips (v5litepod-8, v6e-8); larger slices have 4 chips per host.
 SINGLE_HOST_CHIPS = 8
@@ -67,6 +70,10 @@ class TpuTarget:
     @property
     def hbm_bytes(self) -> int:
         return self.generation.hbm_bytes
+
+    @property
+    def usable_hbm_bytes(self) -> int:
+        return self.generation.usable_hbm_bytes
 
     def host_bounds(self) -> tuple[int, int, int]:
         if self.chips_per_host == 1:
@@ -99,7 +106,8 @@ class TpuTarget:
     def describe(self) -> dict:
         """The metrics.json "target" entry."""
         return {"topology": self.name, "device_kind": self.generation.device_kind, "devices": self.chips,
-                "hosts": self.hosts, "hbm_bytes_per_device": self.hbm_bytes}
+                "hosts": self.hosts, "hbm_bytes_per_device": self.hbm_bytes,
+                "usable_hbm_bytes_per_device": self.usable_hbm_bytes}
 
 
 def known_names() -> list[str]:
