@@ -25,6 +25,18 @@ def test_auto_resolves_per_platform_and_length():
     assert attention._resolve(opts, "tpu", 512, np.float32) == "custom"  # cross-attention over text too
     assert attention._resolve(opts, "gpu", 75_600, jax.numpy.bfloat16) == "cudnn"
     assert attention._resolve(opts, "gpu", 75_600, np.float32) == "xla"
+    assert attention._resolve(opts, "gpu", 75_600, jax.numpy.bfloat16, head_dim=256) == "xla"
+
+
+def test_the_attention_flag_help_says_what_auto_runs():
+    from tpu_wan import cli
+
+    parser = cli.make_parser("x")
+    cli.add_stage2_args(parser)
+    helps = {a.dest: " ".join(a.help.split()) for a in parser._actions if a.help}
+    assert "our exp2 kernel on TPU for every call (self- and cross-attention)" in helps["attention"]
+    assert "cuDNN on a GPU in bf16/fp16 with head dim <= 128, XLA otherwise (CPU)" in helps["attention"]
+    assert "costs bf16 one more rounding of the keys" in helps["k_smooth"]  # measured: docs/KERNEL.md
 
 
 @pytest.mark.parametrize("choice", ["custom", "splash"])

@@ -78,6 +78,14 @@ def test_bench_on_gpu_times_only_what_gpu_runs(monkeypatch):
         tuning.bench(tuning.Shape(1, 64, 64, 64, "float32"), AttentionOptions(), choices=("custom",), repeats=1)
 
 
+def test_peak_tflops_of_every_tpu_generation_and_gpus():
+    from tpu_wan.topology import GENERATIONS
+
+    peaks = {key: tuning.peak_tflops(gen.device_kind) for key, gen in GENERATIONS.items()}
+    assert peaks == {"v4": 275.0, "v5e": 197.0, "v5p": 459.0, "v6e": 918.0}  # jax names v5p "TPU v5"
+    assert tuning.peak_tflops("NVIDIA H100 80GB HBM3") == 989.0 and tuning.peak_tflops("cpu") is None
+
+
 def test_flops_count_the_window():
     shape = tuning.Shape(2, 300, 300, 64)
     assert shape.flops() == 4 * 2 * 300 * 300 * 64

@@ -139,6 +139,25 @@ def test_umt5_flops_formula_equals_the_traced_program(tiny_path):
     assert traced == arithmetic.umt5_encoder_flops(config, 3, 24)
 
 
+def test_each_text_encoder_program_gets_the_flops_of_its_own_texts(tiny_path):
+    """40 prompts and the negative prompt run as chunks of 16, 16 and 9 texts: two distinct programs, the second
+    one encoding 9 texts (padded to the mesh's dp=2: 10 rows)."""
+    from tpu_wan import aot, mesh as mesh_lib
+    from tpu_wan.config import GenerationConfig
+    from tpu_wan.text_encoder import ENCODE_BATCH
+
+    assert ENCODE_BATCH == 16
+    mesh = mesh_lib.make_mesh(2, 1, jax.devices()[:2])
+    cfg = GenerationConfig(model_id="tiny-random", prompts=tuple(f"p{i}" for i in range(40)), negative_prompt="n",
+                           max_sequence_length=32)
+    built = aot.text_encoder_programs(tiny_path, mesh, cfg)
+    config = checkpoints.read_config(tiny_path, "text_encoder", ())
+    assert {name: ideal for name, (_, _, ideal) in built.programs.items()} == {
+        "encode (16, 32)": arithmetic.umt5_encoder_flops(config, 16, 32),
+        "encode (10, 32)": arithmetic.umt5_encoder_flops(config, 9, 32),
+    }
+
+
 def test_traced_flops_counts_scan_trips_and_convolutions():
     def f(x, k):  # [1 4 10 10] conv with a [6 4 3 3] kernel, 'VALID': [1 6 8 8]; then 7 matmuls of [8 8]
         y = jax.lax.conv_general_dilated(x, k, (1, 1), "VALID")

@@ -96,16 +96,13 @@ class Programs:
 
 
 def text_encoder_programs(model_path, mesh, cfg: GenerationConfig) -> Programs:
-    from tpu_wan.text_encoder import ENCODE_BATCH, TextEncoder
+    from tpu_wan.text_encoder import TextEncoder
 
     encoder = TextEncoder(model_path, mesh, cfg.text_dtype, abstract=True)
-    texts = len(cfg.prompts) + 1  # the prompts and the negative prompt, in chunks of ENCODE_BATCH
     config = encoder.config.to_dict()
-    programs = {}
-    for (name, (jitted, args)), start in zip(encoder.programs_for(texts, cfg.max_sequence_length).items(),
-                                             range(0, texts, ENCODE_BATCH)):
-        rows = min(ENCODE_BATCH, texts - start)
-        programs[name] = (jitted, args, arithmetic.umt5_encoder_flops(config, rows, cfg.max_sequence_length))
+    texts = len(cfg.prompts) + 1  # the prompts and the negative prompt
+    programs = {name: (jitted, args, arithmetic.umt5_encoder_flops(config, rows, cfg.max_sequence_length))
+                for name, (jitted, args, rows) in encoder.programs_for(texts, cfg.max_sequence_length).items()}
     return Programs(encoder.weights, programs)
 
 

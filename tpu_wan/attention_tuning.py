@@ -23,9 +23,10 @@ from tpu_wan.attention import AttentionError, AttentionOptions
 from tpu_wan import kernel_tiling
 
 BENCH_CHOICES = ("custom", "splash", "xla", "cudnn")
-# Dense bf16 matmul peak per chip, TFLOP/s, by jax device_kind prefix (vendor spec sheets).
+# Dense bf16 matmul peak per chip, TFLOP/s (vendor spec sheets), by what jax's device_kind starts with; the
+# longest match wins ("TPU v5" is v5p, "TPU v5 lite" v5e; GPUs add their memory: "NVIDIA H100 80GB HBM3").
 PEAK_TFLOPS = {
-    "TPU v6": 918.0, "TPU v5p": 459.0, "TPU v5 lite": 197.0, "TPU v5e": 197.0, "TPU v4": 275.0,
+    "TPU v6 lite": 918.0, "TPU v5": 459.0, "TPU v5 lite": 197.0, "TPU v4": 275.0,
     "NVIDIA H200": 989.0, "NVIDIA H100": 989.0, "NVIDIA A100": 312.0,
 }
 
@@ -131,15 +132,13 @@ def compile_for(shape: Shape, options: AttentionOptions, topology: str) -> dict:
         text = str(err).strip()
         return {**result, "accepted": False, "compile_s": time.perf_counter() - start,
                 "error": f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"}
-    mem = compiled.memory_analysis()
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, list) else cost
     from tpu_wan import hlo
 
+    numbers = hlo.program_numbers(compiled)
     return {**result, "accepted": True, "compile_s": time.perf_counter() - start, "error": None,
-            "argument_bytes": mem.argument_size_in_bytes, "output_bytes": mem.output_size_in_bytes,
-            "temp_bytes": mem.temp_size_in_bytes, "generated_code_bytes": mem.generated_code_size_in_bytes,
-            "flops": float(cost.get("flops", 0.0)), "attention_flops": shape.flops(options.window_size),
+            **{k: numbers[k] for k in ("argument_bytes", "output_bytes", "temp_bytes", "generated_code_bytes",
+                                       "flops")},
+            "attention_flops": shape.flops(options.window_size),
             "custom_calls": hlo.summarize(compiled.as_text())["custom_calls"]}
 
 
@@ -204,9 +203,11 @@ def time_call(fn, args, repeats: int) -> float:
     return statistics.median(times)
 
 
-def peak_tflops() -> float | None:
-    kind = jax.devices()[0].device_kind
-    return next((v for k, v in PEAK_TFLOPS.items() if kind.startswith(k)), None)
+def peak_tflops(device_kind: str | None = None) -> float | None:
+    """The chip's dense bf16 peak (default: the first device's), None where it is not known."""
+    kind = jax.devices()[0].device_kind if device_kind is None else device_kind
+    matches = [k for k in PEAK_TFLOPS if kind.startswith(k)]
+    return PEAK_TFLOPS[max(matches, key=len)] if matches else None
 
 
 def unsupported(choice: str, shape: Shape, platform: str) -> str | None:

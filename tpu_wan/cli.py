@@ -145,10 +145,12 @@ def add_stage2_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--non_strict", action="store_true",
                    help="apply the fine-tuned weights that fit; report missing/unexpected/mis-shaped ones")
     g.add_argument("--attention", default="auto", choices=ATTENTION_CHOICES,
-                   help="auto: our exp2 kernel on TPU for long self-attention, cuDNN on a GPU in bf16, XLA "
-                        "otherwise; custom / splash: the Pallas TPU kernels; cudnn: jax's cuDNN attention (GPU)")
+                   help="auto: our exp2 kernel on TPU for every call (self- and cross-attention), cuDNN on a GPU "
+                        "in bf16/fp16 with head dim <= 128, XLA otherwise (CPU); custom / splash: the Pallas TPU "
+                        "kernels; cudnn: jax's cuDNN attention (GPU)")
     g.add_argument("--k_smooth", action="store_true",
-                   help="subtract the mean key first (exact; safer in bf16); our kernel only (auto, custom)")
+                   help="subtract the mean key first (exact in real arithmetic: helps float32 when keys share a "
+                        "large mean, costs bf16 one more rounding of the keys); our kernel only (auto, custom)")
     g.add_argument("--window_size", type=int, default=None, help="local self-attention window (default: global)")
     g.add_argument("--bqsize", type=int, default=None,
                    help="kernel query block (default: per shape); the block flags: auto, custom, splash only")

@@ -96,14 +96,16 @@ class TextEncoder:
         return -(-n // dp) * dp  # the batch padded to a multiple of dp with empty rows, dropped after the call
 
     def programs_for(self, num_texts: int, max_sequence_length: int) -> dict:
-        """name -> (jitted encode, abstract arguments) of each distinct call `encode` makes for `num_texts`
-        texts (prompts and the negative prompt), as profiling.remember_program records them."""
+        """name -> (jitted encode, abstract arguments, texts) of each distinct call `encode` makes for
+        `num_texts` texts (prompts and the negative prompt), as profiling.remember_program records them; texts:
+        how many real texts the call encodes (the first call of that program: only the last chunk is short)."""
         programs = {}
         for start in range(0, num_texts, ENCODE_BATCH):
-            rows = self._rows(min(ENCODE_BATCH, num_texts - start))
+            texts = min(ENCODE_BATCH, num_texts - start)
+            rows = self._rows(texts)
             ids = jax.ShapeDtypeStruct((rows, max_sequence_length), jnp.int32,
                                        sharding=mesh_lib.batch_sharding(self.mesh, rows, 2))
-            programs[f"encode {ids.shape}"] = (self._encode, (self.weights, ids, ids))
+            programs.setdefault(f"encode {ids.shape}", (self._encode, (self.weights, ids, ids), texts))
         return programs
 
 
