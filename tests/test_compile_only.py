@@ -138,13 +138,45 @@ def test_search_mesh_ranks_every_mesh_the_heads_allow(tmp_path):
                  "--compile_only", "--search_mesh", "--output_dir", str(tmp_path)])
     m = json.loads((tmp_path / "metrics.json").read_text())
     ranked = m["mesh_search"]
-    # the tiny DiT has 4 heads: tp in 1, 2, 4 on 8 chips, each in both sharding modes (--sharding auto)
-    assert sorted((r["dp"], r["tp"], r["sharding"]) for r in ranked) == [
+    # the tiny DiT has 4 heads: tp in 1, 2, 4 on 8 chips, each in both sharding modes (--sharding auto), and tp 8
+    # in sequence mode only (Megatron splits the heads)
+    assert sorted((r["dp"], r["tp"], r["sharding"]) for r in ranked) == [(1, 8, "sequence")] + [
         (dp, tp, mode) for dp, tp in [(2, 4), (4, 2), (8, 1)] for mode in ("megatron", "sequence")]
-    keys = [(not r["fits"], r["step_traffic_bytes"], r["peak_bytes"]) for r in ranked]
-    assert keys == sorted(keys)
+    # tp 1 splits no weight: the step sends only 11 KiB over dp, where every tp > 1 sends its activations
+    # (megatron: all-reduces of the hidden state; sequence: all-to-alls around attention)
+    assert (ranked[0]["dp"], ranked[0]["tp"]) == (8, 1) and ranked[0]["step_traffic_bytes"] < 16 << 10
+    assert all(r["step_traffic_bytes"] > 64 << 10 for r in ranked if r["tp"] > 1)
     assert m["mesh"] == {"dp": ranked[0]["dp"], "tp": ranked[0]["tp"]}
     assert m["config"]["sharding"] == ranked[0]["sharding"]
+
+
+def test_rank_puts_what_fits_first_then_fewer_bytes_sent_then_lower_peak():
+    from tpu_wan import aot
+
+    def doc(name, fits, sent, peak):
+        step = {"skipped": None if sent is not None else "not compiled", "peak_bytes": peak,
+                "collectives": {} if sent is None else {"all-reduce": {"traffic_bytes": sent, "bytes": sent}}}
+        return {"name": name, "fits": fits, "stages": {"transformer": {"compiled": [step]}}}
+
+    docs = [doc("too big, sends nothing", False, 0, 10), doc("fits, not compiled", True, None, 1),
+            doc("fits, sends 5, peak 9", True, 5, 9), doc("fits, sends 5, peak 7", True, 5, 7),
+            doc("fits, sends 3", True, 3, 20)]
+    assert [d["name"] for d in aot.rank(docs)] == [
+        "fits, sends 3", "fits, sends 5, peak 7", "fits, sends 5, peak 9", "fits, not compiled",
+        "too big, sends nothing"]
+
+
+def test_candidate_runs_include_the_meshes_only_sequence_sharding_takes():
+    from tpu_wan import aot, topology
+
+    v6e8 = topology.parse_target("v6e-8")
+    # 1.3B: 12 DiT heads, UMT5 64: tp 8 splits the text encoder's heads but not the DiT's
+    runs = aot.candidate_runs(v6e8, 64, 12, "auto")
+    assert (1, 8, "sequence") in runs and (1, 8, "megatron") not in runs
+    assert [r for r in runs if r[1] == 4] == [(2, 4, "megatron"), (2, 4, "sequence")]
+    assert aot.candidate_runs(v6e8, 64, 12, "megatron") == [(8, 1, "megatron"), (4, 2, "megatron"), (2, 4, "megatron")]
+    assert aot.candidate_runs(v6e8, None, 12, "sequence") == [(8 // t, t, "sequence") for t in (1, 2, 4, 8)]
+    assert aot.candidate_runs(v6e8, 6, None, None) == [(8, 1, None), (4, 2, None)]  # no DiT: no mode
 
 
 def test_14b_at_720p_does_not_fit_a_v5e_1(tmp_path):

@@ -23,6 +23,7 @@ from tpu_wan import arithmetic, artifacts, checkpoints, config as config_lib, hl
 from tpu_wan.config import GenerationConfig, Stage2Settings
 from tpu_wan.errors import DoesNotFit
 from tpu_wan.mesh import check_heads, make_mesh
+from tpu_wan.parallelism import MODES
 from tpu_wan.profiling import STAGES
 from tpu_wan.topology import TpuTarget
 
@@ -181,10 +182,18 @@ def compile_run(cfg: GenerationConfig, target: TpuTarget, devices, *, stages=STA
     }
 
 
-def candidate_meshes(target: TpuTarget, head_counts: list[int]) -> list[tuple[int, int]]:
-    """Every (dp, tp) with dp * tp = the slice's chips and tp dividing each model's heads."""
+def candidate_runs(target: TpuTarget, text_heads: int | None, dit_heads: int | None,
+                   sharding: str | None) -> list[tuple[int, int, str | None]]:
+    """Every (dp, tp, DiT sharding mode) with dp * tp = the slice's chips that the models allow: tp divides the
+    text encoder's heads (it always splits them), and Megatron's DiT needs tp to divide its heads while sequence
+    sharding takes any. `sharding` None/auto tries both modes, a mode only itself; without the DiT
+    (`dit_heads` None) the mode is None."""
     n = target.chips
-    return [(n // tp, tp) for tp in range(1, n + 1) if n % tp == 0 and all(h % tp == 0 for h in head_counts)]
+    modes = (None,) if dit_heads is None else MODES if sharding in (None, "auto") else (sharding,)
+    runs = []
+    for tp in (t for t in range(1, n + 1) if n % t == 0 and (text_heads is None or text_heads % t == 0)):
+        runs += [(n // tp, tp, mode) for mode in modes if mode != "megatron" or dit_heads % tp == 0]
+    return runs
 
 
 def step_collective_bytes(metrics: dict, count: str = "bytes") -> int | None:
@@ -233,34 +242,29 @@ def compile_only(base: GenerationConfig, settings: Stage2Settings, topology_name
                  tp: int | None = None, stages=STAGES, compile_stages=None, one_process: bool = False,
                  uint8: bool = True, search_mesh: bool = False) -> dict:
     """The compile-only run of a script: `base` holds what stage 1 decides (model, prompts, text dtype; with
-    `one_process` the model dtype, as generate_flax.py decides it), `settings` the stage-2 flags. With `search_mesh`, every
-    (dp, tp) the slice and the heads allow is compiled (in both sharding modes when `settings.sharding` is
-    auto) and the best document returned, with the ranking under "mesh_search"."""
+    `one_process` the model dtype, as generate_flax.py decides it), `settings` the stage-2 flags. With `search_mesh`,
+    every (dp, tp, DiT sharding mode) the slice and the models allow is compiled (candidate_runs: both modes when
+    `settings.sharding` is auto, so also the meshes only sequence sharding takes) and the best document
+    returned, with the ranking under "mesh_search"."""
     from tpu_wan.pipeline import resolve_stage2
     from tpu_wan.topology import parse_target
 
     target = parse_target(topology_name)
     devices = target.devices()
-    meshes = [(dp, tp)]
+    runs = [(dp, tp, None)]
     if search_mesh:
         model_path = checkpoints.resolve_configs(base.model_id)
-        heads = [checkpoints.read_config(model_path, c, (key,))[key] for c, key in
-                 (("text_encoder", "num_heads"), ("transformer", "num_attention_heads"))
-                 if c in stages]
-        meshes = candidate_meshes(target, heads)
-    from tpu_wan.parallelism import MODES
-
-    modes = MODES if search_mesh and settings.sharding in (None, "auto") and "transformer" in stages else (None,)
+        heads = {c: checkpoints.read_config(model_path, c, (key,))[key] if c in stages else None for c, key in
+                 (("text_encoder", "num_heads"), ("transformer", "num_attention_heads"))}
+        runs = candidate_runs(target, heads["text_encoder"], heads["transformer"], settings.sharding)
     documents = []
-    for mesh_dp, mesh_tp in meshes:
-        mesh = make_mesh(mesh_dp, mesh_tp, devices)
-        for mode in modes:
-            cfg = resolve_stage2(base, settings, mesh)
-            cfg = cfg.replace(sharding=mode or cfg.stage2.sharding)
-            if one_process:  # generate_flax.py encodes in the model dtype (oneshot.generate)
-                cfg = cfg.replace(text_dtype=cfg.stage2.dtype)
-            documents.append(compile_run(cfg, target, devices, stages=stages, uint8=uint8,
-                                         compile_stages=compile_stages, one_process=one_process))
+    for mesh_dp, mesh_tp, mode in runs:
+        cfg = resolve_stage2(base, settings, make_mesh(mesh_dp, mesh_tp, devices))
+        cfg = cfg.replace(sharding=mode or cfg.stage2.sharding)
+        if one_process:  # generate_flax.py encodes in the model dtype (oneshot.generate)
+            cfg = cfg.replace(text_dtype=cfg.stage2.dtype)
+        documents.append(compile_run(cfg, target, devices, stages=stages, uint8=uint8,
+                                     compile_stages=compile_stages, one_process=one_process))
     ranked = rank(documents)
     best = ranked[0]
     if search_mesh:

@@ -64,7 +64,9 @@ def add_compile_args(p: argparse.ArgumentParser, *, stage2: bool = False) -> Non
                    help="compile every program of this run for --topology and report memory per chip, FLOPs and "
                         "collectives (exit 3 if something does not fit); loads no weights, writes no video")
     g.add_argument("--search_mesh", action="store_true",
-                   help="with --compile_only: compile every (dp, tp) the slice and the heads allow and rank them")
+                   help="with --compile_only: compile every (dp, tp) the slice and the models allow, in each DiT "
+                        "sharding mode that takes it (sequence takes a tp that does not divide the heads), and "
+                        "rank them")
     if not stage2:
         g.add_argument("--compile_stages", nargs="+", default=list(STAGES), choices=STAGES, metavar="STAGE",
                        help="stages whose programs to compile (default: all; the others' weights still count "
