@@ -2,7 +2,9 @@
 
 `--model_id` takes `tiny-random` (built offline on first use), a local diffusers folder (model_index.json,
 tokenizer/, text_encoder/, transformer/, vae/, scheduler/), or a Hugging Face hub id (downloaded where a hub
-is reachable).
+is reachable). Every entry point reaches a folder through `_checked`, which refuses, from the config files alone,
+any model kind the toolkit does not implement (Wan 2.2's two experts or TI2V, image-to-video, a VAE our decoder
+cannot decode) before a weight is read or a program compiled.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from tpu_wan import tiny
-from tpu_wan.config import DTYPES
+from tpu_wan.config import DTYPES, VAE_SPATIAL, VAE_TEMPORAL
 from tpu_wan.errors import CheckpointError
 
 COMPONENTS = ("tokenizer", "text_encoder", "transformer", "vae", "scheduler")
@@ -29,10 +31,17 @@ def resolve_model(model_id: str) -> Path:
         return _checked(path)
     if model_id.count("/") != 1 or model_id.startswith((".", "/", "~")):
         raise CheckpointError(f"model_id: expected a diffusers folder or a hub id 'org/name', found {model_id!r}")
+    # The config files first: a model kind this toolkit does not run is refused before its weights download.
+    _checked(_download(model_id, path, ["*.json"]), with_tokenizer=False)
+    return _checked(_download(model_id, path, ["*.json", "*.safetensors", "*.model", "tokenizer/*"]))
+
+
+def _download(model_id: str, path: Path, patterns: list[str]) -> Path:
+    """The hub snapshot of `model_id`'s files matching `patterns`; `path`: the local folder it is not."""
     try:
         from huggingface_hub import snapshot_download
 
-        folder = snapshot_download(model_id, allow_patterns=["*.json", "*.safetensors", "*.model", "tokenizer/*"])
+        return Path(snapshot_download(model_id, allow_patterns=patterns))
     except Exception as err:  # offline, network, auth, missing repo: all end the same way for the user
         offline = os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
         why = "HF_HUB_OFFLINE is set and the hub cache does not hold it" if offline else type(err).__name__
@@ -40,7 +49,6 @@ def resolve_model(model_id: str) -> Path:
             f"model_id {model_id!r}: expected a local folder ({path.resolve()} does not exist) or a downloadable "
             f"hub repo, found neither ({why}); pass --model_id /path/to/Wan2.1-T2V-...-Diffusers"
         ) from None
-    return _checked(Path(folder))  # outside the try: a downloaded folder that does not fit says why
 
 
 EXPECTED_CLASSES = {
@@ -86,13 +94,14 @@ def config_folder(model_id: str) -> Path:
 
 
 def _checked(path: Path, with_tokenizer: bool = True) -> Path:
-    """`path` if it is a Wan 2.1 text-to-video diffusers folder whose parts fit together."""
+    """`path` if it is a Wan 2.1 text-to-video diffusers folder whose parts fit together. Every entry point
+    passes here before it loads or compiles anything, so this is where a model kind the toolkit does not
+    implement is refused."""
     index_file = path / "model_index.json"
     if not index_file.is_file():
         raise CheckpointError(f"{path}: expected a diffusers folder with model_index.json, found none")
     index = _read_json(index_file)
-    if index.get("_class_name") != "WanPipeline":
-        raise CheckpointError(f"{index_file}: expected _class_name 'WanPipeline', found {index.get('_class_name')!r}")
+    _check_pipeline_kind(index_file, index)
     for component, cls in EXPECTED_CLASSES.items():
         found = (index.get(component) or [None, None])[1]
         if found != cls:
@@ -102,11 +111,127 @@ def _checked(path: Path, with_tokenizer: bool = True) -> Path:
                                                          "config.json" if c != "tokenizer" else "")).exists()]
     if missing:
         raise CheckpointError(f"{path}: expected configs for {list(components)}, missing {missing}")
-    text_dim = read_config(path, "transformer").get("text_dim")
+    _check_vae_kind(path / "vae" / "config.json", read_config(path, "vae"))
+    dit = read_config(path, "transformer")
+    _check_transformer_kind(path / "transformer" / "config.json", dit, WAN21_VAE["z_dim"])
+    text_dim = dit.get("text_dim")
     d_model = read_config(path, "text_encoder").get("d_model")
     if text_dim != d_model:
         raise CheckpointError(f"{path}: expected transformer text_dim == text encoder d_model, found {text_dim} != {d_model}")
     return path
+
+
+# model_index.json entries beyond COMPONENTS that diffusers' Wan pipelines write, and the model kind each one
+# belongs to. diffusers writes an unused one as null, [null, null] or false (tiny-random has all three), so only
+# a set one is refused; an entry not listed here is refused too: its effect on a run is unknown.
+PIPELINE_ENTRIES = {
+    "transformer_2": "two-expert Wan 2.2 models",
+    "boundary_ratio": "two-expert Wan 2.2 models",
+    "expand_timesteps": "Wan 2.2 TI2V models",  # one timestep per token, frame 0 kept as the image's latents
+    "image_encoder": "image-to-video models",
+    "image_processor": "image-to-video models",
+}
+# diffusers' other Wan pipelines: the same files, another task.
+PIPELINE_CLASSES = {
+    "WanImageToVideoPipeline": "image-to-video models",
+    "WanVideoToVideoPipeline": "video-to-video models",
+    "WanVACEPipeline": "VACE models",
+    "WanAnimatePipeline": "Wan-Animate models",
+}
+
+
+def _is_set(value) -> bool:
+    return not (value is None or value is False or value == [None, None])
+
+
+def _json(value) -> str:
+    return json.dumps(value, separators=(",", ":"))
+
+
+def _check_pipeline_kind(index_file: Path, index: dict) -> None:
+    """A WanPipeline with COMPONENTS and nothing else set: the Wan 2.1 text-to-video pipeline."""
+    cls = index.get("_class_name")
+    extra = [key for key, value in index.items()
+             if not key.startswith("_") and key not in COMPONENTS and _is_set(value)]
+    order = {key: i for i, key in enumerate(PIPELINE_ENTRIES)}  # named in this order, whatever the file's
+    extra.sort(key=lambda key: order.get(key, len(order)))
+    if cls == "WanPipeline" and not extra:
+        return
+    if cls != "WanPipeline" and cls not in PIPELINE_CLASSES:
+        raise CheckpointError(f"{index_file}: expected _class_name 'WanPipeline', found {cls!r}")
+    found = ([] if cls == "WanPipeline" else [f"_class_name {cls!r}"]) + [
+        key if isinstance(index[key], list) else f"{key}={_json(index[key])}" for key in extra]
+    kinds = ([] if cls == "WanPipeline" else [PIPELINE_CLASSES[cls]]) + [
+        PIPELINE_ENTRIES.get(key, f"entries such as {key!r}") for key in extra]
+    raise CheckpointError(
+        f"{index_file}: expected a Wan 2.1 text-to-video folder (WanPipeline with {', '.join(COMPONENTS)} only), "
+        f"found {_and(found)} ({_and(list(dict.fromkeys(kinds)))} are not implemented)"
+    )
+
+
+def _and(items: list[str]) -> str:
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+# vae/config.json as our decoder (tpu_wan.vae_modules) and the latent shapes (config.VAE_SPATIAL, VAE_TEMPORAL)
+# take it: the Wan 2.1 VAE. Each value is also diffusers' default, which a key the file leaves out takes.
+WAN21_VAE = {"z_dim": 16, "is_residual": False, "patch_size": None, "out_channels": 3,
+             "scale_factor_spatial": VAE_SPATIAL, "scale_factor_temporal": VAE_TEMPORAL}
+
+
+def _check_vae_kind(vae_file: Path, vae: dict) -> None:
+    """The Wan 2.1 VAE: 16 latent channels, plain (non-residual) up blocks, no pixel patching, RGB out, 8x
+    spatial (one upsampling per dim_mult step after the first) and 4x temporal (one per true
+    temperal_downsample) compression, one latents_mean and latents_std entry per channel."""
+    config = {**WAN21_VAE, **vae}
+    mismatches = [(key, _json(value), _json(config[key])) for key, value in WAN21_VAE.items() if config[key] != value]
+    # diffusers' defaults: dim_mult [1, 2, 4, 4], temperal_downsample [False, True, True], 16 latent statistics
+    upsamplings = len(_list(vae_file, vae, "dim_mult", [1, 2, 4, 4])) - 1
+    temporal = _list(vae_file, vae, "temperal_downsample", [False, True, True])
+    layers = {
+        "2**(len(dim_mult)-1)": (VAE_SPATIAL, 2**upsamplings),
+        "len(temperal_downsample)": (upsamplings, len(temporal)),
+        "2**sum(temperal_downsample)": (VAE_TEMPORAL, 2 ** sum(bool(t) for t in temporal)),
+        **{f"len({key})": (WAN21_VAE["z_dim"], len(_list(vae_file, vae, key, [0.0] * WAN21_VAE["z_dim"]))) for key in
+           ("latents_mean", "latents_std")},
+    }
+    mismatches += [(name, want, have) for name, (want, have) in layers.items() if want != have]
+    if mismatches:
+        raise CheckpointError(
+            f"{vae_file}: expected the Wan 2.1 VAE our decoder implements "
+            f"({', '.join(f'{name}={want}' for name, want, _ in mismatches)}), found "
+            f"{', '.join(f'{name}={have}' for name, _, have in mismatches)} (other VAEs, such as Wan 2.2's, are not "
+            f"implemented)"
+        )
+
+
+def _list(config_file: Path, config: dict, key: str, default: list) -> list:
+    value = config.get(key, default)
+    if not isinstance(value, list):
+        raise CheckpointError(f"{config_file}: expected {key} to be a list, found {_json(value)}")
+    return value
+
+
+# transformer/config.json keys that add image conditioning (diffusers' I2V and FLF2V transformers); null in
+# a text-to-video transformer.
+IMAGE_CONDITIONING = ("image_dim", "added_kv_proj_dim", "pos_embed_seq_len")
+
+
+def _check_transformer_kind(transformer_file: Path, dit: dict, z_dim: int) -> None:
+    """A text-to-video transformer denoising the VAE's latents: no image conditioning, z_dim channels in and out
+    (an image-to-video transformer takes the image's latents and mask as extra input channels)."""
+    image = [f"{key}={_json(dit[key])}" for key in IMAGE_CONDITIONING if dit.get(key) is not None]
+    channels = {"in_channels": dit.get("in_channels", 16)}
+    channels["out_channels"] = dit.get("out_channels") or channels["in_channels"]  # diffusers' fallback
+    wrong = [f"{key}={value}" for key, value in channels.items() if value != z_dim]
+    if image or wrong:
+        why = ("image-to-video transformers are not implemented" if image else
+               "a transformer denoises the VAE's latent channels")
+        unset = ", ".join(f"{key}=null" for key in IMAGE_CONDITIONING)
+        raise CheckpointError(
+            f"{transformer_file}: expected a text-to-video transformer ({unset}, in_channels and out_channels = the "
+            f"VAE's z_dim {z_dim}), found {', '.join(image + wrong)} ({why})"
+        )
 
 
 def read_config(model_path: Path, component: str, required: tuple[str, ...] = ()) -> dict:
