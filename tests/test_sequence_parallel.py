@@ -85,6 +85,18 @@ def test_regrouped_attention_equals_plain_attention(mesh_shape, rows, heads, sel
     np.testing.assert_allclose(out, attention.xla_attention(q, k, v), atol=REGROUP_ATOL)
 
 
+@pytest.mark.parametrize("choice", ["custom", "xla"])
+def test_windowed_regrouped_attention_on_tokens_the_shards_do_not_divide(choice):
+    # 45 tokens over 4 token shards (padded to 48): after the all-to-all each head's queries and keys are the 45
+    # real tokens in order, so the window sees true positions (the kernel refuses L != S with a window).
+    layout = parallelism.Layout("sequence", make_mesh(2, 4))
+    rng = np.random.default_rng(1)
+    q, k, v = (jnp.asarray(rng.standard_normal((2, 4, 45, 16)), jnp.float32) for _ in range(3))
+    fn = attention.make_attention(AttentionOptions(choice, window_size=6), layout.mesh, layout=layout)
+    out = jax.jit(fn)(q, k, v)
+    np.testing.assert_allclose(out, attention.xla_attention(q, k, v, window_size=6), atol=REGROUP_ATOL)
+
+
 def test_layout_axes():
     mesh = make_mesh(2, 4)
     sequence, megatron = parallelism.Layout("sequence", mesh), parallelism.Layout("megatron", mesh)
