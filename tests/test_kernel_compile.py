@@ -3,8 +3,6 @@ per-chip shapes the attention dispatch gives the Wan runs (libtpu, deviceless: c
 
 import importlib.util
 import json
-import math
-import types
 
 import jax
 import jax.numpy as jnp
@@ -12,41 +10,14 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from scripts import ROOT, run
+from wan_shapes import GENERATIONS, VIDEO_TOKENS, dispatch_shapes
 
 from tpu_wan import attention, attention_tuning as tuning, kernel_tiling, topology
 from tpu_wan.attention import AttentionOptions
-from tpu_wan.batch import default_batch_size
 from tpu_wan.kernels import splash_exp2
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
                                 reason="libtpu is not installed: nothing can compile for a TPU on this host")
-
-# L = F * H/16 * W/16 video tokens: 21 * 30 * 52 = 32,760 at 480p x 81 frames, 21 * 45 * 80 = 75,600 at 720p;
-# S = 512 text tokens. Heads: 12 (1.3B), 40 (14B); head dim 128.
-VIDEO_TOKENS, TEXT_TOKENS, HEADS = (32760, 75600), 512, (12, 40)
-SLICES = ("v5e-4", "v5e-8", "v6e-4", "v6e-8", "v5p-8")
-GENERATIONS = {"v5e": "TPU v5 lite", "v6e": "TPU v6 lite", "v5p": "TPU v5"}
-
-
-def dispatch_shapes() -> set[tuple[int, int]]:
-    """(q_len, kv_len) per chip of every attention call the dispatch makes for 1.3B and 14B at 480p and 720p on
-    SLICES, every (dp, tp) the heads allow, with CFG (batch 2 x the default videos per batch) and for one video
-    without it (batch 1: the query sequence splits over dp)."""
-    shapes = set()
-    for name in SLICES:
-        chips = topology.parse_target(name).chips
-        for heads in HEADS:
-            for tp in (t for t in (1, 2, 4, 8) if chips % t == 0 and heads % t == 0):
-                dp = chips // tp
-                mesh = types.SimpleNamespace(shape={"dp": dp, "tp": tp})
-                for batch in (2 * default_batch_size(dp, True), 1):
-                    _, _, seq_axes = attention._shard_specs(mesh, batch, heads)
-                    shards = math.prod(mesh.shape[a] for a in seq_axes)
-                    for tokens in VIDEO_TOKENS:
-                        q_len = -(-tokens // shards)
-                        shapes |= {(q_len, tokens), (q_len, TEXT_TOKENS)}
-    return shapes
-
 
 # Lengths no Wan run has, a prime and a few around block edges, so the estimate is not tuned to the named ones.
 OTHER_SHAPES = {(1000, 1000), (5003, 5003), (12345, 512), (49999, 49999), (100, 100)}

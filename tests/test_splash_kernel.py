@@ -9,6 +9,7 @@ blocks and compute chunks per block, windows, cross-attention and both dtypes, p
 Every bfloat16 input also runs upstream splash attention, the yardstick for bf16 error (_budget).
 """
 
+import dataclasses
 import functools
 import inspect
 import math
@@ -21,8 +22,10 @@ import numpy as np
 import pytest
 from conftest import BF16_OVER_SPLASH, KERNEL_BF16_RTOL, KERNEL_F32_RTOL, UNMASKED_MIN_ERR, rel_err
 
+from wan_shapes import GENERATIONS, default_blocks
+
 from tpu_wan.attention import upstream_splash
-from tpu_wan.kernel_tiling import vmem_bytes
+from tpu_wan.kernel_tiling import vmem_bytes, vmem_limit_for
 from tpu_wan.kernels.splash_exp2 import (VMEM_LIMIT_BYTES, BlockSizes, attended_pairs, attention_reference,
                                          splash_attention)
 
@@ -130,6 +133,7 @@ def _random_cases(seed, count):
 
 
 RANDOM_CASES = _random_cases(seed=2024, count=8)
+TPU_BLOCKS = default_blocks()
 
 
 class SplashKernelBodies:
@@ -206,6 +210,24 @@ class SplashKernelBodies:
         out = splash_attention(q, k, v, block_sizes=blocks, window_size=40, interpret=self.INTERPRET)
         p_err = rel_err(_reference64(q, k, v, window_size=40, round_p=True), ref)
         assert rel_err(out, ref) <= BF16_OVER_SPLASH * math.hypot(err, p_err), (rel_err(out, ref), err, p_err)
+
+    @pytest.mark.parametrize("blocks", sorted(TPU_BLOCKS, key=dataclasses.astuple), ids=str)
+    def test_the_blocks_tpu_chips_get_on_ragged_lengths(self, blocks):
+        # The default blocks a v5e/v6e/v5p chip gets at the Wan runs' shapes (wan_shapes), on lengths that leave
+        # the last query block (and, for self-attention, the last key block) ragged: a key block of 4,096 is
+        # self-attention (L = S), one of 512 the cross-attention over 512 text tokens.
+        cross = blocks.bkv == 512
+        q_len = blocks.bq + 109
+        kv_len = 512 if cross else blocks.bkv + 300
+        q_len = q_len if cross else kv_len
+        q, k, v = _inputs(np.random.default_rng([SEED, *dataclasses.astuple(blocks)]), 1, q_len, kv_len, 128, bf16)
+        limit = max(vmem_limit_for(kind) for kind in GENERATIONS.values())  # 32 MiB on each
+        if not self.INTERPRET:
+            limit = vmem_limit_for(jax.devices()[0].device_kind)
+            if vmem_bytes(blocks, 128, bf16) > limit:
+                pytest.skip(f"{blocks} is for v5e, v6e and v5p chips, not {jax.devices()[0].device_kind}")
+        out = splash_attention(q, k, v, block_sizes=blocks, interpret=self.INTERPRET, vmem_limit_bytes=limit)
+        self._check(out, _reference64(q, k, v), bf16, q.shape)
 
     def test_k_smooth_float32_keys_with_mean(self):
         # Keys sharing a large mean make large logits whose float32 rounding (~2^-24 |s|) shows in the output;
