@@ -84,3 +84,30 @@ def test_each_stage_adds_its_metrics(staged):
         assert abs(sections - s["wall_s"]) <= TIME_ACCOUNTING_RTOL * s["wall_s"], (name, sections, s["wall_s"])
         assert s["weights_bytes"] > 0 and s["compilations"] > 0
     assert m["stages"]["transformer"]["steps"] == 4
+
+
+@pytest.mark.parametrize("platforms", [None, "tpu"])
+def test_the_first_log_line_names_the_backend(platforms, tmp_path, tiny_path):
+    """A run's log starts with the backend jax picked (no private hardware scan), and what libtpu prints while it
+    looks for a chip this host does not have stays off the terminal; a backend asked for that cannot start is
+    one line."""
+    import os
+    import re
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+    if platforms:
+        env["JAX_PLATFORMS"] = platforms
+    proc = subprocess.run([sys.executable, str(STAGE1), "--model_id", "tiny-random", "--prompt", "a cat",
+                           "--output_dir", str(tmp_path)], capture_output=True, text=True, env=env, timeout=300)
+    lines = proc.stderr.splitlines()
+    if platforms is None:  # this host has no accelerator
+        assert proc.returncode == 0, proc.stderr
+        assert re.match(r"INFO tpu_wan: backend cpu: \d+ x cpu \(no TPU or GPU found on this host", lines[0]), lines
+        assert lines[1].startswith("INFO tpu_wan: loading the text encoder"), lines
+        assert all(line.startswith("INFO tpu_wan:") for line in lines), lines  # nothing from libtpu
+    else:
+        assert proc.returncode == 2 and len(lines) == 1, lines
+        assert "JAX_PLATFORMS=tpu: expected that backend to start, found: Unable to initialize backend 'tpu'" in lines[0]
+        assert not list(tmp_path.iterdir())

@@ -12,6 +12,7 @@ import dataclasses
 import logging
 import os
 import sys
+import tempfile
 
 from tpu_wan.config import (
     ATTENTION_CHOICES, DEFAULT_MODEL_ID, DEFAULT_NEGATIVE_PROMPT, DEFAULT_PROMPT, DEFAULT_SEED, DEFAULT_SOLVER, DTYPES,
@@ -19,6 +20,8 @@ from tpu_wan.config import (
 )
 from tpu_wan.entry import Parser, Terminated, make_parser, run_main  # noqa: F401  (the scripts' entry points)
 from tpu_wan.errors import UsageError, UserError  # noqa: F401
+
+log = logging.getLogger("tpu_wan")
 
 DEFAULT_OUTPUT_DIR = "stage_outputs"
 STAGES = ("text_encoder", "transformer", "vae")  # tpu_wan.profiling.STAGES, without importing it
@@ -220,7 +223,6 @@ def setup_process(args: argparse.Namespace) -> None:
         flags = os.environ.get("XLA_FLAGS", "")
         os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={args.cpu_devices}".strip()
     _setup_compilation_cache(args)
-    _leave_out_absent_tpu()
     _setup_logging(getattr(args, "log_level", "INFO"))
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     # Read by the libraries when they are imported (later, and only if needed: a refused run never pays for them).
@@ -237,6 +239,7 @@ def setup_process(args: argparse.Namespace) -> None:
     flags = [getattr(args, f, None) for f in ("coordinator_address", "num_processes", "process_id")]
     if distributed.check_flags(getattr(args, "distributed", False), *flags):
         distributed.initialize(*flags)
+    _start_backend()
 
 
 def _setup_logging(level_name: str) -> None:
@@ -248,21 +251,70 @@ def _setup_logging(level_name: str) -> None:
     logging.getLogger("tpu_wan").setLevel(level)
 
 
-def _leave_out_absent_tpu() -> None:
-    """With libtpu installed (the test extra brings it, to compile for TPUs) but no TPU chip on this host, jax
-    would still load libtpu when it picks a backend, and libtpu logs errors about TPU hosts it cannot find; on a
-    host with neither a TPU nor a GPU, jax is told to use the CPU. Where JAX_PLATFORMS is set, or an accelerator
-    is present, nothing changes."""
+def _start_backend() -> None:
+    """Starts jax's backend (after jax.distributed, which must come first) and names the one that runs in the
+    first line of the run's log: TPU, GPU or the CPU, and why the CPU where libtpu is installed. What the plugins print while they look for their chips
+    (libtpu complains on every host without a TPU) is kept off the terminal and logged at DEBUG; a platform asked
+    for by JAX_PLATFORMS that cannot start is one line (UsageError), not a traceback."""
     import importlib.util
 
-    if os.environ.get("JAX_PLATFORMS") or importlib.util.find_spec("libtpu") is None:
-        return
     import jax
-    from jax._src import hardware_utils
 
-    gpus = hardware_utils.has_visible_nvidia_gpu() or hardware_utils.num_available_amd_gpus(stop_at=1)
-    if hardware_utils.num_available_tpu_chips_and_device_id()[0] == 0 and not gpus:
-        jax.config.update("jax_platforms", "cpu")  # the only backend such a host has
+    asked = os.environ.get("JAX_PLATFORMS") or ""
+    with _CapturedStderr() as noise:
+        try:
+            devices = jax.devices()
+        except RuntimeError as err:
+            raise UsageError(f"JAX_PLATFORMS={asked}: expected that backend to start, found: "
+                             f"{' '.join(str(err).split())[:300]}") from None
+    if noise.text:
+        log.debug("while jax looked for its backends: %s", " | ".join(noise.text.splitlines()))
+    backend = jax.default_backend()
+    why = ""
+    if backend == "cpu":
+        if asked:
+            why = f" (JAX_PLATFORMS={asked})"
+        elif importlib.util.find_spec("libtpu") is not None:
+            why = " (no TPU or GPU found on this host; libtpu is installed but found no chip)"
+        else:
+            why = " (no TPU or GPU found on this host)"
+    # The first line of the run's log, put in front of its first record: a run refused before it logs anything
+    # still ends in the one line of its error.
+    log.addFilter(_LeadingLine(f"backend {backend}: {len(devices)} x {devices[0].device_kind}{why}"))
+
+
+class _LeadingLine(logging.Filter):
+    """Logs `line` just before the first record the tpu_wan logger passes on, once."""
+
+    def __init__(self, line: str):
+        super().__init__()
+        self.line = line
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        log.removeFilter(self)
+        log.info(self.line)  # handled now, before the record this filter was asked about
+        return True
+
+
+class _CapturedStderr:
+    """Inside `with`, whatever is written to file descriptor 2 (C++ libraries' logs included) goes to a temporary
+    file instead of the terminal; `.text` holds it afterwards."""
+
+    text = ""
+
+    def __enter__(self):
+        sys.stderr.flush()
+        self._saved, self._sink = os.dup(2), tempfile.TemporaryFile()
+        os.dup2(self._sink.fileno(), 2)
+        return self
+
+    def __exit__(self, *exc):
+        sys.stderr.flush()
+        os.dup2(self._saved, 2)
+        os.close(self._saved)
+        self._sink.seek(0)
+        self.text = self._sink.read().decode(errors="replace").strip()
+        self._sink.close()
 
 
 # Programs that compile faster than this are not worth a disk round trip (jax's default is 1 s, which would leave

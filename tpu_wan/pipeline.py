@@ -68,10 +68,16 @@ def resolve_sharding(model_id: str, text_tokens: int, s: Stage2Settings, mesh) -
 # onto the mesh, and its work (encode, denoise, the VAE's decode).
 
 
+def _log_loading(what: str, model_path, mesh, dtype) -> None:
+    log.info("loading the %s of %s (%s) on a dp=%d x tp=%d mesh", what, Path(model_path).name, dtype,
+             mesh.shape["dp"], mesh.shape["tp"])
+
+
 def load_encoder(model_path, mesh, dtype):
     """UMT5 (stage 1) on `mesh`."""
     from tpu_wan.text_encoder import TextEncoder
 
+    _log_loading("text encoder", model_path, mesh, dtype)
     return TextEncoder(model_path, mesh, dtype)
 
 
@@ -79,6 +85,7 @@ def load_denoiser(model_path, mesh, dtype, attention, **finetune):
     """The Wan DiT (stage 2) on `mesh`; `finetune`: finetune_settings' keywords."""
     from tpu_wan.transformer import Denoiser
 
+    _log_loading("transformer", model_path, mesh, dtype)
     return Denoiser(model_path, mesh, dtype, attention, **finetune)
 
 
@@ -92,6 +99,7 @@ def load_decoder(model_path, mesh, dtype: str = "float32"):
     """The Wan VAE decoder (stage 3) on `mesh`."""
     from tpu_wan.vae import VaeDecoder
 
+    _log_loading("VAE decoder", model_path, mesh, dtype)
     return VaeDecoder(model_path, mesh, dtype)
 
 
