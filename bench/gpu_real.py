@@ -10,7 +10,9 @@ cond and an uncond forward, the combine, UniPCMultistepScheduler.step), eager an
 runs in its own process (JAX and torch each keep their own GPU memory); after a warmup step each, the timed
 steps are interleaved across the processes, one process at a time, alternating who goes first. Agreement: each
 side's guided velocity for the same first-step inputs (ours: the step program with a schedule row whose update
-is `next = v`), compared as max |dv| / max |v|. Then the VAE decode of one video (float32, as WanPipeline runs
+is `next = v`), each side's bf16 error ||v - v_f32|| / ||v_f32|| against diffusers' float32 forward on the same
+weights, and ours over diffusers' (as tests/test_bf16_parity.py measures the pipeline). Every wait on a process
+ends by --budget_s; the GPU run checks that JAX really runs on the GPU. Then the VAE decode of one video (float32, as WanPipeline runs
 it; latents in, frames on the host), ours and diffusers', timed after a warmup decode each.
 
 Prints s/step (median) per side, ours/diffusers, our lower+compile time, whether cuDNN attention is in our
@@ -167,7 +169,7 @@ class TorchSide:
 
         df_logging.set_verbosity_error()
         torch.set_grad_enabled(False)
-        self.torch, self.vae_path = torch, vae
+        self.torch, self.vae_path, self.dit_path = torch, vae, dit
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         start = time.perf_counter()
         model = WanTransformer3DModel.from_pretrained(dit / "transformer", torch_dtype=torch.bfloat16)
@@ -197,6 +199,23 @@ class TorchSide:
         """The guided velocity at the first step's inputs."""
         v = self._guided(self.latents0, self.scheduler.timesteps[0])
         return v.float().cpu().numpy()
+
+    def reference_velocity(self) -> np.ndarray:
+        """The same guided velocity in float32 (the transformer loaded again in float32, then freed): what both
+        sides' bf16 is measured against."""
+        from diffusers import WanTransformer3DModel
+
+        torch = self.torch
+        model = WanTransformer3DModel.from_pretrained(self.dit_path / "transformer", torch_dtype=torch.float32)
+        model = model.to(self.device).eval()
+        t = self.scheduler.timesteps[0].expand(1)
+        x, (cond, uncond) = self.latents0.float(), (e.float() for e in (self.cond, self.uncond))
+        run = lambda e: model(hidden_states=x, timestep=t, encoder_hidden_states=e, return_dict=False)[0]  # noqa: E731
+        v = run(uncond) + GUIDANCE * (run(cond) - run(uncond))
+        del model
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        return v.cpu().numpy()
 
     def step(self) -> None:
         t = self.scheduler.timesteps[self.i]
@@ -243,7 +262,7 @@ def run_child(args) -> None:
             side.step()
             reply(seconds=time.perf_counter() - start)
         elif what == "velocity":
-            np.save(command["path"], side.velocity())
+            np.save(command["path"], side.reference_velocity() if command.get("float32") else side.velocity())
             reply(saved=command["path"])
         elif what == "peak":
             reply(peak_bytes=side.peak_bytes())
@@ -282,20 +301,22 @@ class Child:
                 sys.stderr.write(f"[{self.side}] {line}")
         self.replies.put(None)  # the process ended
 
-    def read(self, deadline: float | None = None) -> dict | None:
-        """The child's next reply; None when the deadline passes first."""
+    def read(self, deadline: float, *, required: bool = True) -> dict | None:
+        """The child's next reply; past the deadline: a RuntimeError, or None where not `required`."""
         try:
-            reply = self.replies.get(timeout=None if deadline is None else max(0.0, deadline - time.time()))
+            reply = self.replies.get(timeout=max(0.0, deadline - time.time()))
         except queue.Empty:
-            return None
+            if not required:
+                return None
+            raise RuntimeError(f"{self.side}: no answer within the --budget_s deadline") from None
         if reply is None:
             raise RuntimeError(f"{self.side}: the process ended (exit {self.proc.wait()}); its error is above")
         return reply
 
-    def ask(self, **command) -> dict:
+    def ask(self, deadline: float, **command) -> dict:
         self.proc.stdin.write(json.dumps(command) + "\n")
         self.proc.stdin.flush()
-        return self.read()
+        return self.read(deadline)
 
     def close(self) -> None:
         if self.proc.poll() is None:
@@ -307,15 +328,18 @@ class Child:
                 self.proc.kill()
 
 
-def agreement(children: dict[str, Child], folder: Path) -> dict[str, float]:
-    """max |v_side - v_ours| / max |v_ours| for each torch side, on the same first-step inputs."""
+def bf16_errors(children: dict[str, Child], folder: Path, deadline: float) -> dict[str, float]:
+    """||v_side - v_f32|| / ||v_f32|| for every side: its bf16 guided velocity at the same first-step inputs
+    against diffusers' in float32 (the eager process computes it)."""
     v = {}
     for side, child in children.items():
         path = folder / f"v_{side}.npy"
-        child.ask(do="velocity", path=str(path))
-        v[side] = np.load(path)
-    scale = float(np.abs(v["ours"]).max())
-    return {side: float(np.abs(v[side] - v["ours"]).max()) / scale for side in v if side != "ours"}
+        child.ask(deadline, do="velocity", path=str(path))
+        v[side] = np.load(path).astype(np.float64)
+    path = folder / "v_float32.npy"
+    children["eager"].ask(deadline, do="velocity", path=str(path), float32=True)
+    ref = np.load(path).astype(np.float64)
+    return {side: float(np.linalg.norm(v[side] - ref) / np.linalg.norm(ref)) for side in v}
 
 
 def gib(n: int | None) -> str:
@@ -366,12 +390,17 @@ def main() -> None:
 
     sides = SIDES if not args.no_torch_compile else SIDES[:2]
     children = {side: Child(side, dit, vae, args.smoke, args.compile_backend) for side in sides}
+    end = start + args.budget_s  # no wait outlasts the budget
     try:
         for side in ("ours", "eager"):  # every side loads and warms up at once; the eager ones are waited for
-            children[side].info = children[side].read()
+            children[side].info = children[side].read(end)
+        device = (children["ours"].info["platform"], children["eager"].info["platform"])
+        if not args.smoke and device != ("gpu", "cuda"):
+            raise RuntimeError(f"expected ours on jax's GPU backend and diffusers on CUDA, found {device[0]} and "
+                               f"{device[1]} (is jax's CUDA plugin installed? bench/gpu_setup.sh)")
         results = {side: [] for side in children}
         if "compiled" in children:
-            info = children["compiled"].read(deadline)
+            info = children["compiled"].read(deadline, required=False)
             if info is None:
                 print(f"torch.compile: warmup not done {time.time() - start:.0f} s in ({args.budget_s:.0f} s budget, "
                       f"{RESERVE_S:.0f} s kept for the rest); dropped", flush=True)
@@ -382,12 +411,15 @@ def main() -> None:
         for i in range(args.steps):  # interleaved: one process at a time, the order rotating each round
             order = list(children)[i % len(children):] + list(children)[:i % len(children)]
             for side in order:
-                results[side].append(children[side].ask(do="step")["seconds"])
-        peaks = {side: child.ask(do="peak")["peak_bytes"] for side, child in children.items()}
+                results[side].append(children[side].ask(end, do="step")["seconds"])
+        peaks = {side: child.ask(end, do="peak")["peak_bytes"] for side, child in children.items()}
         with tempfile.TemporaryDirectory() as tmp:
-            rel = agreement(children, Path(tmp))
+            errors = bf16_errors(children, Path(tmp), end)
         vae_shape = (1, 16) + tuple(latents_shape[2:])
-        decodes = {side: children[side].ask(do="decode", shape=vae_shape) for side in ("ours", "eager")}
+        decodes = {side: children[side].ask(end, do="decode", shape=vae_shape) for side in ("ours", "eager")}
+    except RuntimeError as err:
+        print(f"gpu_real.py: error: {err}", file=sys.stderr)
+        sys.exit(1)
     finally:
         for child in children.values():
             child.close()
@@ -397,13 +429,14 @@ def main() -> None:
           f"{list(latents_shape)}, CFG {GUIDANCE}, bf16, {args.steps} timed step(s) per side after a warmup")
     print(f"ours: load {ours['load_s']:.1f} s, lower+compile {ours['compile_s']:.1f} s, cuDNN attention calls in the "
           f"step {ours['cudnn_calls']}")
-    print(f"\n{'side':10s} {'s/step':>8s} {'ours/it':>8s} {'warmup s':>9s} {'peak GiB':>9s} {'max|dv|/max|v|':>15s}")
+    print(f"\n{'side':10s} {'s/step':>8s} {'ours/it':>8s} {'warmup s':>9s} {'peak GiB':>9s} {'bf16 err':>9s}")
     median = {side: statistics.median(times) for side, times in results.items()}
     for side in results:
         ratio = "" if side == "ours" else f"{median['ours'] / median[side]:8.3f}"
-        agree = "" if side == "ours" else f"{rel[side]:15.1e}"
         print(f"{side:10s} {median[side]:8.3f} {ratio:>8s} {children[side].info['warmup_s']:9.1f} "
-              f"{gib(peaks[side]):>9s} {agree:>15s}")
+              f"{gib(peaks[side]):>9s} {errors[side]:9.2e}")
+    print(f"bf16 err: ||v - v_f32|| / ||v_f32|| of the first step's guided velocity against diffusers in float32; "
+          f"ours / diffusers eager {errors['ours'] / errors['eager']:.3f}")
     print(f"\nVAE decode of {vae_shape} (float32): ours {decodes['ours']['seconds']:.2f} s (first call "
           f"{decodes['ours']['first_s']:.1f} s, peak {gib(decodes['ours']['peak_bytes'])} GiB), diffusers "
           f"{decodes['eager']['seconds']:.2f} s (first {decodes['eager']['first_s']:.1f} s, peak "
