@@ -99,6 +99,46 @@ def test_hlo_summary_counts_loop_trips_and_bytes_per_device():
     assert summary["custom_calls"] == {"tpu_custom_call": 5}
 
 
+# XLA:TPU's async collective fusion, as v5e compiles a weight gather: the all-gather appears in the fusion that
+# starts it and in each fusion continuing it, with one channel and chain id (it runs once); shard_map's own
+# collectives share channel_id=1 and no chain id, and each runs.
+CHAINED_HLO = """
+HloModule m, num_partitions=8
+
+%start_fusion (p: bf16[2,128]) -> bf16[8,128] {
+  %p = bf16[2,128]{1,0} parameter(0)
+  ROOT %ag.0 = bf16[8,128]{1,0} all-gather(%p), channel_id=7, replica_groups=[2,4]<=[8], dimensions={0}, frontend_attributes={chain_id="3"}
+}
+
+%continue_1 (p: bf16[2,128]) -> bf16[8,128] {
+  %p = bf16[2,128]{1,0} parameter(0)
+  ROOT %ag.1 = bf16[8,128]{1,0} all-gather(%p), channel_id=7, replica_groups=[2,4]<=[8], dimensions={0}, frontend_attributes={chain_id="3"}
+}
+
+%continue_2 (p: bf16[2,128]) -> bf16[8,128] {
+  %p = bf16[2,128]{1,0} parameter(0)
+  ROOT %ag.2 = bf16[8,128]{1,0} all-gather(%p), channel_id=7, replica_groups=[2,4]<=[8], dimensions={0}, frontend_attributes={chain_id="3"}
+}
+
+ENTRY %main (x: bf16[2,128], y: f32[4,4]) -> bf16[8,128] {
+  %x = bf16[2,128]{1,0} parameter(0)
+  %y = f32[4,4]{1,0} parameter(1)
+  %a = bf16[8,128]{1,0} fusion(%x), kind=kCustom, calls=%start_fusion
+  %b = bf16[8,128]{1,0} fusion(%x), kind=kCustom, calls=%continue_1
+  %c = bf16[8,128]{1,0} fusion(%x), kind=kCustom, calls=%continue_2
+  %t1 = f32[4,4]{1,0} all-to-all(%y), channel_id=1, replica_groups={{0,1,2,3},{4,5,6,7}}, dimensions={0}
+  %t2 = f32[4,4]{1,0} all-to-all(%y), channel_id=1, replica_groups={{0,1,2,3},{4,5,6,7}}, dimensions={0}
+  ROOT %r = bf16[8,128]{1,0} add(%a, %b)
+}
+"""
+
+
+def test_hlo_summary_counts_a_chained_async_collective_once():
+    c = hlo.summarize(CHAINED_HLO)["collectives"]
+    assert c["all-gather"] == {"count": 1, "bytes": 8 * 128 * 2, "traffic_bytes": 8 * 128 * 2 * 3 // 4}
+    assert c["all-to-all"] == {"count": 2, "bytes": 2 * 4 * 4 * 4, "traffic_bytes": 2 * 4 * 4 * 4 * 3 // 4}
+
+
 def test_array_bytes_reads_tuples_and_ignores_layouts():
     assert hlo.array_bytes("(bf16[2,3]{1,0:T(2,128)(2,1)}, f32[4]{0}, u32[])") == 2 * 3 * 2 + 4 * 4 + 4
     assert hlo.array_bytes("(bf16[2,3]{1,0}, u32[])", skip_scalars=True) == 12

@@ -36,6 +36,7 @@ _MESH_GROUPS = re.compile(r"replica_groups=mesh\[([^\]]*)\][^{]*\{([^}]*)\}")
 _LIST_GROUPS = re.compile(r"replica_groups=\{\{([\d,]*)\}")
 _IOTA_GROUPS = re.compile(r"replica_groups=\[\d+,(\d+)\]<=")
 _PARTITIONS = re.compile(r"\bnum_partitions=(\d+)")
+_CHAIN = re.compile(r'channel_id=(\d+).*?chain_id="(\d+)"')
 
 
 def program_numbers(compiled) -> dict:
@@ -154,12 +155,19 @@ def summarize(hlo_text: str) -> dict:
                     times[callee] += times[comp] * trips
     collectives = {kind: {"count": 0, "bytes": 0, "traffic_bytes": 0} for kind in COLLECTIVES}
     custom_calls: dict[str, int] = defaultdict(int)
+    chained = set()
     for comp, instructions in computations:
         n = times[comp]
         if not n:
             continue
         for _, type_text, op, rest in instructions:
             kind = op.removesuffix("-start")
+            if kind in COLLECTIVES and (chain := _CHAIN.search(rest)):
+                # XLA:TPU's async collective fusion (v5e) writes one collective into each fusion of its chain (the
+                # start and its continuations), all with the same channel and chain ids: it runs once.
+                if (kind, *chain.groups()) in chained:
+                    continue
+                chained.add((kind, *chain.groups()))
             if kind in COLLECTIVES:
                 read = sum(array_bytes(types.get(o, "")) for o in _operands(rest))
                 written = array_bytes(type_text, skip_scalars=True)
