@@ -8,11 +8,12 @@ prompt, bfloat16, the slice's default mesh dp 2 x tp 4), so its compile seconds 
 
 Columns per step (both CFG rows), per chip: GB sent (traffic: ring algorithms' bytes, tpu_wan.hlo), GB counted
 as the collectives' result sizes (the older count), the closed-form estimate `--sharding auto` decides by
-(tpu_wan.arithmetic.dit_step_traffic_bytes), peak GiB against HBM, compile seconds on this CPU. --out keeps each
+(tpu_wan.arithmetic.dit_step_traffic_bytes) and its ratio to the compiler's count, peak GiB against the
+compiler's HBM limit, compile seconds on this CPU. --out keeps each
 metrics.json, --from_dir renders the table of those kept without compiling, --write puts it into bench/README.md
 between its sharding_compile markers. --smoke: the tiny model on v5e-8 (seconds). The last line is
-`cases N auto_agrees A` (cases with both modes compiled, of which the estimate picks the mode the compiler
-finds moves less). Compiler estimates, not measurements.
+`cases N auto_agrees A worst_estimate_error E` (cases with both modes compiled, of which the estimate picks the
+mode the compiler finds moves less; the largest |estimated / sent - 1| of any row). Compiler estimates, not measurements.
 """
 
 from __future__ import annotations
@@ -26,13 +27,14 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+from doc_tables import measured_line, stamp, write_block  # noqa: E402
 GiB = 1 << 30
 MODELS = {"1.3b": "Wan-AI/Wan2.1-T2V-1.3B-Diffusers", "14b": "Wan-AI/Wan2.1-T2V-14B-Diffusers"}
 SIZES = {"480p": (480, 832), "720p": (720, 1280)}
 CASES = ("1.3b-480p", "14b-480p", "14b-720p")
 TOPOLOGIES = ("v5e-8", "v6e-8", "v5p-8")
 MODES = ("megatron", "sequence")
-MARKERS = ("<!-- sharding_compile:start -->", "<!-- sharding_compile:end -->")
 
 
 def compile_step(name: str, model_id: str, height: int, width: int, frames: int, topology: str, mode: str,
@@ -45,7 +47,8 @@ def compile_step(name: str, model_id: str, height: int, width: int, frames: int,
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if proc.returncode not in (0, 3):  # 3: does not fit, still a result
         raise SystemExit(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stderr[-3000:]}")
-    document = {**json.loads((out / "metrics.json").read_text()), "wall_s": time.perf_counter() - start}
+    document = {**json.loads((out / "metrics.json").read_text()), "wall_s": time.perf_counter() - start,
+                "measured_at": stamp()}
     (folder / f"{name}.json").write_text(json.dumps(document, indent=1))
     return document
 
@@ -78,18 +81,19 @@ def row(case: str, document: dict) -> dict:
         "mesh": f"dp {document['mesh']['dp']} x tp {document['mesh']['tp']}",
         "traffic": sum(c["traffic_bytes"] for c in step["collectives"].values()),
         "bytes": sum(c["bytes"] for c in step["collectives"].values()), "estimate": estimate(document),
-        "peak": step["peak_bytes"], "hbm": t["hbm_bytes_per_device"], "compile_s": step["compile_s"],
+        "peak": step["peak_bytes"], "usable": document["usable_bytes_per_device"], "compile_s": step["compile_s"],
     }
 
 
 def table(rows: list[dict]) -> str:
     head = ["case (81 frames)", "slice", "mesh", "sharding", "GB sent per chip per step", "GB (result sizes)",
-            "GB estimated", "peak / HBM GiB per chip", "compile s"]
+            "GB estimated", "estimated / sent", "peak / usable GiB per chip", "compile s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         lines.append("| " + " | ".join([
             r["case"], r["slice"], r["mesh"], r["mode"], f"{r['traffic'] / 1e9:.1f}", f"{r['bytes'] / 1e9:.1f}",
-            f"{r['estimate'] / 1e9:.1f}", f"{r['peak'] / GiB:.2f} / {r['hbm'] / GiB:.0f}", f"{r['compile_s']:.0f}",
+            f"{r['estimate'] / 1e9:.1f}", f"{r['estimate'] / r['traffic']:.3f}",
+            f"{r['peak'] / GiB:.2f} / {r['usable'] / GiB:.2f}", f"{r['compile_s']:.0f}",
         ]) + " |")
     return "\n".join(lines)
 
@@ -118,7 +122,7 @@ def main() -> None:
     plan = ([("tiny", "tiny-random", 64, 96, 9, "v5e-8", mode) for mode in args.modes] if args.smoke else
             [(case, MODELS[case.split("-")[0]], *SIZES[case.split("-")[1]], 81, topology, mode)
              for case in args.cases for topology in args.topologies for mode in args.modes])
-    rows = []
+    rows, documents = [], []
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(args.out or tmp)
         out.mkdir(parents=True, exist_ok=True)
@@ -130,16 +134,15 @@ def main() -> None:
             document = (json.loads(kept.read_text()) if args.from_dir else
                         compile_step(name, model_id, height, width, frames, topology, mode, out))
             rows.append(row(case, document))
+            documents.append(document)
             print(table(rows[-1:]).splitlines()[-1], flush=True)
     text = table(rows)
     print(text)
     if args.write and not args.smoke:
-        sys.path.insert(0, str(ROOT / "bench"))
-        from tpu_compile import write_readme  # noqa: E402
-
-        write_readme(text, MARKERS)
+        write_block("sharding_compile", text, measured_line(documents))
     both, agree = agreement(rows)
-    print(f"cases {both} auto_agrees {agree}")
+    worst = max(abs(r["estimate"] / r["traffic"] - 1) for r in rows)
+    print(f"cases {both} auto_agrees {agree} worst_estimate_error {worst:.3f}")
 
 
 if __name__ == "__main__":

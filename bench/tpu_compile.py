@@ -28,6 +28,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+from doc_tables import measured_line, stamp, write_block  # noqa: E402
 GiB = 1 << 30
 MODELS = {"1.3b": "Wan-AI/Wan2.1-T2V-1.3B-Diffusers", "14b": "Wan-AI/Wan2.1-T2V-14B-Diffusers"}
 SIZES = {"480p": (480, 832), "720p": (720, 1280)}
@@ -37,7 +39,6 @@ CASES = {
     "14b-480p": ("v5e-8", "v6e-8", "v5p-8"),
     "14b-720p": ("v5e-8", "v6e-8", "v5p-8"),
 }
-MARKERS = ("<!-- tpu_compile:start -->", "<!-- tpu_compile:end -->")
 
 
 def compile_case(case: str, model_id: str, height: int, width: int, frames: int, topology: str,
@@ -50,7 +51,8 @@ def compile_case(case: str, model_id: str, height: int, width: int, frames: int,
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if proc.returncode not in (0, 3):  # 3: nothing fits, still a result
         raise SystemExit(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stderr[-3000:]}")
-    document = {**json.loads(metrics.read_text()), "case": case, "wall_s": time.perf_counter() - start}
+    document = {**json.loads(metrics.read_text()), "case": case, "wall_s": time.perf_counter() - start,
+                "measured_at": stamp()}
     metrics.write_text(json.dumps(document, indent=1))
     return document
 
@@ -85,14 +87,6 @@ def table(rows: list[list[str]]) -> str:
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
 
 
-def write_readme(text: str, markers: tuple[str, str] = MARKERS) -> None:
-    """Puts `text` into bench/README.md between a bench's start and end markers."""
-    readme = ROOT / "bench" / "README.md"
-    content = readme.read_text()
-    start, end = content.index(markers[0]) + len(markers[0]), content.index(markers[1])
-    readme.write_text(content[:start] + "\n" + text + "\n" + content[end:])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="the tiny model on v5e-4")
@@ -103,7 +97,7 @@ def main() -> None:
     parser.add_argument("--from_dir", default=None, help="no compiling: the table of the cases kept in this folder")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
-    rows, fits, count = [], 0, 0
+    rows, fits, count, documents = [], 0, 0, []
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(args.out or tmp)
         out.mkdir(parents=True, exist_ok=True)
@@ -118,6 +112,7 @@ def main() -> None:
             document = (json.loads(kept.read_text()) if args.from_dir else
                         compile_case(case, model_id, height, width, frames, topology, out))
             case_rows = rows_of(case, document)
+            documents.append(document)
             rows += case_rows
             count += 1
             fits += any("default" in r[2] and r[5] == "yes" for r in case_rows)
@@ -125,7 +120,7 @@ def main() -> None:
     text = table(rows)
     print(text)
     if args.write and not args.smoke:
-        write_readme(text)
+        write_block("tpu_compile", text, measured_line(documents))
     print(f"cases {count} fits {fits}")
 
 
