@@ -209,10 +209,11 @@ class TorchSide:
         model = WanTransformer3DModel.from_pretrained(self.dit_path / "transformer", torch_dtype=torch.float32)
         model = model.to(self.device).eval()
         t = self.scheduler.timesteps[0].expand(1)
-        x, (cond, uncond) = self.latents0.float(), (e.float() for e in (self.cond, self.uncond))
-        run = lambda e: model(hidden_states=x, timestep=t, encoder_hidden_states=e, return_dict=False)[0]  # noqa: E731
-        v = run(uncond) + GUIDANCE * (run(cond) - run(uncond))
-        del model
+        x = self.latents0.float()
+        cond, uncond = (model(hidden_states=x, timestep=t, encoder_hidden_states=e.float(), return_dict=False)[0]
+                        for e in (self.cond, self.uncond))
+        v = uncond + GUIDANCE * (cond - uncond)
+        del model, cond, uncond
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         return v.cpu().numpy()

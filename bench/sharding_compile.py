@@ -55,8 +55,6 @@ def compile_step(name: str, model_id: str, height: int, width: int, frames: int,
 
 def estimate(document: dict) -> float:
     """The closed form `--sharding auto` uses, at this document's model, size and mesh."""
-    import math
-
     import jax.numpy as jnp
 
     from tpu_wan import arithmetic, checkpoints, config as config_lib, parallelism
@@ -66,7 +64,7 @@ def estimate(document: dict) -> float:
     c = document["config"]
     dit = checkpoints.read_config(checkpoints.resolve_configs(c["model_id"]), "transformer")
     shape = config_lib.latent_shape(c["batch_size"], c["height"], c["width"], c["frames"], dit["in_channels"])
-    tokens = math.prod(n // p for n, p in zip(shape[2:], dit["patch_size"]))
+    tokens = config_lib.video_tokens(shape, dit["patch_size"])
     mesh = make_mesh(document["mesh"]["dp"], document["mesh"]["tp"], parse_target(document["target"]["topology"]).devices())
     rows = c["batch_size"] * (2 if c["guidance_scale"] > 1 else 1)
     return arithmetic.dit_step_traffic_bytes(dit, parallelism.Layout(c["sharding"], mesh), rows, tokens,

@@ -172,7 +172,7 @@ def test_every_attention_of_a_step_reaches_our_dispatch(monkeypatch, model, heig
     step, args = denoiser.step_program(shape, (2, 512, dit.text_dim), cfg=True)
     jax.eval_shape(step, *args)
 
-    tokens = int(np.prod([n // p for n, p in zip(shape[2:], dit.patch_size)]))
+    tokens = config_lib.video_tokens(shape, dit.patch_size)
     heads, head_dim = dit.num_attention_heads, dit.attention_head_dim
     self_attn, cross_attn = (2, heads, tokens, head_dim), (2, heads, 512, head_dim)
     print(f"{model}: {len(calls)} attention calls for {dit.num_layers} blocks, L={tokens}")

@@ -5,7 +5,6 @@ import ast
 import re
 from pathlib import Path
 
-import pytest
 from scripts import ROOT
 
 PACKAGE = ROOT / "tpu_wan"

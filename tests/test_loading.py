@@ -11,7 +11,7 @@ import torch
 from conftest import FRAMES, HEIGHT, LATENT_RTOL, NEGATIVE, PROMPTS, SEED, STEPS, WIDTH, diffusers_run, rel_err
 from safetensors.torch import save_file
 
-from tpu_wan import checkpoints, finetune, loading, mesh as mesh_lib, pipeline, schedulers, sweep
+from tpu_wan import checkpoints, finetune, loading, mesh as mesh_lib, schedulers, sweep
 from tpu_wan.config import latent_shape
 from tpu_wan.finetune import FinetuneError
 from tpu_wan.mesh import make_mesh

@@ -1,7 +1,6 @@
 """Sequence-parallel sharding (tpu_wan.parallelism): the tiny pipeline against diffusers on every mesh shape, the
 token regrouping against plain attention, and how `--sharding auto` decides."""
 
-import math
 
 import jax
 import jax.numpy as jnp
@@ -10,7 +9,7 @@ import pytest
 from conftest import FRAMES, HEIGHT, LATENT_RTOL, NEGATIVE, PROMPTS, SEED, STEPS, WIDTH, diffusers_run, rel_err
 
 from tpu_wan import arithmetic, attention, checkpoints, hlo, parallelism, pipeline
-from tpu_wan.config import AttentionOptions, GenerationConfig, latent_shape
+from tpu_wan.config import AttentionOptions, GenerationConfig, latent_shape, video_tokens
 from tpu_wan.mesh import make_mesh
 
 MESHES = [(1, 1), (2, 4), (1, 8), (8, 1)]
@@ -35,7 +34,7 @@ def embeddings(tiny_path):
 def _tokens(tiny_path) -> int:
     dit = checkpoints.read_config(tiny_path, "transformer")
     shape = latent_shape(1, HEIGHT, WIDTH, FRAMES, dit["in_channels"])
-    return math.prod(n // p for n, p in zip(shape[2:], dit["patch_size"]))
+    return video_tokens(shape, dit["patch_size"])
 
 
 @pytest.mark.parametrize("mesh_shape", MESHES, ids=lambda m: f"mesh{m[0]}x{m[1]}")

@@ -21,7 +21,6 @@ import jax
 
 from tpu_wan import arithmetic, artifacts, checkpoints, config as config_lib, hlo, preflight
 from tpu_wan.config import GenerationConfig, Stage2Settings
-from tpu_wan.errors import DoesNotFit
 from tpu_wan.mesh import check_heads, make_mesh
 from tpu_wan.parallelism import MODES
 from tpu_wan.profiling import STAGES
@@ -117,7 +116,7 @@ def transformer_programs(model_path, mesh, cfg: GenerationConfig) -> Programs:
     rows = cfg.stage2.batch_size * (2 if guided else 1)
     jitted, args = denoiser.step_program(latents, (rows, cfg.max_sequence_length, dit["text_dim"]), guided,
                                          cfg.stage2.sharding_mode)
-    tokens = math.prod(n // p for n, p in zip(latents[2:], dit["patch_size"]))
+    tokens = config_lib.video_tokens(latents, dit["patch_size"])
     ideal = arithmetic.dit_forward_flops(dit, rows, tokens, cfg.max_sequence_length)
     return Programs(denoiser.weights, {f"step cfg={guided}": (jitted, args, ideal)})
 

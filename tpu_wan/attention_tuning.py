@@ -10,7 +10,6 @@ skipped and why. `sweep` times the custom kernel's block sizes (TPU; interpreted
 from __future__ import annotations
 
 import dataclasses
-import functools
 import statistics
 import time
 

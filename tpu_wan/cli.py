@@ -19,7 +19,7 @@ from tpu_wan.config import (
     SHARDING_CHOICES, SOLVERS, AttentionOptions, Stage2Settings,
 )
 from tpu_wan.entry import Parser, Terminated, make_parser, run_main  # noqa: F401  (the scripts' entry points)
-from tpu_wan.errors import UsageError, UserError  # noqa: F401
+from tpu_wan.errors import DoesNotFit, UsageError, UserError  # noqa: F401
 
 log = logging.getLogger("tpu_wan")
 
@@ -111,7 +111,7 @@ def finish_compile_only(metrics: dict, path) -> None:
     say(aot.table(metrics), f"metrics: {path}")
     why = aot.not_fitting(metrics)
     if why:
-        raise aot.DoesNotFit(why)
+        raise DoesNotFit(why)
 
 
 def add_stage1_args(p: argparse.ArgumentParser) -> None:

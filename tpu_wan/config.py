@@ -7,6 +7,7 @@ fps) and writes the whole config back, so the file always says how its folder's 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -141,6 +142,11 @@ def latent_shape(num_videos: int, height: int, width: int, frames: int, channels
         height // VAE_SPATIAL,
         width // VAE_SPATIAL,
     )
+
+
+def video_tokens(latents_shape: tuple[int, ...], patch_size) -> int:
+    """L, the DiT's video tokens for latents [B C F H W]: F/pF x H/pH x W/pW (patch_size from its config.json)."""
+    return math.prod(n // p for n, p in zip(latents_shape[2:], patch_size))
 
 
 def validate_dtype(dtype: str, name: str = "dtype") -> None:

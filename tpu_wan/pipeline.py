@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import time
 from pathlib import Path
 
@@ -59,7 +58,7 @@ def resolve_sharding(model_id: str, text_tokens: int, s: Stage2Settings, mesh) -
     dit = checkpoints.read_config(checkpoints.config_folder(model_id), "transformer", required=(
         "num_attention_heads", "attention_head_dim", "ffn_dim", "num_layers", "in_channels", "patch_size"))
     shape = s.latent_shape(s.batch_size, dit["in_channels"])
-    tokens = math.prod(n // p for n, p in zip(shape[2:], dit["patch_size"]))
+    tokens = config_lib.video_tokens(shape, dit["patch_size"])
     rows = s.batch_size * (2 if s.guidance_scale > 1.0 else 1)
     return parallelism.choose(dit, rows, tokens, text_tokens, mesh, jnp.dtype(s.dtype).itemsize)
 

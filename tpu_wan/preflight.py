@@ -6,7 +6,6 @@ Each refusal names the file, what was expected and what was found, and which sta
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
@@ -62,7 +61,7 @@ def check_transformer_run(model_path: Path, cfg: GenerationConfig, mesh, prompt_
     if prompt_embeds is not None:
         check_text_dim(prompt_embeds, cfg, dit["text_dim"])
     shape = cfg.stage2.latent_shape(cfg.stage2.batch_size, dit["in_channels"])
-    tokens = math.prod(n // p for n, p in zip(shape[2:], dit["patch_size"]))  # [B C F H W] -> L video tokens
+    tokens = config_lib.video_tokens(shape, dit["patch_size"])
     layout = parallelism.Layout(cfg.stage2.sharding_mode, mesh)
     attention.check_calls(
         attention.make_attention(cfg.stage2.attention, mesh, layout=layout),

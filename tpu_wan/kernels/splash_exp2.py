@@ -16,7 +16,6 @@ saves nothing, the fold is what removes the per-logit multiply (docs/KERNEL.md c
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 import numbers
