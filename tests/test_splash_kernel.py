@@ -25,6 +25,7 @@ from conftest import BF16_OVER_SPLASH, KERNEL_BF16_RTOL, KERNEL_F32_RTOL, UNMASK
 from wan_shapes import GENERATIONS, default_blocks
 
 from tpu_wan.attention import upstream_splash
+from tpu_wan.attention_tuning import reference_f64
 from tpu_wan.kernel_tiling import vmem_bytes, vmem_limit_for
 from tpu_wan.kernels.splash_exp2 import (VMEM_LIMIT_BYTES, BlockSizes, attended_pairs, attention_reference,
                                          splash_attention)
@@ -41,16 +42,8 @@ def _inputs(rng, n, q_len, kv_len, d, dtype, k_offset=0.0):
 
 
 def _reference64(q, k, v, *, scale=None, window_size=None, round_p=False):
-    """Softmax attention in float64 numpy on the (already rounded) inputs. round_p: P = exp(s - rowmax) rounded
-    to bf16 before P.V, normalised by the sum of the unrounded P (what a bf16 P.V does)."""
-    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    s = np.einsum("nld,nsd->nls", q, k) * scale
-    if window_size is not None:
-        i, j = np.arange(q.shape[1])[:, None], np.arange(k.shape[1])[None, :]
-        s = np.where(np.abs(i - j) <= window_size, s, -np.inf)
-    p = np.exp(s - s.max(-1, keepdims=True))
-    return np.einsum("nls,nsd->nld", _bf16(p) if round_p else p, v) / p.sum(-1, keepdims=True)
+    """Softmax attention in float64 on the (already rounded) inputs; round_p: P rounded to bf16 before P.V."""
+    return reference_f64(q, k, v, scale=scale, window_size=window_size, round_p=_bf16 if round_p else None)
 
 
 def _bf16(x):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import statistics
 import time
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -60,16 +61,19 @@ def random_inputs(shape: Shape, seed: int = 0) -> tuple[jax.Array, jax.Array, ja
     return tuple(jnp.asarray(rng.standard_normal(d, dtype=np.float32), shape.dtype) for d in dims)
 
 
-def reference_f64(q, k, v, window_size: int | None = None) -> np.ndarray:
-    """Softmax attention in float64 on the host, the ground truth for `check`."""
+def reference_f64(q, k, v, *, scale: float | None = None, window_size: int | None = None,
+                  round_p: Callable[[np.ndarray], np.ndarray] | None = None) -> np.ndarray:
+    """Softmax attention in float64 on the host over q [... L D], k and v [... S D]: the ground truth for `check`
+    and the kernel tests. round_p: applied to P = exp(s - rowmax) before P.V, normalised by the sum of the
+    unrounded P (a kernel that rounds P for its P.V matmul, emulated)."""
     q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
-    logits = np.einsum("bnld,bnsd->bnls", q, k) / np.sqrt(q.shape[-1])
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    logits = np.einsum("...ld,...sd->...ls", q, k) * scale
     if window_size is not None:
-        i, j = np.arange(q.shape[2])[:, None], np.arange(k.shape[2])[None, :]
-        logits = np.where(np.abs(i - j) <= window_size, logits, -np.inf)
-    logits -= logits.max(-1, keepdims=True)
-    p = np.exp(logits)
-    return np.einsum("bnls,bnsd->bnld", p / p.sum(-1, keepdims=True), v)
+        i, j = np.arange(q.shape[-2])[:, None], np.arange(k.shape[-2])[None, :]
+        logits = np.where(np.abs(i - j) <= window_size, logits, -np.inf)  # the diagonal keeps rows non-empty
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    return np.einsum("...ls,...sd->...ld", p if round_p is None else round_p(p), v) / p.sum(-1, keepdims=True)
 
 
 def _host_cpu():
@@ -180,7 +184,7 @@ def check(shape: Shape, options: AttentionOptions, seed: int = 0, repeats: int =
         q, k, v = jax.device_put(random_inputs(shape, s), device)
         with jax.default_device(device):
             out = np.asarray(fn(q, k, v), np.float64)
-        ref = reference_f64(q, k, v, window)
+        ref = reference_f64(q, k, v, window_size=window)
         errors.append((float(np.linalg.norm(out - ref) / np.linalg.norm(ref)), float(np.abs(out - ref).max()), s))
     rel_err, _, worst_seed = max(errors)
     return {
