@@ -66,9 +66,10 @@ def estimate(document: dict) -> float:
     shape = config_lib.latent_shape(c["batch_size"], c["height"], c["width"], c["frames"], dit["in_channels"])
     tokens = config_lib.video_tokens(shape, dit["patch_size"])
     mesh = make_mesh(document["mesh"]["dp"], document["mesh"]["tp"], parse_target(document["target"]["topology"]).devices())
-    rows = c["batch_size"] * (2 if c["guidance_scale"] > 1 else 1)
+    guided = c["guidance_scale"] > 1
+    rows = c["batch_size"] * (2 if guided else 1)
     return arithmetic.dit_step_traffic_bytes(dit, parallelism.Layout(c["sharding"], mesh), rows, tokens,
-                                             c["max_sequence_length"], jnp.dtype(c["dtype"]).itemsize)
+                                             c["max_sequence_length"], jnp.dtype(c["dtype"]).itemsize, guided)
 
 
 def row(case: str, document: dict) -> dict:

@@ -148,6 +148,68 @@ def test_search_mesh_ranks_every_mesh_the_heads_allow(tmp_path):
     assert m["config"]["sharding"] == ranked[0]["sharding"]
 
 
+@pytest.mark.parametrize("closed_form_says", ["megatron", "sequence"])
+def test_auto_sharding_is_decided_by_the_compiler_when_compiling(tmp_path, monkeypatch, closed_form_says):
+    """A compile-only run with --sharding auto compiles both modes on its mesh and keeps the one the compiler says
+    fits and sends less, whatever the closed form would pick; the text encoder and the VAE compile once."""
+    from tpu_wan import aot, parallelism
+
+    monkeypatch.setattr(parallelism, "choose", lambda *args, **kwargs: closed_form_says)
+    compiled = []
+    real = aot.compile_program
+    monkeypatch.setattr(aot, "compile_program", lambda name, *a, **k: compiled.append(name) or real(name, *a, **k))
+    load(GENERATE).main([*TINY_RUN, "--topology", "v5e-8", "--compile_only", "--compile_stages", "text_encoder",
+                         "transformer", "--output_dir", str(tmp_path)])
+    m = json.loads((tmp_path / "metrics.json").read_text())
+    tried = {r["sharding"]: r for r in m["mesh_search"]}
+    assert set(tried) == {"megatron", "sequence"} and all(r["fits"] for r in tried.values())
+    cheaper = min(tried, key=lambda mode: tried[mode]["step_traffic_bytes"])
+    assert m["config"]["sharding"] == cheaper
+    assert sorted(compiled) == ["encode (2, 512)", "step cfg=True", "step cfg=True"]
+
+
+@pytest.fixture(scope="module")
+def one_block_wan_1_3b(tmp_path_factory):
+    """Wan 2.1 1.3B's packaged configs with one transformer block: its real widths, compiled in seconds."""
+    import shutil
+
+    from tpu_wan import checkpoints
+
+    folder = tmp_path_factory.mktemp("wan13-one-block") / "Wan2.1-T2V-1.3B-one-block"
+    shutil.copytree(checkpoints.PACKAGED_CONFIGS / "Wan2.1-T2V-1.3B-Diffusers", folder)
+    config = folder / "transformer" / "config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "num_layers": 1}))
+    return folder
+
+
+@pytest.mark.parametrize("generation", ["v5e", "v6e"])
+@pytest.mark.parametrize("mode", ["megatron", "sequence"])
+def test_the_closed_form_matches_the_compilers_count(one_block_wan_1_3b, generation, mode):
+    """What --sharding auto decides by when it compiles nothing: the bytes each chip sends per step by the closed
+    form against the TPU compiler's own count, on 1.3B's real widths (one block, 480x832 x 41 frames: 17,160
+    tokens, CFG, bf16, dp 2 x tp 4)."""
+    from conftest import CLOSED_FORM_RTOL
+
+    from tpu_wan import aot, arithmetic, checkpoints, parallelism, pipeline, topology
+    from tpu_wan.config import GenerationConfig, Stage2Settings, video_tokens
+    from tpu_wan.mesh import make_mesh
+
+    target = topology.parse_target(f"{generation}-8")
+    mesh = make_mesh(2, 4, target.devices())
+    base = GenerationConfig(model_id=str(one_block_wan_1_3b), prompts=("a",), negative_prompt="b",
+                            max_sequence_length=512, text_dtype="bfloat16")
+    cfg = pipeline.resolve_stage2(base, Stage2Settings(height=480, width=832, frames=41, sharding=mode), mesh)
+    (name, (jitted, args, ideal)), = aot.transformer_programs(one_block_wan_1_3b, mesh, cfg).programs.items()
+    entry = aot.compile_program(name, jitted, args, ideal_flops=ideal, devices=8, held_bytes=0,
+                                usable=target.usable_hbm_bytes)
+    sent = sum(c["traffic_bytes"] for c in entry["collectives"].values())
+    dit = checkpoints.read_config(one_block_wan_1_3b, "transformer")
+    tokens = video_tokens(cfg.stage2.latent_shape(1, dit["in_channels"]), dit["patch_size"])
+    estimate = arithmetic.dit_step_traffic_bytes(dit, parallelism.Layout(mode, mesh), 2, tokens, 512, 2)
+    print(f"{generation} {mode}: compiler {sent / 1e6:.1f} MB, closed form {estimate / 1e6:.1f} MB")
+    assert tokens == 17160 and abs(estimate / sent - 1) <= CLOSED_FORM_RTOL, (estimate, sent)
+
+
 def test_rank_puts_what_fits_first_then_fewer_bytes_sent_then_lower_peak():
     from tpu_wan import aot
 

@@ -116,12 +116,20 @@ def test_layout_axes():
 
 def test_traffic_closed_forms_by_hand():
     # 14B at 720p x 81 frames on v6e-8 (dp 2 x tp 4), bf16, CFG: one row per chip, L = 21 x 45 x 80 = 75,600.
-    dit = {"num_attention_heads": 40, "attention_head_dim": 128, "ffn_dim": 13824, "num_layers": 40}
+    dit = {"num_attention_heads": 40, "attention_head_dim": 128, "ffn_dim": 13824, "num_layers": 40,
+           "patch_size": [1, 2, 2], "in_channels": 16, "out_channels": 16}
     mesh = make_mesh(2, 4)
-    hidden = 75600 * 5120 * 2  # one [1, L, E] bf16 hidden state
-    megatron = 40 * (3 * 2 * 0.75 * hidden + 3 * 2 * 0.75 * 75600 * 4) + 2 * 0.75 * 512 * 5120 * 2
-    block_weights = (6 * 5120**2 + 2 * 5120 * 13824) * 2
-    sequence = 40 * (0.75 * block_weights + 4 * 0.75 * hidden / 4 + 2 * 0.75 * 512 * 5120 * 2)
+    hidden, text = 75600 * 5120 * 2, 512 * 5120 * 2  # one [1, L, E] bf16 hidden state, one [1, S, E] text
+    out, latents = 75600 * 64 * 2, 16 * 21 * 90 * 160  # proj_out's [1, L, 16 x 2 x 2] bf16; one video's latents
+    # once per step in both modes: the text embedder's all-reduce over tp, the guidance combine over dp (3 float32
+    # latent-sized all-reduces, 2 permutes of the bf16 latents)
+    step = 2 * 0.75 * text + 3 * 2 * 0.5 * latents * 4 + 2 * latents * 2
+    megatron = (40 * (3 * 2 * 0.75 * hidden + 3 * 2 * 0.75 * 75600 * 4) + step
+                + 0.75 * hidden + 2 * 0.75 * out)  # + the patch embedding's gather and proj_out's all-reduce
+    ffn = 0.75 * 2 * 5120 * 13824 * 2  # at 75,600 tokens gathering the FFN weights is the cheaper way
+    assert ffn < 0.75 * hidden + 2 * 0.75 * hidden
+    sequence = (40 * (0.75 * 6 * 5120**2 * 2 + ffn + 4 * 0.75 * hidden / 4 + 2 * 0.75 * text) + step
+                + 0.75 * hidden / 4 + 0.75 * out)  # + the patch embedding's all-to-all and proj_out's gather
     for mode, expected in (("megatron", megatron), ("sequence", sequence)):
         got = arithmetic.dit_step_traffic_bytes(dit, parallelism.Layout(mode, mesh), 2, 75600, 512, 2)
         assert got == pytest.approx(expected, rel=1e-12), mode

@@ -132,10 +132,12 @@ def vae_programs(model_path, mesh, cfg: GenerationConfig, uint8: bool) -> Progra
 
 
 def compile_run(cfg: GenerationConfig, target: TpuTarget, devices, *, stages=STAGES,
-                compile_stages=None, uint8: bool = True, one_process: bool = False) -> dict:
+                compile_stages=None, uint8: bool = True, one_process: bool = False, reuse: dict | None = None) -> dict:
     """Compiles the programs of `compile_stages` (default: all of `stages`) for a run of `cfg` (its mesh
     decided) on `target`; returns the metrics.json document. `one_process`: `stages` share a process
-    (generate_flax.py), so each program's peak includes the other stages' weights, compiled or not."""
+    (generate_flax.py), so each program's peak includes the other stages' weights, compiled or not. `reuse`: a
+    dict kept across calls, so the text encoder's and the VAE's programs, which the DiT's sharding mode does not
+    change, are compiled once per mesh."""
     dp, tp = cfg.stage2.mesh
     mesh = make_mesh(dp, tp, devices)
     model_path = checkpoints.resolve_configs(cfg.model_id)
@@ -157,13 +159,18 @@ def compile_run(cfg: GenerationConfig, target: TpuTarget, devices, *, stages=STA
         if compile_stages is not None and stage not in compile_stages:
             continue
         held = sum(w for s, w in weights.items() if s != stage) if one_process else 0
-        if weights[stage] + held > usable:  # no program of this stage can fit: not worth minutes of compiling
+        key = (stage, dp, tp, held)
+        if reuse is not None and stage != "transformer" and key in reuse:
+            compiled = reuse[key]
+        elif weights[stage] + held > usable:  # no program of this stage can fit: not worth minutes of compiling
             compiled = [_weights_exceed(name, weights[stage], held, ideal / mesh.size)
                         for name, (_, _, ideal) in b.programs.items()]
         else:
             compiled = [compile_program(name, jitted, args, ideal_flops=ideal, devices=mesh.size, held_bytes=held,
                                         usable=usable)
                         for name, (jitted, args, ideal) in b.programs.items()]
+        if reuse is not None:
+            reuse[key] = compiled
         out[stage] = {"weights_bytes_per_device": weights[stage], "compiled": compiled,
                       "fits": all(p["fits"] for p in compiled)}
     return {
@@ -243,30 +250,36 @@ def compile_only(base: GenerationConfig, settings: Stage2Settings, topology_name
     """The compile-only run of a script: `base` holds what stage 1 decides (model, prompts, text dtype; with
     `one_process` the model dtype, as generate_flax.py decides it), `settings` the stage-2 flags. With `search_mesh`,
     every (dp, tp, DiT sharding mode) the slice and the models allow is compiled (candidate_runs: both modes when
-    `settings.sharding` is auto, so also the meshes only sequence sharding takes) and the best document
-    returned, with the ranking under "mesh_search"."""
+    `settings.sharding` is auto, so also the meshes only sequence sharding takes); without it, `--sharding auto`
+    compiles both modes on the one mesh. Of several, the best document (rank: fits, then bytes sent, then peak)
+    is returned, with the ranking under "mesh_search"."""
     from tpu_wan.pipeline import resolve_stage2
     from tpu_wan.topology import parse_target
 
     target = parse_target(topology_name)
     devices = target.devices()
-    runs = [(dp, tp, None)]
+    model_path = checkpoints.resolve_configs(base.model_id)
+    heads = {c: checkpoints.read_config(model_path, c, (key,))[key] if c in stages else None for c, key in
+             (("text_encoder", "num_heads"), ("transformer", "num_attention_heads"))}
     if search_mesh:
-        model_path = checkpoints.resolve_configs(base.model_id)
-        heads = {c: checkpoints.read_config(model_path, c, (key,))[key] if c in stages else None for c, key in
-                 (("text_encoder", "num_heads"), ("transformer", "num_attention_heads"))}
         runs = candidate_runs(target, heads["text_encoder"], heads["transformer"], settings.sharding)
-    documents = []
+    else:  # --sharding auto: both modes on this mesh, and the compiler's own numbers decide (rank)
+        mesh = make_mesh(dp, tp, devices)
+        dp, tp = mesh.shape["dp"], mesh.shape["tp"]
+        auto = settings.sharding in (None, "auto") and heads["transformer"] is not None and mesh.size > 1
+        runs = [(dp, tp, mode) for mode in MODES if mode != "megatron" or heads["transformer"] % tp == 0] if auto \
+            else [(dp, tp, None)]
+    documents, reuse = [], {}
     for mesh_dp, mesh_tp, mode in runs:
         cfg = resolve_stage2(base, settings, make_mesh(mesh_dp, mesh_tp, devices))
         cfg = cfg.replace(sharding=mode or cfg.stage2.sharding)
         if one_process:  # generate_flax.py encodes in the model dtype (oneshot.generate)
             cfg = cfg.replace(text_dtype=cfg.stage2.dtype)
         documents.append(compile_run(cfg, target, devices, stages=stages, uint8=uint8,
-                                     compile_stages=compile_stages, one_process=one_process))
+                                     compile_stages=compile_stages, one_process=one_process, reuse=reuse))
     ranked = rank(documents)
     best = ranked[0]
-    if search_mesh:
+    if len(ranked) > 1:
         best["mesh_search"] = [{**m["mesh"], "sharding": m["config"]["sharding"], "fits": m["fits"],
                                 "step_collective_bytes": step_collective_bytes(m),
                                 "step_traffic_bytes": step_collective_bytes(m, "traffic_bytes"),

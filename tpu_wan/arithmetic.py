@@ -36,27 +36,48 @@ def ring_bytes(kind: str, size: int, n: int) -> float:
     return (2 if kind == "all-reduce" else 1) * (n - 1) / n * size
 
 
-def dit_step_traffic_bytes(cfg: dict, layout, rows: int, tokens: int, text_len: int, itemsize: int) -> float:
-    """Bytes each chip sends in one denoising step's DiT forward (`rows` batch rows, CFG included) under
-    `layout` (a tpu_wan.parallelism.Layout), counting only what grows with the tokens or the weights: the
-    activation-sized collectives and the weight gathers (docs/ARCHITECTURE.md section 5 lists them)."""
+def dit_step_traffic_bytes(cfg: dict, layout, rows: int, tokens: int, text_len: int, itemsize: int,
+                           guided: bool = True) -> float:
+    """Bytes each chip sends in one denoising step (`rows` batch rows, the CFG pairs included when `guided`)
+    under `layout` (a tpu_wan.parallelism.Layout), every collective that grows with the tokens or the weights:
+    per block the activation-sized ones and the weight gathers (docs/ARCHITECTURE.md section 5 lists them), and
+    once per step the patch embedding's and the output projection's, the text embedder's, and the guidance
+    combine's where dp splits the cond and uncond rows. Checked against the TPU compiler's own count
+    (tests/test_compile_only.py, bench/sharding_compile.py)."""
     mesh = layout.mesh
-    tp = mesh.shape["tp"]
+    dp, tp = mesh.shape["dp"], mesh.shape["tp"]
     e, ffn, layers = cfg["num_attention_heads"] * cfg["attention_head_dim"], cfg["ffn_dim"], cfg["num_layers"]
-    b = rows // mesh.shape["dp"] if layout.batch_axis(rows) else rows  # rows on one chip
+    patch = math.prod(cfg["patch_size"])
+    b = rows // dp if layout.batch_axis(rows) else rows  # rows on one chip
     hidden = b * tokens * e * itemsize  # one [b L E] hidden state
     text = b * text_len * e * itemsize
+    out = b * tokens * cfg["out_channels"] * patch * itemsize  # proj_out's [b L C pF pH pW], before unpatchify
+    step = ring_bytes("all-reduce", text, tp)  # the text embedder's output, its last layer split over tp
+    if guided and layout.batch_axis(rows):
+        # cond and uncond rows on different dp shards: XLA sums three float32 latent-sized arrays over dp to
+        # combine them (the guided velocity and the UniPC state it feeds), and permutes the bf16 latents twice
+        # (the pair built from one latent, and back)
+        latents = rows // 2 * tokens * cfg["in_channels"] * patch
+        step += 3 * ring_bytes("all-reduce", latents * 4, dp) + 2 * latents * itemsize
     if layout.mode == "megatron":
         # three all-reduces of the hidden state per block (after self-attention, cross-attention, FFN), the q/k
-        # RMS-norm statistics (f32 per token: self q, k; cross q), once the text embedder's output
+        # RMS-norm statistics (f32 per token: self q, k; cross q); once the patch embedding's output gathered
+        # from its channel shards and proj_out's all-reduced
         per_block = 3 * ring_bytes("all-reduce", hidden, tp) + 3 * ring_bytes("all-reduce", b * tokens * 4, tp)
-        return layers * per_block + ring_bytes("all-reduce", text, tp)
+        return layers * per_block + step + ring_bytes("all-gather", hidden, tp) + ring_bytes("all-reduce", out, tp)
     n = layout.token_shards(rows)
-    block_weights = (6 * e * e + 2 * e * ffn) * itemsize  # self q k v out, cross q out, FFN in and out
+    projections = ring_bytes("all-gather", 6 * e * e * itemsize, tp)  # self q k v out, cross q out
+    # The FFN either gathers its two weights or, where that is cheaper (few tokens), leaves them split and moves
+    # the activations instead: the hidden state gathered whole, the partial outputs all-reduced. XLA picks the
+    # cheaper (compiled: weights gathered from ~9,000 tokens per row up at 1.3B, activations moved below).
+    ffn_moves = min(ring_bytes("all-gather", 2 * e * ffn * itemsize, tp),
+                    ring_bytes("all-gather", hidden, n) + ring_bytes("all-reduce", hidden, n))
     attention = (4 * ring_bytes("all-to-all", hidden // n, n) if cfg["num_attention_heads"] % n == 0
                  else 2 * ring_bytes("all-gather", hidden, n))
     cross_kv = 2 * ring_bytes("all-gather", text, tp)  # the text's k and v, projected on feature shards
-    return layers * (ring_bytes("all-gather", block_weights, tp) + attention + cross_kv)
+    # once: the patch embedding's output regrouped from channel to token shards, proj_out's output gathered
+    step += ring_bytes("all-to-all", hidden // n, n) + ring_bytes("all-gather", out, tp)
+    return layers * (projections + ffn_moves + attention + cross_kv) + step
 
 
 def umt5_encoder_flops(cfg: dict, rows: int, seq_len: int) -> int:

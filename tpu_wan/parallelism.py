@@ -16,8 +16,10 @@ The hidden state is pinned to its mode's layout at every block's input and outpu
 alone, XLA's propagation keeps the Megatron residual feature-sharded and re-gathers it before every column-parallel
 layer (docs/ARCHITECTURE.md section 5 accounts for every activation-sized collective of both modes).
 
-`choose` picks the mode with fewer bytes moved per chip per denoising step, from `step_traffic_bytes`'
-closed forms (their agreement with the TPU compiler's own count is tested and tabulated in bench/README.md).
+`--sharding auto`: a compile-only run compiles both modes and keeps the one the TPU compiler says fits and sends
+less (tpu_wan.aot); a run picks with `choose`, the mode with fewer bytes sent per chip per denoising step by
+arithmetic.dit_step_traffic_bytes' closed form, which matches the compiler's count within 10% (tested on small
+real-shaped programs for v5e and v6e; every row of bench/README.md's sharding table).
 """
 
 from __future__ import annotations
@@ -117,12 +119,14 @@ def _shard_map(body, mesh: Mesh, in_specs, out_spec):
     return jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=out_spec, check_vma=False)
 
 
-def choose(dit: dict, rows: int, tokens: int, text_len: int, mesh: Mesh, itemsize: int) -> str:
+def choose(dit: dict, rows: int, tokens: int, text_len: int, mesh: Mesh, itemsize: int, guided: bool = True) -> str:
     """The mode with fewer bytes moved per chip per denoising step (megatron on a tie, e.g. one device);
-    sequence where tp does not divide the heads, which Megatron splits."""
+    sequence where tp does not divide the heads, which Megatron splits. For a run that compiles nothing first:
+    where a compile is at hand (compile-only runs) the compiler's own counts decide (tpu_wan.aot)."""
     from tpu_wan.arithmetic import dit_step_traffic_bytes
 
     if dit["num_attention_heads"] % mesh.shape["tp"]:
         return "sequence"
-    moved = {mode: dit_step_traffic_bytes(dit, Layout(mode, mesh), rows, tokens, text_len, itemsize) for mode in MODES}
+    moved = {mode: dit_step_traffic_bytes(dit, Layout(mode, mesh), rows, tokens, text_len, itemsize, guided)
+             for mode in MODES}
     return min(MODES, key=lambda mode: moved[mode])

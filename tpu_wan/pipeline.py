@@ -56,11 +56,13 @@ def resolve_sharding(model_id: str, text_tokens: int, s: Stage2Settings, mesh) -
     from tpu_wan import parallelism
 
     dit = checkpoints.read_config(checkpoints.config_folder(model_id), "transformer", required=(
-        "num_attention_heads", "attention_head_dim", "ffn_dim", "num_layers", "in_channels", "patch_size"))
+        "num_attention_heads", "attention_head_dim", "ffn_dim", "num_layers", "in_channels", "out_channels",
+        "patch_size"))
     shape = s.latent_shape(s.batch_size, dit["in_channels"])
     tokens = config_lib.video_tokens(shape, dit["patch_size"])
-    rows = s.batch_size * (2 if s.guidance_scale > 1.0 else 1)
-    return parallelism.choose(dit, rows, tokens, text_tokens, mesh, jnp.dtype(s.dtype).itemsize)
+    guided = s.guidance_scale > 1.0
+    rows = s.batch_size * (2 if guided else 1)
+    return parallelism.choose(dit, rows, tokens, text_tokens, mesh, jnp.dtype(s.dtype).itemsize, guided)
 
 
 # The building blocks both runners share (run_stage1/2/3 here, tpu_wan.oneshot's Generator): each model loaded
