@@ -300,3 +300,26 @@ def test_a_missing_dependency_is_one_line(monkeypatch, capsys):
 
     with pytest.raises(ModuleNotFoundError):
         entry.run_main(buggy, [])
+
+
+def test_a_program_the_tpu_compiler_refuses_for_memory_is_one_line(capsys):
+    # On a TPU, a run whose step needs more than the chip's HBM: the compiler's RESOURCE_EXHAUSTED (as jax raises it
+    # from the first call) ends the run in one line, status 3, as a compile-only run that does not fit does.
+    from tpu_wan import entry
+
+    message = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries "
+               "(170.51G) exceeds available HBM (15.75G).")
+
+    def main(argv):
+        raise RuntimeError(message)
+
+    assert entry.run_main(main, []) == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert "expected at most 15.75 GiB (the TPU compiler's limit), found it needs 170.51 GiB" in err[0]
+
+    def buggy(argv):  # any other runtime error is a bug: its traceback is kept
+        raise RuntimeError("INTERNAL: something else")
+
+    with pytest.raises(RuntimeError, match="INTERNAL"):
+        entry.run_main(buggy, [])

@@ -222,9 +222,9 @@ def setup_process(args: argparse.Namespace) -> None:
         os.environ["JAX_PLATFORMS"] = "cpu"
         flags = os.environ.get("XLA_FLAGS", "")
         os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={args.cpu_devices}".strip()
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # read once, when jax loads (in the next line)
     _setup_compilation_cache(args)
     _setup_logging(getattr(args, "log_level", "INFO"))
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     # Read by the libraries when they are imported (later, and only if needed: a refused run never pays for them).
     for name in ("TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY"):
         os.environ.setdefault(name, "error")

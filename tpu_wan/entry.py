@@ -2,8 +2,10 @@
 custom_splash_attention.py, `python -m tpu_wan.report`): flags refused in one line, and how a run ends.
 
 A UserError becomes one line on stderr and its exit status (2: bad input; 3: a compile-only run that does not
-fit), a missing dependency one line and status 2, Ctrl-C status 130, SIGTERM status 143; anything else is a bug
-and keeps its traceback. Imports no jax.
+fit), a program the TPU compiler refuses as larger than the chip's HBM one line and status 3 too, a missing
+dependency one line and status 2, Ctrl-C status 130, SIGTERM status 143 (and in a multi-process run, the loss of
+another process one line and status 4: tpu_wan.distributed); anything else is a bug and keeps its traceback.
+Imports no jax.
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ import os
 import sys
 from typing import Callable, Sequence
 
-from tpu_wan.errors import UsageError, UserError
+from tpu_wan import hlo
+from tpu_wan.errors import DoesNotFit, UsageError, UserError
 
 
 class Parser(argparse.ArgumentParser):
@@ -73,6 +76,14 @@ def run_main(main: Callable[[Sequence[str] | None], None], argv: Sequence[str] |
             raise
         print(f"{prog}: error: {message}", file=sys.stderr)
         return 2
+    except Exception as err:  # noqa: BLE001  one kind is an answer, not a bug; every other one raises again
+        if (oom := hlo.out_of_memory(err)) is None:
+            raise
+        print(f"{prog}: error: a program needs more memory than one chip has: expected at most "
+              f"{oom.available_bytes / 2**30:.2f} GiB (the TPU compiler's limit), found it needs "
+              f"{oom.required_bytes / 2**30:.2f} GiB (try more chips or tp, a smaller size, or --sharding sequence; "
+              f"plan with --topology NAME --compile_only)", file=sys.stderr)
+        return DoesNotFit.exit_status
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
