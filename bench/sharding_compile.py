@@ -28,7 +28,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
-from doc_tables import measured_line, stamp, write_block  # noqa: E402
+from doc_tables import current_commit, measured_line, stamp, write_block  # noqa: E402
 GiB = 1 << 30
 MODELS = {"1.3b": "Wan-AI/Wan2.1-T2V-1.3B-Diffusers", "14b": "Wan-AI/Wan2.1-T2V-14B-Diffusers"}
 SIZES = {"480p": (480, 832), "720p": (720, 1280)}
@@ -138,7 +138,10 @@ def main() -> None:
     text = table(rows)
     print(text)
     if args.write and not args.smoke:
-        write_block("sharding_compile", text, measured_line(documents))
+        line = measured_line(documents)
+        if args.from_dir:  # the closed-form column is computed now, by this checkout's formula
+            line += f" Closed form of commit {current_commit()}."
+        write_block("sharding_compile", text, line)
     both, agree = agreement(rows)
     worst = max(abs(r["estimate"] / r["traffic"] - 1) for r in rows)
     print(f"cases {both} auto_agrees {agree} worst_estimate_error {worst:.3f}")
