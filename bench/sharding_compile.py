@@ -118,7 +118,7 @@ def main() -> None:
     parser.add_argument("--from_dir", default=None, help="no compiling: the table of the runs kept in this folder")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
-    plan = ([("tiny", "tiny-random", 64, 96, 9, "v5e-8", mode) for mode in args.modes] if args.smoke else
+    plan = ([("tiny", "tiny-random", 16, 16, 5, "v5e-8", mode) for mode in args.modes] if args.smoke else
             [(case, MODELS[case.split("-")[0]], *SIZES[case.split("-")[1]], 81, topology, mode)
              for case in args.cases for topology in args.topologies for mode in args.modes])
     rows, documents = [], []

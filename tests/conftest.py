@@ -110,7 +110,8 @@ KERNEL_BF16_RTOL = 3.5e-3
 # The closed form of the bytes a chip sends per denoising step (arithmetic.dit_step_traffic_bytes, what
 # --sharding auto decides by without a compile) against the TPU compiler's count: it models every collective that
 # grows with the tokens or the weights, and misses only the small fixed ones (timestep embedding, modulation
-# vectors): measured within 0.2% at 17,160 tokens with one 1.3B block, 1% on the full models (bench/README.md).
+# vectors): measured within 0.2% on one 1.3B block (3,120 to 17,160 tokens) and on the full models
+# (bench/README.md's sharding table).
 CLOSED_FORM_RTOL = 0.10
 # The padding test: zero keys left unmasked get logit 0 and soak up probability, far above any rounding.
 UNMASKED_MIN_ERR = 1e-3

@@ -18,8 +18,8 @@ layer (docs/ARCHITECTURE.md section 5 accounts for every activation-sized collec
 
 `--sharding auto`: a compile-only run compiles both modes and keeps the one the TPU compiler says fits and sends
 less (tpu_wan.aot); a run picks with `choose`, the mode with fewer bytes sent per chip per denoising step by
-arithmetic.dit_step_traffic_bytes' closed form, which matches the compiler's count within 10% (tested on small
-real-shaped programs for v5e and v6e; every row of bench/README.md's sharding table).
+arithmetic.dit_step_traffic_bytes' closed form, which matches the compiler's count within 0.2% (tested on one
+1.3B block for v5e and v6e; every row of bench/README.md's sharding table).
 """
 
 from __future__ import annotations
