@@ -13,6 +13,8 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
 # 16x16: the smallest frame the VAE takes, whose convolutions XLA:TPU compiles ~4x faster than 32x32 (8 s vs 45 s for
 # the VAE's frame scan on v6e-8); the DiT still sees 2 video tokens through our kernel.
 TINY_RUN = ("--model_id", "tiny-random", "--height", "16", "--width", "16", "--frames", "5", "--attention", "custom")
+# One DiT sharding mode where the mode is not what a test is about: --sharding auto compiles both (one step each).
+MEGATRON = ("--sharding", "megatron")
 PROGRAM_FIELDS = {"name", "compile_s", "argument_bytes", "output_bytes", "alias_bytes", "temp_bytes",
                   "generated_code_bytes", "held_bytes", "peak_bytes", "flops", "ideal_flops", "collectives",
                   "custom_calls", "fits", "skipped"}
@@ -37,7 +39,8 @@ def generate_v6e8(tmp_path_factory):
     mp = pytest.MonkeyPatch()
     no_weights(mp)
     try:
-        load(GENERATE).main([*TINY_RUN, "--prompt", "a cat", "--negative_prompt", "blurry", "--topology", "v6e-8", "--compile_only",
+        load(GENERATE).main([*TINY_RUN, *MEGATRON, "--prompt", "a cat", "--negative_prompt", "blurry", "--topology",
+                             "v6e-8", "--compile_only",
                             "--dp", "2", "--tp", "4", "--output_dir", str(folder)])
     finally:
         mp.undo()
@@ -107,7 +110,7 @@ def test_generate_compiles_for_v5e4(tmp_path, monkeypatch, capsys):
     """v5e-4 (dp 2, tp 2 by default); the VAE, compiled above for v6e-8, is left out (--compile_stages) here: its
     convolutions take the TPU compiler a minute even at the tiny size (bench/tpu_conv_compile.py)."""
     no_weights(monkeypatch)
-    load(GENERATE).main([*TINY_RUN, "--topology", "v5e-4", "--compile_only", "--compile_stages", "text_encoder",
+    load(GENERATE).main([*TINY_RUN, *MEGATRON, "--topology", "v5e-4", "--compile_only", "--compile_stages", "text_encoder",
                          "transformer", "--output_dir", str(tmp_path)])
     m = json.loads((tmp_path / "metrics.json").read_text())
     assert m["mesh"] == {"dp": 2, "tp": 2} and m["fits"] and list(m["stages"]) == ["text_encoder", "transformer"]
@@ -120,7 +123,7 @@ def test_generate_compiles_for_v5e4(tmp_path, monkeypatch, capsys):
 
 def test_stage2_compiles_its_step_for_v5e4(tmp_path, monkeypatch):
     no_weights(monkeypatch)
-    load(STAGE2).main([*TINY_RUN[2:], "--num_prompts", "3", "--model_id", "tiny-random", "--seeds", "1", "2",
+    load(STAGE2).main([*TINY_RUN[2:], *MEGATRON, "--num_prompts", "3", "--model_id", "tiny-random", "--seeds", "1", "2",
                  "--topology", "v5e-4", "--compile_only", "--output_dir", str(tmp_path)])
     m = json.loads((tmp_path / "metrics.json").read_text())
     assert m["target"]["topology"] == "v5e-4" and m["mesh"] == {"dp": 2, "tp": 2} and not m["one_process"]
@@ -336,7 +339,7 @@ def test_with_libtpu_installed_runs_without_a_tpu_stay_quiet_on_the_cpu():
 
 
 def test_a_multi_host_slice_compiles_and_says_so(tmp_path, capsys):
-    load(STAGE2).main([*TINY_RUN[2:], "--num_prompts", "2", "--model_id", "tiny-random", "--topology", "v5p-16",
+    load(STAGE2).main([*TINY_RUN[2:], *MEGATRON, "--num_prompts", "2", "--model_id", "tiny-random", "--topology", "v5p-16",
                        "--compile_only", "--output_dir", str(tmp_path)])
     m = json.loads((tmp_path / "metrics.json").read_text())
     assert m["target"]["devices"] == 8 and m["target"]["hosts"] == 2 and m["fits"]
