@@ -1,6 +1,6 @@
 """Cold vs warm start of generate_flax.py with the persistent compilation cache.
 
-    python bench/cold_start.py [--models tiny medium] [--cpu_devices 1] [--smoke]
+    python bench/cold_start.py [--models tiny medium] [--cpu_devices 1] [--smoke] [--write]
 
 For each model, three processes on one fresh cache folder: cold (empty cache), warm (same command again), and
 warm with --no_compilation_cache (compiles everything again, as without the cache). Prints each process's wall
@@ -72,9 +72,10 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["tiny", "medium"], choices=sorted(SIZES))
     parser.add_argument("--cpu_devices", type=int, default=1)
     parser.add_argument("--smoke", action="store_true", help="tiny only, smallest size, 1 step")
+    parser.add_argument("--write", action="store_true", help="write the table into bench/README.md")
     args = parser.parse_args()
     runs_of = {"tiny": SMOKE} if args.smoke else {name: (*SIZES[name], *STEPS) for name in args.models}
-    ratios = {}
+    ratios, table = {}, ["| model | run | process s | total s | compile s | programs | cache hits |", "|" + "---|" * 7]
     print(f"{'model':<8} {'run':<10} {'process s':>9} {'total s':>8} {'compile s':>9} {'programs':>8} {'hits':>5}")
     for name, run_args in runs_of.items():
         model = model_path(name)
@@ -86,11 +87,19 @@ def main() -> None:
                 "no cache": generate(model, run_args, tmp / "cache", tmp / "off", args.cpu_devices,
                                      "--no_compilation_cache"),
             }
+        labels = {"cold": "cold (empty cache)", "warm": "warm", "no cache": "`--no_compilation_cache`"}
         for run, r in runs.items():
             print(f"{name:<8} {run:<10} {r['process_s']:9.2f} {r['total_s']:8.2f} {r['compile_s']:9.2f} "
                   f"{r['compilations']:8d} {r['cache_hits']:5d}")
+            table.append(f"| {name} | {labels[run]} | {r['process_s']:.2f} | {r['total_s']:.2f} | {r['compile_s']:.2f} "
+                         f"| {r['compilations']} | {r['cache_hits']} |")
         ratios[f"{name}_cold_over_warm"] = runs["cold"]["process_s"] / runs["warm"]["process_s"]
         ratios[f"{name}_uncached_over_warm"] = runs["no cache"]["process_s"] / runs["warm"]["process_s"]
+    if args.write and not args.smoke:
+        sys.path.insert(0, str(ROOT / "bench"))
+        from doc_tables import provenance, write_block
+
+        write_block("cold_start", "\n".join(table), provenance())
     print(" ".join(f"{key} {ratio:.3f}" for key, ratio in ratios.items()))
 
 

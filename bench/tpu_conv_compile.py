@@ -1,4 +1,4 @@
-"""python bench/tpu_conv_compile.py [--topology v6e-1] [--sizes 64x96 240x416] [--smoke]
+"""python bench/tpu_conv_compile.py [--write] [--topology v6e-1] [--sizes 64x96 240x416] [--smoke]
 
 How long the TPU compiler (libtpu, deviceless, on this CPU) takes for one layer of the VAE decoder's kinds: the
 causal 3x3x3 convolution over [1, 5, H, W, 96] (3 new frames + 2 cached), one 3x3 2D convolution of a frame,
@@ -24,6 +24,7 @@ def main() -> None:
     parser.add_argument("--sizes", nargs="+", default=["64x96", "240x416"], help="HxW of the activations")
     parser.add_argument("--channels", type=int, default=96)
     parser.add_argument("--smoke", action="store_true", help="one small size, float32, 8 channels")
+    parser.add_argument("--write", action="store_true", help="write the table into bench/README.md")
     args = parser.parse_args()
     os.environ["JAX_PLATFORMS"] = "cpu"
     sys.path.insert(0, str(ROOT))
@@ -51,7 +52,8 @@ def main() -> None:
     def matmul(x, w):
         return jnp.einsum("nthwc,co->nthwo", x, w[0, 0, 0])
 
-    print("| size | dtype | conv3d s | conv2d s | matmul s |\n|---|---|---|---|---|")
+    table = ["| size | dtype | conv3d s | conv2d s | matmul s |", "|---|---|---|---|---|"]
+    print(*table, sep="\n")
     first = None
     for size in sizes:
         h, w = (int(v) for v in size.split("x"))
@@ -64,7 +66,13 @@ def main() -> None:
                 jax.jit(fn).lower(x, k).compile()
                 seconds.append(time.perf_counter() - start)
             first = first or seconds
-            print(f"| {h}x{w}x{c} | {dtype} | " + " | ".join(f"{s:.1f}" for s in seconds) + " |", flush=True)
+            table.append(f"| {h}x{w}x{c} | {dtype} | " + " | ".join(f"{s:.1f}" for s in seconds) + " |")
+            print(table[-1], flush=True)
+    if args.write and not args.smoke:
+        sys.path.insert(0, str(ROOT / "bench"))
+        from doc_tables import provenance, write_block
+
+        write_block("tpu_conv_compile", "\n".join(table), provenance())
     print(f"conv3d_over_matmul {first[0] / first[2]:.1f} conv3d_f32_s {first[0]:.1f}")
 
 
