@@ -1,4 +1,4 @@
-"""python bench/real_size.py [--cache DIR] [--paths ours,naive] [--smoke]
+"""python bench/real_size.py [--cache DIR] [--paths ours,naive] [--smoke] [--write]
 
 Peak host memory and time of loading the real-size Wan 2.1 T2V 1.3B transformer (random bf16 weights), ours
 (tpu_wan.transformer.Denoiser: meta-parameter model, every weight read from safetensors straight into its jax
@@ -284,6 +284,7 @@ def main() -> None:
     parser.add_argument("--paths", default=",".join(PATHS), help="comma-separated subset of ours,naive")
     parser.add_argument("--smoke", action="store_true",
                         help="a 2-layer checkpoint of the same kind in a temporary folder, 16 text tokens")
+    parser.add_argument("--write", action="store_true", help="write the table into bench/README.md")
     parser.add_argument("--child", choices=PATHS + ("build",), help=argparse.SUPPRESS)
     args = parser.parse_args()
     config, _ = sizes(args.smoke)
@@ -298,10 +299,10 @@ def main() -> None:
         with tempfile.TemporaryDirectory(prefix="real-size-smoke-") as tmp:
             measure(Path(tmp) / "checkpoint", args.paths, smoke=True)
     else:
-        measure(args.cache.expanduser().resolve(), args.paths, smoke=False)
+        measure(args.cache.expanduser().resolve(), args.paths, smoke=False, write=args.write)
 
 
-def measure(cache: Path, paths: str, smoke: bool) -> None:
+def measure(cache: Path, paths: str, smoke: bool, write: bool = False) -> None:
     config, text_tokens = sizes(smoke)
     child_args = ["--cache", str(cache), *(["--smoke"] if smoke else [])]
     # The parent imports neither torch nor jax, so its RSS (which a child's ru_maxrss may inherit across exec)
@@ -356,9 +357,26 @@ def measure(cache: Path, paths: str, smoke: bool) -> None:
               f"load time {n['load_s'] / o['load_s']:.2f}x")
     print("note: on the CPU backend the loaded jax weights are themselves host RSS, so the floor here is ~1.0x the "
           "weights + the baseline (on TPU they live in HBM)")
+    if write and not smoke:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from doc_tables import provenance, write_block
+
+        write_block("real_size", markdown(results, weight_bytes), provenance())
     if "ours" in results:
         # The headline is the loading peak (what the loader controls); the steps' peak is in the table above.
         print(f"peak_rss_over_weights {results['ours']['load_peak'] / weight_bytes:.2f}")
+
+
+def markdown(results: dict, weight_bytes: int) -> str:
+    """bench/README.md's table of the run (GiB)."""
+    lines = ["| path | load s | 2 steps s (compile) | again s | baseline | load peak | steps peak | load peak / weights "
+             "| whole peak / weights |", "|" + "---|" * 9]
+    for name, r in results.items():
+        steps_peak = "n/a" if r["steps_peak"] is None else f"{r['steps_peak'] / GIB:.2f}"
+        lines.append(f"| {name} | {r['load_s']:.1f} | {r['steps_first_s']:.1f} | {r['steps_second_s']:.1f} | "
+                     f"{r['baseline']['VmRSS'] / GIB:.2f} | {r['load_peak'] / GIB:.2f} | {steps_peak} | "
+                     f"{r['load_peak'] / weight_bytes:.2f} | {r['peak_rss'] / weight_bytes:.2f} |")
+    return "\n".join(lines)
 
 if __name__ == "__main__":
     main()
