@@ -1,6 +1,6 @@
 """Time the VAE decoder's 3x3x3 causal convolutions alone: XLA (ours) vs torch, and rewrites of ours.
 
-    .venv/bin/python bench/conv3d.py [--repeats 5] [--smoke]
+    .venv/bin/python bench/conv3d.py [--repeats 5] [--smoke] [--write]
 
 For the three channel widths of the real Wan 2.1 VAE decoder at a 9 x 128 x 128 decode (96 channels at 128 x 128,
 192 at 64 x 64, 384 at 32 x 32; float32, batch 1, the causal time padding already applied as our decoder's cache
@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
+from pathlib import Path
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
@@ -74,11 +76,14 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--smoke", action="store_true", help="small channels and sizes, one repeat")
+    parser.add_argument("--write", action="store_true", help="write the table into bench/README.md")
     args = parser.parse_args()
     shapes, repeats = (SMOKE_SHAPES, 1) if args.smoke else (SHAPES, args.repeats)
     print(f"jax {jax.__version__} on {jax.default_backend()}, torch {torch.__version__} threads "
           f"{torch.get_num_threads()}, float32")
     ratios = []
+    table = ["| channels, new frames (+2 cached), size | XLA conv3d ms (GFLOP/s) | torch conv3d ms (GFLOP/s) | XLA / torch "
+             "| sum of 2D convs | folded 2D | im2col |", "|" + "---|" * 7]
     for c, t, h in shapes:
         rng = np.random.default_rng(0)
         x = rng.standard_normal((1, t, h, h, c)).astype(np.float32)
@@ -101,6 +106,15 @@ def main():
         print(f"{c:4d} ch {t - 2} frames {h}x{h}: {'torch':10s} {torch_s * 1e3:7.0f} ms "
               f"{flops / torch_s / 1e9:5.0f} GFLOP/s")
         ratios.append(row["xla conv3d"] / torch_s)
+        ms = {name: f"{seconds * 1e3:.0f}" for name, seconds in row.items()}
+        table.append(f"| {c}, {t - 2}, {h} x {h} | {ms['xla conv3d']} ({flops / row['xla conv3d'] / 1e9:.0f}) | "
+                     f"{torch_s * 1e3:.0f} ({flops / torch_s / 1e9:.0f}) | {ratios[-1]:.2f} | {ms['sum of 2d']} | "
+                     f"{ms['folded 2d']} | {ms['im2col']} |")
+    if args.write and not args.smoke:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from doc_tables import provenance, write_block
+
+        write_block("conv3d", "\n".join(table), provenance())
     print("xla_over_torch " + " ".join(f"{r:.2f}" for r in ratios))
 
 

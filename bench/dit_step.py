@@ -1,4 +1,4 @@
-"""python bench/dit_step.py [--repeats 5] [--attention auto] [--cache DIR] [--smoke]
+"""python bench/dit_step.py [--repeats 5] [--attention auto] [--cache DIR] [--smoke] [--write]
 
 Time one denoising step of a medium Wan DiT: ours (tpu_wan.transformer.Denoiser's jitted step, the program
 stage 2 runs every step: CFG pair as one batch of 2, guidance combine, UniPC update; 1x1 mesh) against
@@ -143,6 +143,7 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=None,
                         help="checkpoint folder (default: bench-dit-medium-v1 beside the tiny-random cache)")
     parser.add_argument("--smoke", action="store_true", help="the tiny-random transformer, small inputs, one repeat")
+    parser.add_argument("--write", action="store_true", help="write the table into bench/README.md")
     args = parser.parse_args()
     if args.smoke:
         args.repeats = 1
@@ -188,8 +189,27 @@ def main() -> None:
     for dtype, r in results.items():
         print(f"{dtype:9s} {r['ours']:7.3f} {r['torch']:7.3f} {r['ours'] / r['torch']:10.3f} {r['lower']:7.2f} "
               f"{r['compile']:9.2f} {r['diff']:9.2e} {r['rel']:8.1e}")
+    if args.write and not args.smoke:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from doc_tables import provenance, write_block
+
+        cpu = cpu_name()
+        table = ["| CPU | dtype | ours s | torch s | ours / torch | our trace+lower s | our compile s |", "|" + "---|" * 7]
+        table += [f"| {cpu} | {dtype} | {r['ours']:.3f} | {r['torch']:.3f} | {r['ours'] / r['torch']:.3f} | "
+                  f"{r['lower']:.2f} | {r['compile']:.2f} |" for dtype, r in results.items()]
+        write_block("dit_step", "\n".join(table), provenance())
     f32, bf16 = results["float32"], results["bfloat16"]
     print(f"ratio_fp32 {f32['ours'] / f32['torch']:.3f} ratio_bf16 {bf16['ours'] / bf16['torch']:.3f}")
+
+
+def cpu_name() -> str:
+    """The CPU model and whether it has native bf16 (AVX-512 BF16), which decides torch's bf16 speed."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "unknown CPU"
+    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "CPU")
+    return f"{model} ({os.cpu_count()} cpus{', AVX-512 BF16' if 'avx512_bf16' in info else ''})"
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Time our Flax Wan VAE decoder against diffusers' AutoencoderKLWan.decode (torch eager, float32).
 
-    .venv/bin/python bench/vae_decode.py [--repeats 3] [--dtype float32] [--cache DIR] [--smoke]
+    .venv/bin/python bench/vae_decode.py [--repeats 3] [--dtype float32] [--cache DIR] [--smoke] [--write]
 
 Real Wan 2.1 VAE config with random weights (built once, cached under --cache). For each size: ours (jitted,
 timed after a warm-up call, median of --repeats, latents in -> frames on the host) and diffusers in the same
@@ -91,6 +91,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "tpu_wan" / "bench-real-vae-v1")
     parser.add_argument("--smoke", action="store_true", help="the tiny-random VAE, one size, one repeat")
+    parser.add_argument("--write", action="store_true", help="write the table into bench/README.md")
     args = parser.parse_args()
     sizes = {"9f_128": SIZES["9f_128"]} if args.smoke else SIZES
     repeats, compile_runs = (1, 1) if args.smoke else (args.repeats, 2)
@@ -117,6 +118,8 @@ def main() -> None:
     torch_decode(vae, rng.standard_normal((1, 16, 1, 8, 8)).astype(np.float32))  # process-level warm-up
 
     ratios = {}
+    table = ["| latents -> frames | ours s | torch s | ours / torch | max abs diff | GFLOP | ours GFLOP/s "
+             "| torch GFLOP/s |", "|" + "---|" * 8]
     for name, (f, h, w) in sizes.items():
         latents = rng.standard_normal((1, 16, f, h, w)).astype(np.float32)
         start = time.perf_counter()
@@ -131,6 +134,9 @@ def main() -> None:
               f"(first call {first_call:.1f}s) torch {t_torch:.3f}s ratio {ratios[name]:.3f} max abs diff {err:.2e}; "
               f"{gflop:.1f} GFLOP (XLA cost analysis): ours {gflop / t_ours:.1f} GFLOP/s, torch "
               f"{gflop / t_torch:.1f}", flush=True)
+        table.append(f"| {list(latents.shape)} -> {frames.shape[1]} x {frames.shape[2]} x {frames.shape[3]} | "
+                     f"{t_ours:.2f} | {t_torch:.2f} | {ratios[name]:.3f} | {err:.1e} | {gflop:.1f} | "
+                     f"{gflop / t_ours:.1f} | {gflop / t_torch:.1f} |")
 
     compile_s = {5: [], 17: []}
     for _ in range(compile_runs):  # alternating fresh decoders, min of two: one compile varies by ~30% on a busy CPU
@@ -140,6 +146,11 @@ def main() -> None:
     for f in (5, 17):
         print(f"lower+compile at {f} latent frames ({4 * (f - 1) + 1} frames, latents {COMPILE_HW}): "
               f"{compile_s[f]:.2f}s (both programs, min of {compile_runs})", flush=True)
+    if args.write and not args.smoke:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from doc_tables import provenance, write_block
+
+        write_block("vae_decode", "\n".join(table), provenance())
     print(f"ratio_9f_128 {ratios['9f_128']:.3f} compile_ratio_17_5 {compile_s[17] / compile_s[5]:.3f}")
 
 
