@@ -14,12 +14,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def current_commit() -> str:
-    """HEAD's short hash, with ' with uncommitted changes' where the tracked files differ from it."""
+    """HEAD's short hash, with ' with uncommitted changes' where the tracked files other than the docs differ
+    from it (a bench's own earlier write into a .md file does not change the code it measures)."""
     def git(*args):
         return subprocess.run(["git", *args], capture_output=True, text=True, cwd=ROOT).stdout.strip()
 
     commit = git("rev-parse", "--short=10", "HEAD") or "unknown"
-    return commit + (" with uncommitted changes" if git("status", "--porcelain", "--untracked-files=no") else "")
+    dirty = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)*.md")
+    return commit + (" with uncommitted changes" if dirty else "")
 
 
 def this_command() -> str:
