@@ -1,4 +1,4 @@
-"""python bench/gpu_real.py [--steps 3] [--budget_s 420] [--cache DIR] [--no_torch_compile] [--smoke]
+"""python bench/gpu_real.py [--steps 3] [--budget_s 420] [--cache DIR] [--no_torch_compile] [--smoke] [--write]
 
 On a GPU machine run it through `bash bench/gpu_setup.sh run` (bench/README.md says how).
 
@@ -359,6 +359,8 @@ def main() -> None:
     parser.add_argument("--no_torch_compile", action="store_true", help="skip diffusers under torch.compile")
     parser.add_argument("--compile_backend", default=None, help="torch.compile backend (default inductor; smoke eager)")
     parser.add_argument("--smoke", action="store_true", help="tiny-random checkpoint, tiny latents, one step")
+    parser.add_argument("--write", action="store_true",
+                        help="write the results table into bench/README.md (with $OUT set, a copy goes there too)")
     parser.add_argument("--child", choices=SIDES, help=argparse.SUPPRESS)
     parser.add_argument("--dit", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--vae", type=Path, help=argparse.SUPPRESS)
@@ -445,7 +447,30 @@ def main() -> None:
           f"{decodes['ours']['seconds'] / decodes['eager']['seconds']:.3f}")
     print(f"total {time.time() - start:.0f} s (checkpoints {build_s:.0f} s)")
     compiled = median["ours"] / median["compiled"] if "compiled" in median else math.nan
+    if args.write and not args.smoke:
+        write_results(children, median, peaks, errors, decodes)
     print(f"ratio_eager {median['ours'] / median['eager']:.3f} ratio_compiled {compiled:.3f}")
+
+
+def write_results(children: dict, median: dict, peaks: dict, errors: dict, decodes: dict) -> None:
+    """bench/README.md's GPU table: this run's row (and, where $OUT names a folder, a copy of the file there, for a
+    machine whose files do not come back otherwise)."""
+    import shutil
+
+    import torch
+    from doc_tables import provenance, write_block
+
+    compiled = f"{median['compiled']:.3f} | {median['ours'] / median['compiled']:.3f}" if "compiled" in median else \
+        "dropped | -"
+    row = (f"| {torch.cuda.get_device_name()} | {median['ours']:.3f} | {median['eager']:.3f} | "
+           f"{median['ours'] / median['eager']:.3f} | {compiled} | {children['ours'].info['compile_s']:.1f} | "
+           f"{gib(peaks['ours'])} / {gib(peaks['eager'])} | {errors['ours']:.2e} / {errors['eager']:.2e} | "
+           f"{decodes['ours']['seconds']:.2f} / {decodes['eager']['seconds']:.2f} |")
+    head = ("| GPU | ours s/step | diffusers eager s/step | ours / eager | diffusers compiled s/step | ours / compiled "
+            "| our compile s | peak GiB ours / eager | bf16 err ours / eager | VAE decode s ours / diffusers |")
+    write_block("gpu_real", "\n".join([head, "|" + "---|" * 10, row]), provenance())
+    if os.environ.get("OUT"):
+        shutil.copy(ROOT / "bench" / "README.md", Path(os.environ["OUT"]) / "README.md")
 
 
 if __name__ == "__main__":
