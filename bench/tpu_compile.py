@@ -9,9 +9,10 @@ allow is compiled, in both DiT sharding modes: the default mesh's rows and the b
 each program's peak (one process holds all three models); its programs are not compiled here: at these sizes
 XLA:TPU takes many minutes per 3D convolution program (see bench/README.md).
 
-Columns: compile s on this CPU (text encoder + step, that mesh), peak GiB per chip (the largest program, the other
-models' weights included) against HBM, fits, the step's FLOPs over the model's own arithmetic, and the bytes
-each chip moves per denoising step (collectives of the step's optimized HLO). --out keeps each case's
+Columns: compile s on this CPU (text encoder + step, that mesh and mode), peak GiB per chip (the largest program,
+the other models' weights included) against the compiler's HBM limit, fits, the step's FLOPs over the model's own
+arithmetic, and the bytes each chip sends per denoising step (the collectives of the step's optimized HLO, as
+ring algorithms move them: tpu_wan.hlo). --out keeps each case's
 metrics.json, and --from_dir renders the table of the cases kept there without compiling. --write puts the table into
 bench/README.md between its tpu_compile markers. --smoke: the tiny model on v5e-4 (seconds). The last line is
 `cases N fits F` (cases compiled, of which the default mesh fits). Compiler estimates, not measurements.
@@ -58,31 +59,33 @@ def compile_case(case: str, model_id: str, height: int, width: int, frames: int,
 
 
 def rows_of(case: str, document: dict) -> list[list[str]]:
-    """The default mesh's row and, where another mesh ranks first, the best one's."""
+    """The default mesh's row (in the mode --sharding auto keeps there: the compiler's choice) and, where another
+    mesh or mode ranks first, the best one's."""
     from tpu_wan.mesh import default_mesh_shape
 
     t = document["target"]
     default = default_mesh_shape(t["devices"])
     ranked = document["mesh_search"]
+    first_default = next(i for i, m in enumerate(ranked) if (m["dp"], m["tp"]) == default)
     step = document["stages"]["transformer"]["compiled"][0]
     ratio = "n/a" if step["flops"] is None else f"{step['flops'] / step['ideal_flops']:.2f}"
     rows = []
     for i, m in enumerate(ranked):
-        mine = (m["dp"], m["tp"]) == default
-        if not (mine or i == 0):
+        if i not in (0, first_default):
             continue
-        label = " / ".join(w for w, on in (("default", mine), ("best", i == 0)) if on)
+        label = " / ".join(w for w, on in (("default", i == first_default), ("best", i == 0)) if on)
         mode = f", {m['sharding']}" if m.get("sharding") else ""
+        sent = m["step_traffic_bytes"]
         rows.append([case, t["topology"], f"dp {m['dp']} x tp {m['tp']}{mode} ({label})", f"{m['compile_s']:.0f}",
-                     f"{m['peak_bytes'] / GiB:.2f} / {t['hbm_bytes_per_device'] / GiB:.0f}",
+                     f"{m['peak_bytes'] / GiB:.2f} / {document['usable_bytes_per_device'] / GiB:.2f}",
                      "yes" if m["fits"] else "no", ratio if i == 0 else "",
-                     "not compiled" if m["step_collective_bytes"] is None else f"{m['step_collective_bytes'] / 1e9:.1f}"])
+                     "not compiled" if sent is None else f"{sent / 1e9:.1f}"])
     return rows
 
 
 def table(rows: list[list[str]]) -> str:
-    head = ["case (81 frames)", "slice", "mesh", "compile s", "peak / HBM GiB per chip", "fits",
-            "step FLOPs / model's (best mesh)", "GB moved per chip per step"]
+    head = ["case (81 frames)", "slice", "mesh", "compile s", "peak / usable GiB per chip", "fits",
+            "step FLOPs / model's (best mesh)", "GB sent per chip per step"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
 
