@@ -241,6 +241,7 @@ def test_candidate_runs_include_the_meshes_only_sequence_sharding_takes():
     assert aot.candidate_runs(v6e8, 64, 12, "megatron") == [(8, 1, "megatron"), (4, 2, "megatron"), (2, 4, "megatron")]
     assert aot.candidate_runs(v6e8, None, 12, "sequence") == [(8 // t, t, "sequence") for t in (1, 2, 4, 8)]
     assert aot.candidate_runs(v6e8, 6, None, None) == [(8, 1, None), (4, 2, None)]  # no DiT: no mode
+    assert aot.candidate_runs(topology.parse_target("v6e-1"), 64, 12, "auto") == [(1, 1, None)]  # one program
 
 
 def test_14b_at_720p_does_not_fit_a_v5e_1(tmp_path):

@@ -192,10 +192,12 @@ def candidate_runs(target: TpuTarget, text_heads: int | None, dit_heads: int | N
                    sharding: str | None) -> list[tuple[int, int, str | None]]:
     """Every (dp, tp, DiT sharding mode) with dp * tp = the slice's chips that the models allow: tp divides the
     text encoder's heads (it always splits them), and Megatron's DiT needs tp to divide its heads while sequence
-    sharding takes any. `sharding` None/auto tries both modes, a mode only itself; without the DiT
-    (`dit_heads` None) the mode is None."""
+    sharding takes any. `sharding` None/auto tries both modes (on one chip they are one program: the mode is
+    then None, decided as a run decides it), a mode only itself; without the DiT (`dit_heads` None) the mode is
+    None."""
     n = target.chips
-    modes = (None,) if dit_heads is None else MODES if sharding in (None, "auto") else (sharding,)
+    auto = sharding in (None, "auto")
+    modes = (None,) if dit_heads is None or (auto and n == 1) else MODES if auto else (sharding,)
     runs = []
     for tp in (t for t in range(1, n + 1) if n % t == 0 and (text_heads is None or text_heads % t == 0)):
         runs += [(n // tp, tp, mode) for mode in modes if mode != "megatron" or dit_heads % tp == 0]
