@@ -82,7 +82,8 @@ def main():
     print(f"jax {jax.__version__} on {jax.default_backend()}, torch {torch.__version__} threads "
           f"{torch.get_num_threads()}, float32")
     ratios = []
-    table = ["| channels, new frames (+2 cached), size | XLA conv3d ms (GFLOP/s) | torch conv3d ms (GFLOP/s) | XLA / torch "
+    table = ["| channels, new frames (+2 cached), size | XLA conv3d ms (GFLOP/s) | torch conv3d ms (GFLOP/s) "
+             "| XLA / torch "
              "| sum of 2D convs | folded 2D | im2col |", "|" + "---|" * 7]
     for c, t, h in shapes:
         rng = np.random.default_rng(0)

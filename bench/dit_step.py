@@ -194,7 +194,8 @@ def main() -> None:
         from doc_tables import provenance, write_block
 
         cpu = cpu_name()
-        table = ["| CPU | dtype | ours s | torch s | ours / torch | our trace+lower s | our compile s |", "|" + "---|" * 7]
+        table = ["| CPU | dtype | ours s | torch s | ours / torch | our trace+lower s | our compile s |",
+                 "|" + "---|" * 7]
         table += [f"| {cpu} | {dtype} | {r['ours']:.3f} | {r['torch']:.3f} | {r['ours'] / r['torch']:.3f} | "
                   f"{r['lower']:.2f} | {r['compile']:.2f} |" for dtype, r in results.items()]
         write_block("dit_step", "\n".join(table), provenance())

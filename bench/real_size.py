@@ -369,7 +369,8 @@ def measure(cache: Path, paths: str, smoke: bool, write: bool = False) -> None:
 
 def markdown(results: dict, weight_bytes: int) -> str:
     """bench/README.md's table of the run (GiB)."""
-    lines = ["| path | load s | 2 steps s (compile) | again s | baseline | load peak | steps peak | load peak / weights "
+    lines = ["| path | load s | 2 steps s (compile) | again s | baseline | load peak | steps peak "
+             "| load peak / weights "
              "| whole peak / weights |", "|" + "---|" * 9]
     for name, r in results.items():
         steps_peak = "n/a" if r["steps_peak"] is None else f"{r['steps_peak'] / GIB:.2f}"

@@ -110,8 +110,8 @@ def test_generate_compiles_for_v5e4(tmp_path, monkeypatch, capsys):
     """v5e-4 (dp 2, tp 2 by default); the VAE, compiled above for v6e-8, is left out (--compile_stages) here: its
     convolutions take the TPU compiler a minute even at the tiny size (bench/tpu_conv_compile.py)."""
     no_weights(monkeypatch)
-    load(GENERATE).main([*TINY_RUN, *MEGATRON, "--topology", "v5e-4", "--compile_only", "--compile_stages", "text_encoder",
-                         "transformer", "--output_dir", str(tmp_path)])
+    load(GENERATE).main([*TINY_RUN, *MEGATRON, "--topology", "v5e-4", "--compile_only", "--compile_stages",
+                         "text_encoder", "transformer", "--output_dir", str(tmp_path)])
     m = json.loads((tmp_path / "metrics.json").read_text())
     assert m["mesh"] == {"dp": 2, "tp": 2} and m["fits"] and list(m["stages"]) == ["text_encoder", "transformer"]
     assert set(m["resident_stages"]) == {"text_encoder", "transformer", "vae"}
@@ -340,8 +340,8 @@ def test_with_libtpu_installed_runs_without_a_tpu_stay_quiet_on_the_cpu():
 
 
 def test_a_multi_host_slice_compiles_and_says_so(tmp_path, capsys):
-    load(STAGE2).main([*TINY_RUN[2:], *MEGATRON, "--num_prompts", "2", "--model_id", "tiny-random", "--topology", "v5p-16",
-                       "--compile_only", "--output_dir", str(tmp_path)])
+    load(STAGE2).main([*TINY_RUN[2:], *MEGATRON, "--num_prompts", "2", "--model_id", "tiny-random", "--topology",
+                       "v5p-16", "--compile_only", "--output_dir", str(tmp_path)])
     m = json.loads((tmp_path / "metrics.json").read_text())
     assert m["target"]["devices"] == 8 and m["target"]["hosts"] == 2 and m["fits"]
     assert "on 2 host(s) (more chips than one host" in capsys.readouterr().out

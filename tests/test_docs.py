@@ -42,7 +42,8 @@ def test_every_named_attribute_exists(doc):
 # Where every table is a measurement: each must sit in a marked block that names the commit it was measured at.
 MEASUREMENT_DOCS = (ROOT / "bench" / "README.md", ROOT / "docs" / "MEMORY.md")
 _BLOCK = re.compile(r"<!-- ([\w-]+):start -->\n(.*?)<!-- \1:end -->", re.S)
-STRUCTURAL_BLOCKS = {"layers", "bench_index"}  # tables of data (tests/test_layering.py reads "layers"), not measurements
+# Tables of data, not measurements (tests/test_layering.py reads "layers"; the bench index lists the benches).
+STRUCTURAL_BLOCKS = {"layers", "bench_index"}
 _PROVENANCE = re.compile(r"^(?:Measured|Written) at commits? ((?:[0-9a-f]{7,40}(?:, | and )?)+)")
 
 

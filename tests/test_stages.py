@@ -109,5 +109,6 @@ def test_the_first_log_line_names_the_backend(platforms, tmp_path, tiny_path):
         assert all(line.startswith("INFO tpu_wan:") for line in lines), lines  # nothing from libtpu
     else:
         assert proc.returncode == 2 and len(lines) == 1, lines
-        assert "JAX_PLATFORMS=tpu: expected that backend to start, found: Unable to initialize backend 'tpu'" in lines[0]
+        assert ("JAX_PLATFORMS=tpu: expected that backend to start, found: Unable to initialize backend 'tpu'"
+                in lines[0])
         assert not list(tmp_path.iterdir())

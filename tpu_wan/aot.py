@@ -82,7 +82,8 @@ def _refused(name: str, oom: hlo.OutOfMemory, held: int, ideal_flops: float, com
 def _weights_exceed(name: str, weights: int, held: int, ideal_flops: float) -> dict:
     """The entry of a program left uncompiled because the weights on each device already exceed what the
     compiler allows: peak_bytes is then that lower bound."""
-    return {"name": name, "compile_s": None, **dict.fromkeys(_UNCOMPILED), "held_bytes": held, "peak_bytes": weights + held, "ideal_flops": ideal_flops,
+    return {"name": name, "compile_s": None, **dict.fromkeys(_UNCOMPILED), "held_bytes": held,
+            "peak_bytes": weights + held, "ideal_flops": ideal_flops,
             "collectives": {}, "custom_calls": {}, "fits": False,
             "skipped": f"{_bytes(weights)} of its model's weights per device before any activation (not compiled)"}
 

@@ -253,9 +253,10 @@ def _setup_logging(level_name: str) -> None:
 
 def _start_backend() -> None:
     """Starts jax's backend (after jax.distributed, which must come first) and names the one that runs in the
-    first line of the run's log: TPU, GPU or the CPU, and why the CPU where libtpu is installed. What the plugins print while they look for their chips
-    (libtpu complains on every host without a TPU) is kept off the terminal and logged at DEBUG; a platform asked
-    for by JAX_PLATFORMS that cannot start is one line (UsageError), not a traceback."""
+    first line of the run's log: TPU, GPU or the CPU, and why the CPU where libtpu is installed. What the plugins
+    print while they look for their chips (libtpu complains on every host without a TPU) is kept off the terminal
+    and logged at DEBUG; a platform asked for by JAX_PLATFORMS that cannot start is one line (UsageError), not a
+    traceback."""
     import importlib.util
 
     import jax
