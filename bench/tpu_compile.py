@@ -12,10 +12,10 @@ XLA:TPU takes many minutes per 3D convolution program (see bench/README.md).
 Columns: compile s on this CPU (text encoder + step, that mesh and mode), peak GiB per chip (the largest program,
 the other models' weights included) against the compiler's HBM limit, fits, the step's FLOPs over the model's own
 arithmetic, and the bytes each chip sends per denoising step (the collectives of the step's optimized HLO, as
-ring algorithms move them: tpu_wan.hlo). --out keeps each case's
-metrics.json, and --from_dir renders the table of the cases kept there without compiling. --write puts the table into
-bench/README.md between its tpu_compile markers. --smoke: the tiny model on v5e-4 (seconds). The last line is
-`cases N fits F` (cases compiled, of which the default mesh fits). Compiler estimates, not measurements.
+ring algorithms move them: tpu_wan.hlo). --out keeps each case's metrics.json, and --from_dir renders the table of
+the cases kept there without compiling. --write puts the table into bench/README.md between its tpu_compile markers.
+--smoke: the tiny model on v5e-4, Megatron only (seconds). The last line is `cases N fits F` (cases compiled, of
+which the default mesh fits). Compiler estimates, not measurements.
 """
 
 from __future__ import annotations
@@ -40,14 +40,16 @@ CASES = {
     "14b-480p": ("v5e-8", "v6e-8", "v5p-8"),
     "14b-720p": ("v5e-8", "v6e-8", "v5p-8"),
 }
+# --smoke searches the meshes in one DiT mode: half the step programs (tests/test_compile_only.py covers both)
+SMOKE_ARGS = ("--sharding", "megatron")
 
 
 def compile_case(case: str, model_id: str, height: int, width: int, frames: int, topology: str,
-                 folder: Path) -> dict:
+                 folder: Path, *extra: str) -> dict:
     metrics = folder / f"{case}_{topology}.json"
     cmd = [sys.executable, str(ROOT / "generate_flax.py"), "--model_id", model_id, "--height", str(height),
            "--width", str(width), "--frames", str(frames), "--topology", topology, "--compile_only",
-           "--search_mesh", "--compile_stages", "text_encoder", "transformer", "--metrics", str(metrics)]
+           "--search_mesh", "--compile_stages", "text_encoder", "transformer", "--metrics", str(metrics), *extra]
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if proc.returncode not in (0, 3):  # 3: nothing fits, still a result
@@ -113,7 +115,7 @@ def main() -> None:
             if args.from_dir and not kept.is_file():
                 continue
             document = (json.loads(kept.read_text()) if args.from_dir else
-                        compile_case(case, model_id, height, width, frames, topology, out))
+                        compile_case(case, model_id, height, width, frames, topology, out, *SMOKE_ARGS * args.smoke))
             case_rows = rows_of(case, document)
             documents.append(document)
             rows += case_rows

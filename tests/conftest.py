@@ -6,6 +6,12 @@ import os
 # host runs the compiled kernel tests (the rest of the suite expects the 8 virtual CPU devices).
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+# `make test` runs two workers on two cores: one compute thread each for torch and XLA's Eigen ops (and the scripts
+# they start), instead of pools sized to every core that preempt the other worker's (tests/test_vae.py,
+# test_parity.py and test_bf16_parity.py on 2 workers: 102 s -> 86 s, 18% less CPU time).
+if "PYTEST_XDIST_WORKER" in os.environ:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ["XLA_FLAGS"] += " --xla_cpu_multi_thread_eigen=false"
 from tpu_wan.cli import with_cpu_xla_flags  # noqa: E402  (imports no jax)
 
 os.environ["XLA_FLAGS"] = with_cpu_xla_flags(os.environ["XLA_FLAGS"])

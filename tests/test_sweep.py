@@ -178,14 +178,14 @@ def test_sweep_files_match_in_process_results(swept, stage1):
     assert (cfg["attention"], cfg["k_smooth"], cfg["window_size"], cfg["bqsize"]) == ("auto", False, None, None)
 
 
-LONG = ("--height", "32", "--width", "32", "--frames", "5", "--num_inference_steps", "10", "--seeds", "1-8")
+LONG = ("--height", "32", "--width", "32", "--frames", "5", "--num_inference_steps", "10", "--seeds", "1-4")
 
 
 def test_kill_mid_sweep_then_resume(stage1, tmp_path, caplog):
-    # 16 videos in 8 batches of 2: SIGKILL the script once the first batch has landed, rerun, compare with an
+    # 8 videos in 4 batches of 2: SIGKILL the script once the first batch has landed, rerun, compare with an
     # uninterrupted run. Each video is its own file, so the kill may also fall between the two files of a batch.
     uninterrupted, out = tmp_path / "uninterrupted", tmp_path / "resumed"
-    long = dataclasses.replace(SAMPLING, num_inference_steps=10, seeds=tuple(range(1, 9)))
+    long = dataclasses.replace(SAMPLING, num_inference_steps=10, seeds=tuple(range(1, 5)))
     stage2(stage1, uninterrupted, long)
     cmd = [sys.executable, str(STAGE2), "--input_dir", str(stage1), "--output_dir", str(out), *LONG, *MESH_4x2]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -195,13 +195,13 @@ def test_kill_mid_sweep_then_resume(stage1, tmp_path, caplog):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     first = artifacts.list_video_latents(out)
-    assert 2 <= len(first) < 16, sorted(first)  # the first batch, not all of them
+    assert 2 <= len(first) < 8, sorted(first)  # the first batch, not all of them
     stats = {name: (p.stat().st_ino, p.stat().st_mtime_ns) for name, p in first.items()}
     with caplog.at_level(logging.INFO, logger="tpu_wan"):
         stage2(stage1, out, long)
-    assert f"resuming: {len(first)} of 16 videos already" in caplog.text
+    assert f"resuming: {len(first)} of 8 videos already" in caplog.text
     done = artifacts.list_video_latents(out)
-    assert len(done) == 16
+    assert len(done) == 8
     assert {name: (done[name].stat().st_ino, done[name].stat().st_mtime_ns) for name in first} == stats
     for name, path in artifacts.list_video_latents(uninterrupted).items():
         np.testing.assert_array_equal(artifacts.load_latents(done[name]), artifacts.load_latents(path), err_msg=name)
