@@ -26,7 +26,7 @@ demo: install
 	$(PY) stages/stage1_text_encoder.py --model_id tiny-random --prompt "A cat playing piano in a jazz club"
 	$(PY) stages/stage2_transformer.py --overwrite    # the tiny model's preset: 96x64, 9 frames, 10 steps
 	$(PY) stages/stage3_vae_decoder.py --preview
-	$(PY) -m tpu_wan.report stage_outputs/metrics.json --output stage_outputs/report.md
+	$(PY) -m tpu_wan.core.report stage_outputs/metrics.json --output stage_outputs/report.md
 	$(PY) generate_flax.py --model_id tiny-random --prompt "A cat playing piano in a jazz club" \
 		--output_video stage_outputs/one_process/video.mp4 --num_iterations 2
 	$(PY) generate_flax.py --model_id tiny-random --topology v6e-8 --compile_only \

@@ -23,8 +23,8 @@ Mosaic's LLO); exit 1 with Mosaic's error in one line if it refuses. --json prin
 
 import argparse
 import itertools
-import os
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -114,8 +114,8 @@ def main(argv=None):
         dump_dir = tempfile.mkdtemp(prefix="tpu-wan-llo-")
         os.environ["LIBTPU_INIT_ARGS"] = f"{os.environ.get('LIBTPU_INIT_ARGS', '')} --xla_mosaic_dump_to={dump_dir}"
     cli.setup_process(args)
-    from tpu_wan import attention_tuning as tuning
-    from tpu_wan.attention import AttentionOptions
+    from tpu_wan.run import attention_tuning as tuning
+    from tpu_wan.runtime.attention import AttentionOptions
 
     shape = tuning.Shape(args.heads, args.q_len, args.kv_len, args.head_dim, args.dtype)
     options = AttentionOptions(

@@ -4,7 +4,7 @@
 
 loads the three models once, runs --warmup_steps denoising steps end to end (this compiles every program),
 then --num_iterations timed runs; prints a per-stage table (load, compile, run, s/step, memory), writes it to
-metrics.json beside the video (render it with `python -m tpu_wan.report metrics.json`), and writes the video
+metrics.json beside the video (render it with `python -m tpu_wan.core.report metrics.json`), and writes the video
 to --output_video (default: YYYYMMDD_HHMMSS.mp4). --profile DIR traces the last timed run with the jax
 profiler; --save_intermediates DIR also writes the stage files, as the stage scripts do.
 
@@ -51,12 +51,14 @@ def main(argv=None):
         raise cli.UsageError(f"--num_iterations must be >= 1, found {args.num_iterations}")
     prompts = cli.prompts_from(args)
     cli.setup_process(args)
-    from tpu_wan import artifacts, oneshot, profiling
+    from tpu_wan.core import artifacts
+    from tpu_wan.run import oneshot
+    from tpu_wan.runtime import profiling
 
     stamp = time.strftime("%Y%m%d_%H%M%S")
     if args.compile_only:
-        from tpu_wan import aot
-        from tpu_wan.config import GenerationConfig
+        from tpu_wan.core.config import GenerationConfig
+        from tpu_wan.run import aot
 
         base = GenerationConfig(model_id=args.model_id, prompts=tuple(prompts), negative_prompt=args.negative_prompt,
                                 max_sequence_length=args.max_sequence_length, fps=args.fps, vae_dtype=args.vae_dtype)

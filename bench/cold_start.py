@@ -45,8 +45,8 @@ def model_path(name: str) -> str:
         return "tiny-random"
     from filelock import FileLock
 
-    from tpu_wan.config import cache_root
-    from tpu_wan.tiny import build_tiny_checkpoint
+    from tpu_wan.core.config import cache_root
+    from tpu_wan.models.tiny import build_tiny_checkpoint
 
     path = cache_root() / "bench-medium-v1"
     with FileLock(str(path) + ".lock"):

@@ -4,7 +4,7 @@
 
 For the three channel widths of the real Wan 2.1 VAE decoder at a 9 x 128 x 128 decode (96 channels at 128 x 128,
 192 at 64 x 64, 384 at 32 x 32; float32, batch 1, the causal time padding already applied as our decoder's cache
-does), the median time of `jax.lax.conv_general_dilated` (channels-last, as tpu_wan/vae_modules.py calls it),
+does), the median time of `jax.lax.conv_general_dilated` (channels-last, as tpu_wan/models/vae_modules.py calls it),
 `torch.nn.functional.conv3d` (channels-first, as diffusers calls it), and three rewrites of the XLA one: the
 time taps as three 2D convolutions summed, the time taps folded into channels for one 2D convolution, and
 im2col + matmul. Prints GFLOP/s per row; the last line is `xla_over_torch <at 96 channels> <192> <384>`.

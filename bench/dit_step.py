@@ -1,6 +1,6 @@
 """python bench/dit_step.py [--repeats 5] [--attention auto] [--cache DIR] [--smoke] [--write]
 
-Time one denoising step of a medium Wan DiT: ours (tpu_wan.transformer.Denoiser's jitted step, the program
+Time one denoising step of a medium Wan DiT: ours (tpu_wan.models.transformer.Denoiser's jitted step, the program
 stage 2 runs every step: CFG pair as one batch of 2, guidance combine, UniPC update; 1x1 mesh) against
 diffusers' WanTransformer3DModel in torch eager in the same process (torch.no_grad, the same forward on a batch
 of 2 plus the CFG combine), in float32 and in bfloat16.
@@ -13,7 +13,7 @@ whose update is exactly `next = v` gives our guided velocity, compared with torc
 to max |v|). Our trace+lower and compile times are reported apart; then --repeats timed calls of each side,
 interleaved, median. The last line is `ratio_fp32 <ours/torch s at float32> ratio_bf16 <ours/torch s at
 bfloat16>` (the goal for float32 is <= 0.6). On a shared CPU absolute times say little; the ratios are the point.
---smoke: the tiny-random checkpoint's transformer (tpu_wan.tiny) at latents [1, 16, 2, 8, 8] and 16 text tokens,
+--smoke: the tiny-random checkpoint's transformer (tpu_wan.models.tiny) at latents [1, 16, 2, 8, 8] and 16 text tokens,
 one repeat (seconds).
 """
 
@@ -85,9 +85,10 @@ def run_dtype(path: Path, dtype: str, args, mesh, latents, embeds) -> dict:
     import jax.numpy as jnp
     import torch
 
-    from tpu_wan import checkpoints, schedulers
-    from tpu_wan import mesh as mesh_lib
-    from tpu_wan.transformer import Denoiser
+    from tpu_wan.models import checkpoints
+    from tpu_wan.models.transformer import Denoiser
+    from tpu_wan.runtime import mesh as mesh_lib
+    from tpu_wan.sampling import schedulers
 
     ours = Denoiser(path, mesh, dtype, args.attention)
     ref = checkpoints.load_transformer(path, dtype)
@@ -155,8 +156,8 @@ def main() -> None:
     import torch
     from diffusers.utils import logging as df_logging
 
-    from tpu_wan.mesh import make_mesh
-    from tpu_wan.tiny import default_cache_dir, ensure_tiny_checkpoint
+    from tpu_wan.models.tiny import default_cache_dir, ensure_tiny_checkpoint
+    from tpu_wan.runtime.mesh import make_mesh
 
     df_logging.set_verbosity_error()
     if args.smoke:

@@ -3,7 +3,7 @@
 On a GPU machine run it through `bash bench/gpu_setup.sh run` (bench/README.md says how).
 
 Wan 2.1 T2V 1.3B at its trained size (832x480, 81 frames), bfloat16, CFG (guidance 5.0), random weights built
-on the spot (no download): our stage-2 step (tpu_wan.transformer.Denoiser's step program: the CFG pair as one
+on the spot (no download): our stage-2 step (tpu_wan.models.transformer.Denoiser's step program: the CFG pair as one
 batch of 2, the guidance combine and the UniPC update, 1x1 mesh, --attention auto: cuDNN flash attention on a
 GPU) against diffusers' WanPipeline step as its loop runs it (WanTransformer3DModel in torch, SDPA, bfloat16: a
 cond and an uncond forward, the combine, UniPCMultistepScheduler.step), eager and under torch.compile. Each side
@@ -22,7 +22,7 @@ others load and warm up, and is dropped (said so) if its warmup step has not fin
 the budget ends (what the timed steps and the decodes take after it). Last line: `ratio_eager <ours / diffusers eager s/step> ratio_compiled <ours /
 diffusers compiled s/step, or nan>`.
 
---smoke: the tiny-random checkpoint (tpu_wan.tiny) at latents [1, 16, 2, 8, 8] and 16 text tokens on whatever
+--smoke: the tiny-random checkpoint (tpu_wan.models.tiny) at latents [1, 16, 2, 8, 8] and 16 text tokens on whatever
 device there is (the CPU in the test suite), one timed step, torch.compile with its "eager" backend (seconds).
 """
 
@@ -104,8 +104,9 @@ class OursSide:
         import jax
         import jax.numpy as jnp
 
-        from tpu_wan import mesh as mesh_lib, schedulers
-        from tpu_wan.transformer import Denoiser
+        from tpu_wan.models.transformer import Denoiser
+        from tpu_wan.runtime import mesh as mesh_lib
+        from tpu_wan.sampling import schedulers
 
         self.jax, self.vae_path = jax, vae
         self.device = jax.devices()[0]
@@ -150,7 +151,7 @@ class OursSide:
         return stats.get("peak_bytes_in_use")
 
     def decode(self, latents: np.ndarray) -> None:
-        from tpu_wan.vae import VaeDecoder
+        from tpu_wan.models.vae import VaeDecoder
 
         if not hasattr(self, "decoder"):
             self.decoder = VaeDecoder(self.vae_path, self.mesh, "float32")
@@ -165,7 +166,7 @@ class TorchSide:
         from diffusers import UniPCMultistepScheduler, WanTransformer3DModel
         from diffusers.utils import logging as df_logging
 
-        from tpu_wan.tiny import SCHEDULER_CONFIG
+        from tpu_wan.models.tiny import SCHEDULER_CONFIG
 
         df_logging.set_verbosity_error()
         torch.set_grad_enabled(False)
@@ -371,7 +372,7 @@ def main() -> None:
     start = time.time()
     deadline = start + args.budget_s - RESERVE_S
     if args.smoke:
-        from tpu_wan.tiny import ensure_tiny_checkpoint
+        from tpu_wan.models.tiny import ensure_tiny_checkpoint
 
         args.steps = 1
         dit = vae = ensure_tiny_checkpoint()
@@ -383,7 +384,7 @@ def main() -> None:
             print("gpu_real.py: expected an NVIDIA GPU (torch.cuda.is_available()), found none; --smoke runs "
                   "anywhere", file=sys.stderr)
             sys.exit(2)
-        from tpu_wan.tiny import default_cache_dir
+        from tpu_wan.models.tiny import default_cache_dir
 
         cache = (args.cache or default_cache_dir().parent / "bench-gpu-wan1.3b").expanduser()
         dit, vae = ensure_checkpoints(cache)

@@ -35,7 +35,7 @@ SMOKE_ROW = ((2048, 2048), (512, 1024, 512))
 def grid_steps_table() -> str:
     import jax.numpy as jnp
 
-    from tpu_wan import kernel_tiling as kt
+    from tpu_wan.kernels import kernel_tiling as kt
 
     lines = ["| tokens | chip limit | default (bq, bkv, bkv_compute) | grid steps per head | `vmem_bytes` |",
              "|---|---|---|---|---|"]
@@ -56,11 +56,12 @@ def accepts(topology: str, q_len: int, kv_len: int, blocks, vmem_limit: int) -> 
     function behind it: what is measured is Mosaic's need, not our check."""
     import jax
     import jax.numpy as jnp
-    from jax.sharding import NamedSharding, PartitionSpec as P
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
 
     from tpu_wan.kernels import splash_exp2
-    from tpu_wan.mesh import make_mesh
-    from tpu_wan.topology import parse_target
+    from tpu_wan.runtime.mesh import make_mesh
+    from tpu_wan.tpu.topology import parse_target
 
     mesh = make_mesh(1, 1, parse_target(topology).devices()[:1])
     args = [jax.ShapeDtypeStruct((1, n, 128), jnp.bfloat16, sharding=NamedSharding(mesh, P()))
@@ -92,7 +93,7 @@ def least_vmem(topology: str, q_len: int, kv_len: int, blocks, step: int) -> int
 def vmem_needed_table(rows, chips: dict[str, str], step: int) -> tuple[str, float]:
     import jax.numpy as jnp
 
-    from tpu_wan import kernel_tiling as kt
+    from tpu_wan.kernels import kernel_tiling as kt
 
     lines = ["| (q_len, kv_len) | blocks | `vmem_bytes` | " + " | ".join(f"{c} needs" for c in chips) + " |",
              "|---|---|---|" + "---|" * len(chips)]

@@ -1,7 +1,7 @@
 """python bench/real_size.py [--cache DIR] [--paths ours,naive] [--smoke] [--write]
 
 Peak host memory and time of loading the real-size Wan 2.1 T2V 1.3B transformer (random bf16 weights), ours
-(tpu_wan.transformer.Denoiser: meta-parameter model, every weight read from safetensors straight into its jax
+(tpu_wan.models.transformer.Denoiser: meta-parameter model, every weight read from safetensors straight into its jax
 array) against the naive path the project used before (diffusers from_pretrained(torch_dtype=bfloat16), then
 torchax_env.functionalize and mesh.shard_weights: torch weights and their jax copies coexist).
 
@@ -58,7 +58,7 @@ REAL_CONFIG = dict(
     eps=1e-6,
     rope_max_seq_len=1024,
 )
-# --smoke: the same architecture at the tiny checkpoint's widths (tpu_wan.tiny); RoPE splits the head dim 8/4/4.
+# --smoke: the same architecture at the tiny checkpoint's widths (tpu_wan.models.tiny); RoPE splits the head dim 8/4/4.
 SMOKE_CONFIG = dict(REAL_CONFIG, num_attention_heads=2, attention_head_dim=16, text_dim=32, freq_dim=32, ffn_dim=64,
                     num_layers=2)
 SMOKE_TEXT_TOKENS = 16
@@ -188,12 +188,13 @@ def run_child(which: str, cache: Path, smoke: bool) -> dict:
     start = time.perf_counter()
     import jax
     import numpy as np
-
     from diffusers import WanTransformer3DModel  # noqa: F401  (both paths import it: same baseline)
 
-    from tpu_wan import attention, checkpoints, schedulers, torchax_env
-    from tpu_wan import mesh as mesh_lib
-    from tpu_wan.transformer import Denoiser
+    from tpu_wan.models import checkpoints
+    from tpu_wan.models.transformer import Denoiser
+    from tpu_wan.runtime import attention, torchax_env
+    from tpu_wan.runtime import mesh as mesh_lib
+    from tpu_wan.sampling import schedulers
 
     mesh = mesh_lib.make_mesh(1, 1, devices=jax.devices()[:1])
     torchax_env._env()  # torchax imported and its environment built before the baseline, in both paths

@@ -1,14 +1,14 @@
 """python bench/sharding_compile.py [--smoke] [--cases 1.3b-480p 14b-720p ...] [--topologies v6e-8 ...]
        [--modes megatron sequence] [--out DIR] [--from_dir DIR] [--write]
 
-The denoising step in both sharding modes (tpu_wan.parallelism) as the TPU compiler sees it, compiled on this CPU
-host (libtpu, deviceless: nothing runs, no weights are read). Each (case, slice, mode) runs
+The denoising step in both sharding modes (tpu_wan.runtime.parallelism) as the TPU compiler sees it, compiled on this
+CPU host (libtpu, deviceless: nothing runs, no weights are read). Each (case, slice, mode) runs
 `stages/stage2_transformer.py --compile_only --topology T --sharding M` as its own process (81 frames, CFG, one
 prompt, bfloat16, the slice's default mesh dp 2 x tp 4), so its compile seconds are its own.
 
-Columns per step (both CFG rows), per chip: GB sent (traffic: ring algorithms' bytes, tpu_wan.hlo), GB counted
+Columns per step (both CFG rows), per chip: GB sent (traffic: ring algorithms' bytes, tpu_wan.tpu.hlo), GB counted
 as the collectives' result sizes (the older count), the closed-form estimate `--sharding auto` decides by
-(tpu_wan.arithmetic.dit_step_traffic_bytes) and its ratio to the compiler's count, peak GiB against the
+(tpu_wan.tpu.arithmetic.dit_step_traffic_bytes) and its ratio to the compiler's count, peak GiB against the
 compiler's HBM limit, compile seconds on this CPU. --out keeps each
 metrics.json, --from_dir renders the table of those kept without compiling, --write puts it into bench/README.md
 between its sharding_compile markers. --smoke: the tiny model on v5e-8 (seconds). The last line is
@@ -29,6 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 from doc_tables import current_commit, measured_line, stamp, write_block  # noqa: E402
+
 GiB = 1 << 30
 MODELS = {"1.3b": "Wan-AI/Wan2.1-T2V-1.3B-Diffusers", "14b": "Wan-AI/Wan2.1-T2V-14B-Diffusers"}
 SIZES = {"480p": (480, 832), "720p": (720, 1280)}
@@ -57,9 +58,12 @@ def estimate(document: dict) -> float:
     """The closed form `--sharding auto` uses, at this document's model, size and mesh."""
     import jax.numpy as jnp
 
-    from tpu_wan import arithmetic, checkpoints, config as config_lib, parallelism
-    from tpu_wan.mesh import make_mesh
-    from tpu_wan.topology import parse_target
+    from tpu_wan.core import config as config_lib
+    from tpu_wan.models import checkpoints
+    from tpu_wan.runtime import parallelism
+    from tpu_wan.runtime.mesh import make_mesh
+    from tpu_wan.tpu import arithmetic
+    from tpu_wan.tpu.topology import parse_target
 
     c = document["config"]
     dit = checkpoints.read_config(checkpoints.resolve_configs(c["model_id"]), "transformer")

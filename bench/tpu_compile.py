@@ -12,7 +12,7 @@ XLA:TPU takes many minutes per 3D convolution program (see bench/README.md).
 Columns: compile s on this CPU (text encoder + step, that mesh and mode), peak GiB per chip (the largest program,
 the other models' weights included) against the compiler's HBM limit, fits, the step's FLOPs over the model's own
 arithmetic, and the bytes each chip sends per denoising step (the collectives of the step's optimized HLO, as
-ring algorithms move them: tpu_wan.hlo). --out keeps each case's metrics.json, and --from_dir renders the table of
+ring algorithms move them: tpu_wan.tpu.hlo). --out keeps each case's metrics.json, and --from_dir renders the table of
 the cases kept there without compiling. --write puts the table into bench/README.md between its tpu_compile markers.
 --smoke: the tiny model on v5e-4, Megatron only (seconds). The last line is `cases N fits F` (cases compiled, of
 which the default mesh fits). Compiler estimates, not measurements.
@@ -31,6 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 from doc_tables import measured_line, stamp, write_block  # noqa: E402
+
 GiB = 1 << 30
 MODELS = {"1.3b": "Wan-AI/Wan2.1-T2V-1.3B-Diffusers", "14b": "Wan-AI/Wan2.1-T2V-14B-Diffusers"}
 SIZES = {"480p": (480, 832), "720p": (720, 1280)}
@@ -63,7 +64,7 @@ def compile_case(case: str, model_id: str, height: int, width: int, frames: int,
 def rows_of(case: str, document: dict) -> list[list[str]]:
     """The default mesh's row (in the mode --sharding auto keeps there: the compiler's choice) and, where another
     mesh or mode ranks first, the best one's."""
-    from tpu_wan.mesh import default_mesh_shape
+    from tpu_wan.runtime.mesh import default_mesh_shape
 
     t = document["target"]
     default = default_mesh_shape(t["devices"])

@@ -30,10 +30,11 @@ def main() -> None:
     sys.path.insert(0, str(ROOT))
     import jax
     import jax.numpy as jnp
-    from jax.sharding import NamedSharding, PartitionSpec as P
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
 
-    from tpu_wan import topology
-    from tpu_wan.mesh import make_mesh
+    from tpu_wan.runtime.mesh import make_mesh
+    from tpu_wan.tpu import topology
 
     mesh = make_mesh(1, 1, topology.parse_target(args.topology).devices()[:1])
     placed = NamedSharding(mesh, P())

@@ -8,7 +8,7 @@ process (torch.no_grad, float32, the WanPipeline de-normalisation and post-proce
 --repeats), their ratio, max abs difference and GFLOP/s (FLOPs from XLA's cost analysis of our programs);
 then our lower+compile time at 5 and 17 latent frames with fresh decoders (min of 2). The last line is
 `ratio_9f_128 <ours/torch at 9 frames 128x128> compile_ratio_17_5 <17 / 5>`. On CPU absolute times say
-little; the ratios are the point. --smoke: the tiny-random checkpoint's VAE (tpu_wan.tiny), the 9f_128 size only,
+little; the ratios are the point. --smoke: the tiny-random checkpoint's VAE (tpu_wan.models.tiny), the 9f_128 size only,
 one repeat, one compile of each length (seconds).
 """
 
@@ -100,9 +100,9 @@ def main() -> None:
     import torch
     from diffusers import AutoencoderKLWan
 
-    from tpu_wan.mesh import make_mesh
-    from tpu_wan.tiny import ensure_tiny_checkpoint
-    from tpu_wan.vae import VaeDecoder
+    from tpu_wan.models.tiny import ensure_tiny_checkpoint
+    from tpu_wan.models.vae import VaeDecoder
+    from tpu_wan.runtime.mesh import make_mesh
 
     if args.smoke:
         path = ensure_tiny_checkpoint()

@@ -24,7 +24,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     prompts = cli.prompts_from(args)
     cli.setup_process(args)
-    from tpu_wan import pipeline, profiling
+    from tpu_wan.run import pipeline
+    from tpu_wan.runtime import profiling
 
     result = pipeline.run_stage1(
         args.model_id, prompts, args.negative_prompt, args.output_dir,

@@ -35,10 +35,12 @@ def main(argv=None):
     settings = cli.stage2_settings(args)
     cli.check_compile_args(args)
     cli.setup_process(args)
-    from tpu_wan import pipeline, profiling
+    from tpu_wan.run import pipeline
+    from tpu_wan.runtime import profiling
 
     if args.compile_only:
-        from tpu_wan import aot, artifacts
+        from tpu_wan.core import artifacts
+        from tpu_wan.run import aot
 
         base = aot.stage2_base(args.input_dir, args.num_prompts, args.model_id)
         metrics = aot.compile_only(base, settings, args.topology, dp=args.dp, tp=args.tp,

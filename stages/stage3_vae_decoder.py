@@ -30,7 +30,8 @@ def main(argv=None):
     if args.fps is not None and args.fps <= 0:
         raise cli.UsageError(f"--fps must be > 0, found {args.fps}")
     cli.setup_process(args)
-    from tpu_wan import pipeline, profiling
+    from tpu_wan.run import pipeline
+    from tpu_wan.runtime import profiling
 
     result = pipeline.run_stage3(
         args.input_dir, output_video=args.output_video, output_dir=args.output_dir, fps=args.fps,

@@ -16,13 +16,13 @@ from tpu_wan.cli import with_cpu_xla_flags  # noqa: E402  (imports no jax)
 
 os.environ["XLA_FLAGS"] = with_cpu_xla_flags(os.environ["XLA_FLAGS"])
 
-import pytest  # noqa: E402
-
 # The scripts the tests start share a persistent compilation cache per test worker (not the user's): later runs
 # of the same shapes skip XLA's compile, and no test depends on the user's cache.
 import atexit  # noqa: E402
 import shutil  # noqa: E402
 import tempfile  # noqa: E402
+
+import pytest  # noqa: E402
 
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="tpu-wan-test-jax-cache-")
@@ -140,7 +140,7 @@ def rel_err(ours, ref) -> float:
 
 @pytest.fixture(scope="session")
 def tiny_path():
-    from tpu_wan.tiny import ensure_tiny_checkpoint
+    from tpu_wan.models.tiny import ensure_tiny_checkpoint
 
     return ensure_tiny_checkpoint()
 
@@ -156,7 +156,7 @@ def diffusers_pipe(tiny_path):
 
 
 def diffusers_scheduler(solver: str, flow_shift: float):
-    """The diffusers scheduler each --sample_solver reproduces (tpu_wan.schedulers' docstring), built from
+    """The diffusers scheduler each --sample_solver reproduces (tpu_wan.sampling.schedulers' docstring), built from
     scratch: "unipc" is what Wan's scheduler_config.json holds, with `flow_shift`."""
     import diffusers
 

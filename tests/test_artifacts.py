@@ -1,4 +1,4 @@
-"""Round trips and refusals of the stage files (tpu_wan/artifacts.py)."""
+"""Round trips and refusals of the stage files (tpu_wan/core/artifacts.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
-from tpu_wan import artifacts as A
+from tpu_wan.core import artifacts as A
 
 GOOD_META = {"format": "tpu_wan", "schema_version": "1"}
 

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from conftest import KERNEL_F32_RTOL, rel_err
 
-from tpu_wan import attention
-from tpu_wan.attention import AttentionError, AttentionOptions
-from tpu_wan.mesh import make_mesh
+from tpu_wan.runtime import attention
+from tpu_wan.runtime.attention import AttentionError, AttentionOptions
+from tpu_wan.runtime.mesh import make_mesh
 
 
 def _qkv(b, n, l, s, d, seed=0):
@@ -142,8 +142,10 @@ def test_window_with_split_query_sequence_is_refused():
 def test_every_attention_of_a_step_reaches_our_dispatch(monkeypatch, model, height, width, frames):
     # The transformer must never fall back to torchax's own scaled_dot_product_attention, which builds the
     # whole [L, S] logits (at 14B 720p: 40 heads x 75,600^2 x 4 bytes ~ 229 GB per CFG row).
-    from tpu_wan import checkpoints, config as config_lib, torchax_env
-    from tpu_wan.transformer import Denoiser
+    from tpu_wan.core import config as config_lib
+    from tpu_wan.models import checkpoints
+    from tpu_wan.models.transformer import Denoiser
+    from tpu_wan.runtime import torchax_env
 
     torchax_env._torchax()  # torchax imported through our shim first
     from torchax.ops import jtorch

@@ -8,10 +8,11 @@ import sys
 import numpy as np
 import pytest
 import safetensors.numpy
-from scripts import GENERATE, MESH_2x4, STAGE1, STAGE2, STAGE3, run
+from scripts import GENERATE, STAGE1, STAGE2, STAGE3, MESH_2x4, run
 
-from tpu_wan import artifacts, pipeline
-from tpu_wan.config import DEFAULT_NEGATIVE_PROMPT
+from tpu_wan.core import artifacts
+from tpu_wan.core.config import DEFAULT_NEGATIVE_PROMPT
+from tpu_wan.run import pipeline
 
 SIZE = ("--height", "32", "--width", "32", "--frames", "5", "--num_inference_steps", "2")
 
@@ -283,7 +284,7 @@ def test_stage1_hub_id_without_hub(tmp_path, monkeypatch):
 
 def test_a_missing_dependency_is_one_line(monkeypatch, capsys):
     # e.g. a GPU image without diffusers: an entry point says which package, in one line, status 2
-    from tpu_wan import entry
+    from tpu_wan.core import entry
 
     monkeypatch.setitem(sys.modules, "diffusers", None)  # `import diffusers` now raises ModuleNotFoundError
 
@@ -305,7 +306,7 @@ def test_a_missing_dependency_is_one_line(monkeypatch, capsys):
 def test_a_program_the_tpu_compiler_refuses_for_memory_is_one_line(capsys):
     # On a TPU, a run whose step needs more than the chip's HBM: the compiler's RESOURCE_EXHAUSTED (as jax raises it
     # from the first call) ends the run in one line, status 3, as a compile-only run that does not fit does.
-    from tpu_wan import entry
+    from tpu_wan.core import entry
 
     message = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO temporaries "
                "(170.51G) exceeds available HBM (15.75G).")

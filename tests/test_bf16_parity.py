@@ -8,12 +8,24 @@ import jax
 import numpy as np
 import pytest
 import torch
-from conftest import BF16_MIN_SHARE, BF16_OVER_DIFFUSERS, FRAMES, HEIGHT, NEGATIVE, PROMPTS, SEED, STEPS, WIDTH, diffusers_run, rel_err
+from conftest import (
+    BF16_MIN_SHARE,
+    BF16_OVER_DIFFUSERS,
+    FRAMES,
+    HEIGHT,
+    NEGATIVE,
+    PROMPTS,
+    SEED,
+    STEPS,
+    WIDTH,
+    diffusers_run,
+    rel_err,
+)
 
-from tpu_wan import oneshot, pipeline
-from tpu_wan.config import GenerationConfig
-from tpu_wan.mesh import make_mesh
-from tpu_wan.transformer import Denoiser
+from tpu_wan.core.config import GenerationConfig
+from tpu_wan.models.transformer import Denoiser
+from tpu_wan.run import oneshot, pipeline
+from tpu_wan.runtime.mesh import make_mesh
 
 PROMPT, GUIDANCE = PROMPTS[0], 5.0
 

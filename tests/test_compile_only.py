@@ -22,7 +22,9 @@ PROGRAM_FIELDS = {"name", "compile_s", "argument_bytes", "output_bytes", "alias_
 
 def no_weights(monkeypatch):
     """Any read of weights, tokenizer or video write fails the test."""
-    from tpu_wan import checkpoints, loading, vae, video
+    from tpu_wan.core import video
+    from tpu_wan.models import checkpoints, vae
+    from tpu_wan.runtime import loading
 
     def refuse(*args, **kwargs):
         raise AssertionError("a compile-only run read weights or wrote a video")
@@ -71,7 +73,7 @@ def test_every_program_of_the_run_compiles_for_v6e8(generate_v6e8):
 
 
 def test_report_renders_a_compile_only_document(generate_v6e8):
-    from tpu_wan import report
+    from tpu_wan.core import report
 
     folder, m = generate_v6e8
     text = report.render(m, title="metrics.json")
@@ -85,10 +87,12 @@ def test_the_numbers_are_the_programs_own():
     (dp 2 x tp 2)."""
     import jax
     import jax.numpy as jnp
-    from jax.sharding import NamedSharding, PartitionSpec as P
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
 
-    from tpu_wan import aot, topology
-    from tpu_wan.mesh import make_mesh
+    from tpu_wan.run import aot
+    from tpu_wan.runtime.mesh import make_mesh
+    from tpu_wan.tpu import topology
 
     target = topology.parse_target("v5e-4")
     mesh = make_mesh(2, 2, target.devices())
@@ -155,7 +159,8 @@ def test_auto_sharding_is_decided_by_the_compiler_when_compiling(tmp_path, monke
     """A compile-only run with --sharding auto compiles both modes on its mesh and keeps the one the compiler says
     fits and sends less (megatron, here), even where the closed form says otherwise; the text encoder compiles
     once."""
-    from tpu_wan import aot, parallelism
+    from tpu_wan.run import aot
+    from tpu_wan.runtime import parallelism
 
     monkeypatch.setattr(parallelism, "choose", lambda *args, **kwargs: "sequence")
     compiled = []
@@ -176,7 +181,7 @@ def one_block_wan_1_3b(tmp_path_factory):
     """Wan 2.1 1.3B's packaged configs with one transformer block: its real widths, compiled in seconds."""
     import shutil
 
-    from tpu_wan import checkpoints
+    from tpu_wan.models import checkpoints
 
     folder = tmp_path_factory.mktemp("wan13-one-block") / "Wan2.1-T2V-1.3B-one-block"
     shutil.copytree(checkpoints.PACKAGED_CONFIGS / "Wan2.1-T2V-1.3B-Diffusers", folder)
@@ -194,9 +199,12 @@ def test_the_closed_form_matches_the_compilers_count(one_block_wan_1_3b, generat
     sharding table), sequence at a length where the FFN's weights are gathered."""
     from conftest import CLOSED_FORM_RTOL
 
-    from tpu_wan import aot, arithmetic, checkpoints, parallelism, pipeline, topology
-    from tpu_wan.config import GenerationConfig, Stage2Settings, video_tokens
-    from tpu_wan.mesh import make_mesh
+    from tpu_wan.core.config import GenerationConfig, Stage2Settings, video_tokens
+    from tpu_wan.models import checkpoints
+    from tpu_wan.run import aot, pipeline
+    from tpu_wan.runtime import parallelism
+    from tpu_wan.runtime.mesh import make_mesh
+    from tpu_wan.tpu import arithmetic, topology
 
     target = topology.parse_target(f"{generation}-8")
     mesh = make_mesh(2, 4, target.devices())
@@ -215,7 +223,7 @@ def test_the_closed_form_matches_the_compilers_count(one_block_wan_1_3b, generat
 
 
 def test_rank_puts_what_fits_first_then_fewer_bytes_sent_then_lower_peak():
-    from tpu_wan import aot
+    from tpu_wan.run import aot
 
     def doc(name, fits, sent, peak):
         step = {"skipped": None if sent is not None else "not compiled", "peak_bytes": peak,
@@ -231,7 +239,8 @@ def test_rank_puts_what_fits_first_then_fewer_bytes_sent_then_lower_peak():
 
 
 def test_candidate_runs_include_the_meshes_only_sequence_sharding_takes():
-    from tpu_wan import aot, topology
+    from tpu_wan.run import aot
+    from tpu_wan.tpu import topology
 
     v6e8 = topology.parse_target("v6e-8")
     # 1.3B: 12 DiT heads, UMT5 64: tp 8 splits the text encoder's heads but not the DiT's
@@ -247,7 +256,7 @@ def test_candidate_runs_include_the_meshes_only_sequence_sharding_takes():
 def test_14b_at_720p_does_not_fit_a_v5e_1(tmp_path):
     # In process (the one-line contract of a refusal, exit 3, is the next test's): 14B's weights alone exceed
     # one v5e chip, so its step is not compiled at all
-    from tpu_wan.errors import DoesNotFit
+    from tpu_wan.core.errors import DoesNotFit
 
     with pytest.raises(DoesNotFit) as info:
         load(STAGE2).main(["--model_id", "Wan-AI/Wan2.1-T2V-14B-Diffusers", "--num_prompts", "1", "--height", "720",
@@ -286,9 +295,10 @@ def test_the_fit_limit_is_the_compilers_own(name):
     import jax
     import jax.numpy as jnp
     import numpy as np
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
 
-    from tpu_wan import hlo, topology
+    from tpu_wan.tpu import hlo, topology
 
     target = topology.parse_target(name)
     mesh = Mesh(np.array(target.devices()[:1]), ("x",))
@@ -376,8 +386,8 @@ def test_attention_the_tpu_compiler_refuses_is_one_error_before_the_run(tmp_path
     # The stage-2 checks compile the attention calls for the slice: a kernel Mosaic refuses (here: our VMEM
     # estimate and the chip's limit both shrunk to nothing, so our own check passes and Mosaic runs out of VMEM) is
     # an AttentionError naming the compiler, raised by the checks before the step is built.
-    from tpu_wan import kernel_tiling
-    from tpu_wan.attention import AttentionError
+    from tpu_wan.kernels import kernel_tiling
+    from tpu_wan.runtime.attention import AttentionError
 
     monkeypatch.setattr(kernel_tiling, "vmem_limit_for", lambda kind: 1024)
     monkeypatch.setattr(kernel_tiling, "vmem_bytes", lambda *args: 0)

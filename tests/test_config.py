@@ -6,9 +6,10 @@ import shutil
 
 import pytest
 
-from tpu_wan import checkpoints, pipeline
-from tpu_wan.config import ConfigError, GenerationConfig, preset_for
-from tpu_wan.mesh import make_mesh
+from tpu_wan.core.config import ConfigError, GenerationConfig, preset_for
+from tpu_wan.models import checkpoints
+from tpu_wan.run import pipeline
+from tpu_wan.runtime.mesh import make_mesh
 
 
 def _resolve(model_id, **given):
@@ -66,7 +67,7 @@ def test_attention_settings_are_recorded():
     # one value from the flags (cli.attention_options) through Stage2Settings into the config, and in the file as
     # the flags' six keys
     from tpu_wan import cli
-    from tpu_wan.config import AttentionOptions
+    from tpu_wan.core.config import AttentionOptions
 
     given = dict(attention="custom", k_smooth=True, window_size=8, bqsize=64, bkvsize=128, bkvcomputesize=64)
     options = cli.attention_options(argparse.Namespace(**given))

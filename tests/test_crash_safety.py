@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from scripts import ROOT, STAGE1, run
 
-from tpu_wan import artifacts
+from tpu_wan.core import artifacts
 
 ARGS = ("--model_id", "tiny-random", "--max_sequence_length", "16", "--cpu_devices", "1")
 

@@ -12,10 +12,10 @@ import threading
 
 import pytest
 from conftest import LATENT_RTOL, rel_err
-from scripts import MESH_2x4, ROOT, STAGE1, STAGE2, run
+from scripts import ROOT, STAGE1, STAGE2, MESH_2x4, run
 
-from tpu_wan import artifacts
-from tpu_wan.distributed import LOST_PROCESS_STATUS
+from tpu_wan.core import artifacts
+from tpu_wan.runtime.distributed import LOST_PROCESS_STATUS
 
 SIZE = ("--height", "32", "--width", "32", "--frames", "5", "--num_inference_steps", "3", "--seed", "5")
 
@@ -79,7 +79,7 @@ def test_two_processes_equal_one(stage1_dir, tmp_path):
 # Steps enough that the run is still denoising when process 1 is killed (1-3 s each here: it would last an hour).
 KILL_RUN = ("--height", "32", "--width", "32", "--frames", "5", "--num_inference_steps", "1000", "--seed", "5")
 # The promise to a user: a run that lost a process ends within a minute. Measured 10-21 s (the service's heartbeat
-# timeout, tpu_wan.distributed.HEARTBEAT_TIMEOUT_S, decides); jax's defaults took 92 s, then a C++ stack trace.
+# timeout, tpu_wan.runtime.distributed.HEARTBEAT_TIMEOUT_S, decides); jax's defaults took 92 s, then a C++ stack trace.
 LOSS_DEADLINE_S = 60
 # Process 0's progress bar past its first step: the step is one program across both processes, so process 1 has
 # run it too and is inside the denoising loop.

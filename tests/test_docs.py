@@ -9,7 +9,8 @@ from scripts import ROOT
 
 import tpu_wan
 
-MODULES = {m.name for m in pkgutil.iter_modules(tpu_wan.__path__)}
+# A module by its name (`pipeline.run_stage2`) or its path (`tpu_wan.run.pipeline`): names are unique across folders.
+MODULES = {m.name.rsplit(".", 1)[-1]: m.name for m in pkgutil.walk_packages(tpu_wan.__path__, "tpu_wan.")}
 DOCS = sorted([ROOT / "README.md", *(ROOT / "docs").glob("*.md"), ROOT / "bench" / "README.md"])
 
 
@@ -25,7 +26,7 @@ def _named(text):
 def test_every_named_attribute_exists(doc):
     missing = []
     for module, attrs in _named(doc.read_text()):
-        obj = importlib.import_module(f"tpu_wan.{module}")
+        obj = importlib.import_module(MODULES[module])
         for name in attrs.split("."):
             if not hasattr(obj, name) and hasattr(obj, "__path__"):  # a package: its submodule by that name
                 try:

@@ -8,10 +8,10 @@ import pytest
 from conftest import IDENTITY_RTOL, KERNEL_BF16_RTOL, KERNEL_F32_RTOL
 from scripts import ROOT, load, run
 
-from tpu_wan import attention_tuning as tuning
-from tpu_wan.attention import AttentionError, AttentionOptions
 from tpu_wan.cli import UsageError
 from tpu_wan.kernels.splash_exp2 import attended_pairs
+from tpu_wan.run import attention_tuning as tuning
+from tpu_wan.runtime.attention import AttentionError, AttentionOptions
 
 CLI = ROOT / "custom_splash_attention.py"
 
@@ -79,7 +79,7 @@ def test_bench_on_gpu_times_only_what_gpu_runs(monkeypatch):
 
 
 def test_peak_tflops_of_every_tpu_generation_and_gpus():
-    from tpu_wan.topology import GENERATIONS
+    from tpu_wan.tpu.topology import GENERATIONS
 
     peaks = {key: tuning.peak_tflops(gen.device_kind) for key, gen in GENERATIONS.items()}
     assert peaks == {"v4": 275.0, "v5e": 197.0, "v5p": 459.0, "v6e": 918.0}  # jax names v5p "TPU v5"

@@ -8,13 +8,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 from scripts import ROOT, run
 from wan_shapes import GENERATIONS, VIDEO_TOKENS, dispatch_shapes
 
-from tpu_wan import attention, attention_tuning as tuning, kernel_tiling, topology
-from tpu_wan.attention import AttentionOptions
-from tpu_wan.kernels import splash_exp2
+from tpu_wan.kernels import kernel_tiling, splash_exp2
+from tpu_wan.run import attention_tuning as tuning
+from tpu_wan.runtime import attention
+from tpu_wan.runtime.attention import AttentionOptions
+from tpu_wan.tpu import topology
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
                                 reason="libtpu is not installed: nothing can compile for a TPU on this host")
@@ -68,7 +71,7 @@ def test_few_grid_steps_at_720p(generation):
 
 def test_the_dispatch_splits_the_query_sequence_where_the_batch_does_not_divide_dp():
     """One batch row on dp=2 puts half of L on each shard (the sequence-split shapes above)."""
-    from tpu_wan.mesh import make_mesh
+    from tpu_wan.runtime.mesh import make_mesh
 
     mesh = make_mesh(2, 4, topology.parse_target("v6e-8").devices())
     q_spec, _, seq_axes = attention._shard_specs(mesh, batch=1, heads=40)

@@ -5,68 +5,78 @@ import ast
 import re
 from pathlib import Path
 
+import pytest
 from scripts import ROOT
 
 PACKAGE = ROOT / "tpu_wan"
 
 
 def declared_layers() -> dict[str, int]:
-    """module (dotted, without 'tpu_wan.') -> layer number, from the table between the layers markers."""
+    """folder (or top-level module) of tpu_wan -> layer number, from the table between the layers markers."""
     text = (ROOT / "docs" / "ARCHITECTURE.md").read_text(encoding="utf-8")
     table = text[text.index("<!-- layers:start -->"):text.index("<!-- layers:end -->")]
     layers = {}
-    for number, modules in re.findall(r"^\| (\d+) \w+ \| (.+) \|$", table, flags=re.M):
-        for module in re.findall(r"`([\w.]+)`", modules):
-            assert module not in layers, f"{module} is in two layers"
-            layers[module] = int(number)
+    for number, folders in re.findall(r"^\| (\d+) \w+ \| (.+) \|$", table, flags=re.M):
+        for folder in re.findall(r"`([\w.]+)/?`", folders):
+            assert folder not in layers, f"{folder} is in two layers"
+            layers[folder] = int(number)
     return layers
 
 
+def _is_docstring_only(path: Path) -> bool:
+    body = ast.parse(path.read_text(encoding="utf-8")).body
+    return all(isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant) and isinstance(n.value.value, str)
+               for n in body)
+
+
 def imports(package: Path = PACKAGE) -> dict[str, set[str]]:
-    """module -> the tpu_wan modules (or subpackages) it imports anywhere in its source; packages' __init__
-    files hold no code here and are left out."""
+    """module ('folder.module', or 'module' at the top) -> the tpu_wan modules (or folders) it imports anywhere in
+    its source; a package's __init__ holds its docstring only and is left out."""
+    modules = {".".join(p.relative_to(package).with_suffix("").parts) for p in package.rglob("*.py")
+               if p.name != "__init__.py"}
     graph = {}
     for path in sorted(package.rglob("*.py")):
         if path.name == "__init__.py":
-            assert not path.read_text(encoding="utf-8").strip(), f"{path}: expected an empty package marker"
+            assert _is_docstring_only(path), f"{path}: expected a package docstring and no code"
             continue
         name = ".".join(path.relative_to(package).with_suffix("").parts)
         found = set()
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "tpu_wan":
-                if node.module == "tpu_wan":
-                    found |= {a.name for a in node.names}
-                else:
-                    found.add(node.module.removeprefix("tpu_wan."))
+                base = node.module.removeprefix("tpu_wan").removeprefix(".")
+                for alias in node.names:  # `from tpu_wan.core import errors`: the module core.errors
+                    target = f"{base}.{alias.name}" if base else alias.name
+                    found.add(target if target in modules else base or alias.name)
             elif isinstance(node, ast.Import):
                 found |= {a.name.removeprefix("tpu_wan.") for a in node.names if a.name.split(".")[0] == "tpu_wan"}
         graph[name] = {m for m in found if m != name}
     return graph
 
 
-def _resolve(target: str, layers: dict[str, int]) -> str:
-    """`kernels` (the package) stands for its modules."""
-    return target if target in layers else next((m for m in layers if m.startswith(target + ".")), target)
+def layer_of(module: str, layers: dict[str, int]) -> int:
+    """A module's layer is its folder's (a top-level module's, its own)."""
+    return layers[module.split(".")[0]]
 
 
-def test_every_module_has_a_layer():
+def test_every_module_is_in_a_layer_folder():
     layers, graph = declared_layers(), imports()
-    assert sorted(set(graph) - set(layers)) == [], "modules missing from docs/ARCHITECTURE.md's layers table"
-    assert sorted(set(layers) - set(graph)) == [], "the layers table names modules that do not exist"
+    assert sorted(m for m in graph if m.split(".")[0] not in layers) == [], (
+        "modules outside the folders of docs/ARCHITECTURE.md's layers table")
+    assert sorted(set(layers) - {m.split(".")[0] for m in graph}) == [], "the layers table names what does not exist"
 
 
 def test_imports_go_down_or_sideways_only():
     layers = declared_layers()
-    upward = [f"{m} (layer {layers[m]}) imports {t} (layer {layers[_resolve(t, layers)]})"
-              for m, targets in imports().items() for t in targets if layers[_resolve(t, layers)] > layers[m]]
+    upward = [f"{m} (layer {layer_of(m, layers)}) imports {t} (layer {layer_of(t, layers)})"
+              for m, targets in imports().items() for t in targets if layer_of(t, layers) > layer_of(m, layers)]
     assert upward == []
 
 
-def test_nothing_imports_the_cli_and_only_attention_imports_the_kernels():
+def test_nothing_imports_the_cli_and_only_the_attention_dispatch_calls_the_kernel():
     graph = imports()
     assert [m for m, targets in graph.items() if "cli" in targets] == []
-    assert [m for m, targets in graph.items() if any(t.split(".")[0] == "kernels" for t in targets)
-            and m.split(".")[0] != "kernels"] == ["attention"]
+    assert [m for m, targets in graph.items() if "kernels.splash_exp2" in targets
+            and m.split(".")[0] != "kernels"] == ["runtime.attention"]
 
 
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
@@ -90,14 +100,18 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 
 def test_no_import_cycle():
-    layers = declared_layers()
-    assert find_cycle({m: {_resolve(t, layers) for t in ts} for m, ts in imports().items()}) is None
+    assert find_cycle(imports()) is None
 
 
 def test_the_walk_sees_function_level_imports_and_cycles(tmp_path):
     # The checks above are only as good as the walk: a lazy import inside a function counts, and so does a cycle.
-    (tmp_path / "a.py").write_text("def f():\n    from tpu_wan import b, cli\n")
-    (tmp_path / "b.py").write_text("import tpu_wan.a\nfrom tpu_wan.kernels import splash_exp2\n")
+    (tmp_path / "core").mkdir()
+    (tmp_path / "core" / "__init__.py").write_text('"""docstring"""\n')
+    (tmp_path / "core" / "a.py").write_text("def f():\n    from tpu_wan.core import b\n    from tpu_wan import cli\n")
+    (tmp_path / "core" / "b.py").write_text("import tpu_wan.core.a\nfrom tpu_wan.kernels import splash_exp2\n")
     graph = imports(tmp_path)
-    assert graph == {"a": {"b", "cli"}, "b": {"a", "kernels"}}
-    assert find_cycle(graph) == ["a", "b", "a"]
+    assert graph == {"core.a": {"core.b", "cli"}, "core.b": {"core.a", "kernels"}}
+    assert find_cycle(graph) == ["core.a", "core.b", "core.a"]
+    (tmp_path / "core" / "__init__.py").write_text("import os\n")
+    with pytest.raises(AssertionError, match="expected a package docstring and no code"):
+        imports(tmp_path)

@@ -11,11 +11,15 @@ import torch
 from conftest import FRAMES, HEIGHT, LATENT_RTOL, NEGATIVE, PROMPTS, SEED, STEPS, WIDTH, diffusers_run, rel_err
 from safetensors.torch import save_file
 
-from tpu_wan import checkpoints, finetune, loading, mesh as mesh_lib, schedulers, sweep
-from tpu_wan.config import latent_shape
-from tpu_wan.finetune import FinetuneError
-from tpu_wan.mesh import make_mesh
-from tpu_wan.transformer import Denoiser
+from tpu_wan.core.config import latent_shape
+from tpu_wan.models import checkpoints, finetune
+from tpu_wan.models.finetune import FinetuneError
+from tpu_wan.models.transformer import Denoiser
+from tpu_wan.run import sweep
+from tpu_wan.runtime import loading
+from tpu_wan.runtime import mesh as mesh_lib
+from tpu_wan.runtime.mesh import make_mesh
+from tpu_wan.sampling import schedulers
 
 LARGE = 1024  # as in test_sharding: every projection of the tiny model is at least this big
 

@@ -13,7 +13,8 @@ from conftest import TIME_ACCOUNTING_RTOL, WARM_COMPILE_MAX_FRACTION
 from safetensors import safe_open
 from scripts import GENERATE, ROOT, run
 
-from tpu_wan import artifacts, preview, profiling
+from tpu_wan.core import artifacts, preview
+from tpu_wan.runtime import profiling
 
 SIZE = ("--height", "32", "--width", "32", "--frames", "5", "--num_inference_steps", "3", "--seed", "3")
 ONE_DEVICE = ("--cpu_devices", "1", "--warmup_steps", "1")
@@ -93,8 +94,8 @@ def _file_bytes(path: Path, keep=lambda key: True) -> int:
 
 
 def test_weight_bytes_match_the_checkpoint(runs, tiny_path):
-    from tpu_wan import checkpoints
-    from tpu_wan.vae import DECODER_PREFIXES
+    from tpu_wan.models import checkpoints
+    from tpu_wan.models.vae import DECODER_PREFIXES
 
     tmp, _, _ = runs
     stages = _metrics(tmp, "cold")["stages"]
@@ -145,7 +146,7 @@ def test_profile_trace_written(runs):
 
 def test_report_renders(runs):
     tmp, _, _ = runs
-    proc = subprocess.run([sys.executable, "-m", "tpu_wan.report", str(tmp / "cold" / artifacts.METRICS_FILE)],
+    proc = subprocess.run([sys.executable, "-m", "tpu_wan.core.report", str(tmp / "cold" / artifacts.METRICS_FILE)],
                           capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert proc.returncode == 0, proc.stderr
     headings = [line for line in proc.stdout.splitlines() if line.startswith("## ")]
@@ -156,8 +157,8 @@ def test_report_renders(runs):
 def test_program_temp_bytes_need_no_second_compile(tiny_path):
     import jax
 
-    from tpu_wan import pipeline
-    from tpu_wan.mesh import make_mesh
+    from tpu_wan.run import pipeline
+    from tpu_wan.runtime.mesh import make_mesh
 
     mesh = make_mesh(1, 1, devices=jax.devices()[:1])
     decoder = pipeline.load_decoder(tiny_path, mesh)

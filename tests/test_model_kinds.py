@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 from scripts import GENERATE, STAGE1, STAGE2, STAGE3, load, run
 
-from tpu_wan import artifacts, checkpoints, entry, tiny
-from tpu_wan.config import DEFAULT_NEGATIVE_PROMPT, GenerationConfig, Stage2Settings
+from tpu_wan.core import artifacts, entry
+from tpu_wan.core.config import DEFAULT_NEGATIVE_PROMPT, GenerationConfig, Stage2Settings
+from tpu_wan.models import checkpoints, tiny
 
 SIZE = ("--height", "16", "--width", "16", "--frames", "5", "--num_inference_steps", "2")
 # The Wan 2.2 TI2V-5B VAE (diffusers' scripts/convert_wan_to_diffusers.py) at tiny widths: 48 latent channels,
@@ -170,7 +171,10 @@ def _snapshot(folder):
 
 def _no_work(monkeypatch):
     """Reading any weight or tokenizer, compiling a program for a slice, or writing a video fails the test."""
-    from tpu_wan import aot, loading, vae, video
+    from tpu_wan.core import video
+    from tpu_wan.models import vae
+    from tpu_wan.run import aot
+    from tpu_wan.runtime import loading
 
     def refuse(*args, **kwargs):
         raise AssertionError("the run started working on a model kind it does not implement")
@@ -186,7 +190,7 @@ def _script(path):
 
 
 def _run_in_process(script, argv) -> int:
-    """The script's main as its command line runs it (tpu_wan.entry), in this process; the process settings a
+    """The script's main as its command line runs it (tpu_wan.core.entry), in this process; the process settings a
     script makes (jax's compilation cache, environment variables, the SIGTERM handler) are put back after."""
     import jax
 

@@ -7,13 +7,23 @@ import numpy as np
 import pytest
 import torch
 from conftest import (
-    EMBED_RTOL, FRAMES, FRAMES_ATOL, HEIGHT, LATENT_RTOL, NEGATIVE, PROMPTS, SEED, STEPS, WIDTH,
-    diffusers_run, rel_err,
+    EMBED_RTOL,
+    FRAMES,
+    FRAMES_ATOL,
+    HEIGHT,
+    LATENT_RTOL,
+    NEGATIVE,
+    PROMPTS,
+    SEED,
+    STEPS,
+    WIDTH,
+    diffusers_run,
+    rel_err,
 )
 
-from tpu_wan import oneshot, pipeline, sweep
-from tpu_wan.config import GenerationConfig, latent_shape
-from tpu_wan.mesh import make_mesh
+from tpu_wan.core.config import GenerationConfig, latent_shape
+from tpu_wan.run import oneshot, pipeline, sweep
+from tpu_wan.runtime.mesh import make_mesh
 
 MESHES = [(1, 1), (2, 4)]
 GUIDANCES = [1.0, 5.0]
@@ -89,8 +99,8 @@ def test_our_embeddings_and_noise_drive_diffusers(models, diffusers_pipe):
 def test_custom_kernel_pipeline_equals_xla(models, tiny_path):
     # --attention custom: our Pallas kernel (interpreted on CPU) for every attention call of the DiT, self-
     # attention over video tokens and cross-attention over text, sharded as on a TPU mesh. The whole pipeline
-    # against the default (XLA attention on CPU); UMT5 and the VAE do not route through tpu_wan.attention.
-    from tpu_wan.transformer import Denoiser
+    # against the default (XLA attention on CPU); UMT5 and the VAE do not route through tpu_wan.runtime.attention.
+    from tpu_wan.models.transformer import Denoiser
 
     custom = copy.copy(models)  # the same text encoder and VAE (already compiled), a DiT with the kernel
     custom.denoiser = Denoiser(tiny_path, models.denoiser.mesh, "float32", "custom")

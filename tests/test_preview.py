@@ -1,4 +1,4 @@
-"""Contact sheets of a video's frames (tpu_wan/preview.py)."""
+"""Contact sheets of a video's frames (tpu_wan/core/preview.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import cv2
 import numpy as np
 import pytest
 
-from tpu_wan import preview
+from tpu_wan.core import preview
 
 
 def _indexed_frames(t=81, h=24, w=40) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""tpu_wan.report on hand-made metrics dicts: sections, numbers, advice, and the CLI's error contract."""
+"""tpu_wan.core.report on hand-made metrics dicts: sections, numbers, advice, and the CLI's error contract."""
 
 import copy
 import json
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tpu_wan import report
+from tpu_wan.core import report
 
 REPO = Path(__file__).resolve().parents[1]
 GiB, MiB = 2**30, 2**20
@@ -176,7 +176,7 @@ def test_compile_cache_advice(hits, advised):
 
 
 def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "tpu_wan.report", *map(str, args)], cwd=REPO,
+    return subprocess.run([sys.executable, "-m", "tpu_wan.core.report", *map(str, args)], cwd=REPO,
                           capture_output=True, text=True, timeout=60)
 
 

@@ -1,14 +1,13 @@
-"""tpu_wan.schedulers against the diffusers schedulers it reproduces."""
+"""tpu_wan.sampling.schedulers against the diffusers schedulers it reproduces."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-
 from conftest import SCHEDULER_ATOL, SCHEDULER_RTOL, diffusers_scheduler
 
-from tpu_wan import schedulers
+from tpu_wan.sampling import schedulers
 
 SHAPE = (1, 16, 2, 4, 4)  # B, C, F, H, W
 

@@ -1,5 +1,5 @@
-"""Sequence-parallel sharding (tpu_wan.parallelism): the tiny pipeline against diffusers on every mesh shape, the
-token regrouping against plain attention, and how `--sharding auto` decides."""
+"""Sequence-parallel sharding (tpu_wan.runtime.parallelism): the tiny pipeline against diffusers on every mesh shape,
+the token regrouping against plain attention, and how `--sharding auto` decides."""
 
 
 import jax
@@ -8,9 +8,12 @@ import numpy as np
 import pytest
 from conftest import FRAMES, HEIGHT, LATENT_RTOL, NEGATIVE, PROMPTS, SEED, STEPS, WIDTH, diffusers_run, rel_err
 
-from tpu_wan import arithmetic, attention, checkpoints, hlo, parallelism, pipeline
-from tpu_wan.config import AttentionOptions, GenerationConfig, latent_shape, video_tokens
-from tpu_wan.mesh import make_mesh
+from tpu_wan.core.config import AttentionOptions, GenerationConfig, latent_shape, video_tokens
+from tpu_wan.models import checkpoints
+from tpu_wan.run import pipeline
+from tpu_wan.runtime import attention, parallelism
+from tpu_wan.runtime.mesh import make_mesh
+from tpu_wan.tpu import arithmetic, hlo
 
 MESHES = [(1, 1), (2, 4), (1, 8), (8, 1)]
 # float32 attention over [B N L D] against the same math in one piece: only the order of the float32 sums differs.
@@ -145,6 +148,6 @@ def test_auto_is_resolved_and_recorded(tiny_path):
     assert (short.stage2.sharding, long.stage2.sharding) == ("megatron", "sequence")  # the tiny model's crossover
     assert _config(make_mesh(1, 1, jax.devices()[:1])).stage2.sharding == "megatron"
     assert _config(mesh, sharding="sequence").to_json_dict()["sharding"] == "sequence"
-    from tpu_wan import sweep
+    from tpu_wan.run import sweep
 
     assert sweep.signature_digest(short) != sweep.signature_digest(short.replace(sharding="sequence"))

@@ -4,8 +4,10 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from tpu_wan import checkpoints, mesh as mesh_lib, torchax_env
-from tpu_wan.mesh import MeshError, make_mesh
+from tpu_wan.models import checkpoints
+from tpu_wan.runtime import mesh as mesh_lib
+from tpu_wan.runtime import torchax_env
+from tpu_wan.runtime.mesh import MeshError, make_mesh
 
 # On the tiny model every projection is >= 1024 elements and every norm / bias / modulation table below, so
 # this threshold separates the weights worth splitting from the ones too small to matter.

@@ -21,14 +21,18 @@ import ml_dtypes
 import numpy as np
 import pytest
 from conftest import BF16_OVER_SPLASH, KERNEL_BF16_RTOL, KERNEL_F32_RTOL, UNMASKED_MIN_ERR, rel_err
-
 from wan_shapes import GENERATIONS, default_blocks
 
-from tpu_wan.attention import upstream_splash
-from tpu_wan.attention_tuning import reference_f64
-from tpu_wan.kernel_tiling import vmem_bytes, vmem_limit_for
-from tpu_wan.kernels.splash_exp2 import (VMEM_LIMIT_BYTES, BlockSizes, attended_pairs, attention_reference,
-                                         splash_attention)
+from tpu_wan.kernels.kernel_tiling import vmem_bytes, vmem_limit_for
+from tpu_wan.kernels.splash_exp2 import (
+    VMEM_LIMIT_BYTES,
+    BlockSizes,
+    attended_pairs,
+    attention_reference,
+    splash_attention,
+)
+from tpu_wan.run.attention_tuning import reference_f64
+from tpu_wan.runtime.attention import upstream_splash
 
 SEED = 0
 

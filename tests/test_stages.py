@@ -6,9 +6,10 @@ import time
 import numpy as np
 import pytest
 from conftest import TIME_ACCOUNTING_RTOL
-from scripts import GENERATE, MESH_2x4, STAGE1, STAGE2, STAGE3, run
+from scripts import GENERATE, STAGE1, STAGE2, STAGE3, MESH_2x4, run
 
-from tpu_wan import artifacts, pipeline, video
+from tpu_wan.core import artifacts, video
+from tpu_wan.run import pipeline
 
 PROMPT = "A robot dancing on a rooftop at sunset"
 SIZE = ("--height", "32", "--width", "48", "--frames", "9", "--num_inference_steps", "4", "--seed", "7")

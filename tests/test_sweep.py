@@ -16,11 +16,12 @@ import pytest
 from conftest import EMBED_RTOL, rel_err
 from scripts import ROOT, STAGE2, run
 
-from tpu_wan import artifacts, pipeline, video
-from tpu_wan.batch import SLUG_MAX, BatchError, parse_seeds, plan_videos, prompt_slugs, read_prompt_file, slugify
-from tpu_wan.config import DEFAULT_NEGATIVE_PROMPT, AttentionOptions, ConfigError, GenerationConfig
-from tpu_wan.errors import UserError
-from tpu_wan.mesh import make_mesh
+from tpu_wan.core import artifacts, video
+from tpu_wan.core.batch import SLUG_MAX, BatchError, parse_seeds, plan_videos, prompt_slugs, read_prompt_file, slugify
+from tpu_wan.core.config import DEFAULT_NEGATIVE_PROMPT, AttentionOptions, ConfigError, GenerationConfig
+from tpu_wan.core.errors import UserError
+from tpu_wan.run import pipeline
+from tpu_wan.runtime.mesh import make_mesh
 
 PROMPTS = ("A cat playing piano", "一只小狗在雪地里奔跑")
 SEEDS = (1, 2, 3)
@@ -86,7 +87,7 @@ def test_prompt_file_edge_cases(tmp_path):
 
 @pytest.fixture(scope="module")
 def encoder(tiny_path):
-    from tpu_wan.text_encoder import TextEncoder
+    from tpu_wan.models.text_encoder import TextEncoder
 
     return TextEncoder(tiny_path, make_mesh(1, 1, devices=jax.devices()[:1]), "float32")
 
@@ -103,7 +104,7 @@ def test_more_prompts_than_one_encoder_batch(encoder, diffusers_pipe):
     # still be its own prompt's, as diffusers encodes the whole list at once.
     import torch
 
-    from tpu_wan.text_encoder import ENCODE_BATCH
+    from tpu_wan.models.text_encoder import ENCODE_BATCH
 
     prompts = tuple(f"prompt number {i}: a {animal}" for i, animal in enumerate(["cat", "dog", "fox"] * 6))[:17]
     assert len(prompts) > ENCODE_BATCH
@@ -220,7 +221,7 @@ def test_rerun_with_other_settings_is_refused(swept, stage1, change, expected):
 
 
 def test_resuming_a_folder_from_before_attention_was_recorded_is_refused(tmp_path):
-    from tpu_wan import sweep
+    from tpu_wan.run import sweep
 
     cfg = pipeline.resolve_stage2(GenerationConfig(model_id="tiny-random", prompts=("a cat",), negative_prompt=""),
                                     pipeline.Stage2Settings(), make_mesh(4, 2))
@@ -233,7 +234,7 @@ def test_resuming_a_folder_from_before_attention_was_recorded_is_refused(tmp_pat
 
 def test_mismatch_message_cuts_long_values(tmp_path):
     # A prompt file of many long prompts: the refusal names the field and stays one readable line.
-    from tpu_wan import sweep
+    from tpu_wan.run import sweep
 
     def cfg(prompts):
         return pipeline.resolve_stage2(GenerationConfig(model_id="tiny-random", prompts=prompts, negative_prompt=""),
@@ -305,7 +306,7 @@ def test_stage3_names_every_video(swept, tmp_path):
 
 
 def test_generate_flax_sweep_equals_staged(stage1, swept, tmp_path):
-    from tpu_wan import oneshot
+    from tpu_wan.run import oneshot
 
     oneshot.generate("tiny-random", list(PROMPTS), DEFAULT_NEGATIVE_PROMPT, SAMPLING, dp=4, tp=2, warmup_steps=1,
                      output_dir=tmp_path / "videos", save_intermediates=tmp_path)

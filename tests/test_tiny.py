@@ -7,8 +7,8 @@ import shutil
 import huggingface_hub
 import pytest
 
-from tpu_wan import checkpoints, tiny
-from tpu_wan.checkpoints import CheckpointError
+from tpu_wan.models import checkpoints, tiny
+from tpu_wan.models.checkpoints import CheckpointError
 
 
 def test_rebuild_is_byte_identical(tiny_path, tmp_path):

@@ -6,8 +6,9 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from tpu_wan import arithmetic, checkpoints, hlo, topology
-from tpu_wan.topology import GIB
+from tpu_wan.models import checkpoints
+from tpu_wan.tpu import arithmetic, hlo, topology
+from tpu_wan.tpu.topology import GIB
 
 
 @pytest.mark.parametrize("name, chips, hosts, kind, hbm_gib, usable_gib, grid", [
@@ -147,7 +148,8 @@ def test_array_bytes_reads_tuples_and_ignores_layouts():
 def test_dit_flops_formula_equals_the_traced_program(tiny_path):
     """The closed form from the config against every matmul of the real forward, counted in its jaxpr with XLA
     attention (einsums): two independent counts of the same arithmetic."""
-    from tpu_wan import attention, mesh as mesh_lib, torchax_env
+    from tpu_wan.runtime import attention, torchax_env
+    from tpu_wan.runtime import mesh as mesh_lib
 
     model = checkpoints.empty_transformer(tiny_path)
     config = dict(model.config)
@@ -166,7 +168,8 @@ def test_dit_flops_formula_equals_the_traced_program(tiny_path):
 
 
 def test_umt5_flops_formula_equals_the_traced_program(tiny_path):
-    from tpu_wan import mesh as mesh_lib, torchax_env
+    from tpu_wan.runtime import mesh as mesh_lib
+    from tpu_wan.runtime import torchax_env
 
     model = checkpoints.empty_text_encoder(tiny_path)
     config = model.config.to_dict()
@@ -182,9 +185,10 @@ def test_umt5_flops_formula_equals_the_traced_program(tiny_path):
 def test_each_text_encoder_program_gets_the_flops_of_its_own_texts(tiny_path):
     """40 prompts and the negative prompt run as chunks of 16, 16 and 9 texts: two distinct programs, the second
     one encoding 9 texts (padded to the mesh's dp=2: 10 rows)."""
-    from tpu_wan import aot, mesh as mesh_lib
-    from tpu_wan.config import GenerationConfig
-    from tpu_wan.text_encoder import ENCODE_BATCH
+    from tpu_wan.core.config import GenerationConfig
+    from tpu_wan.models.text_encoder import ENCODE_BATCH
+    from tpu_wan.run import aot
+    from tpu_wan.runtime import mesh as mesh_lib
 
     assert ENCODE_BATCH == 16
     mesh = mesh_lib.make_mesh(2, 1, jax.devices()[:2])

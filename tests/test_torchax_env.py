@@ -3,10 +3,9 @@
 import jax
 import numpy as np
 import torch
-
 from conftest import MODULE_RTOL, rel_err
 
-from tpu_wan import torchax_env
+from tpu_wan.runtime import torchax_env
 
 
 class _TinyAttention(torch.nn.Module):

@@ -11,9 +11,9 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 from safetensors.numpy import load_file, save_file
 
-from tpu_wan.mesh import make_mesh
-from tpu_wan.vae import WEIGHTS_FILE, VaeDecoder, activation_sharding, decoder_keys, load_config, load_params
-from tpu_wan.vae_modules import WanVaeDecoder, torch_key
+from tpu_wan.models.vae import WEIGHTS_FILE, VaeDecoder, activation_sharding, decoder_keys, load_config, load_params
+from tpu_wan.models.vae_modules import WanVaeDecoder, torch_key
+from tpu_wan.runtime.mesh import make_mesh
 
 FRAME_COUNTS = (1, 2, 3, 5, 9)  # 1: frame 0 alone; 2: the 'Rep' time_conv step; >= 3: caches carried on
 TINY_HW = (4, 8)  # latent h, w: W = 8 splits over all 8 devices of the 2x4 mesh at every resolution
@@ -109,7 +109,7 @@ def test_tiny_vae_matches_diffusers(tiny_decoder, tiny_oracle):
     print("tiny float32 max abs err per latent frame count:", errs)
     assert max(errs.values()) <= VAE_F32_ATOL, errs
     # The on-device uint8 conversion equals the host one the mp4 writer uses, bit for bit.
-    from tpu_wan.video import to_uint8
+    from tpu_wan.core.video import to_uint8
 
     np.testing.assert_array_equal(tiny_decoder.decode(latents, uint8=True), to_uint8(tiny_decoder.decode(latents)))
 

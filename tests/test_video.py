@@ -1,4 +1,4 @@
-"""mp4 writing and reading (tpu_wan/video.py)."""
+"""mp4 writing and reading (tpu_wan/core/video.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tpu_wan import video
+from tpu_wan.core import video
 
 # H.264 is lossy: RGB -> YUV 4:2:0 (chroma at half resolution) plus quantisation at crf 18. On smooth
 # gradients the decoded frames stay within a few uint8 levels on average (measured ~2.0 with

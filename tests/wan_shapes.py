@@ -6,8 +6,10 @@ import types
 
 import jax.numpy as jnp
 
-from tpu_wan import attention, kernel_tiling, topology
-from tpu_wan.batch import default_batch_size
+from tpu_wan.core.batch import default_batch_size
+from tpu_wan.kernels import kernel_tiling
+from tpu_wan.runtime import attention
+from tpu_wan.tpu import topology
 
 # L = F * H/16 * W/16 video tokens: 21 * 30 * 52 = 32,760 at 480p x 81 frames, 21 * 45 * 80 = 75,600 at 720p;
 # S = 512 text tokens. Heads: 12 (1.3B), 40 (14B); head dim 128.

@@ -1,5 +1,5 @@
 """Command-line plumbing shared by the scripts: flag groups, cheap flag checks and process setup (the error
-contract itself is tpu_wan.entry).
+contract itself is tpu_wan.core.entry).
 
 Importing this module does not import jax: `setup_process` may still set XLA flags (e.g. virtual CPU
 devices) before the first jax import.
@@ -14,17 +14,26 @@ import os
 import sys
 import tempfile
 
-from tpu_wan.config import (
-    ATTENTION_CHOICES, DEFAULT_MODEL_ID, DEFAULT_NEGATIVE_PROMPT, DEFAULT_PROMPT, DEFAULT_SEED, DEFAULT_SOLVER, DTYPES,
-    SHARDING_CHOICES, SOLVERS, AttentionOptions, Stage2Settings,
+from tpu_wan.core.config import (
+    ATTENTION_CHOICES,
+    DEFAULT_MODEL_ID,
+    DEFAULT_NEGATIVE_PROMPT,
+    DEFAULT_PROMPT,
+    DEFAULT_SEED,
+    DEFAULT_SOLVER,
+    DTYPES,
+    SHARDING_CHOICES,
+    SOLVERS,
+    AttentionOptions,
+    Stage2Settings,
 )
-from tpu_wan.entry import Parser, Terminated, make_parser, run_main  # noqa: F401  (the scripts' entry points)
-from tpu_wan.errors import DoesNotFit, UsageError, UserError  # noqa: F401
+from tpu_wan.core.entry import Parser, Terminated, make_parser, run_main  # noqa: F401  (the scripts' entry points)
+from tpu_wan.core.errors import DoesNotFit, UsageError, UserError  # noqa: F401
 
 log = logging.getLogger("tpu_wan")
 
 DEFAULT_OUTPUT_DIR = "stage_outputs"
-STAGES = ("text_encoder", "transformer", "vae")  # tpu_wan.profiling.STAGES, without importing it
+STAGES = ("text_encoder", "transformer", "vae")  # tpu_wan.runtime.profiling.STAGES, without importing it
 # XLA's CPU backend has no bf16 matmul: it converts each bf16 weight to f32, and its default scheduler hoists
 # all those conversions to the start of the step, keeping an f32 copy of every weight alive at once (5.7 GB of
 # temporaries for the 1.3B model; 62 MB with this off). Only the CPU backend reads it.
@@ -105,7 +114,8 @@ def check_compile_args(args: argparse.Namespace) -> None:
 
 def finish_compile_only(metrics: dict, path) -> None:
     """Saves a compile-only run's metrics.json, prints its table, and raises (exit 3) if something does not fit."""
-    from tpu_wan import aot, artifacts
+    from tpu_wan.core import artifacts
+    from tpu_wan.run import aot
 
     artifacts.save_metrics(path, metrics)
     say(aot.table(metrics), f"metrics: {path}")
@@ -177,7 +187,7 @@ def attention_options(args: argparse.Namespace) -> AttentionOptions:
 def stage2_settings(args: argparse.Namespace) -> Stage2Settings:
     """The stage-2 flags as one value (--seeds, else --seed), checked as it is built (Stage2Settings): the scripts
     call it first, so a bad flag is refused before jax is imported or a model loads."""
-    from tpu_wan.batch import parse_seeds
+    from tpu_wan.core.batch import parse_seeds
 
     if args.warmup_steps < 0:  # a run option that comes with the stage-2 flags
         raise UsageError(f"--warmup_steps must be >= 0, found {args.warmup_steps}")
@@ -189,7 +199,7 @@ def stage2_settings(args: argparse.Namespace) -> Stage2Settings:
 
 def prompts_from(args: argparse.Namespace) -> list[str]:
     """--prompt_file's prompts, else [--prompt]."""
-    from tpu_wan.batch import read_prompt_file
+    from tpu_wan.core.batch import read_prompt_file
 
     return read_prompt_file(args.prompt_file) if args.prompt_file else [args.prompt]
 
@@ -214,7 +224,8 @@ def setup_process(args: argparse.Namespace) -> None:
     if "jax" not in sys.modules:
         os.environ["XLA_FLAGS"] = with_cpu_xla_flags(os.environ.get("XLA_FLAGS", ""))
     if getattr(args, "compile_only", False):
-        # Compiling for a slice (tpu_wan.topology) needs no device: the host's CPU backend alone, whatever is attached.
+        # Compiling for a slice (tpu_wan.tpu.topology) needs no device: the host's CPU backend alone, whatever is
+        # attached.
         os.environ["JAX_PLATFORMS"] = "cpu"
     if getattr(args, "cpu_devices", None):
         if "jax" in sys.modules:
@@ -234,7 +245,7 @@ def setup_process(args: argparse.Namespace) -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     # imageio-ffmpeg starts ffmpeg with fork+exec; the child execs at once and touches no jax state.
     warnings.filterwarnings("ignore", message="os.fork\\(\\) was called")
-    from tpu_wan import distributed
+    from tpu_wan.runtime import distributed
 
     flags = [getattr(args, f, None) for f in ("coordinator_address", "num_processes", "process_id")]
     if distributed.check_flags(getattr(args, "distributed", False), *flags):
@@ -325,7 +336,7 @@ CACHE_MIN_COMPILE_SECONDS = 0.2
 
 def compilation_cache_dir(args: argparse.Namespace) -> str | None:
     """Where the persistent compilation cache lives for these flags; None when it is off."""
-    from tpu_wan.config import cache_root
+    from tpu_wan.core.config import cache_root
 
     if getattr(args, "no_compilation_cache", False) or getattr(args, "compile_only", False):
         return None  # compile-only runs time the compiler: nothing comes from a cache
@@ -344,7 +355,7 @@ def _setup_compilation_cache(args: argparse.Namespace) -> None:
 
 def say(*lines: str) -> None:
     """Prints the script's summary lines: from process 0 only in a multi-process run."""
-    from tpu_wan import distributed
+    from tpu_wan.runtime import distributed
 
     if distributed.is_primary():
         print(*lines, sep="\n")

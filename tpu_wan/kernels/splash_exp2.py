@@ -26,8 +26,14 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from tpu_wan.kernel_tiling import (
-    NUM_LANES, VMEM_LIMIT_BYTES, BlockSizes, attended_pairs, check_lanes, check_vmem, effective_block_sizes,
+from tpu_wan.kernels.kernel_tiling import (
+    NUM_LANES,
+    VMEM_LIMIT_BYTES,
+    BlockSizes,
+    attended_pairs,
+    check_lanes,
+    check_vmem,
+    effective_block_sizes,
     round_up,
 )
 
@@ -203,7 +209,7 @@ def splash_attention(q, k, v, *, block_sizes: BlockSizes = BlockSizes(), scale: 
     interpret="generic": Pallas' generic interpreter instead (the kernel body as plain jax ops, no TPU
     semantics), for kernels inside a multi-device shard_map: the TPU interpreter holds every kernel call at a
     barrier across the devices, and a DiT step whose queries are split over 8 virtual CPU devices never
-    returns from it (tpu_wan.attention).
+    returns from it (tpu_wan.runtime.attention).
     Blocks larger than the (padded) sequence are shrunk to it, so short sequences do not pay for padding;
     blocks whose VMEM (vmem_bytes, after shrinking) exceeds `vmem_limit_bytes` (the chip's, vmem_limit_for) are
     refused, in interpret mode too, so a check on CPU refuses what the TPU could not run. `_mask_padding=False` leaves padded keys

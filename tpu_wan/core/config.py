@@ -1,0 +1,332 @@
+"""GenerationConfig: the schema of generation_config.json, its defaults and its validation.
+
+Each stage fills in what it decides (stage 1: model and prompts; stage 2: size, steps, seed, solver; stage 3:
+fps) and writes the whole config back, so the file always says how its folder's artifacts were made.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from tpu_wan.core.errors import AttentionError, ConfigError
+
+# The negative prompt of the Wan 2.1 model card (diffusers' WanPipeline example), the model's trained default.
+DEFAULT_NEGATIVE_PROMPT = (
+    "Bright tones, overexposed, static, blurred details, subtitles, style, works, paintings, images, static, "
+    "overall gray, worst quality, low quality, JPEG compression residue, ugly, incomplete, extra fingers, "
+    "poorly drawn hands, poorly drawn faces, deformed, disfigured, misshapen limbs, fused fingers, still picture, "
+    "messy background, three legs, many people in the background, walking backwards"
+)
+DEFAULT_MODEL_ID = "Wan-AI/Wan2.1-T2V-14B-Diffusers"
+DEFAULT_PROMPT = "A cat playing piano in a jazz club, cinematic lighting"
+DTYPES = ("float32", "bfloat16")
+SOLVERS = ("unipc", "dpm++", "euler")
+ATTENTION_CHOICES = ("auto", "custom", "splash", "xla", "cudnn")
+# How the DiT is split over the mesh (tpu_wan.runtime.parallelism); the config records the mode that ran, never 'auto'.
+SHARDING_CHOICES = ("auto", "megatron", "sequence")
+VAE_SPATIAL = 8  # the VAE downsamples H and W by 8 ...
+VAE_TEMPORAL = 4  # ... and frames by 4, keeping the first frame: F = (frames - 1) / 4 + 1
+SIZE_MULTIPLE = VAE_SPATIAL * 2  # the DiT's 1x2x2 patches need latent H and W even
+
+
+BLOCK_FLAGS = {"bq": "--bqsize", "bkv": "--bkvsize", "bkv_compute": "--bkvcomputesize"}
+# The choices each kernel setting acts on ('auto' sends every call to our kernel on TPU); anywhere else
+# it would change nothing but the settings a sweep folder is matched by, so it is refused.
+TAKES_K_SMOOTH = ("auto", "custom")
+TAKES_BLOCKS = ("auto", "custom", "splash")
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionOptions:
+    """How attention runs. Block sizes None: per-shape defaults (tpu_wan.kernels.kernel_tiling.default_block_sizes)."""
+
+    choice: str = "auto"
+    k_smooth: bool = False
+    window_size: int | None = None  # self-attention only: query i sees keys |i - j| <= window_size
+    bq: int | None = None
+    bkv: int | None = None
+    bkv_compute: int | None = None
+
+    def __post_init__(self):
+        if self.choice not in ATTENTION_CHOICES:
+            raise AttentionError(f"attention must be one of {ATTENTION_CHOICES}, found {self.choice!r}")
+        if self.window_size is not None and self.window_size < 0:
+            raise AttentionError(f"window_size must be >= 0, found {self.window_size}")
+        for name in ("bq", "bkv", "bkv_compute"):
+            value = getattr(self, name)
+            if value is not None and (value <= 0 or value % 8):
+                raise AttentionError(f"{BLOCK_FLAGS[name]} must be a positive multiple of 8, found {value}")
+        if self.bkv is not None and self.bkv_compute is not None and self.bkv % self.bkv_compute:
+            raise AttentionError(f"--bkvsize must be a multiple of --bkvcomputesize, found {self.bkv} and "
+                                 f"{self.bkv_compute}")
+        if self.k_smooth and self.choice not in TAKES_K_SMOOTH:
+            raise AttentionError(f"--k_smooth acts on our kernel only: expected --attention {' or '.join(TAKES_K_SMOOTH)}, "
+                                 f"found --attention {self.choice}")
+        given = [BLOCK_FLAGS[n] for n in BLOCK_FLAGS if getattr(self, n) is not None]
+        if given and self.choice not in TAKES_BLOCKS:
+            raise AttentionError(f"{', '.join(given)} set the Pallas kernels' blocks: expected --attention "
+                                 f"{', '.join(TAKES_BLOCKS)}, found --attention {self.choice}")
+
+    def for_choice(self, choice: str) -> "AttentionOptions":
+        """These settings for `choice`, without the kernel settings that do not act on it (to compare choices)."""
+        blocks = {n: getattr(self, n) if choice in TAKES_BLOCKS else None for n in BLOCK_FLAGS}
+        return dataclasses.replace(self, choice=choice, k_smooth=self.k_smooth and choice in TAKES_K_SMOOTH, **blocks)
+
+
+# generation_config.json's attention keys (the flags' names) -> AttentionOptions fields
+ATTENTION_KEYS = {"attention": "choice", "k_smooth": "k_smooth", "window_size": "window_size", "bqsize": "bq",
+                  "bkvsize": "bkv", "bkvcomputesize": "bkv_compute"}
+
+
+def cache_root() -> Path:
+    """Where tpu_wan keeps what it builds or caches (tiny checkpoints, compiled programs): $TPU_WAN_CACHE, else
+    ~/.cache/tpu_wan."""
+    return Path(os.environ.get("TPU_WAN_CACHE") or Path.home() / ".cache" / "tpu_wan")
+
+
+def json_repr(value: Any, limit: int = 60) -> str:
+    import json
+
+    text = json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelPreset:
+    """A model's default video settings; explicit flags override them. flow_shift follows the resolution."""
+
+    height: int
+    width: int
+    frames: int = 81
+    num_inference_steps: int = 50
+    guidance_scale: float = 5.0
+
+
+# Wan 2.1's trained resolutions: the 14B model at 720p (and 480p), the 1.3B model at 480p.
+MODEL_PRESETS = {
+    "Wan-AI/Wan2.1-T2V-14B-Diffusers": ModelPreset(height=720, width=1280),
+    "Wan-AI/Wan2.1-T2V-1.3B-Diffusers": ModelPreset(height=480, width=832),
+    "tiny-random": ModelPreset(height=64, width=96, frames=9, num_inference_steps=10),
+}
+
+
+def preset_for(model_id: str | None) -> ModelPreset:
+    """The preset of a known model id (a local folder named like one counts), else the 14B model's."""
+    if model_id is not None:
+        for name, preset in MODEL_PRESETS.items():
+            if model_id == name or model_id.rstrip("/").endswith(name.split("/")[-1]):
+                return preset
+    return MODEL_PRESETS[DEFAULT_MODEL_ID]
+
+
+def default_flow_shift(height: int, width: int) -> float:
+    """Wan 2.1's sampling shift: 5.0 from 720p up, 3.0 below (480p)."""
+    return 5.0 if min(height, width) >= 720 else 3.0
+
+
+def default_dtype(platform: str) -> str:
+    """bfloat16 where the hardware has fast bf16 matmuls (TPU, GPU), float32 on CPU."""
+    return "float32" if platform == "cpu" else "bfloat16"
+
+
+def latent_shape(num_videos: int, height: int, width: int, frames: int, channels: int = 16) -> tuple[int, ...]:
+    """[V, C, F, H, W] of the latents for a video size, as diffusers' WanPipeline.prepare_latents."""
+    return (
+        num_videos,
+        channels,
+        (frames - 1) // VAE_TEMPORAL + 1,
+        height // VAE_SPATIAL,
+        width // VAE_SPATIAL,
+    )
+
+
+def video_tokens(latents_shape: tuple[int, ...], patch_size) -> int:
+    """L, the DiT's video tokens for latents [B C F H W]: F/pF x H/pH x W/pW (patch_size from its config.json)."""
+    return math.prod(n // p for n, p in zip(latents_shape[2:], patch_size))
+
+
+def validate_dtype(dtype: str, name: str = "dtype") -> None:
+    if dtype not in DTYPES:
+        raise ConfigError(f"{name} must be one of {DTYPES}, found {dtype!r}")
+
+
+def _positive_multiple(name: str, value: int | None, multiple: int) -> None:
+    if value is not None and (value <= 0 or value % multiple):
+        raise ConfigError(f"{name} must be a positive multiple of {multiple}, found {value}")
+
+
+def _at_least(name: str, value: float | None, low: float) -> None:
+    if value is not None and not value >= low:
+        raise ConfigError(f"{name} must be >= {low}, found {value}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage2Settings:
+    """How stage 2 denoises. As asked for (cli.stage2_settings, library callers) None means 'the default for this
+    model, size and platform'; as recorded in a GenerationConfig (pipeline.resolve_stage2) every setting is
+    decided. Each given value is checked here, on construction, so a bad flag is refused before anything loads."""
+
+    height: int | None = None  # None: the model preset's (config.MODEL_PRESETS)
+    width: int | None = None
+    frames: int | None = None
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
+    seeds: tuple[int, ...] | None = None  # one video per (prompt, seed); None: (DEFAULT_SEED,)
+    batch_size: int | None = None  # videos per denoising batch
+    flow_shift: float | None = None
+    sample_solver: str | None = None  # None: DEFAULT_SOLVER
+    dtype: str | None = None
+    init_latents: str | None = None
+    transformer_checkpoint: str | None = None  # fine-tuned weights over the base transformer
+    checkpoint_key: str | None = None
+    mesh: tuple[int, int] | None = None  # (dp, tp) it ran on; decided from --dp / --tp
+    # the --attention flags as given ('auto' picks a backend per call and platform); in the file as the six flat
+    # keys ATTENTION_KEYS. None: AttentionOptions(); recorded None only in configs written before it was recorded.
+    attention: AttentionOptions | None = None
+    # the DiT's sharding mode (SHARDING_CHOICES): 'auto' (or None) asks parallelism.choose; recorded as decided,
+    # None only in configs written before it was recorded, which ran megatron
+    sharding: str | None = None
+
+    def __post_init__(self):  # named as the flags (and the file's keys) are
+        # Sizes diffusers would silently round are refused: H, W multiples of 16, frames = 4n + 1.
+        _positive_multiple("--height", self.height, SIZE_MULTIPLE)
+        _positive_multiple("--width", self.width, SIZE_MULTIPLE)
+        if self.frames is not None and (self.frames < 1 or (self.frames - 1) % VAE_TEMPORAL):
+            raise ConfigError(f"--frames must be 4n+1 (1, 5, 9, ..., 81), found {self.frames}")
+        _at_least("--num_inference_steps", self.num_inference_steps, 1)
+        _at_least("--guidance_scale", self.guidance_scale, 0)
+        if self.flow_shift is not None and not self.flow_shift > 0:
+            raise ConfigError(f"--flow_shift must be > 0, found {self.flow_shift}")
+        if self.seeds is not None and not self.seeds:
+            raise ConfigError("expected at least one seed, found none")
+        _at_least("--batch_size", self.batch_size, 1)
+        if self.sample_solver is not None and self.sample_solver not in SOLVERS:
+            raise ConfigError(f"--sample_solver must be one of {SOLVERS}, found {self.sample_solver!r}")
+        if self.dtype is not None:
+            validate_dtype(self.dtype, "--dtype")
+        if self.sharding is not None and self.sharding not in SHARDING_CHOICES:
+            raise ConfigError(f"--sharding must be one of {SHARDING_CHOICES}, found {self.sharding!r}")
+
+    def latent_shape(self, num_videos: int, channels: int = 16) -> tuple[int, ...]:
+        return latent_shape(num_videos, self.height, self.width, self.frames, channels)
+
+    @property
+    def video_size(self) -> str:  # as the docs write sizes: WxHxF
+        return f"{self.width}x{self.height}x{self.frames}"
+
+    @property
+    def sharding_mode(self) -> str:
+        """The mode decided; configs written before it was recorded ran megatron."""
+        return self.sharding or "megatron"
+
+    def check_decided(self) -> None:
+        """Refuses a record (a config's settings) that leaves a required setting or the sharding undecided."""
+        missing = [name for name in DECIDED if getattr(self, name) is None]
+        if missing:
+            raise ConfigError(f"expected the stage-2 settings {missing} to be set, found them unset")
+        if self.sharding == "auto":
+            raise ConfigError(f"sharding must be one of {SHARDING_CHOICES[1:]}, found 'auto'")
+
+
+STAGE2_KEYS = tuple(f.name for f in dataclasses.fields(Stage2Settings))
+# what every recorded Stage2Settings has decided (the others may stay None)
+DECIDED = ("height", "width", "frames", "num_inference_steps", "guidance_scale", "seeds", "flow_shift",
+           "sample_solver", "dtype")
+DEFAULT_SEED = 42
+DEFAULT_SOLVER = "unipc"
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationConfig:
+    """Everything that determines a folder's artifacts. `stage2` stays None until stage 2 runs.
+
+    In the file every setting is a top-level key (the flags' names), stage 2's included."""
+
+    model_id: str
+    prompts: tuple[str, ...]
+    negative_prompt: str
+    max_sequence_length: int = 512
+    text_dtype: str = "float32"
+    stage2: Stage2Settings | None = None
+    # stage 3
+    fps: int = 16
+    vae_dtype: str = "float32"
+
+    def __post_init__(self):
+        if not self.prompts:
+            raise ConfigError("expected at least one prompt, found none")
+        if self.max_sequence_length < 1:
+            raise ConfigError(f"max_sequence_length must be >= 1, found {self.max_sequence_length}")
+        validate_dtype(self.text_dtype, "text_dtype")
+        validate_dtype(self.vae_dtype, "vae_dtype")
+        if self.fps <= 0:
+            raise ConfigError(f"fps must be > 0, found {self.fps}")
+        if self.stage2 is not None:
+            self.stage2.check_decided()
+
+    def replace(self, **changes: Any) -> "GenerationConfig":
+        """A copy with `changes`; stage-2 settings by their own names (cfg.replace(num_inference_steps=2))."""
+        stage2 = {name: changes.pop(name) for name in list(changes) if name in STAGE2_KEYS}
+        if stage2:
+            changes["stage2"] = dataclasses.replace(changes.get("stage2", self.stage2) or Stage2Settings(), **stage2)
+        return dataclasses.replace(self, **changes)
+
+    def to_json_dict(self) -> dict[str, Any]:
+        out = {}
+        for field in dataclasses.fields(self):
+            if field.name == "stage2":
+                out.update(_stage2_json(self.stage2))
+            else:
+                out[field.name] = getattr(self, field.name)
+        out["prompts"] = list(self.prompts)
+        return out
+
+    @classmethod
+    def from_json_dict(cls, data: dict[str, Any]) -> "GenerationConfig":
+        names = {f.name for f in dataclasses.fields(cls)} - {"stage2"}
+        missing = [n for n in ("model_id", "prompts", "negative_prompt") if n not in data]
+        if missing:
+            raise ConfigError(f"generation_config.json: expected keys {missing}, found {sorted(data)}")
+        fields = {k: v for k, v in data.items() if k in names}
+        stage2 = {k: data[k] for k in STAGE2_KEYS if data.get(k) is not None and k != "attention"}
+        if data.get("attention") is not None:
+            try:
+                stage2["attention"] = AttentionOptions(**{field: data.get(key) for key, field in ATTENTION_KEYS.items()
+                                                          if data.get(key) is not None})
+            except (AttentionError, TypeError) as err:
+                raise ConfigError(f"generation_config.json: expected valid attention settings, found {err}") from None
+        for name, holder in (("prompts", fields), ("seeds", stage2), ("mesh", stage2)):
+            value = holder.get(name)
+            if value is None and name != "prompts":
+                continue
+            if not isinstance(value, list):
+                raise ConfigError(f"generation_config.json: expected {name} to be a list, found "
+                                  f"{type(value).__name__} {json_repr(value)}")
+            holder[name] = tuple(value)
+        try:
+            return cls(**fields, stage2=Stage2Settings(**stage2) if stage2 else None)
+        except TypeError as err:  # a wrongly typed value the dataclass checks could not compare
+            raise ConfigError(f"generation_config.json: expected values of the documented types, found {err}"
+                              ) from None
+
+    @property
+    def do_classifier_free_guidance(self) -> bool:
+        # diffusers runs the unconditional branch only when guidance_scale > 1 (at 1 it would cancel out).
+        return self.stage2 is not None and self.stage2.guidance_scale > 1.0
+
+
+def _stage2_json(settings: Stage2Settings | None) -> dict[str, Any]:
+    """Stage 2's settings as generation_config.json's flat keys (None: stage 2 has not run, every key null)."""
+    out = {}
+    for name in STAGE2_KEYS:
+        value = None if settings is None else getattr(settings, name)
+        if name == "attention":  # flat, under the flags' names
+            out.update(dict.fromkeys(ATTENTION_KEYS) if value is None else
+                       {key: getattr(value, field) for key, field in ATTENTION_KEYS.items()})
+        else:
+            out[name] = list(value) if isinstance(value, tuple) else value
+    return out

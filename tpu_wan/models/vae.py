@@ -1,0 +1,208 @@
+"""Stage 3: Wan VAE decode, normalised latents [V, C, F, H, W] -> frames [V, T, 8H, 8W, 3] in [0, 1].
+
+A native Flax NNX port of diffusers' AutoencoderKLWan decoder (modules in tpu_wan/models/vae_modules.py), loading
+its weights straight from `vae/diffusion_pytorch_model.safetensors` (only decoder.* and post_quant_conv.*;
+the encoder weights in that file are not read). De-normalisation and post-processing follow diffusers'
+WanPipeline op for op (latents / (1 / std) + mean, decode, clamp to [-1, 1], x * 0.5 + 0.5 clamped to
+[0, 1]), so float32 frames match diffusers to float32 rounding.
+
+T = 4 (F - 1) + 1: latent frame 0 decodes alone to one frame; the other latent frames run in a `lax.scan`
+whose carry is the causal caches (last two input frames of every temporal conv), four frames per step. The
+scan body is compiled once, so compile time does not grow with the frame count.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from tpu_wan.core.config import DTYPES
+from tpu_wan.core.errors import UserError
+from tpu_wan.models.vae_modules import WanVaeDecoder, to_jax_layout, torch_key
+from tpu_wan.runtime import distributed, profiling
+from tpu_wan.runtime import mesh as mesh_lib
+
+WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
+DECODER_PREFIXES = ("decoder.", "post_quant_conv.")  # all other keys (encoder.*, quant_conv.*) stay unread
+
+
+def load_config(vae_path: Path):
+    """diffusers' AutoencoderKLWan config (a FrozenDict with attribute access), defaults filled in."""
+    from diffusers import AutoencoderKLWan
+    from diffusers.configuration_utils import FrozenDict
+
+    init, _, _ = AutoencoderKLWan.extract_init_dict(AutoencoderKLWan.load_config(vae_path))
+    return FrozenDict(init)
+
+
+def decoder_keys(weights_file: Path) -> list[str]:
+    """The decoder.* and post_quant_conv.* keys of a diffusers VAE weights file."""
+    from safetensors import safe_open
+
+    with safe_open(weights_file, framework="numpy") as f:
+        return sorted(k for k in f.keys() if k.startswith(DECODER_PREFIXES))
+
+
+def _first(keys: set, shown: int = 5) -> str:
+    """The first `shown` of sorted `keys`, and how many more."""
+    names = sorted(keys)
+    return str(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
+
+
+def load_params(abstract: nnx.State, weights_file: Path, dtype, sharding) -> nnx.State:
+    """Fills every parameter of `abstract` from the weights file, each torch key used exactly once; refuses a
+    missing, unused or misshapen weight."""
+    from safetensors import safe_open
+
+    flat = nnx.to_flat_state(abstract)
+    wanted = {torch_key(path): (path, var) for path, var in flat}
+    if len(wanted) != len(flat):
+        raise AssertionError("vae: two parameters map to the same torch key")  # a bug in KEY_RENAMES
+    present = set(decoder_keys(weights_file))
+    if present != set(wanted):
+        raise UserError(
+            f"vae weights {weights_file}: expected keys missing {_first(set(wanted) - present)}, "
+            f"unused decoder keys {_first(present - set(wanted))} (is this a Wan 2.1 AutoencoderKLWan?)"
+        )
+    filled = []
+    with safe_open(weights_file, framework="numpy") as f:
+        for key, (path, var) in wanted.items():
+            try:
+                value = to_jax_layout(f.get_tensor(key), var.shape).astype(dtype)
+            except ValueError as err:
+                raise UserError(f"vae weights {weights_file}: {key}: {err}") from None
+            filled.append((path, var.replace(jax.device_put(value, sharding))))
+    return nnx.from_flat_state(filled)
+
+
+def activation_sharding(mesh, shape: tuple[int, ...]) -> NamedSharding:
+    """[V T H W C] activations (H, W, C: that layer's resolution and width): V over dp where it divides, W over the remaining mesh axes (all of them, or
+    tp alone) where it divides, else H; replicated otherwise. GSPMD adds the conv halo exchanges."""
+    n, _, h, w, _ = shape
+    batch = "dp" if mesh.shape["dp"] > 1 and n % mesh.shape["dp"] == 0 else None
+    for axes in [("tp",)] if batch else [("dp", "tp"), ("tp",)]:
+        size = int(np.prod([mesh.shape[a] for a in axes]))
+        if size == 1:
+            continue
+        if w % size == 0:
+            return NamedSharding(mesh, P(batch, None, None, axes, None))
+        if h % size == 0:
+            return NamedSharding(mesh, P(batch, None, axes, None, None))
+    return NamedSharding(mesh, P(batch))
+
+
+class VaeDecoder:
+    """AutoencoderKLWan's decoder loaded once onto a mesh (weights replicated, activations split over it)."""
+
+    def __init__(self, model_path: Path, mesh, dtype: str = "float32", *, abstract: bool = False):
+        """`abstract`: no weights read, only their shapes and shardings, to compile the decoder for a slice that
+        is not attached (tpu_wan.run.aot)."""
+        if dtype not in DTYPES:
+            raise UserError(f"vae dtype: expected one of {list(DTYPES)}, found {dtype!r}")
+        vae_path = Path(model_path) / "vae"
+        self.config = load_config(vae_path)
+        self.mesh = mesh
+        self.dtype = getattr(jnp, dtype)  # jnp.float32 or jnp.bfloat16
+        model = nnx.eval_shape(lambda: WanVaeDecoder(self.config, self.dtype))  # shapes only, no init
+        self._graphdef, state = nnx.split(model)
+        replicated = NamedSharding(mesh, P())
+        if abstract:
+            self.params = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=replicated), state)
+        else:
+            self.params = load_params(state, vae_path / WEIGHTS_FILE, self.dtype, replicated)
+        self._mean = np.asarray(self.config.latents_mean, np.float32).reshape(1, -1, 1, 1, 1)
+        # WanPipeline divides by 1 / std (not multiplies by std); the same here, for bit-faithfulness.
+        self._inv_std = 1.0 / np.asarray(self.config.latents_std, np.float32).reshape(1, -1, 1, 1, 1)
+        # Two programs: latent frame 0 (its shapes do not depend on F, so it compiles once per video size) and
+        # the scan over the other frames (compiled per F, at a cost that does not grow with F).
+        self._first = jax.jit(self._decode_first)
+        self._rest = jax.jit(self._decode_rest)
+        self.programs = {}  # what ran, for profiling.temp_bytes
+
+    def _constrain(self, x: jax.Array) -> jax.Array:
+        return jax.lax.with_sharding_constraint(x, activation_sharding(self.mesh, x.shape))
+
+    def _latents(self, latents: jax.Array) -> jax.Array:  # [V C F H W] normalised -> [V F H W C] model space
+        z = latents / self._inv_std + self._mean  # float32, diffusers' de-normalisation
+        return self._constrain(z.transpose(0, 2, 3, 4, 1).astype(self.dtype))
+
+    def _decode_first(self, params: nnx.State, latents: jax.Array):  # [V C 1 H W] -> [V 1 Hp Wp 3], caches
+        model = nnx.merge(self._graphdef, params)
+        video, caches = model(self._latents(latents), None, first=True, constrain=self._constrain)
+        return video, caches
+
+    def _decode_rest(self, params: nnx.State, video: jax.Array, caches, latents: jax.Array) -> jax.Array:
+        """Frames [V T Hp Wp 3] in [0, 1] from frame 0's video [V 1 Hp Wp 3] and caches, latents [V C F-1 H W]."""
+        model = nnx.merge(self._graphdef, params)
+
+        def step(caches, z_f):  # z_f [V H W C] -> new caches, [V 4 Hp Wp 3]
+            frames, caches = model(z_f[:, None], caches, first=False, constrain=self._constrain)
+            return caches, frames
+
+        if latents.shape[2]:
+            _, rest = jax.lax.scan(step, caches, self._latents(latents).swapaxes(0, 1))  # [F-1 N 4 H W 3]
+            n, _, h, w, c = video.shape
+            rest = rest.swapaxes(0, 1).reshape(n, -1, h, w, c)  # [V 4(F-1) Hp Wp 3], frames in time order
+            video = jnp.concatenate([video, rest], axis=1)  # [V T Hp Wp 3]
+        return jnp.clip(video.astype(jnp.float32) * 0.5 + 0.5, 0.0, 1.0)  # WanPipeline's postprocess
+
+    def compile_seconds(self, latents_shape: tuple[int, ...], first: bool = True) -> float:
+        """Seconds to lower and compile the decode programs for float32 latents of `latents_shape`: both, or
+        with first=False only the scan over latent frames 1.. (frame 0's program does not depend on F)."""
+        start = time.perf_counter()
+        lowered = self._first.lower(self.params, self._abstract_latents(latents_shape, 1))
+        if first:
+            lowered.compile()
+        else:
+            start = time.perf_counter()
+        video, caches = lowered.out_info
+        rest = self._abstract_latents(latents_shape, latents_shape[2] - 1)
+        self._rest.lower(self.params, video, caches, rest).compile()
+        return time.perf_counter() - start
+
+    def programs_for(self, latents_shape: tuple[int, ...], *, uint8: bool) -> dict:
+        """name -> (jitted, abstract arguments) of each program `decode` runs for latents [V C F H W] (with
+        `uint8`, the on-device conversion too), as remember_program records them."""
+        # Frame 0's video and caches, and the frames, carry the activation sharding their constraints give them.
+        placed = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=activation_sharding(self.mesh, a.shape))  # noqa: E731
+        first = self._abstract_latents(latents_shape, 1)
+        video, caches = jax.tree.map(placed, self._first.eval_shape(self.params, first))
+        rest = self._abstract_latents(latents_shape, latents_shape[2] - 1)
+        programs = {"first": (self._first, (self.params, first)),
+                    "rest": (self._rest, (self.params, video, caches, rest))}
+        if uint8:
+            programs["to_uint8"] = (_to_uint8, (placed(self._rest.eval_shape(self.params, video, caches, rest)),))
+        return programs
+
+    def _abstract_latents(self, shape, frames: int) -> jax.ShapeDtypeStruct:
+        shape = (*shape[:2], frames, *shape[3:])
+        return jax.ShapeDtypeStruct(shape, jnp.float32, sharding=self._input_sharding(shape))
+
+    def _input_sharding(self, shape) -> NamedSharding:
+        return mesh_lib.batch_sharding(self.mesh, shape[0], len(shape))
+
+    def decode(self, latents: np.ndarray, *, uint8: bool = False) -> np.ndarray:
+        """float32 frames [V, T, Hp, Wp, 3] in [0, 1] for normalised latents [V, C, F, H, W]; with `uint8`, the
+        frames converted on device (a quarter of the bytes to transfer) exactly as video.to_uint8 does."""
+        latents = np.asarray(latents, np.float32)
+        if latents.ndim != 5 or latents.shape[1] != self.config.z_dim:
+            raise UserError(f"vae latents: expected [V, {self.config.z_dim}, F, H, W], found {list(latents.shape)}")
+        first, rest = (jax.device_put(x, self._input_sharding(x.shape)) for x in (latents[:, :, :1], latents[:, :, 1:]))
+        video, caches = self._first(self.params, first)
+        frames = self._rest(self.params, video, caches, rest)
+        profiling.remember_program(self.programs, "first", self._first, self.params, first)
+        profiling.remember_program(self.programs, "rest", self._rest, self.params, video, caches, rest)
+        return distributed.to_host(_to_uint8(frames) if uint8 else frames)
+
+
+@jax.jit
+def _to_uint8(frames: jax.Array) -> jax.Array:
+    # diffusers' export_to_video: (frame * 255).astype(uint8) in float32, i.e. truncation; frames are in [0, 1].
+    return (frames * 255).astype(jnp.uint8)

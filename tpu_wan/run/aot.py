@@ -1,0 +1,349 @@
+"""Compile-only runs (`--topology NAME --compile_only`): every program a generation runs, compiled by the TPU
+compiler for a slice that need not be attached, and what the compiled programs say of it.
+
+The models are built as in a real run (same classes, sharding rules and attention dispatch: the compiled Pallas
+kernel on TPU, never interpret mode) with weights that are shapes and shardings only (`abstract=True`): no
+weight file is read, and a local folder's or the packaged configs (checkpoints.resolve_configs) give the shapes.
+Each program is lowered with the abstract arguments a real run would pass and compiled; its memory analysis,
+cost analysis and optimized HLO (tpu_wan.tpu.hlo) give one entry of metrics.json (docs/FORMATS.md). The compiler's
+numbers are estimates of one call of each program, not measurements of a run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import logging
+import math
+import time
+
+import jax
+
+from tpu_wan.core import artifacts
+from tpu_wan.core import config as config_lib
+from tpu_wan.core.config import GenerationConfig, Stage2Settings
+from tpu_wan.models import checkpoints
+from tpu_wan.run import preflight
+from tpu_wan.runtime.mesh import check_heads, make_mesh
+from tpu_wan.runtime.parallelism import MODES
+from tpu_wan.runtime.profiling import STAGES
+from tpu_wan.tpu import arithmetic, hlo
+from tpu_wan.tpu.topology import TpuTarget
+
+log = logging.getLogger("tpu_wan")
+
+
+def weights_bytes_per_device(weights) -> int:
+    """Bytes of one device's shards of abstract (or real) weights; every shard of a NamedSharding is one size."""
+    total = 0
+    for leaf in jax.tree.leaves(weights):
+        total += math.prod(leaf.sharding.shard_shape(leaf.shape)) * leaf.dtype.itemsize
+    return total
+
+
+def compile_program(name: str, jitted, args, *, ideal_flops: int, devices: int, held_bytes: int,
+                    usable: int) -> dict:
+    """One metrics.json "compiled" entry: compiles `jitted` at the abstract `args` and reads what XLA says. A
+    program the TPU compiler refuses for want of HBM is an entry too (not compiled, what it said it needs).
+
+    held_bytes: other models' weights the same process keeps on each device while this program runs."""
+    log.info("compiling %s (%d devices)", name, devices)
+    start = time.perf_counter()
+    try:
+        compiled = jitted.lower(*args).compile()
+    except Exception as err:  # noqa: BLE001  only the compiler's out-of-memory refusal is an answer; the rest raise
+        if (oom := hlo.out_of_memory(err)) is None:
+            raise
+        log.info("the TPU compiler refused %s: %s", name, oom.message)
+        return _refused(name, oom, held_bytes, ideal_flops / devices, time.perf_counter() - start)
+    compile_s = time.perf_counter() - start
+    log.info("compiled %s in %.1f s", name, compile_s)
+    numbers = hlo.program_numbers(compiled)
+    summary = hlo.summarize(compiled.as_text())
+    own = (numbers["argument_bytes"] + numbers["output_bytes"] - numbers["alias_bytes"] + numbers["temp_bytes"]
+           + numbers["generated_code_bytes"])
+    peak = own + held_bytes
+    return {
+        "name": name, "compile_s": compile_s, **{k: v for k, v in numbers.items() if k != "flops"},
+        "held_bytes": held_bytes, "peak_bytes": peak, "flops": numbers["flops"], "ideal_flops": ideal_flops / devices,
+        "collectives": summary["collectives"], "custom_calls": summary["custom_calls"], "fits": peak <= usable,
+        "skipped": None,
+    }
+
+
+_UNCOMPILED = ("argument_bytes", "output_bytes", "alias_bytes", "temp_bytes", "generated_code_bytes", "flops")
+
+
+def _refused(name: str, oom: hlo.OutOfMemory, held: int, ideal_flops: float, compile_s: float) -> dict:
+    """The entry of a program the TPU compiler refused as larger than the chip's HBM: peak_bytes is what it said
+    the program needs (plus the other models' weights held beside it)."""
+    return {"name": name, "compile_s": compile_s, **dict.fromkeys(_UNCOMPILED), "held_bytes": held,
+            "peak_bytes": oom.required_bytes + held, "ideal_flops": ideal_flops, "collectives": {},
+            "custom_calls": {}, "fits": False,
+            "skipped": f"the compiler refused it: it needs {_bytes(oom.required_bytes)}"}
+
+
+def _weights_exceed(name: str, weights: int, held: int, ideal_flops: float) -> dict:
+    """The entry of a program left uncompiled because the weights on each device already exceed what the
+    compiler allows: peak_bytes is then that lower bound."""
+    return {"name": name, "compile_s": None, **dict.fromkeys(_UNCOMPILED), "held_bytes": held,
+            "peak_bytes": weights + held, "ideal_flops": ideal_flops,
+            "collectives": {}, "custom_calls": {}, "fits": False,
+            "skipped": f"{_bytes(weights)} of its model's weights per device before any activation (not compiled)"}
+
+
+@dataclasses.dataclass
+class Programs:
+    """One stage's programs: name -> (jitted, abstract args, total ideal FLOPs), and its weights."""
+
+    weights: object
+    programs: dict
+
+
+def text_encoder_programs(model_path, mesh, cfg: GenerationConfig) -> Programs:
+    from tpu_wan.models.text_encoder import TextEncoder
+
+    encoder = TextEncoder(model_path, mesh, cfg.text_dtype, abstract=True)
+    config = encoder.config.to_dict()
+    texts = len(cfg.prompts) + 1  # the prompts and the negative prompt
+    programs = {name: (jitted, args, arithmetic.umt5_encoder_flops(config, rows, cfg.max_sequence_length))
+                for name, (jitted, args, rows) in encoder.programs_for(texts, cfg.max_sequence_length).items()}
+    return Programs(encoder.weights, programs)
+
+
+def transformer_programs(model_path, mesh, cfg: GenerationConfig) -> Programs:
+    from tpu_wan.models.transformer import Denoiser
+
+    denoiser = Denoiser(model_path, mesh, cfg.stage2.dtype, cfg.stage2.attention, abstract=True)
+    dit = dict(denoiser.config)
+    latents = cfg.stage2.latent_shape(cfg.stage2.batch_size, dit["in_channels"])
+    guided = cfg.do_classifier_free_guidance
+    rows = cfg.stage2.batch_size * (2 if guided else 1)
+    jitted, args = denoiser.step_program(latents, (rows, cfg.max_sequence_length, dit["text_dim"]), guided,
+                                         cfg.stage2.sharding_mode)
+    tokens = config_lib.video_tokens(latents, dit["patch_size"])
+    ideal = arithmetic.dit_forward_flops(dit, rows, tokens, cfg.max_sequence_length)
+    return Programs(denoiser.weights, {f"step cfg={guided}": (jitted, args, ideal)})
+
+
+def vae_programs(model_path, mesh, cfg: GenerationConfig, uint8: bool) -> Programs:
+    from tpu_wan.models.vae import VaeDecoder
+
+    decoder = VaeDecoder(model_path, mesh, cfg.vae_dtype, abstract=True)
+    latents = cfg.stage2.latent_shape(1, decoder.config.z_dim)
+    programs = {name: (jitted, args, arithmetic.traced_flops(jitted, *args))
+                for name, (jitted, args) in decoder.programs_for(latents, uint8=uint8).items()}
+    return Programs(decoder.params, programs)
+
+
+def compile_run(cfg: GenerationConfig, target: TpuTarget, devices, *, stages=STAGES,
+                compile_stages=None, uint8: bool = True, one_process: bool = False, reuse: dict | None = None) -> dict:
+    """Compiles the programs of `compile_stages` (default: all of `stages`) for a run of `cfg` (its mesh
+    decided) on `target`; returns the metrics.json document. `one_process`: `stages` share a process
+    (generate_flax.py), so each program's peak includes the other stages' weights, compiled or not. `reuse`: a
+    dict kept across calls, so the text encoder's and the VAE's programs, which the DiT's sharding mode does not
+    change, are compiled once per mesh."""
+    dp, tp = cfg.stage2.mesh
+    mesh = make_mesh(dp, tp, devices)
+    model_path = checkpoints.resolve_configs(cfg.model_id)
+    if "text_encoder" in stages:
+        te = checkpoints.read_config(model_path, "text_encoder", ("num_heads",))
+        check_heads(mesh, te["num_heads"], "text encoder")
+    if "transformer" in stages:
+        preflight.check_transformer_run(model_path, cfg, mesh)
+    build = {
+        "text_encoder": lambda: text_encoder_programs(model_path, mesh, cfg),
+        "transformer": lambda: transformer_programs(model_path, mesh, cfg),
+        "vae": lambda: vae_programs(model_path, mesh, cfg, uint8),
+    }
+    built = {stage: build[stage]() for stage in stages}
+    weights = {stage: weights_bytes_per_device(b.weights) for stage, b in built.items()}
+    usable = target.usable_hbm_bytes
+    out = {}
+    for stage, b in built.items():
+        if compile_stages is not None and stage not in compile_stages:
+            continue
+        held = sum(w for s, w in weights.items() if s != stage) if one_process else 0
+        key = (stage, dp, tp, held)
+        if reuse is not None and stage != "transformer" and key in reuse:
+            compiled = reuse[key]
+        elif weights[stage] + held > usable:  # no program of this stage can fit: not worth minutes of compiling
+            compiled = [_weights_exceed(name, weights[stage], held, ideal / mesh.size)
+                        for name, (_, _, ideal) in b.programs.items()]
+        else:
+            compiled = [compile_program(name, jitted, args, ideal_flops=ideal, devices=mesh.size, held_bytes=held,
+                                        usable=usable)
+                        for name, (jitted, args, ideal) in b.programs.items()]
+        if reuse is not None:
+            reuse[key] = compiled
+        out[stage] = {"weights_bytes_per_device": weights[stage], "compiled": compiled,
+                      "fits": all(p["fits"] for p in compiled)}
+    return {
+        "schema": artifacts.METRICS_SCHEMA,
+        "script": "compile_only",
+        "created": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "target": target.describe(),
+        "usable_bytes_per_device": usable,
+        "mesh": {"dp": dp, "tp": tp},
+        "one_process": one_process,
+        "resident_stages": {stage: weights[stage] for stage in stages},
+        "config": cfg.to_json_dict(),
+        "stages": out,
+        "fits": all(s["fits"] for s in out.values()),
+    }
+
+
+def candidate_runs(target: TpuTarget, text_heads: int | None, dit_heads: int | None,
+                   sharding: str | None) -> list[tuple[int, int, str | None]]:
+    """Every (dp, tp, DiT sharding mode) with dp * tp = the slice's chips that the models allow: tp divides the
+    text encoder's heads (it always splits them), and Megatron's DiT needs tp to divide its heads while sequence
+    sharding takes any. `sharding` None/auto tries both modes (on one chip they are one program: the mode is
+    then None, decided as a run decides it), a mode only itself; without the DiT (`dit_heads` None) the mode is
+    None."""
+    n = target.chips
+    auto = sharding in (None, "auto")
+    modes = (None,) if dit_heads is None or (auto and n == 1) else MODES if auto else (sharding,)
+    runs = []
+    for tp in (t for t in range(1, n + 1) if n % t == 0 and (text_heads is None or text_heads % t == 0)):
+        runs += [(n // tp, tp, mode) for mode in modes if mode != "megatron" or dit_heads % tp == 0]
+    return runs
+
+
+def step_collective_bytes(metrics: dict, count: str = "bytes") -> int | None:
+    """Bytes each device moves in one denoising step (`count`: "bytes", the collectives' sizes, or
+    "traffic_bytes", what it sends; tpu_wan.tpu.hlo); None when the step was not compiled."""
+    steps = metrics["stages"].get("transformer", {}).get("compiled", [])
+    if not steps or any(p["skipped"] for p in steps):
+        return None
+    return sum(c[count] for p in steps for c in p["collectives"].values())
+
+
+def compile_seconds(metrics: dict) -> float:
+    return sum(p["compile_s"] or 0.0 for s in metrics["stages"].values() for p in s["compiled"])
+
+
+def peak_bytes(metrics: dict) -> int:
+    return max(p["peak_bytes"] for s in metrics["stages"].values() for p in s["compiled"])
+
+
+def rank(documents: list[dict]) -> list[dict]:
+    """Meshes (and sharding modes) ranked: fits first, then fewer bytes sent per device per denoising step, then
+    lower peak bytes."""
+    def key(m):
+        moved = step_collective_bytes(m, "traffic_bytes")
+        return not m["fits"], moved is None, moved or 0, peak_bytes(m)
+
+    return sorted(documents, key=key)
+
+
+def not_fitting(metrics: dict) -> str | None:
+    """One line naming the first program that does not fit, or None."""
+    t, mesh = metrics["target"], metrics["mesh"]
+    for stage, s in metrics["stages"].items():
+        for p in s["compiled"]:
+            if p["fits"]:
+                continue
+            held = f" with {_bytes(p['held_bytes'])} of the other models' weights beside it" if p["held_bytes"] else ""
+            return (f"{stage} program {p['name']!r} on one {t['device_kind']} chip (dp={mesh['dp']} tp={mesh['tp']} on "
+                    f"{t['topology']}): expected at most the TPU compiler's limit of "
+                    f"{_bytes(metrics['usable_bytes_per_device'])} (HBM {_bytes(t['hbm_bytes_per_device'])}), found "
+                    + (p["skipped"] if p["skipped"] else f"it needs {_bytes(p['peak_bytes'])}") + held)
+    return None
+
+
+def compile_only(base: GenerationConfig, settings: Stage2Settings, topology_name: str, *, dp: int | None = None,
+                 tp: int | None = None, stages=STAGES, compile_stages=None, one_process: bool = False,
+                 uint8: bool = True, search_mesh: bool = False) -> dict:
+    """The compile-only run of a script: `base` holds what stage 1 decides (model, prompts, text dtype; with
+    `one_process` the model dtype, as generate_flax.py decides it), `settings` the stage-2 flags. With `search_mesh`,
+    every (dp, tp, DiT sharding mode) the slice and the models allow is compiled (candidate_runs: both modes when
+    `settings.sharding` is auto, so also the meshes only sequence sharding takes); without it, `--sharding auto`
+    compiles both modes on the one mesh. Of several, the best document (rank: fits, then bytes sent, then peak)
+    is returned, with the ranking under "mesh_search"."""
+    from tpu_wan.run.pipeline import resolve_stage2
+    from tpu_wan.tpu.topology import parse_target
+
+    target = parse_target(topology_name)
+    devices = target.devices()
+    model_path = checkpoints.resolve_configs(base.model_id)
+    heads = {c: checkpoints.read_config(model_path, c, (key,))[key] if c in stages else None for c, key in
+             (("text_encoder", "num_heads"), ("transformer", "num_attention_heads"))}
+    if search_mesh:
+        runs = candidate_runs(target, heads["text_encoder"], heads["transformer"], settings.sharding)
+    else:  # --sharding auto: both modes on this mesh, and the compiler's own numbers decide (rank)
+        mesh = make_mesh(dp, tp, devices)
+        dp, tp = mesh.shape["dp"], mesh.shape["tp"]
+        auto = settings.sharding in (None, "auto") and heads["transformer"] is not None and mesh.size > 1
+        runs = [(dp, tp, mode) for mode in MODES if mode != "megatron" or heads["transformer"] % tp == 0] if auto \
+            else [(dp, tp, None)]
+    documents, reuse = [], {}
+    for mesh_dp, mesh_tp, mode in runs:
+        cfg = resolve_stage2(base, settings, make_mesh(mesh_dp, mesh_tp, devices))
+        cfg = cfg.replace(sharding=mode or cfg.stage2.sharding)
+        if one_process:  # generate_flax.py encodes in the model dtype (oneshot.generate)
+            cfg = cfg.replace(text_dtype=cfg.stage2.dtype)
+        documents.append(compile_run(cfg, target, devices, stages=stages, uint8=uint8,
+                                     compile_stages=compile_stages, one_process=one_process, reuse=reuse))
+    ranked = rank(documents)
+    best = ranked[0]
+    if len(ranked) > 1:
+        best["mesh_search"] = [{**m["mesh"], "sharding": m["config"]["sharding"], "fits": m["fits"],
+                                "step_collective_bytes": step_collective_bytes(m),
+                                "step_traffic_bytes": step_collective_bytes(m, "traffic_bytes"),
+                                "peak_bytes": peak_bytes(m), "compile_s": compile_seconds(m)} for m in ranked]
+    return best
+
+
+def _bytes(n) -> str:
+    from tpu_wan.core.report import human_bytes
+
+    return "-" if n is None else human_bytes(n)
+
+
+def table(metrics: dict) -> str:
+    """What a compile-only run prints: one row per program, then the verdict."""
+    t = metrics["target"]
+    lines = [f"compiled for {t['topology']}: {t['devices']} x {t['device_kind']} on {t['hosts']} host(s)"
+             + (" (more chips than one host: a multi-host slice, run with --distributed)" if t["hosts"] > 1 else "")
+             + f", {_bytes(t['hbm_bytes_per_device'])} HBM each ({_bytes(metrics['usable_bytes_per_device'])} for a "
+             "program, the compiler's limit); "
+             f"mesh dp={metrics['mesh']['dp']} tp={metrics['mesh']['tp']}"
+             + (f", DiT sharding {metrics['config']['sharding']}" if metrics["config"].get("sharding") else "")]
+    rows = [("stage", "program", "compile s", "weights/dev", "peak/dev", "fits", "flops/ideal", "collectives/call",
+             "sent/call")]
+    for stage, s in metrics["stages"].items():
+        for p in s["compiled"]:
+            moved = sum(c["bytes"] for c in p["collectives"].values())
+            sent = sum(c.get("traffic_bytes", 0) for c in p["collectives"].values())
+            ratio = "-" if not p["flops"] or not p["ideal_flops"] else f"{p['flops'] / p['ideal_flops']:.2f}"
+            rows.append((stage, p["name"], "-" if p["compile_s"] is None else f"{p['compile_s']:.1f}",
+                         _bytes(s["weights_bytes_per_device"]), _bytes(p["peak_bytes"]), "yes" if p["fits"] else "NO",
+                         ratio, "-" if p["skipped"] else _bytes(moved), "-" if p["skipped"] else _bytes(sent)))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines += ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+    for stage, held in metrics["resident_stages"].items():
+        if stage not in metrics["stages"]:
+            lines.append(f"{stage}: not compiled (--compile_stages); its {_bytes(held)} of weights per device are "
+                         "counted in the others' peaks")
+    for m in metrics.get("mesh_search", []):
+        moved = "step not compiled" if m["step_collective_bytes"] is None else \
+            f"{_bytes(m['step_traffic_bytes'])} sent per device per step ({_bytes(m['step_collective_bytes'])} " \
+            "as the collectives' sizes)"
+        lines.append(f"mesh dp={m['dp']} tp={m['tp']} sharding {m['sharding']}: fits {'yes' if m['fits'] else 'no'}, "
+                     f"{moved}, peak {_bytes(m['peak_bytes'])}")
+    lines.append("fits: yes" if metrics["fits"] else f"fits: no ({not_fitting(metrics)})")
+    return "\n".join(lines)
+
+
+def stage2_base(input_dir, num_prompts: int | None, model_id: str | None) -> GenerationConfig:
+    """What stage 1 decided, for a stage-2 compile-only run: the folder's config, or `num_prompts` stand-in
+    prompts of `model_id` (their text does not change a program)."""
+    from tpu_wan.core.config import DEFAULT_MODEL_ID, DEFAULT_NEGATIVE_PROMPT
+
+    if num_prompts is None:
+        cfg = GenerationConfig.from_json_dict(artifacts.load_config(input_dir))
+        prompt_embeds, negative_embeds = artifacts.load_embeddings(input_dir)
+        preflight.check_embeddings_file(input_dir, cfg, prompt_embeds, negative_embeds)
+        return cfg
+    return GenerationConfig(model_id=model_id or DEFAULT_MODEL_ID, prompts=tuple(f"prompt {i}" for i in range(num_prompts)),
+                            negative_prompt=DEFAULT_NEGATIVE_PROMPT, max_sequence_length=512)
