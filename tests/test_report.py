@@ -207,7 +207,7 @@ def test_cli_output_file_and_no_jax(tmp_path):
     assert proc.returncode == 0 and proc.stdout == "", proc.stderr
     assert out.read_text() == report.render(make_metrics(), title=str(metrics))
     assert [p.name for p in out.parent.iterdir()] == ["report.md"]  # no temp file left
-    check = ("import sys; from tpu_wan import report; report.main([sys.argv[1], '--output', sys.argv[2]]); "
+    check = ("import sys; from tpu_wan.core import report; report.main([sys.argv[1], '--output', sys.argv[2]]); "
              "print(sorted(m for m in ('jax', 'torch') if m in sys.modules))")
     proc = subprocess.run([sys.executable, "-c", check, str(metrics), str(out)], cwd=REPO, capture_output=True,
                           text=True, timeout=60)
