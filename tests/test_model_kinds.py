@@ -253,3 +253,32 @@ def test_a_hub_model_of_another_kind_is_refused_before_its_weights_download(kind
         checkpoints.resolve_model("Wan-AI/Wan2.2-T2V-A14B-Diffusers")
     assert asked == [["*.json"]]  # the config files only: no *.safetensors was asked for
 
+
+
+@pytest.mark.parametrize("model_id, found", [
+    ("Wan-AI/Wan2.2-T2V-A14B-Diffusers", "found transformer_2 and boundary_ratio=0.875 (two-expert Wan 2.2 models"),
+    ("Wan-AI/Wan2.2-TI2V-5B-Diffusers", "found expand_timesteps=true (Wan 2.2 TI2V models"),
+])
+def test_the_published_wan22_ids_are_refused_for_their_kind_not_as_unknown(model_id, found):
+    # Their configs ship (no download): every entry point decides settings from checkpoints.config_folder first.
+    with pytest.raises(checkpoints.CheckpointError, match=r"expected a Wan 2\.1 text-to-video folder .*"
+                       + found.replace("(", r"\(").replace(".", r"\.")):
+        checkpoints.config_folder(model_id)
+
+
+def test_the_packaged_wan22_transformers_are_the_published_models():
+    """The packaged configs build diffusers' transformer at the published sizes: each A14B expert is Wan 2.1 14B's
+    architecture (the same 14.29 B parameters) and TI2V-5B has 5.00 B."""
+    from accelerate import init_empty_weights
+    from diffusers import WanTransformer3DModel
+
+    def parameters(name, component="transformer"):
+        config = json.loads((checkpoints.PACKAGED_CONFIGS / name / component / "config.json").read_text())
+        with init_empty_weights():
+            return sum(p.numel() for p in WanTransformer3DModel.from_config(config).parameters())
+
+    wan21_14b = parameters("Wan2.1-T2V-14B-Diffusers")
+    assert round(wan21_14b / 1e9, 2) == 14.29
+    experts = [parameters("Wan2.2-T2V-A14B-Diffusers", c) for c in ("transformer", "transformer_2")]
+    assert experts == [wan21_14b, wan21_14b]
+    assert round(parameters("Wan2.2-TI2V-5B-Diffusers") / 1e9, 2) == 5.00

@@ -66,15 +66,17 @@ def _read_json(path: Path) -> dict:
     return data
 
 
-# The configs of the published Wan 2.1 text-to-video models (their config.json files' facts; no weights, no
-# tokenizer), so a compile-only run (tpu_wan.run.aot) works offline.
+# The configs of the published Wan text-to-video models (their config.json files' facts; no weights, no tokenizer),
+# so a compile-only run (tpu_wan.run.aot) works offline. Wan 2.2's are refused by _checked like any folder of
+# their kinds until those kinds are implemented.
 PACKAGED_CONFIGS = Path(__file__).resolve().parent / "model_configs"
-PACKAGED_MODELS = {f"Wan-AI/{name}": name for name in ("Wan2.1-T2V-1.3B-Diffusers", "Wan2.1-T2V-14B-Diffusers")}
+PACKAGED_MODELS = {f"Wan-AI/{name}": name for name in ("Wan2.1-T2V-1.3B-Diffusers", "Wan2.1-T2V-14B-Diffusers",
+                                                        "Wan2.2-T2V-A14B-Diffusers", "Wan2.2-TI2V-5B-Diffusers")}
 
 
 def resolve_configs(model_id: str) -> Path:
     """A folder holding `model_id`'s config files, for compiling its programs without its weights: the
-    packaged configs of the two published models, tiny-random (built offline), or a local diffusers folder
+    packaged configs of the published models, tiny-random (built offline), or a local diffusers folder
     (weight files optional). Nothing is downloaded."""
     if model_id in PACKAGED_MODELS:
         return _checked(PACKAGED_CONFIGS / PACKAGED_MODELS[model_id], with_tokenizer=False)
@@ -86,7 +88,7 @@ def resolve_configs(model_id: str) -> Path:
 
 def config_folder(model_id: str) -> Path:
     """A folder holding `model_id`'s config files, to decide settings before loading: the packaged configs of the
-    two published models, tiny-random, a local folder (tokenizer and weights optional), else the hub's download."""
+    published models, tiny-random, a local folder (tokenizer and weights optional), else the hub's download."""
     if model_id in PACKAGED_MODELS or model_id == tiny.TINY_MODEL_ID:
         return resolve_configs(model_id)
     path = Path(model_id).expanduser()
