@@ -203,3 +203,33 @@ def test_missing_or_extra_weights_are_refused(tiny_path, tmp_path):
     with pytest.raises(ValueError, match=r"unused decoder keys \['decoder.extra.weight'\]"):
         load_params(abstract, tmp_path / "extra.safetensors", np.float32, sharding)
 
+
+
+def test_the_config_is_what_diffusers_builds_the_vae_from(tiny_path, real_path, tmp_path):
+    """load_config reads config.json without importing diffusers; it must equal the arguments AutoencoderKLWan's
+    constructor gets from the same file: its own extract_init_dict (unknown keys dropped) over its signature's
+    defaults, on the tiny and real configs, the packaged ones, and a file that leaves everything to the defaults."""
+    import inspect
+    import json
+    import shutil
+
+    from diffusers import AutoencoderKLWan
+
+    from tpu_wan.models import checkpoints
+    from tpu_wan.models.vae import AUTOENCODER_DEFAULTS
+
+    signature = inspect.signature(AutoencoderKLWan.__init__).parameters
+    defaults = {k: p.default for k, p in signature.items() if k != "self"}
+    assert AUTOENCODER_DEFAULTS == defaults
+    bare = tmp_path / "bare" / "vae"
+    bare.mkdir(parents=True)
+    (bare / "config.json").write_text(json.dumps({"_class_name": "AutoencoderKLWan", "clip_output": True}))
+    packaged = [checkpoints.PACKAGED_CONFIGS / name / "vae" for name in checkpoints.PACKAGED_MODELS.values()]
+    for vae_path in [tiny_path / "vae", real_path / "vae", bare, *packaged]:
+        theirs, _, _ = AutoencoderKLWan.extract_init_dict(AutoencoderKLWan.load_config(vae_path))
+        ours = load_config(vae_path)
+        constructor = json.loads(json.dumps({**defaults, **theirs}))  # tuples as lists
+        assert json.loads(json.dumps(ours)) == constructor and ours.z_dim == constructor["z_dim"], vae_path
+    with pytest.raises(TypeError, match="read-only"):
+        ours["z_dim"] = 1
+    shutil.rmtree(bare.parent)

@@ -33,13 +33,43 @@ WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
 DECODER_PREFIXES = ("decoder.", "post_quant_conv.")  # all other keys (encoder.*, quant_conv.*) stay unread
 
 
-def load_config(vae_path: Path):
-    """diffusers' AutoencoderKLWan config (a FrozenDict with attribute access), defaults filled in."""
-    from diffusers import AutoencoderKLWan
-    from diffusers.configuration_utils import FrozenDict
+# AutoencoderKLWan's constructor defaults (diffusers 0.42.1; latents_mean/std are Wan 2.1's statistics), for the
+# keys a config.json leaves out. Reading them from diffusers would import torch and diffusers (~3 s of a stage-3
+# process start) into a stage that runs neither; tests/test_vae.py checks this table and load_config against
+# diffusers' own signature and extract_init_dict.
+AUTOENCODER_DEFAULTS = dict(
+    base_dim=96, decoder_base_dim=None, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
+    temperal_downsample=[False, True, True], dropout=0.0,
+    latents_mean=[-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508, 0.4134, -0.0715, 0.5517,
+                  -0.3632, -0.1922, -0.9497, 0.2503, -0.2921],
+    latents_std=[2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743, 3.2687, 2.1526, 2.8652, 1.5579,
+                 1.6382, 1.1253, 2.8251, 1.916],
+    is_residual=False, in_channels=3, out_channels=3, patch_size=None, scale_factor_temporal=4, scale_factor_spatial=8,
+)
 
-    init, _, _ = AutoencoderKLWan.extract_init_dict(AutoencoderKLWan.load_config(vae_path))
-    return FrozenDict(init)
+
+class VaeConfig(dict):
+    """A VAE's constructor arguments, read-only, with attribute access (as diffusers' FrozenDict)."""
+
+    def __getattr__(self, name):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def __setitem__(self, key, value):
+        raise TypeError("VaeConfig is read-only")
+
+
+def load_config(vae_path: Path) -> VaeConfig:
+    """diffusers' AutoencoderKLWan config as its constructor sees it: config.json's keys that the constructor takes
+    (the file's others, such as `_class_name` or a dropped `clip_output`, are ignored, as diffusers ignores them)
+    over AUTOENCODER_DEFAULTS."""
+    from tpu_wan.models import checkpoints
+
+    vae_path = Path(vae_path)
+    given = checkpoints.read_config(vae_path.parent, vae_path.name)
+    return VaeConfig({key: given.get(key, default) for key, default in AUTOENCODER_DEFAULTS.items()})
 
 
 def decoder_keys(weights_file: Path) -> list[str]:
