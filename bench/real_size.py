@@ -42,22 +42,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-# Wan-AI/Wan2.1-T2V-1.3B-Diffusers transformer/config.json
-REAL_CONFIG = dict(
-    patch_size=[1, 2, 2],
-    num_attention_heads=12,
-    attention_head_dim=128,
-    in_channels=16,
-    out_channels=16,
-    text_dim=4096,
-    freq_dim=256,
-    ffn_dim=8960,
-    num_layers=30,
-    cross_attn_norm=True,
-    qk_norm="rms_norm_across_heads",
-    eps=1e-6,
-    rope_max_seq_len=1024,
-)
+# Wan-AI/Wan2.1-T2V-1.3B-Diffusers transformer/config.json, as the package ships it (tpu_wan.models.checkpoints)
+REAL_CONFIG = {key: value for key, value in json.loads(
+    (ROOT / "tpu_wan" / "models" / "model_configs" / "Wan2.1-T2V-1.3B-Diffusers" / "transformer" / "config.json")
+    .read_text()).items() if not key.startswith("_")}
 # --smoke: the same architecture at the tiny checkpoint's widths (tpu_wan.models.tiny); RoPE splits the head dim 8/4/4.
 SMOKE_CONFIG = dict(REAL_CONFIG, num_attention_heads=2, attention_head_dim=16, text_dim=32, freq_dim=32, ffn_dim=64,
                     num_layers=2)
