@@ -31,7 +31,7 @@ def main(argv=None):
     cli.add_stage2_args(parser)
     parser.set_defaults(warmup_steps=2)
     cli.add_dtype_arg(parser)
-    parser.add_argument("--fps", type=int, default=16)
+    parser.add_argument("--fps", type=int, default=None, help="default: the model's (16, 24 for TI2V-5B)")
     parser.add_argument("--output_video", default=None, help="one video: default YYYYMMDD_HHMMSS.mp4")
     parser.add_argument("--output_dir", default=None, help="several videos: <prompt-slug>_seed<seed>.mp4 here "
                         "(default: YYYYMMDD_HHMMSS/)")
@@ -61,10 +61,11 @@ def main(argv=None):
         from tpu_wan.run import aot
 
         base = GenerationConfig(model_id=args.model_id, prompts=tuple(prompts), negative_prompt=args.negative_prompt,
-                                max_sequence_length=args.max_sequence_length, fps=args.fps, vae_dtype=args.vae_dtype)
+                                max_sequence_length=args.max_sequence_length, fps=args.fps or 16,
+                                vae_dtype=args.vae_dtype)
         metrics = aot.compile_only(base, settings, args.topology, dp=args.dp, tp=args.tp, one_process=True,
                                    compile_stages=tuple(args.compile_stages), uint8=not args.save_intermediates,
-                                   search_mesh=args.search_mesh)
+                                   search_mesh=args.search_mesh, expert_offload=args.expert_offload)
         folder = Path(args.output_dir or (Path(args.output_video).parent if args.output_video else "."))
         return cli.finish_compile_only(metrics, args.metrics or folder / artifacts.METRICS_FILE)
     several = len(prompts) * len(settings.seeds) > 1
@@ -76,7 +77,7 @@ def main(argv=None):
         warmup_steps=args.warmup_steps, output_video=output_video,
         output_dir=args.output_dir or (stamp if several else None),
         save_intermediates=args.save_intermediates, num_iterations=args.num_iterations, profile_dir=args.profile,
-        preview=args.preview, non_strict=args.non_strict,
+        preview=args.preview, non_strict=args.non_strict, expert_offload=args.expert_offload,
     )
     metrics_path = Path(args.metrics or result.videos[0].parent / artifacts.METRICS_FILE)
     artifacts.save_metrics(metrics_path, result.metrics)

@@ -179,6 +179,7 @@ def run_child(which: str, cache: Path, smoke: bool) -> dict:
     from diffusers import WanTransformer3DModel  # noqa: F401  (both paths import it: same baseline)
 
     from tpu_wan.models import checkpoints
+    from tpu_wan.models.kinds import ModelKind
     from tpu_wan.models.transformer import Denoiser
     from tpu_wan.runtime import attention, torchax_env
     from tpu_wan.runtime import mesh as mesh_lib
@@ -192,7 +193,7 @@ def run_child(which: str, cache: Path, smoke: bool) -> dict:
     with Sampler() as sampler:
         start = time.perf_counter()
         if which == "ours":
-            denoiser = Denoiser(cache, mesh, "bfloat16")
+            denoiser = Denoiser(cache, mesh, "bfloat16", kind=ModelKind())  # the folder holds transformer/ only
             placed = denoiser.weights
         else:
             # The naive path: a torch copy of every weight (from_pretrained), the module deep-copied by
@@ -210,8 +211,8 @@ def run_child(which: str, cache: Path, smoke: bool) -> dict:
     if which == "naive":
         # The same jitted step as ours, over the naive weights: a Denoiser built by its own constructor with no
         # weights read (abstract: shapes only, a meta-device model), then given the placed ones.
-        denoiser = Denoiser(cache, mesh, "bfloat16", abstract=True)
-        denoiser.weights = placed
+        denoiser = Denoiser(cache, mesh, "bfloat16", abstract=True, kind=ModelKind())
+        denoiser.experts["transformer"] = placed
     jax_bytes = sum(a.nbytes for a in denoiser.weights.values())
     # Reset the high-water mark (VmHWM and ru_maxrss both), so the steps' own peak can be read apart from the load's.
     steps_apart = reset_peak()

@@ -1,19 +1,21 @@
 """python bench/tpu_compile.py [--smoke] [--cases 1.3b-480p 14b-720p ...] [--topologies v6e-8 ...] [--out DIR]
        [--from_dir DIR] [--write]
 
-What the TPU compiler says of the real Wan 2.1 runs on the slices users rent, compiled on this CPU host (libtpu,
+What the TPU compiler says of the real Wan runs on the slices users rent, compiled on this CPU host (libtpu,
 deviceless: nothing runs, no weights are read). Each case runs
 `generate_flax.py --compile_only --topology T --search_mesh --compile_stages text_encoder transformer` as its
-own process (81 frames, CFG, one prompt, bfloat16, default block sizes), so every mesh the slice and the heads
-allow is compiled, in both DiT sharding modes: the default mesh's rows and the best one's come from the same run. The VAE's weights count in
-each program's peak (one process holds all three models); its programs are not compiled here: at these sizes
-XLA:TPU takes many minutes per 3D convolution program (see bench/README.md).
+own process (the model's frames, CFG, one prompt, bfloat16, default block sizes), so every mesh the slice and the
+heads allow is compiled, in both DiT sharding modes: the default mesh's rows and the best one's come from the same
+run. The VAE's weights count in each program's peak (one process holds all three models), and a two-expert
+model's idle expert in its step's; the VAE's programs are not compiled here: at these sizes XLA:TPU takes many
+minutes per 3D convolution program (see bench/README.md).
 
 Columns: compile s on this CPU (text encoder + step, that mesh and mode), peak GiB per chip (the largest program,
 the other models' weights included) against the compiler's HBM limit, fits, the step's FLOPs over the model's own
 arithmetic, and the bytes each chip sends per denoising step (the collectives of the step's optimized HLO, as
 ring algorithms move them: tpu_wan.tpu.hlo). --out keeps each case's metrics.json, and --from_dir renders the table of
-the cases kept there without compiling. --write puts the table into bench/README.md between its tpu_compile markers.
+the cases kept there without compiling. --write puts the table into bench/README.md between its markers
+(tpu_compile for Wan 2.1's cases, tpu_compile_wan22 for Wan 2.2's).
 --smoke: the tiny model on v5e-4, Megatron only (seconds). The last line is `cases N fits F` (cases compiled, of
 which the default mesh fits). Compiler estimates, not measurements.
 """
@@ -33,14 +35,22 @@ sys.path.insert(0, str(ROOT / "bench"))
 from doc_tables import measured_line, stamp, write_block  # noqa: E402
 
 GiB = 1 << 30
-MODELS = {"1.3b": "Wan-AI/Wan2.1-T2V-1.3B-Diffusers", "14b": "Wan-AI/Wan2.1-T2V-14B-Diffusers"}
-SIZES = {"480p": (480, 832), "720p": (720, 1280)}
-# (case, topologies) as the compile-only issue lists them: the sizes users ask about, on the slices they rent.
+WAN21, WAN22 = "Wan-AI/Wan2.1-T2V-", "Wan-AI/Wan2.2-"
+EIGHT_CHIPS = ("v5e-8", "v6e-8", "v5p-8")
+# case -> (model id, height, width, frames, topologies): the sizes users ask about, on the slices they rent.
 CASES = {
-    "1.3b-480p": ("v5e-1", "v5e-4", "v6e-1", "v6e-4"),
-    "14b-480p": ("v5e-8", "v6e-8", "v5p-8"),
-    "14b-720p": ("v5e-8", "v6e-8", "v5p-8"),
+    "1.3b-480p": (WAN21 + "1.3B-Diffusers", 480, 832, 81, ("v5e-1", "v5e-4", "v6e-1", "v6e-4")),
+    "14b-480p": (WAN21 + "14B-Diffusers", 480, 832, 81, EIGHT_CHIPS),
+    "14b-720p": (WAN21 + "14B-Diffusers", 720, 1280, 81, EIGHT_CHIPS),
+    "a14b-480p": (WAN22 + "T2V-A14B-Diffusers", 480, 832, 81, EIGHT_CHIPS),
+    "a14b-720p": (WAN22 + "T2V-A14B-Diffusers", 720, 1280, 81, EIGHT_CHIPS),
+    "ti2v-5b-704p": (WAN22 + "TI2V-5B-Diffusers", 704, 1280, 121, ("v5e-1", "v6e-1", "v5e-4", "v6e-4")),
 }
+
+
+def block_of(case: str) -> str:
+    """The bench/README.md block a case's row goes to."""
+    return "tpu_compile_wan22" if CASES[case][0].startswith(WAN22) else "tpu_compile"
 # --smoke searches the meshes in one DiT mode: half the step programs (tests/test_compile_only.py covers both)
 SMOKE_ARGS = ("--sharding", "megatron")
 
@@ -87,7 +97,7 @@ def rows_of(case: str, document: dict) -> list[list[str]]:
 
 
 def table(rows: list[list[str]]) -> str:
-    head = ["case (81 frames)", "slice", "mesh", "compile s", "peak / usable GiB per chip", "fits",
+    head = ["case (81 frames; TI2V-5B 121)", "slice", "mesh", "compile s", "peak / usable GiB per chip", "fits",
             "step FLOPs / model's (best mesh)", "GB sent per chip per step"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
@@ -103,13 +113,12 @@ def main() -> None:
     parser.add_argument("--from_dir", default=None, help="no compiling: the table of the cases kept in this folder")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
-    rows, fits, count, documents = [], 0, 0, []
+    rows, fits, count, documents = {}, 0, 0, {}
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(args.out or tmp)
         out.mkdir(parents=True, exist_ok=True)
         plan = ([("tiny-random", "tiny-random", 16, 16, 5, "v5e-4")] if args.smoke else
-                [(case, MODELS[case.split("-")[0]], *SIZES[case.split("-")[1]], 81, topology)
-                 for case in args.cases for topology in CASES[case]
+                [(case, *CASES[case][:4], topology) for case in args.cases for topology in CASES[case][4]
                  if args.topologies is None or topology in args.topologies])
         for case, model_id, height, width, frames, topology in plan:
             kept = Path(args.from_dir or out) / f"{case}_{topology}.json"
@@ -118,15 +127,17 @@ def main() -> None:
             document = (json.loads(kept.read_text()) if args.from_dir else
                         compile_case(case, model_id, height, width, frames, topology, out, *SMOKE_ARGS * args.smoke))
             case_rows = rows_of(case, document)
-            documents.append(document)
-            rows += case_rows
+            block = "tpu_compile" if args.smoke else block_of(case)
+            documents.setdefault(block, []).append(document)
+            rows.setdefault(block, []).extend(case_rows)
             count += 1
             fits += any("default" in r[2] and r[5] == "yes" for r in case_rows)
             print(*table(case_rows).splitlines()[2:], f"({document['wall_s']:.0f} s)", sep="\n", flush=True)
-    text = table(rows)
-    print(text)
-    if args.write and not args.smoke:
-        write_block("tpu_compile", text, measured_line(documents))
+    for block, block_rows in rows.items():
+        text = table(block_rows)
+        print(text)
+        if args.write and not args.smoke:
+            write_block(block, text, measured_line(documents[block]))
     print(f"cases {count} fits {fits}")
 
 

@@ -44,14 +44,15 @@ def main(argv=None):
 
         base = aot.stage2_base(args.input_dir, args.num_prompts, args.model_id)
         metrics = aot.compile_only(base, settings, args.topology, dp=args.dp, tp=args.tp,
-                                   stages=("transformer",), search_mesh=args.search_mesh)
+                                   stages=("transformer",), search_mesh=args.search_mesh,
+                                   expert_offload=args.expert_offload)
         folder = Path(args.output_dir or args.input_dir)
         return cli.finish_compile_only(metrics, folder / artifacts.METRICS_FILE)
 
     result = pipeline.run_stage2(
         args.input_dir, settings, output_dir=args.output_dir,
         dp=args.dp, tp=args.tp, warmup_steps=args.warmup_steps,
-        overwrite=args.overwrite, non_strict=args.non_strict,
+        overwrite=args.overwrite, non_strict=args.non_strict, expert_offload=args.expert_offload,
     )
     cfg = result.config
     if result.metrics:

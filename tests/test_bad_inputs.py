@@ -62,9 +62,12 @@ def _copy_stage1(stage1_dir, dst):
         (("--attention", "flash"), ["invalid choice: 'flash'"]),
         (("--warmup_steps", "-1"), ["--warmup_steps must be >= 0", "found -1"]),
         (("--bogus", "1"), ["unrecognized arguments: --bogus"]),
+        (("--guidance_scale_2", "3"), ["--guidance_scale_2: expected a two-expert model (model_index.json with "
+                                       "transformer_2 and boundary_ratio", "found tiny-random with one transformer"]),
+        (("--boundary_ratio", "1.5"), ["--boundary_ratio must be in [0, 1], found 1.5"]),
     ],
     ids=["frames", "height", "width", "steps", "solver", "guidance", "seeds", "batch-size", "attention", "warmup",
-         "unknown-flag"],
+         "unknown-flag", "wan21-guidance-2", "boundary"],
 )
 def test_stage2_bad_flags(stage1_dir, flags, expect):
     args = dict(zip(SIZE[::2], SIZE[1::2])) | dict(zip(flags[::2], flags[1::2]))
@@ -75,6 +78,20 @@ def test_stage2_bad_flags(stage1_dir, flags, expect):
 def test_stage2_kernel_flag_that_would_do_nothing(stage1_dir):
     _refused(STAGE2, "--input_dir", stage1_dir, *SIZE, "--attention", "xla", "--k_smooth", folder=stage1_dir,
              expect=["--k_smooth acts on our kernel only", "found --attention xla"])
+
+
+def test_stage2_expert_offload_without_experts(stage1_dir):
+    _refused(STAGE2, "--input_dir", stage1_dir, *SIZE, "--expert_offload", folder=stage1_dir,
+             expect=["--expert_offload: expected a two-expert model", "found tiny-random with one transformer"])
+
+
+@pytest.mark.parametrize("flag, value", [("--height", "48"), ("--width", "80")])
+def test_generate_ti2v_size_off_its_stride(tmp_path, flag, value):
+    sizes = dict(zip(SIZE[::2], SIZE[1::2])) | {flag: value}
+    _refused(GENERATE, "--model_id", "tiny-random-ti2v", *[x for kv in sizes.items() for x in kv], "--output_video",
+             tmp_path / "v.mp4", folder=tmp_path,
+             expect=[f"{flag} must be a multiple of 32 for tiny-random-ti2v (its VAE compresses 16x and its "
+                     f"transformer patches 2x2), found {value}"])
 
 
 def test_generate_bad_frames(tmp_path):

@@ -1,6 +1,7 @@
 """Every benchmark in bench/ runs its --smoke mode: the same code path at tiny sizes, so none breaks unseen."""
 
 import importlib.util
+import json
 import math
 import re
 import sys
@@ -83,6 +84,18 @@ def test_sharding_compile_smoke():
 def test_tpu_conv_compile_smoke():
     last = run(ROOT / "bench" / "tpu_conv_compile.py", "--smoke").stdout.splitlines()[-1].split()
     assert last[0] == "conv3d_over_matmul" and float(last[1]) > 0 and last[2] == "conv3d_f32_s"
+
+
+@needs_libtpu
+def test_memory_per_program_smoke(tmp_path):
+    # The tiny two-expert model in one process on v5e-4: encode, step, VAE frame 0, VAE scan, uint8, all fit; the
+    # step holds the idle expert beside it, one expert's weights as its arguments.
+    out = run(ROOT / "bench" / "memory_per_program.py", "--smoke", "--out", tmp_path).stdout
+    assert out.splitlines()[-1] == "runs 1 fits 1 programs 5", out[-2000:]
+    transformer = json.loads((tmp_path / "smoke.json").read_text())["stages"]["transformer"]
+    idle, step = transformer["idle_expert_bytes_per_device"], transformer["compiled"][0]
+    assert 0 < idle == transformer["weights_bytes_per_device"] / 2
+    assert step["held_bytes"] >= idle
 
 
 @needs_libtpu

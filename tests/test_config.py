@@ -26,6 +26,29 @@ def test_presets_fill_what_the_user_left_out():
     assert preset_for("/some/other/folder") == preset_for("Wan-AI/Wan2.1-T2V-14B-Diffusers")
 
 
+def test_wan22_presets_are_wans_own():
+    # Wan2.2's wan/configs: t2v_A14B sample_steps 40, sample_guide_scale (3.0 low noise, 4.0 high noise),
+    # boundary 0.875, sample_shift 12.0; ti2v_5B 50 steps, guidance 5.0, shift 5.0, 1280x704, 121 frames, 24 fps.
+    a14b = _resolve("Wan-AI/Wan2.2-T2V-A14B-Diffusers").stage2
+    assert (a14b.height, a14b.width, a14b.frames, a14b.num_inference_steps, a14b.guidance_scale, a14b.guidance_scale_2,
+            a14b.boundary_ratio, a14b.flow_shift) == (720, 1280, 81, 40, 4.0, 3.0, 0.875, 12.0)
+    assert _resolve("Wan-AI/Wan2.2-T2V-A14B-Diffusers", height=480, width=832).stage2.flow_shift == 12.0
+    ti2v = _resolve("Wan-AI/Wan2.2-TI2V-5B-Diffusers").stage2
+    assert (ti2v.height, ti2v.width, ti2v.frames, ti2v.num_inference_steps, ti2v.guidance_scale, ti2v.flow_shift,
+            ti2v.guidance_scale_2, ti2v.expand_timesteps, ti2v.vae) == (
+        704, 1280, 121, 50, 5.0, 5.0, None, True, "wan2.2")
+    assert ti2v.latent_shape(1, 48) == (1, 48, 31, 44, 80)
+    assert pipeline.model_preset("Wan-AI/Wan2.2-TI2V-5B-Diffusers").fps == 24
+
+
+def test_a_folder_not_named_like_a_preset_takes_its_familys(tmp_path):
+    for model, height in (("Wan2.2-T2V-A14B-Diffusers", 720), ("Wan2.2-TI2V-5B-Diffusers", 704)):
+        folder = tmp_path / f"my-finetune-of-{model.split('-')[1]}"
+        shutil.copytree(checkpoints.PACKAGED_CONFIGS / model, folder)
+        assert _resolve(str(folder)).stage2 == _resolve(f"Wan-AI/{model}").stage2
+        assert _resolve(str(folder)).stage2.height == height
+
+
 def test_explicit_settings_override_presets():
     cfg = _resolve("Wan-AI/Wan2.1-T2V-14B-Diffusers", height=480, width=832, num_inference_steps=20, flow_shift=4.0)
     assert (cfg.stage2.height, cfg.stage2.width, cfg.stage2.num_inference_steps, cfg.stage2.flow_shift) == (480, 832, 20, 4.0)

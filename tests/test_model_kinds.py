@@ -1,33 +1,24 @@
-"""Model folders of kinds the toolkit does not implement (Wan 2.2's two experts and TI2V-5B, image-to-video, a VAE
-or transformer that is not Wan 2.1 text-to-video's) are refused by every entry point before any work: one line
-naming the file, what was expected and what was found, exit status 2, nothing written, no weight read, nothing
-compiled."""
+"""Model folders of kinds the toolkit does not implement (image-to-video, a VAE or transformer that is neither Wan
+2.1's nor Wan 2.2's) or whose parts do not fit together (two experts without a boundary, experts of different
+architectures) are refused by every entry point before any work: one line naming the file, what was expected and
+what was found, exit status 2, nothing written, no weight read, nothing compiled. The kinds it does implement are
+read from the same files (tpu_wan.models.kinds)."""
 
-import functools
 import hashlib
 import importlib.util
 import json
-import os
 import shutil
-import signal
 
 import numpy as np
 import pytest
-from scripts import GENERATE, STAGE1, STAGE2, STAGE3, load, run
+from scripts import GENERATE, STAGE1, STAGE2, STAGE3, run, run_in_process
 
-from tpu_wan.core import artifacts, entry
+from tpu_wan.core import artifacts
 from tpu_wan.core.config import DEFAULT_NEGATIVE_PROMPT, GenerationConfig, Stage2Settings
 from tpu_wan.models import checkpoints, tiny
+from tpu_wan.models.kinds import ModelKind
 
 SIZE = ("--height", "16", "--width", "16", "--frames", "5", "--num_inference_steps", "2")
-# The Wan 2.2 TI2V-5B VAE (diffusers' scripts/convert_wan_to_diffusers.py) at tiny widths: 48 latent channels,
-# residual up blocks, 2x2 pixel patches (12 = 3 x 2 x 2 channels in and out), so 16x spatial compression.
-TI2V_VAE = dict(base_dim=8, decoder_base_dim=16, z_dim=48, dim_mult=[1, 2, 2, 2], num_res_blocks=1, attn_scales=[],
-                temperal_downsample=[False, True, True], is_residual=True, in_channels=12, out_channels=12,
-                patch_size=2, scale_factor_spatial=16, scale_factor_temporal=4,
-                latents_mean=[0.0] * 48, latents_std=[1.0] * 48)
-
-
 def _edit_json(path, **changes):
     data = json.loads(path.read_text())
     path.write_text(json.dumps({**data, **changes}, indent=2))
@@ -46,23 +37,34 @@ def _save_ti2v_vae(folder):
     from diffusers import AutoencoderKLWan
 
     torch.manual_seed(0)
-    AutoencoderKLWan(**TI2V_VAE).save_pretrained(folder / "vae")
+    AutoencoderKLWan(**tiny.TI2V_VAE_CONFIG, latents_mean=[0.0] * 48, latents_std=[1.0] * 48).save_pretrained(
+        folder / "vae")
 
 
-def _two_experts(folder):  # Wan 2.2 A14B: a high-noise and a low-noise transformer, switched at boundary_ratio
+def _experts_without_boundary(folder):  # Wan 2.2 A14B's transformer_2, but no boundary_ratio to switch at
     shutil.copytree(folder / "transformer", folder / "transformer_2")
+    _edit_json(folder / "model_index.json", transformer_2=["diffusers", "WanTransformer3DModel"])
+
+
+def _boundary_without_expert(folder):  # a boundary, but no low-noise expert to switch to
+    _edit_json(folder / "model_index.json", boundary_ratio=0.875)
+
+
+def _experts_differ(folder):  # two experts of different depths: no one compiled step serves both
+    shutil.copytree(folder / "transformer", folder / "transformer_2")
+    _edit_json(folder / "transformer_2" / "config.json", num_layers=3)
     _edit_json(folder / "model_index.json", transformer_2=["diffusers", "WanTransformer3DModel"], boundary_ratio=0.875)
 
 
-def _ti2v(folder):  # Wan 2.2 TI2V-5B: per-token timesteps, the z48 VAE, a 48-channel transformer
+def _unpatched_z48_vae(folder):  # a 48-channel residual VAE without Wan 2.2's pixel patches: neither VAE
     _save_ti2v_vae(folder)
+    _edit_json(folder / "vae" / "config.json", patch_size=None, scale_factor_spatial=8)
     _save_transformer(folder, in_channels=48, out_channels=48)
+
+
+def _expanded_wide_patches(folder):  # per-token timesteps over 1x4x4 patches: WanPipeline builds them for 1x2x2
+    _save_transformer(folder, patch_size=(1, 4, 4))
     _edit_json(folder / "model_index.json", expand_timesteps=True)
-
-
-def _ti2v_vae(folder):  # TI2V-5B's parts under a plain Wan 2.1 model_index.json: the VAE itself is refused
-    _save_ti2v_vae(folder)
-    _save_transformer(folder, in_channels=48, out_channels=48)
 
 
 def _image_to_video(folder):  # Wan 2.1 I2V: CLIP image encoder, image latents + mask as 20 extra input channels
@@ -87,18 +89,20 @@ def _wrong_channels(folder):  # a transformer that denoises 48 channels beside t
 
 # kind -> (how tiny-random is turned into it, fragments of the one refusal line)
 KINDS = {
-    "wan22-two-experts": (_two_experts, [
-        "model_index.json: expected a Wan 2.1 text-to-video folder", "found transformer_2 and boundary_ratio=0.875",
-        "two-expert Wan 2.2 models are not implemented"]),
-    "wan22-ti2v": (_ti2v, [
-        "model_index.json: expected a Wan 2.1 text-to-video folder", "found expand_timesteps=true",
-        "Wan 2.2 TI2V models are not implemented"]),
-    "wan22-vae": (_ti2v_vae, [
-        "vae/config.json: expected the Wan 2.1 VAE our decoder implements (z_dim=16, is_residual=false, "
-        "patch_size=null, out_channels=3, scale_factor_spatial=8",
-        "found z_dim=48, is_residual=true, patch_size=2, out_channels=12, scale_factor_spatial=16"]),
+    "experts-without-boundary": (_experts_without_boundary, [
+        "model_index.json: expected boundary_ratio with transformer_2", "found none"]),
+    "boundary-without-expert": (_boundary_without_expert, [
+        "model_index.json: expected transformer_2 with boundary_ratio=0.875 (the low-noise expert), found none"]),
+    "experts-differ": (_experts_differ, [
+        "transformer_2/config.json: expected the config of transformer/config.json (both experts run one compiled "
+        "step), found num_layers=2 vs 3"]),
+    "z48-vae-unpatched": (_unpatched_z48_vae, [
+        "vae/config.json: expected the Wan 2.2 VAE our decoder implements (patch_size=2, scale_factor_spatial=16",
+        "found patch_size=null, scale_factor_spatial=8", "(the Wan 2.1 VAE is the other one implemented)"]),
+    "expanded-wide-patches": (_expanded_wide_patches, [
+        "transformer/config.json: expected patch_size [1,2,2] with expand_timesteps", "found [1,4,4]"]),
     "image-to-video": (_image_to_video, [
-        "model_index.json: expected a Wan 2.1 text-to-video folder",
+        "model_index.json: expected a Wan text-to-video folder",
         "found _class_name 'WanImageToVideoPipeline', image_encoder and image_processor",
         "image-to-video models are not implemented"]),
     "image-transformer": (_image_transformer, [
@@ -184,29 +188,6 @@ def _no_work(monkeypatch):
         monkeypatch.setattr(module, name, refuse)
 
 
-@functools.cache
-def _script(path):
-    return load(path)
-
-
-def _run_in_process(script, argv) -> int:
-    """The script's main as its command line runs it (tpu_wan.core.entry), in this process; the process settings a
-    script makes (jax's compilation cache, environment variables, the SIGTERM handler) are put back after."""
-    import jax
-
-    jax_settings = {name: getattr(jax.config, name) for name in (
-        "jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs", "jax_enable_compilation_cache")}
-    environment, sigterm = dict(os.environ), signal.getsignal(signal.SIGTERM)
-    try:
-        return entry.run_main(_script(script).main, argv)
-    finally:
-        for name, value in jax_settings.items():
-            jax.config.update(name, value)
-        os.environ.clear()
-        os.environ.update(environment)
-        signal.signal(signal.SIGTERM, sigterm)
-
-
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("entry_point", [pytest.param(e, marks=needs_libtpu) if e in COMPILE_ONLY else e
                                          for e in ENTRY_POINTS])
@@ -218,7 +199,7 @@ def test_every_entry_point_refuses_before_any_work(kinds, kind, entry_point, tmp
         prepare(out, model)
     before, model_before = _snapshot(out), _snapshot(model)
     _no_work(monkeypatch)
-    status = _run_in_process(script, [str(a) for a in arguments(model, out)])
+    status = run_in_process(script, [str(a) for a in arguments(model, out)])
     lines = capsys.readouterr().err.strip().splitlines()
     assert status == 2, lines
     assert len(lines) == 1, lines
@@ -231,11 +212,11 @@ def test_every_entry_point_refuses_before_any_work(kinds, kind, entry_point, tmp
 
 def test_the_command_line_contract(kinds, tmp_path):
     # As a user runs it: a separate process, one line on stderr, status 2, no traceback, nothing written.
-    proc = run(STAGE1, "--model_id", kinds["wan22-two-experts"], "--output_dir", tmp_path / "out", "--cpu_devices",
+    proc = run(STAGE1, "--model_id", kinds["image-to-video"], "--output_dir", tmp_path / "out", "--cpu_devices",
                "1", check=False)
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
-    assert f"{kinds['wan22-two-experts']}/model_index.json: expected a Wan 2.1 text-to-video folder" in lines[0]
+    assert f"{kinds['image-to-video']}/model_index.json: expected a Wan text-to-video folder" in lines[0]
     assert not (tmp_path / "out").exists()
 
 
@@ -246,24 +227,27 @@ def test_a_hub_model_of_another_kind_is_refused_before_its_weights_download(kind
 
     def snapshot_download(repo_id, allow_patterns):
         asked.append(allow_patterns)
-        return str(kinds["wan22-two-experts"])
+        return str(kinds["image-to-video"])
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
-    with pytest.raises(checkpoints.CheckpointError, match="two-expert Wan 2.2 models are not implemented"):
-        checkpoints.resolve_model("Wan-AI/Wan2.2-T2V-A14B-Diffusers")
+    with pytest.raises(checkpoints.CheckpointError, match="image-to-video models are not implemented"):
+        checkpoints.resolve_model("Wan-AI/Wan2.1-I2V-14B-480P-Diffusers")
     assert asked == [["*.json"]]  # the config files only: no *.safetensors was asked for
 
 
 
-@pytest.mark.parametrize("model_id, found", [
-    ("Wan-AI/Wan2.2-T2V-A14B-Diffusers", "found transformer_2 and boundary_ratio=0.875 (two-expert Wan 2.2 models"),
-    ("Wan-AI/Wan2.2-TI2V-5B-Diffusers", "found expand_timesteps=true (Wan 2.2 TI2V models"),
+@pytest.mark.parametrize("model_id, kind", [
+    ("Wan-AI/Wan2.1-T2V-14B-Diffusers", ModelKind()),
+    ("Wan-AI/Wan2.2-T2V-A14B-Diffusers", ModelKind(experts=("transformer", "transformer_2"), boundary_ratio=0.875)),
+    ("Wan-AI/Wan2.2-TI2V-5B-Diffusers", ModelKind(expand_timesteps=True, vae="wan2.2")),
+    ("tiny-random-a14b", ModelKind(experts=("transformer", "transformer_2"), boundary_ratio=0.875)),
+    ("tiny-random-ti2v", ModelKind(expand_timesteps=True, vae="wan2.2")),
 ])
-def test_the_published_wan22_ids_are_refused_for_their_kind_not_as_unknown(model_id, found):
-    # Their configs ship (no download): every entry point decides settings from checkpoints.config_folder first.
-    with pytest.raises(checkpoints.CheckpointError, match=r"expected a Wan 2\.1 text-to-video folder .*"
-                       + found.replace("(", r"\(").replace(".", r"\.")):
-        checkpoints.config_folder(model_id)
+def test_each_model_kind_is_read_from_its_config_files(model_id, kind):
+    # Every entry point decides settings from checkpoints.config_folder first (packaged configs: no download).
+    found = checkpoints.model_kind(checkpoints.config_folder(model_id))
+    assert found == kind
+    assert found.size_multiple == (32 if kind.vae == "wan2.2" else 16)
 
 
 def test_the_packaged_wan22_transformers_are_the_published_models():

@@ -16,6 +16,8 @@ from tpu_wan.models.vae_modules import WanVaeDecoder, torch_key
 from tpu_wan.runtime.mesh import make_mesh
 
 FRAME_COUNTS = (1, 2, 3, 5, 9)  # 1: frame 0 alone; 2: the 'Rep' time_conv step; >= 3: caches carried on
+TI2V_FRAME_COUNTS = (2, 6)  # the Wan 2.2 VAE's latent frames: 5 and 21 video frames
+TI2V_HW = (2, 3)  # its latent h, w: 32 x 48 pixels at 16x
 TINY_HW = (4, 8)  # latent h, w: W = 8 splits over all 8 devices of the 2x4 mesh at every resolution
 REAL_HW = (1, 2)  # the real widths and depths at the smallest size where attention sees more than one position
 REAL_VAE_CONFIG = dict(
@@ -45,8 +47,8 @@ def _mesh(dp=1, tp=1):
     return make_mesh(dp, tp, devices=jax.devices()[: dp * tp])
 
 
-def _latents(frames, hw, batch=1, seed=0):
-    return np.random.default_rng(seed).standard_normal((batch, 16, frames, *hw)).astype(np.float32)
+def _latents(frames, hw, batch=1, seed=0, channels=16):
+    return np.random.default_rng(seed).standard_normal((batch, channels, frames, *hw)).astype(np.float32)
 
 
 def diffusers_frames(vae, latents: np.ndarray) -> np.ndarray:
@@ -233,3 +235,110 @@ def test_the_config_is_what_diffusers_builds_the_vae_from(tiny_path, real_path, 
     with pytest.raises(TypeError, match="read-only"):
         ours["z_dim"] = 1
     shutil.rmtree(bare.parent)
+
+
+# The Wan 2.2 TI2V-5B VAE (z48, residual up blocks whose DupUp3D shortcut drops frames on the first chunk, 2x2
+# pixel patches): tpu_wan.models.tiny's narrow config with the published latent statistics.
+
+
+@pytest.fixture(scope="module")
+def ti2v_vae(tmp_path_factory):
+    """The tiny Wan 2.2 VAE with random weights: (a folder with vae/ as diffusers saves it, the model)."""
+    from diffusers import AutoencoderKLWan
+
+    from tpu_wan.models.tiny import TI2V_VAE_CONFIG, _wan22_vae_statistics
+
+    root = tmp_path_factory.mktemp("ti2v_vae")
+    torch.manual_seed(0)
+    vae = AutoencoderKLWan(**{**TI2V_VAE_CONFIG, **_wan22_vae_statistics()}).eval()
+    vae.save_pretrained(root / "vae")
+    return root, vae
+
+
+@pytest.fixture(scope="module")
+def ti2v_oracle(ti2v_vae):
+    """diffusers' frames for the tiny Wan 2.2 VAE at each latent frame count."""
+    latents = _latents(max(TI2V_FRAME_COUNTS), TI2V_HW, channels=48)
+    return latents, {f: diffusers_frames(ti2v_vae[1], latents[:, :, :f]) for f in TI2V_FRAME_COUNTS}
+
+
+@pytest.fixture(scope="module")
+def ti2v_decoder(ti2v_vae):
+    return VaeDecoder(ti2v_vae[0], _mesh())
+
+
+def test_ti2v_vae_matches_diffusers(ti2v_decoder, ti2v_oracle):
+    latents, ref = ti2v_oracle
+    errs, ours = {}, {}
+    for f in TI2V_FRAME_COUNTS:
+        ours[f] = ti2v_decoder.decode(latents[:, :, :f])
+        assert ours[f].shape == (1, 4 * (f - 1) + 1, 16 * TI2V_HW[0], 16 * TI2V_HW[1], 3)
+        errs[f] = _max_err(ours[f], ref[f])
+    print("Wan 2.2 float32 max abs err per latent frame count:", errs)
+    assert max(errs.values()) <= VAE_F32_ATOL, errs
+    # Causal, as Wan 2.1's: fewer latent frames decode to a prefix, bit for bit (the tests below rely on it).
+    f_max, f_min = max(TI2V_FRAME_COUNTS), min(TI2V_FRAME_COUNTS)
+    np.testing.assert_array_equal(ref[f_min], ref[f_max][:, : ours[f_min].shape[1]])
+    np.testing.assert_array_equal(ours[f_min], ours[f_max][:, : ours[f_min].shape[1]])
+
+
+def _prefix_errs(ours, ref):
+    """Max abs error of each latent frame count's frames, from one decode of the most."""
+    return {f: _max_err(ours[:, : 4 * (f - 1) + 1], ref[:, : 4 * (f - 1) + 1]) for f in TI2V_FRAME_COUNTS}
+
+
+def test_ti2v_bfloat16_close_to_diffusers_float32(ti2v_vae, ti2v_oracle):
+    latents, ref = ti2v_oracle
+    decoder = VaeDecoder(ti2v_vae[0], _mesh(), dtype="bfloat16")
+    errs = _prefix_errs(decoder.decode(latents), ref[max(TI2V_FRAME_COUNTS)])
+    print("Wan 2.2 bfloat16 max abs err per latent frame count:", errs)
+    assert max(errs.values()) <= VAE_BF16_ATOL, errs
+
+
+def test_ti2v_sharded_decode_equals_unsharded(ti2v_vae, ti2v_decoder):
+    # On the 2x4 mesh the activations go from replicated (2x3 latents) to H over tp, H over all 8 devices and W
+    # over all 8 as they grow.
+    latents = _latents(max(TI2V_FRAME_COUNTS), TI2V_HW, seed=1, channels=48)
+    sharded, unsharded = VaeDecoder(ti2v_vae[0], _mesh(2, 4)).decode(latents), ti2v_decoder.decode(latents)
+    print("Wan 2.2 2x4 vs 1x1 mesh max abs diff per latent frame count:", _prefix_errs(sharded, unsharded))
+    np.testing.assert_allclose(sharded, unsharded, rtol=0, atol=VAE_SHARDED_ATOL)
+
+
+def test_ti2v_real_config_params_are_diffusers_decoder(ti2v_vae):
+    """The published TI2V-5B VAE config: every decoder.* and post_quant_conv.* tensor of diffusers' model (built
+    without weights) is one of our parameters, reshapeable to its shape, and nothing else is."""
+    import accelerate
+    from diffusers import AutoencoderKLWan
+
+    from tpu_wan.models import checkpoints
+    from tpu_wan.models.vae_modules import to_jax_layout
+
+    config = load_config(checkpoints.PACKAGED_CONFIGS / "Wan2.2-TI2V-5B-Diffusers" / "vae")
+    assert (config.z_dim, config.is_residual, config.patch_size, config.out_channels) == (48, True, 2, 12)
+    with accelerate.init_empty_weights():
+        theirs = {k: tuple(v.shape) for k, v in AutoencoderKLWan(**config).state_dict().items()
+                  if k.startswith(("decoder.", "post_quant_conv."))}
+    ours = {torch_key(path): v.shape for path, v in nnx.to_flat_state(_abstract_params(config))}
+    assert sorted(ours) == sorted(theirs)
+    for key, shape in theirs.items():  # a zero-strided stand-in of the torch tensor: no memory
+        assert to_jax_layout(np.broadcast_to(np.float32(0), shape), ours[key]).shape == ours[key], key
+    print(f"TI2V-5B decoder: {len(ours)} tensors, {sum(np.prod(s) for s in ours.values()) / 1e6:.1f}M parameters")
+    # A residual up block's keys: resnets, the upsampler (no list), no weights for the DupUp3D shortcut.
+    assert "decoder.up_blocks.0.upsampler.time_conv.weight" in ours
+    assert "decoder.up_blocks.2.upsampler.resample.1.weight" in ours
+    assert not any("avg_shortcut" in key for key in ours)
+
+
+def test_weights_of_another_vae_kind_are_refused(tiny_path, ti2v_vae, tmp_path):
+    # The Wan 2.1 VAE's weights under the Wan 2.2 config: the error names the kind the config asked for.
+    import shutil
+
+    (tmp_path / "vae").mkdir()
+    shutil.copy(ti2v_vae[0] / "vae" / "config.json", tmp_path / "vae")
+    shutil.copy(tiny_path / "vae" / WEIGHTS_FILE, tmp_path / "vae")
+    with pytest.raises(ValueError, match=r"is this a Wan 2\.2 AutoencoderKLWan \(z_dim=48, is_residual=True, "
+                                         r"patch_size=2\)\?"):
+        VaeDecoder(tmp_path, _mesh())
+    with pytest.raises(ValueError, match=r"expected out_channels = 3 x patch_size\^2 = 12 \(RGB pixels\), found "
+                                         r"out_channels=3 patch_size=2"):
+        WanVaeDecoder({**ti2v_vae[1].config, "out_channels": 3})

@@ -138,20 +138,31 @@ def add_stage1_args(p: argparse.ArgumentParser) -> None:
 
 def add_stage2_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("denoising (stage 2)")
-    g.add_argument("--height", type=int, default=None, help="pixels, a multiple of 16 (default: the model's: "
-                   "720 for 14B, 480 for 1.3B)")
-    g.add_argument("--width", type=int, default=None, help="pixels, a multiple of 16 (default: 1280 for 14B, 832 "
-                   "for 1.3B)")
-    g.add_argument("--frames", type=int, default=None, help="4n+1 (default: 81)")
-    g.add_argument("--num_inference_steps", type=int, default=None, help="default: 50")
+    g.add_argument("--height", type=int, default=None, help="pixels, a multiple of 16 (TI2V-5B: 32) (default: "
+                   "the model's: 720 for 14B and A14B, 480 for 1.3B, 704 for TI2V-5B)")
+    g.add_argument("--width", type=int, default=None, help="pixels, a multiple of 16 (TI2V-5B: 32) (default: 1280, "
+                   "832 for 1.3B)")
+    g.add_argument("--frames", type=int, default=None, help="4n+1 (default: 81, 121 for TI2V-5B)")
+    g.add_argument("--num_inference_steps", type=int, default=None, help="default: 50, 40 for A14B")
     g.add_argument("--guidance_scale", type=float, default=None,
-                   help="classifier-free guidance; <= 1 turns it off (default: 5.0)")
+                   help="classifier-free guidance (of the high-noise expert for A14B); <= 1 turns it off "
+                        "(default: 5.0, 4.0 for A14B)")
+    g.add_argument("--guidance_scale_2", type=float, default=None,
+                   help="two-expert models (A14B): the low-noise expert's guidance (default: --guidance_scale if "
+                        "given, else the model's: 3.0)")
+    g.add_argument("--boundary_ratio", type=float, default=None,
+                   help="two-expert models: the high-noise expert runs the steps with t >= this x 1000 (default: the "
+                        "folder's model_index.json, 0.875 for A14B)")
+    g.add_argument("--expert_offload", action="store_true",
+                   help="two-expert models: keep only the running expert on the chips and the other in host memory, "
+                        "swapped at the boundary step (when both do not fit in HBM together)")
     g.add_argument("--seed", type=int, default=DEFAULT_SEED)
     g.add_argument("--seeds", nargs="+", default=None, metavar="SEED",
                    help="several seeds, e.g. 1 2 3 or 1-8: one video per (prompt, seed); overrides --seed")
     g.add_argument("--batch_size", type=int, default=None,
                    help="videos per denoising batch (default: what the dp axis holds)")
-    g.add_argument("--flow_shift", type=float, default=None, help="default: 5.0 at 720p and up, 3.0 below")
+    g.add_argument("--flow_shift", type=float, default=None, help="default: the model's (A14B 12.0, TI2V-5B 5.0), "
+                   "else 5.0 at 720p and up, 3.0 below")
     g.add_argument("--sample_solver", default=DEFAULT_SOLVER, choices=SOLVERS)
     g.add_argument("--init_latents", default=None, help="safetensors file with key 'latents' to start from")
     g.add_argument("--transformer_checkpoint", default=None,
@@ -191,7 +202,8 @@ def stage2_settings(args: argparse.Namespace) -> Stage2Settings:
 
     if args.warmup_steps < 0:  # a run option that comes with the stage-2 flags
         raise UsageError(f"--warmup_steps must be >= 0, found {args.warmup_steps}")
-    flags = [f.name for f in dataclasses.fields(Stage2Settings) if f.name not in ("seeds", "attention", "mesh")]
+    decided = ("seeds", "attention", "mesh", "expert_steps", "expand_timesteps", "vae")  # not flags
+    flags = [f.name for f in dataclasses.fields(Stage2Settings) if f.name not in decided]
     seeds = parse_seeds(args.seeds) if args.seeds else [args.seed]
     return Stage2Settings(seeds=tuple(seeds), attention=attention_options(args),
                           **{name: getattr(args, name) for name in flags})

@@ -28,9 +28,12 @@ SOLVERS = ("unipc", "dpm++", "euler")
 ATTENTION_CHOICES = ("auto", "custom", "splash", "xla", "cudnn")
 # How the DiT is split over the mesh (tpu_wan.runtime.parallelism); the config records the mode that ran, never 'auto'.
 SHARDING_CHOICES = ("auto", "megatron", "sequence")
-VAE_SPATIAL = 8  # the VAE downsamples H and W by 8 ...
+VAE_SPATIAL = 8  # the Wan 2.1 VAE downsamples H and W by 8 ...
 VAE_TEMPORAL = 4  # ... and frames by 4, keeping the first frame: F = (frames - 1) / 4 + 1
 SIZE_MULTIPLE = VAE_SPATIAL * 2  # the DiT's 1x2x2 patches need latent H and W even
+# Each VAE's spatial compression: Wan 2.2's z48 VAE (TI2V-5B) patches 2x2 pixels before 8x, so 16x; its sizes are
+# multiples of 32 (tpu_wan.models.kinds.ModelKind.size_multiple).
+VAE_SPATIAL_BY_KIND = {"wan2.1": VAE_SPATIAL, "wan2.2": 16}
 
 
 BLOCK_FLAGS = {"bq": "--bqsize", "bkv": "--bkvsize", "bkv_compute": "--bkvcomputesize"}
@@ -97,30 +100,43 @@ def json_repr(value: Any, limit: int = 60) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class ModelPreset:
-    """A model's default video settings; explicit flags override them. flow_shift follows the resolution."""
+    """A model's default video settings (Wan's own configs for it); explicit flags override them."""
 
     height: int
     width: int
     frames: int = 81
     num_inference_steps: int = 50
     guidance_scale: float = 5.0
+    guidance_scale_2: float | None = None  # two experts: the low-noise one's (None: guidance_scale, as diffusers)
+    flow_shift: float | None = None  # None: default_flow_shift of the resolution (Wan 2.1)
+    fps: int = 16
 
 
-# Wan 2.1's trained resolutions: the 14B model at 720p (and 480p), the 1.3B model at 480p.
+# Wan's trained resolutions and sampling defaults: Wan 2.1 14B at 720p (and 480p), 1.3B at 480p; Wan 2.2 A14B at
+# 720p (and 480p) with its two experts' guidance 4.0 / 3.0 and shift 12.0; TI2V-5B at 1280x704, 24 fps.
 MODEL_PRESETS = {
     "Wan-AI/Wan2.1-T2V-14B-Diffusers": ModelPreset(height=720, width=1280),
     "Wan-AI/Wan2.1-T2V-1.3B-Diffusers": ModelPreset(height=480, width=832),
+    "Wan-AI/Wan2.2-T2V-A14B-Diffusers": ModelPreset(height=720, width=1280, num_inference_steps=40,
+                                                    guidance_scale=4.0, guidance_scale_2=3.0, flow_shift=12.0),
+    "Wan-AI/Wan2.2-TI2V-5B-Diffusers": ModelPreset(height=704, width=1280, frames=121, flow_shift=5.0, fps=24),
     "tiny-random": ModelPreset(height=64, width=96, frames=9, num_inference_steps=10),
+    "tiny-random-a14b": ModelPreset(height=64, width=96, frames=9, num_inference_steps=10, guidance_scale=4.0,
+                                    guidance_scale_2=3.0, flow_shift=12.0),
+    "tiny-random-ti2v": ModelPreset(height=64, width=96, frames=9, num_inference_steps=10, flow_shift=5.0, fps=24),
 }
+# A folder not named like a preset takes its family's (tpu_wan.models.kinds.ModelKind.family).
+FAMILY_PRESETS = {"wan2.1": DEFAULT_MODEL_ID, "wan2.2-a14b": "Wan-AI/Wan2.2-T2V-A14B-Diffusers",
+                  "wan2.2-ti2v": "Wan-AI/Wan2.2-TI2V-5B-Diffusers"}
 
 
-def preset_for(model_id: str | None) -> ModelPreset:
-    """The preset of a known model id (a local folder named like one counts), else the 14B model's."""
+def preset_for(model_id: str | None, family: str = "wan2.1") -> ModelPreset:
+    """The preset of a known model id (a local folder named like one counts), else its family's."""
     if model_id is not None:
         for name, preset in MODEL_PRESETS.items():
-            if model_id == name or model_id.rstrip("/").endswith(name.split("/")[-1]):
+            if model_id == name or Path(model_id.rstrip("/")).name == name.split("/")[-1]:
                 return preset
-    return MODEL_PRESETS[DEFAULT_MODEL_ID]
+    return MODEL_PRESETS[FAMILY_PRESETS[family]]
 
 
 def default_flow_shift(height: int, width: int) -> float:
@@ -133,14 +149,16 @@ def default_dtype(platform: str) -> str:
     return "float32" if platform == "cpu" else "bfloat16"
 
 
-def latent_shape(num_videos: int, height: int, width: int, frames: int, channels: int = 16) -> tuple[int, ...]:
-    """[V, C, F, H, W] of the latents for a video size, as diffusers' WanPipeline.prepare_latents."""
+def latent_shape(num_videos: int, height: int, width: int, frames: int, channels: int = 16,
+                 spatial: int = VAE_SPATIAL) -> tuple[int, ...]:
+    """[V, C, F, H, W] of the latents for a video size, as diffusers' WanPipeline.prepare_latents (`spatial`: the
+    VAE's compression, VAE_SPATIAL_BY_KIND)."""
     return (
         num_videos,
         channels,
         (frames - 1) // VAE_TEMPORAL + 1,
-        height // VAE_SPATIAL,
-        width // VAE_SPATIAL,
+        height // spatial,
+        width // spatial,
     )
 
 
@@ -190,6 +208,12 @@ class Stage2Settings:
     # the DiT's sharding mode (SHARDING_CHOICES): 'auto' (or None) asks parallelism.choose; recorded as decided,
     # None only in configs written before it was recorded, which ran megatron
     sharding: str | None = None
+    # Wan 2.2 (WAN22_KEYS): recorded only for the models that have them, so a Wan 2.1 folder's files are as before.
+    guidance_scale_2: float | None = None  # two experts: the low-noise expert's guidance (None: guidance_scale)
+    boundary_ratio: float | None = None  # two experts: None: the folder's model_index.json's
+    expert_steps: tuple[str, ...] | None = None  # two experts, decided: the expert each step ran, in step order
+    expand_timesteps: bool | None = None  # True: one timestep per video token (TI2V), recorded from the folder
+    vae: str | None = None  # the VAE the latents are for (VAE_SPATIAL_BY_KIND); None: Wan 2.1's
 
     def __post_init__(self):  # named as the flags (and the file's keys) are
         # Sizes diffusers would silently round are refused: H, W multiples of 16, frames = 4n + 1.
@@ -210,9 +234,15 @@ class Stage2Settings:
             validate_dtype(self.dtype, "--dtype")
         if self.sharding is not None and self.sharding not in SHARDING_CHOICES:
             raise ConfigError(f"--sharding must be one of {SHARDING_CHOICES}, found {self.sharding!r}")
+        _at_least("--guidance_scale_2", self.guidance_scale_2, 0)
+        if self.boundary_ratio is not None and not 0 <= self.boundary_ratio <= 1:
+            raise ConfigError(f"--boundary_ratio must be in [0, 1], found {self.boundary_ratio}")
+        if self.vae is not None and self.vae not in VAE_SPATIAL_BY_KIND:
+            raise ConfigError(f"vae must be one of {list(VAE_SPATIAL_BY_KIND)}, found {self.vae!r}")
 
     def latent_shape(self, num_videos: int, channels: int = 16) -> tuple[int, ...]:
-        return latent_shape(num_videos, self.height, self.width, self.frames, channels)
+        spatial = VAE_SPATIAL_BY_KIND[self.vae or "wan2.1"]
+        return latent_shape(num_videos, self.height, self.width, self.frames, channels, spatial)
 
     @property
     def video_size(self) -> str:  # as the docs write sizes: WxHxF
@@ -233,6 +263,8 @@ class Stage2Settings:
 
 
 STAGE2_KEYS = tuple(f.name for f in dataclasses.fields(Stage2Settings))
+# Stage2Settings keys written only when set: what only Wan 2.2 models decide.
+WAN22_KEYS = ("guidance_scale_2", "boundary_ratio", "expert_steps", "expand_timesteps", "vae")
 # what every recorded Stage2Settings has decided (the others may stay None)
 DECIDED = ("height", "width", "frames", "num_inference_steps", "guidance_scale", "seeds", "flow_shift",
            "sample_solver", "dtype")
@@ -299,7 +331,7 @@ class GenerationConfig:
                                                           if data.get(key) is not None})
             except (AttentionError, TypeError) as err:
                 raise ConfigError(f"generation_config.json: expected valid attention settings, found {err}") from None
-        for name, holder in (("prompts", fields), ("seeds", stage2), ("mesh", stage2)):
+        for name, holder in (("prompts", fields), ("seeds", stage2), ("mesh", stage2), ("expert_steps", stage2)):
             value = holder.get(name)
             if value is None and name != "prompts":
                 continue
@@ -324,6 +356,8 @@ def _stage2_json(settings: Stage2Settings | None) -> dict[str, Any]:
     out = {}
     for name in STAGE2_KEYS:
         value = None if settings is None else getattr(settings, name)
+        if name in WAN22_KEYS and value is None:
+            continue
         if name == "attention":  # flat, under the flags' names
             out.update(dict.fromkeys(ATTENTION_KEYS) if value is None else
                        {key: getattr(value, field) for key, field in ATTENTION_KEYS.items()})

@@ -1,10 +1,10 @@
 """Model ids -> diffusers folders, and the torch modules read from them.
 
-`--model_id` takes `tiny-random` (built offline on first use), a local diffusers folder (model_index.json,
-tokenizer/, text_encoder/, transformer/, vae/, scheduler/), or a Hugging Face hub id (downloaded where a hub
-is reachable). Every entry point reaches a folder through `_checked`, which refuses, from the config files alone,
-any model kind the toolkit does not implement (Wan 2.2's two experts or TI2V, image-to-video, a VAE our decoder
-cannot decode) before a weight is read or a program compiled.
+`--model_id` takes a tiny model (`tiny-random`, `tiny-random-a14b`, `tiny-random-ti2v`: built offline on first
+use), a local diffusers folder (model_index.json, tokenizer/, text_encoder/, transformer/ (and transformer_2/ for
+two experts), vae/, scheduler/), or a Hugging Face hub id (downloaded where a hub is reachable). Every entry point
+reaches a folder through `_checked`, which refuses, from the config files alone, any model kind the toolkit does
+not implement (tpu_wan.models.kinds) before a weight is read or a program compiled.
 """
 
 from __future__ import annotations
@@ -15,17 +15,16 @@ from pathlib import Path
 
 import numpy as np
 
-from tpu_wan.core.config import DTYPES, VAE_SPATIAL, VAE_TEMPORAL
+from tpu_wan.core.config import DTYPES
 from tpu_wan.core.errors import CheckpointError
-from tpu_wan.models import tiny
-
-COMPONENTS = ("tokenizer", "text_encoder", "transformer", "vae", "scheduler")
+from tpu_wan.models import kinds, tiny
+from tpu_wan.models.kinds import COMPONENTS, ModelKind
 
 
 def resolve_model(model_id: str) -> Path:
     """The local folder for `model_id`, building or downloading it if needed."""
-    if model_id == tiny.TINY_MODEL_ID:
-        return _checked(tiny.ensure_tiny_checkpoint())
+    if model_id in tiny.TINY_MODELS:
+        return _checked(tiny.ensure_tiny_checkpoint(model_id=model_id))
     path = Path(model_id).expanduser()
     if path.exists():
         return _checked(path)
@@ -67,8 +66,7 @@ def _read_json(path: Path) -> dict:
 
 
 # The configs of the published Wan text-to-video models (their config.json files' facts; no weights, no tokenizer),
-# so a compile-only run (tpu_wan.run.aot) works offline. Wan 2.2's are refused by _checked like any folder of
-# their kinds until those kinds are implemented.
+# so a compile-only run (tpu_wan.run.aot) works offline.
 PACKAGED_CONFIGS = Path(__file__).resolve().parent / "model_configs"
 PACKAGED_MODELS = {f"Wan-AI/{name}": name for name in ("Wan2.1-T2V-1.3B-Diffusers", "Wan2.1-T2V-14B-Diffusers",
                                                         "Wan2.2-T2V-A14B-Diffusers", "Wan2.2-TI2V-5B-Diffusers")}
@@ -80,7 +78,7 @@ def resolve_configs(model_id: str) -> Path:
     (weight files optional). Nothing is downloaded."""
     if model_id in PACKAGED_MODELS:
         return _checked(PACKAGED_CONFIGS / PACKAGED_MODELS[model_id], with_tokenizer=False)
-    if model_id == tiny.TINY_MODEL_ID or Path(model_id).expanduser().exists():
+    if model_id in tiny.TINY_MODELS or Path(model_id).expanduser().exists():
         return resolve_model(model_id)
     raise CheckpointError(f"model_id: expected {', '.join(PACKAGED_MODELS)}, tiny-random or a local diffusers "
                           f"folder to compile without weights, found {model_id!r}")
@@ -89,151 +87,54 @@ def resolve_configs(model_id: str) -> Path:
 def config_folder(model_id: str) -> Path:
     """A folder holding `model_id`'s config files, to decide settings before loading: the packaged configs of the
     published models, tiny-random, a local folder (tokenizer and weights optional), else the hub's download."""
-    if model_id in PACKAGED_MODELS or model_id == tiny.TINY_MODEL_ID:
+    if model_id in PACKAGED_MODELS or model_id in tiny.TINY_MODELS:
         return resolve_configs(model_id)
     path = Path(model_id).expanduser()
     return _checked(path, with_tokenizer=False) if path.exists() else resolve_model(model_id)
 
 
 def _checked(path: Path, with_tokenizer: bool = True) -> Path:
-    """`path` if it is a Wan 2.1 text-to-video diffusers folder whose parts fit together. Every entry point
-    passes here before it loads or compiles anything, so this is where a model kind the toolkit does not
-    implement is refused."""
+    """`path` if it is a Wan text-to-video diffusers folder of a kind the toolkit implements (tpu_wan.models.kinds)
+    whose parts fit together. Every entry point passes here before it loads or compiles anything, so this is where
+    a model kind the toolkit does not implement is refused."""
+    index, vae_kind, dits = _read_kind(path, with_tokenizer)
+    text_dim = dits["transformer"].get("text_dim")
+    d_model = read_config(path, "text_encoder").get("d_model")
+    if text_dim != d_model:
+        raise CheckpointError(f"{path}: expected transformer text_dim == text encoder d_model, found {text_dim} != "
+                              f"{d_model}")
+    return path
+
+
+def model_kind(path: Path) -> ModelKind:
+    """What the (checked) folder `path` decides about a run: its experts, boundary, timesteps and VAE."""
+    index, vae_kind, dits = _read_kind(path, with_tokenizer=False)
+    return kinds.model_kind(index, vae_kind, dits["transformer"])
+
+
+def _read_kind(path: Path, with_tokenizer: bool) -> tuple[dict, str, dict[str, dict]]:
+    """model_index.json, the VAE kind and each expert's config.json of `path`, every check of kinds passed."""
     index_file = path / "model_index.json"
     if not index_file.is_file():
         raise CheckpointError(f"{path}: expected a diffusers folder with model_index.json, found none")
     index = _read_json(index_file)
-    _check_pipeline_kind(index_file, index)
-    for component, cls in EXPECTED_CLASSES.items():
+    kinds.check_pipeline(index_file, index)
+    experts = kinds.EXPERTS if kinds.is_set(index.get("transformer_2")) else kinds.EXPERTS[:1]
+    for component, cls in {**EXPECTED_CLASSES, **dict.fromkeys(experts, EXPECTED_CLASSES["transformer"])}.items():
         found = (index.get(component) or [None, None])[1]
         if found != cls:
             raise CheckpointError(f"{index_file}: expected {component} of class {cls}, found {found!r}")
-    components = COMPONENTS if with_tokenizer else tuple(c for c in COMPONENTS if c != "tokenizer")
+    components = (COMPONENTS if with_tokenizer else tuple(c for c in COMPONENTS if c != "tokenizer")) + experts[1:]
     missing = [c for c in components if not (path / c / ("scheduler_config.json" if c == "scheduler" else
                                                          "config.json" if c != "tokenizer" else "")).exists()]
     if missing:
         raise CheckpointError(f"{path}: expected configs for {list(components)}, missing {missing}")
-    _check_vae_kind(path / "vae" / "config.json", read_config(path, "vae"))
-    dit = read_config(path, "transformer")
-    _check_transformer_kind(path / "transformer" / "config.json", dit, WAN21_VAE["z_dim"])
-    text_dim = dit.get("text_dim")
-    d_model = read_config(path, "text_encoder").get("d_model")
-    if text_dim != d_model:
-        raise CheckpointError(f"{path}: expected transformer text_dim == text encoder d_model, found {text_dim} != {d_model}")
-    return path
-
-
-# model_index.json entries beyond COMPONENTS that diffusers' Wan pipelines write, and the model kind each one
-# belongs to. diffusers writes an unused one as null, [null, null] or false (tiny-random has all three), so only
-# a set one is refused; an entry not listed here is refused too: its effect on a run is unknown.
-PIPELINE_ENTRIES = {
-    "transformer_2": "two-expert Wan 2.2 models",
-    "boundary_ratio": "two-expert Wan 2.2 models",
-    "expand_timesteps": "Wan 2.2 TI2V models",  # one timestep per token, frame 0 kept as the image's latents
-    "image_encoder": "image-to-video models",
-    "image_processor": "image-to-video models",
-}
-# diffusers' other Wan pipelines: the same files, another task.
-PIPELINE_CLASSES = {
-    "WanImageToVideoPipeline": "image-to-video models",
-    "WanVideoToVideoPipeline": "video-to-video models",
-    "WanVACEPipeline": "VACE models",
-    "WanAnimatePipeline": "Wan-Animate models",
-}
-
-
-def _is_set(value) -> bool:
-    return not (value is None or value is False or value == [None, None])
-
-
-def _json(value) -> str:
-    return json.dumps(value, separators=(",", ":"))
-
-
-def _check_pipeline_kind(index_file: Path, index: dict) -> None:
-    """A WanPipeline with COMPONENTS and nothing else set: the Wan 2.1 text-to-video pipeline."""
-    cls = index.get("_class_name")
-    extra = [key for key, value in index.items()
-             if not key.startswith("_") and key not in COMPONENTS and _is_set(value)]
-    order = {key: i for i, key in enumerate(PIPELINE_ENTRIES)}  # named in this order, whatever the file's
-    extra.sort(key=lambda key: order.get(key, len(order)))
-    if cls == "WanPipeline" and not extra:
-        return
-    if cls != "WanPipeline" and cls not in PIPELINE_CLASSES:
-        raise CheckpointError(f"{index_file}: expected _class_name 'WanPipeline', found {cls!r}")
-    found = ([] if cls == "WanPipeline" else [f"_class_name {cls!r}"]) + [
-        key if isinstance(index[key], list) else f"{key}={_json(index[key])}" for key in extra]
-    kinds = ([] if cls == "WanPipeline" else [PIPELINE_CLASSES[cls]]) + [
-        PIPELINE_ENTRIES.get(key, f"entries such as {key!r}") for key in extra]
-    raise CheckpointError(
-        f"{index_file}: expected a Wan 2.1 text-to-video folder (WanPipeline with {', '.join(COMPONENTS)} only), "
-        f"found {_and(found)} ({_and(list(dict.fromkeys(kinds)))} are not implemented)"
-    )
-
-
-def _and(items: list[str]) -> str:
-    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
-
-
-# vae/config.json as our decoder (tpu_wan.models.vae_modules) and the latent shapes (config.VAE_SPATIAL, VAE_TEMPORAL)
-# take it: the Wan 2.1 VAE. Each value is also diffusers' default, which a key the file leaves out takes.
-WAN21_VAE = {"z_dim": 16, "is_residual": False, "patch_size": None, "out_channels": 3,
-             "scale_factor_spatial": VAE_SPATIAL, "scale_factor_temporal": VAE_TEMPORAL}
-
-
-def _check_vae_kind(vae_file: Path, vae: dict) -> None:
-    """The Wan 2.1 VAE: 16 latent channels, plain (non-residual) up blocks, no pixel patching, RGB out, 8x
-    spatial (one upsampling per dim_mult step after the first) and 4x temporal (one per true
-    temperal_downsample) compression, one latents_mean and latents_std entry per channel."""
-    config = {**WAN21_VAE, **vae}
-    mismatches = [(key, _json(value), _json(config[key])) for key, value in WAN21_VAE.items() if config[key] != value]
-    # diffusers' defaults: dim_mult [1, 2, 4, 4], temperal_downsample [False, True, True], 16 latent statistics
-    upsamplings = len(_list(vae_file, vae, "dim_mult", [1, 2, 4, 4])) - 1
-    temporal = _list(vae_file, vae, "temperal_downsample", [False, True, True])
-    layers = {
-        "2**(len(dim_mult)-1)": (VAE_SPATIAL, 2**upsamplings),
-        "len(temperal_downsample)": (upsamplings, len(temporal)),
-        "2**sum(temperal_downsample)": (VAE_TEMPORAL, 2 ** sum(bool(t) for t in temporal)),
-        **{f"len({key})": (WAN21_VAE["z_dim"], len(_list(vae_file, vae, key, [0.0] * WAN21_VAE["z_dim"]))) for key in
-           ("latents_mean", "latents_std")},
-    }
-    mismatches += [(name, want, have) for name, (want, have) in layers.items() if want != have]
-    if mismatches:
-        raise CheckpointError(
-            f"{vae_file}: expected the Wan 2.1 VAE our decoder implements "
-            f"({', '.join(f'{name}={want}' for name, want, _ in mismatches)}), found "
-            f"{', '.join(f'{name}={have}' for name, _, have in mismatches)} (other VAEs, such as Wan 2.2's, are not "
-            f"implemented)"
-        )
-
-
-def _list(config_file: Path, config: dict, key: str, default: list) -> list:
-    value = config.get(key, default)
-    if not isinstance(value, list):
-        raise CheckpointError(f"{config_file}: expected {key} to be a list, found {_json(value)}")
-    return value
-
-
-# transformer/config.json keys that add image conditioning (diffusers' I2V and FLF2V transformers); null in
-# a text-to-video transformer.
-IMAGE_CONDITIONING = ("image_dim", "added_kv_proj_dim", "pos_embed_seq_len")
-
-
-def _check_transformer_kind(transformer_file: Path, dit: dict, z_dim: int) -> None:
-    """A text-to-video transformer denoising the VAE's latents: no image conditioning, z_dim channels in and out
-    (an image-to-video transformer takes the image's latents and mask as extra input channels)."""
-    image = [f"{key}={_json(dit[key])}" for key in IMAGE_CONDITIONING if dit.get(key) is not None]
-    channels = {"in_channels": dit.get("in_channels", 16)}
-    channels["out_channels"] = dit.get("out_channels") or channels["in_channels"]  # diffusers' fallback
-    wrong = [f"{key}={value}" for key, value in channels.items() if value != z_dim]
-    if image or wrong:
-        why = ("image-to-video transformers are not implemented" if image else
-               "a transformer denoises the VAE's latent channels")
-        unset = ", ".join(f"{key}=null" for key in IMAGE_CONDITIONING)
-        raise CheckpointError(
-            f"{transformer_file}: expected a text-to-video transformer ({unset}, in_channels and out_channels = the "
-            f"VAE's z_dim {z_dim}), found {', '.join(image + wrong)} ({why})"
-        )
+    vae_kind = kinds.check_vae(path / "vae" / "config.json", read_config(path, "vae"))
+    dits = {expert: read_config(path, expert) for expert in experts}
+    kinds.check_experts(path, index, dits)
+    kinds.check_transformer(path / "transformer" / "config.json", dits["transformer"],
+                            kinds.VAE_KINDS[vae_kind]["z_dim"], bool(index.get("expand_timesteps")))
+    return index, vae_kind, dits
 
 
 def read_config(model_path: Path, component: str, required: tuple[str, ...] = ()) -> dict:
@@ -243,7 +144,7 @@ def read_config(model_path: Path, component: str, required: tuple[str, ...] = ()
     missing = [key for key in required if key not in config]
     if missing:
         raise CheckpointError(f"{model_path / component / name}: expected keys {missing}, found none of them "
-                              f"(is this a Wan 2.1 diffusers folder?)")
+                              f"(is this a Wan diffusers folder?)")
     return config
 
 
@@ -263,10 +164,10 @@ def _empty(build):
         return build().eval()
 
 
-def empty_transformer(model_path: Path):
+def empty_transformer(model_path: Path, component: str = "transformer"):
     from diffusers import WanTransformer3DModel
 
-    config = WanTransformer3DModel.load_config(model_path / "transformer")
+    config = WanTransformer3DModel.load_config(model_path / component)
     return _empty(lambda: WanTransformer3DModel.from_config(config))
 
 
@@ -313,9 +214,9 @@ def load_text_encoder(model_path: Path, dtype: str):
     return UMT5EncoderModel.from_pretrained(model_path / "text_encoder", dtype=_torch_dtype(dtype)).eval()
 
 
-def load_transformer(model_path: Path, dtype: str):
+def load_transformer(model_path: Path, dtype: str, component: str = "transformer"):
     """WanTransformer3DModel as diffusers' from_pretrained loads it: the reference the sharded loader is checked
     against (the stages use empty_transformer + tpu_wan.runtime.loading)."""
     from diffusers import WanTransformer3DModel
 
-    return WanTransformer3DModel.from_pretrained(model_path / "transformer", torch_dtype=_torch_dtype(dtype)).eval()
+    return WanTransformer3DModel.from_pretrained(model_path / component, torch_dtype=_torch_dtype(dtype)).eval()

@@ -1,11 +1,16 @@
-"""A tiny random Wan 2.1 checkpoint, built offline and deterministically.
+"""Tiny random Wan checkpoints, built offline and deterministically, one per model family.
 
-    python -m tpu_wan.models.tiny [--output DIR]
+    python -m tpu_wan.models.tiny [--model_id tiny-random-a14b] [--output DIR]
 
 writes a diffusers folder (model_index.json, tokenizer, text_encoder, transformer, vae, scheduler) that
 `diffusers.WanPipeline.from_pretrained` loads. Every architectural feature of the real model is present
 (UMT5 relative attention, DiT with RoPE and qk RMS norm, causal 3D VAE with temporal upsampling); only the
-widths and depths are small. The demo and the tests run on it; `--model_id tiny-random` resolves to it.
+widths and depths are small. The demo and the tests run on them; `--model_id` resolves each id in TINY_MODELS:
+  tiny-random        Wan 2.1 text-to-video (one transformer, the z16 VAE)
+  tiny-random-a14b   Wan 2.2 T2V-A14B's layout: a high-noise `transformer` and a low-noise `transformer_2`
+                     switched at `boundary_ratio`
+  tiny-random-ti2v   Wan 2.2 TI2V-5B's layout: one timestep per token (`expand_timesteps`) over the z48 VAE
+                     (residual up blocks, 2x2 pixel patches, 16x spatial compression)
 """
 
 from __future__ import annotations
@@ -18,6 +23,9 @@ import tempfile
 from pathlib import Path
 
 TINY_MODEL_ID = "tiny-random"
+TINY_A14B_ID = "tiny-random-a14b"
+TINY_TI2V_ID = "tiny-random-ti2v"
+TINY_MODELS = (TINY_MODEL_ID, TINY_A14B_ID, TINY_TI2V_ID)
 # Bump when the architecture or the builder changes, so stale caches are rebuilt, not reused.
 TINY_VERSION = 1
 TINY_SEED = 0
@@ -46,6 +54,27 @@ VAE_CONFIG = dict(
     attn_scales=[],
     temperal_downsample=[False, True, True],
 )
+# Wan 2.2 TI2V-5B's VAE (z_dim 48, residual up blocks, patch_size 2: 16x spatial), narrow and shallow. Its
+# latent statistics are the published model's (48 of them).
+TI2V_VAE_CONFIG = dict(
+    base_dim=8,
+    decoder_base_dim=12,
+    z_dim=48,
+    dim_mult=[1, 2, 2, 2],
+    num_res_blocks=1,
+    attn_scales=[],
+    temperal_downsample=[False, True, True],
+    is_residual=True,
+    in_channels=12,
+    out_channels=12,
+    patch_size=2,
+    scale_factor_spatial=16,
+    scale_factor_temporal=4,
+)
+TI2V_TRANSFORMER_CONFIG = dict(in_channels=48, out_channels=48)
+# Wan 2.2 A14B switches experts at t = 875 of 1000; the tiny model's does too, which its preset's steps and
+# shift cross (tests pick steps that run both experts).
+A14B_BOUNDARY_RATIO = 0.875
 SCHEDULER_CONFIG = dict(
     num_train_timesteps=1000,
     prediction_type="flow_prediction",
@@ -72,11 +101,20 @@ The quick brown fox jumps over the lazy dog 0123456789 times!
 _SPM_VOCAB_SIZE = 192
 
 
-def default_cache_dir() -> Path:
-    """Where `tiny-random` is built: $TPU_WAN_CACHE, else ~/.cache/tpu_wan."""
+def default_cache_dir(model_id: str = TINY_MODEL_ID) -> Path:
+    """Where the tiny model `model_id` is built: $TPU_WAN_CACHE, else ~/.cache/tpu_wan."""
     from tpu_wan.core.config import cache_root
 
-    return cache_root() / f"tiny-random-v{TINY_VERSION}"
+    return cache_root() / f"{model_id}-v{TINY_VERSION}"
+
+
+def _wan22_vae_statistics() -> dict:
+    """The published TI2V-5B VAE's latents_mean and latents_std (48 channels each), from the packaged config."""
+    import json
+
+    config = Path(__file__).resolve().parent / "model_configs" / "Wan2.2-TI2V-5B-Diffusers" / "vae" / "config.json"
+    data = json.loads(config.read_text(encoding="utf-8"))
+    return {key: data[key] for key in ("latents_mean", "latents_std")}
 
 
 def _train_tokenizer(work: Path):
@@ -121,10 +159,14 @@ TEXT_ENCODER_CONFIG = dict(
 )
 
 
-def build_tiny_checkpoint(output_dir: str | Path, *, text_encoder_config: dict | None = None,
-                          transformer_config: dict | None = None, vae_config: dict | None = None) -> Path:
-    """Builds the tiny checkpoint into `output_dir` (created atomically) and returns it. The config dicts
-    override fields of the tiny ones (benchmarks build larger random models this way)."""
+def build_tiny_checkpoint(output_dir: str | Path, *, model_id: str = TINY_MODEL_ID,
+                          text_encoder_config: dict | None = None, transformer_config: dict | None = None,
+                          vae_config: dict | None = None) -> Path:
+    """Builds the tiny checkpoint of family `model_id` (TINY_MODELS) into `output_dir` (created atomically) and
+    returns it. The config dicts override fields of the tiny ones (benchmarks build larger random models this
+    way)."""
+    if model_id not in TINY_MODELS:
+        raise ValueError(f"expected a tiny model id in {TINY_MODELS}, found {model_id!r}")
     import torch
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
     from transformers import UMT5Config, UMT5EncoderModel
@@ -137,13 +179,23 @@ def build_tiny_checkpoint(output_dir: str | Path, *, text_encoder_config: dict |
         torch.manual_seed(TINY_SEED)
         text_config = {**TEXT_ENCODER_CONFIG, **(text_encoder_config or {})}
         text_encoder = UMT5EncoderModel(UMT5Config(vocab_size=len(tokenizer), **text_config)).eval()
+        ti2v = model_id == TINY_TI2V_ID
+        dit_config = {**TRANSFORMER_CONFIG, **(TI2V_TRANSFORMER_CONFIG if ti2v else {}), **(transformer_config or {})}
         torch.manual_seed(TINY_SEED + 1)
-        transformer = WanTransformer3DModel(**{**TRANSFORMER_CONFIG, **(transformer_config or {})}).eval()
+        transformer = WanTransformer3DModel(**dit_config).eval()
         torch.manual_seed(TINY_SEED + 2)
-        vae = AutoencoderKLWan(**{**VAE_CONFIG, **(vae_config or {})}).eval()
+        base_vae = {**TI2V_VAE_CONFIG, **_wan22_vae_statistics()} if ti2v else VAE_CONFIG
+        vae = AutoencoderKLWan(**{**base_vae, **(vae_config or {})}).eval()
         scheduler = UniPCMultistepScheduler(**SCHEDULER_CONFIG)
+        family = {}
+        if model_id == TINY_A14B_ID:
+            torch.manual_seed(TINY_SEED + 3)  # the low-noise expert: same config, its own weights
+            family = dict(transformer_2=WanTransformer3DModel(**dit_config).eval(), boundary_ratio=A14B_BOUNDARY_RATIO)
+        elif ti2v:
+            family = dict(expand_timesteps=True)
         pipe = WanPipeline(
-            tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=scheduler, transformer=transformer
+            tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=scheduler, transformer=transformer,
+            **family,
         )
         for name in ("corpus.txt", "spm.model", "spm.vocab"):
             (staging / name).unlink()
@@ -157,17 +209,18 @@ def build_tiny_checkpoint(output_dir: str | Path, *, text_encoder_config: dict |
     return output_dir
 
 
-def ensure_tiny_checkpoint(cache_dir: str | Path | None = None) -> Path:
-    """Returns the tiny checkpoint folder, building it on first use (once, even with concurrent callers)."""
+def ensure_tiny_checkpoint(cache_dir: str | Path | None = None, model_id: str = TINY_MODEL_ID) -> Path:
+    """Returns the folder of tiny model `model_id`, building it on first use (once, even with concurrent
+    callers)."""
     from filelock import FileLock
 
-    path = Path(cache_dir) if cache_dir else default_cache_dir()
+    path = Path(cache_dir) if cache_dir else default_cache_dir(model_id)
     if (path / "model_index.json").is_file():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(path) + ".lock"):
         if not (path / "model_index.json").is_file():
-            build_tiny_checkpoint(path)
+            build_tiny_checkpoint(path, model_id=model_id)
     return path
 
 
@@ -183,9 +236,10 @@ def checkpoint_digest(path: str | Path) -> str:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--output", default=None, help="folder to write (default: the tiny-random cache)")
+    parser.add_argument("--model_id", default=TINY_MODEL_ID, choices=TINY_MODELS, help="which tiny model")
+    parser.add_argument("--output", default=None, help="folder to write (default: that model's cache)")
     args = parser.parse_args(argv)
-    path = build_tiny_checkpoint(args.output or default_cache_dir())
+    path = build_tiny_checkpoint(args.output or default_cache_dir(args.model_id), model_id=args.model_id)
     print(f"{path}  sha256 {checkpoint_digest(path)[:16]}")
 
 

@@ -1,12 +1,14 @@
 """Stage 2: the Wan DiT on the mesh and the jitted denoising step (CFG combine + solver update).
 
-One compiled program serves every step of every run with the same shapes: the timestep, the solver
-coefficients and the guidance scale are array inputs, not constants baked into the trace.
+One compiled program serves every step of every run with the same shapes: the weights, the timestep, the solver
+coefficients and the guidance scale are array inputs, not constants baked into the trace. So Wan 2.2 A14B's two
+experts (one architecture, two sets of weights, each with its own guidance scale) run the same program.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 import time
 from pathlib import Path
 from typing import Callable
@@ -23,13 +25,19 @@ from tpu_wan.sampling import schedulers
 BLOCKS = r"blocks\.\d+"  # the transformer blocks, whose hidden-state input and output are pinned to the layout
 
 
-def _denoise_step(forward: Callable, dtype, cfg: bool, weights, latents, state, embeds, timestep, coeffs_i, guidance):
-    """latents [B C F H W] f32, embeds [B or 2B, S, D] (cond rows, then uncond rows) -> next latents, state."""
+def _denoise_step(forward: Callable, dtype, cfg: bool, per_token: tuple[int, int, int] | None, weights, latents, state,
+                  embeds, timestep, coeffs_i, guidance):
+    """latents [B C F H W] f32, embeds [B or 2B, S, D] (cond rows, then uncond rows) -> next latents, state.
+    `per_token`: the patch size where the model takes one timestep per video token (expand_timesteps)."""
     b = latents.shape[0]
     x = latents.astype(dtype)
     if cfg:
         x = jnp.concatenate([x, x])  # [2B C F H W]: the cond/uncond pair runs as one batch, split over dp
-    t = jnp.broadcast_to(timestep, (x.shape[0],))
+    if per_token:  # WanPipeline: t on every 1x2x2 token of a mask of ones, float32 [B, F * H/2 * W/2]
+        tokens = math.prod(n // p for n, p in zip(latents.shape[2:], per_token))
+        t = jnp.broadcast_to(timestep, (x.shape[0], tokens))
+    else:
+        t = jnp.broadcast_to(timestep, (x.shape[0],))
     v = forward(weights, x, t, embeds, return_dict=False)[0]  # [2B or B, C, F, H, W] in the model dtype
     if cfg:
         cond, uncond = v[:b], v[b:]
@@ -38,15 +46,20 @@ def _denoise_step(forward: Callable, dtype, cfg: bool, weights, latents, state, 
 
 
 class Denoiser:
-    """WanTransformer3DModel loaded once onto a mesh; `denoise` runs a full sampling loop in either sharding mode
-    (tpu_wan.runtime.parallelism): both use the same weight shards, so one loaded model serves both."""
+    """WanTransformer3DModel (each expert of a two-expert model) loaded once onto a mesh; `denoise` runs a full
+    sampling loop in either sharding mode (tpu_wan.runtime.parallelism): both use the same weight shards, so one
+    loaded model serves both."""
 
     def __init__(self, model_path: Path, mesh, dtype: str, attention_options="auto", *,
                  transformer_checkpoint: str | None = None, checkpoint_key: str | None = None,
-                 non_strict: bool = False, abstract: bool = False):
+                 non_strict: bool = False, abstract: bool = False, expert_offload: bool = False, kind=None):
         """`transformer_checkpoint`: fine-tuned weights applied over the base model's (see tpu_wan.models.finetune).
         `abstract`: no weights read, only their shapes and shardings, to compile the step for a slice that is
-        not attached (tpu_wan.run.aot); the attention dispatch follows the mesh's platform either way."""
+        not attached (tpu_wan.run.aot); the attention dispatch follows the mesh's platform either way.
+        `expert_offload`: of two experts only the one running stays on the devices, the other in host memory
+        (swapped at the boundary step, `swap_seconds`). `kind`: the folder's ModelKind (default: read from its
+        config files; a folder holding only transformer/ passes tpu_wan.models.kinds.ModelKind())."""
+        self.kind = kind or checkpoints.model_kind(model_path)
         model = checkpoints.empty_transformer(model_path)
         self.config = model.config
         self.mesh = mesh
@@ -54,18 +67,60 @@ class Denoiser:
         expected = checkpoints.expected_weights(model, dtype)
         overrides = None
         if transformer_checkpoint is not None and not abstract:
+            if len(self.kind.experts) > 1:
+                raise finetune.FinetuneError(
+                    f"--transformer_checkpoint: expected a model with one transformer, found {model_path.name} with "
+                    f"two experts ({', '.join(self.kind.experts)})")
             tensors = finetune.read_checkpoint(transformer_checkpoint, checkpoint_key)
             overrides = finetune.check_overrides(tensors, expected, non_strict)
         self.attention_options = attention_options
         self._model = model  # parameters on the meta device: only the module's code, traced per sharding mode
         buffers, _ = torchax_env.module_weights(model)
-        self.weights = loading.place_model(buffers, expected, model_path / "transformer",
-                                           mesh_lib.WAN_TRANSFORMER_RULES, mesh, abstract=abstract,
-                                           overrides=overrides)
+        self.offload = expert_offload and len(self.kind.experts) > 1 and not abstract
+        self._host = {}  # expert -> its weights in host memory (expert_offload)
+        self.experts = {}  # expert -> its weights on the mesh; with offload, only the one running
+        for name in reversed(self.kind.experts):  # the first expert to run loads last: with offload it stays
+            self.experts[name] = loading.place_model(buffers, expected, model_path / name,
+                                                     mesh_lib.WAN_TRANSFORMER_RULES, mesh, abstract=abstract,
+                                                     overrides=overrides)
+            if self.offload and name != self.kind.experts[0]:
+                self._host[name] = self._to_host(name)
+        self._shardings = jax.tree.map(lambda a: a.sharding, self.experts[self.kind.experts[0]])
         self._forwards = {}  # sharding mode -> forward
         self._steps = {}  # (cfg, latents sharding, sharding mode) -> jitted step
         self.programs = {}  # what ran, for profiling.temp_bytes
         self.step_seconds: list[float] = []  # wall time of every step run, in order; callers may clear it
+        self.swap_seconds: list[float] = []  # expert_offload: wall time of every swap, in order
+        self.expert_log: list[str] = []  # the expert every step ran, in order; callers may clear it
+
+    @property
+    def weights(self):
+        """The weights on the mesh now: one expert's dict, or {expert: dict} for two experts held together."""
+        if len(self.experts) == 1:
+            return next(iter(self.experts.values()))
+        return self.experts
+
+    def _to_host(self, name: str) -> dict:
+        """Moves expert `name`'s weights from the mesh to host memory (their device buffers freed)."""
+        weights = self.experts.pop(name)
+        host = jax.device_get(weights)
+        for leaf in jax.tree.leaves(weights):
+            leaf.delete()
+        return host
+
+    def _on_mesh(self, name: str) -> dict:
+        """Expert `name`'s weights on the mesh; with offload, swapped in for the one there (timed)."""
+        if name not in self.experts:
+            start = time.perf_counter()
+            for other in list(self.experts):
+                if other not in self._host:  # its first swap out: a host copy, kept for the swaps back
+                    self._host[other] = jax.device_get(self.experts[other])
+                for leaf in jax.tree.leaves(self.experts.pop(other)):
+                    leaf.delete()
+            self.experts[name] = jax.device_put(self._host[name], self._shardings)
+            jax.block_until_ready(self.experts[name])
+            self.swap_seconds.append(time.perf_counter() - start)
+        return self.experts[name]
 
     def forward(self, sharding: str = "megatron") -> Callable:
         """The DiT forward (weights, latents, timestep, text embeddings) in sharding mode `sharding`."""
@@ -81,7 +136,8 @@ class Denoiser:
     def _step_fn(self, cfg: bool, latents_sharding, sharding: str):
         key = (cfg, latents_sharding, sharding)
         if key not in self._steps:
-            step = functools.partial(_denoise_step, self.forward(sharding), self.dtype, cfg)
+            per_token = tuple(self.config.patch_size) if self.kind.expand_timesteps else None
+            step = functools.partial(_denoise_step, self.forward(sharding), self.dtype, cfg, per_token)
             # Outputs keep the input latents' sharding, so step i's outputs are step i+1's inputs as they are
             # and the one compiled program serves every step.
             self._steps[key] = jax.jit(step, out_shardings=latents_sharding)
@@ -99,7 +155,8 @@ class Denoiser:
                                       sharding=mesh_lib.batch_sharding(self.mesh, text_shape[0], 3))
         scalar = jax.ShapeDtypeStruct((), jnp.float32)  # timestep and guidance: uncommitted, as in denoise
         coeffs = jax.ShapeDtypeStruct((schedulers.NUM_COEFFS,), jnp.float32)
-        return self._step_fn(cfg, x.sharding, sharding), (self.weights, x, state, embeds, scalar, coeffs, scalar)
+        weights = self.experts[self.kind.experts[0]]  # every expert's weights have these shapes and shardings
+        return self._step_fn(cfg, x.sharding, sharding), (weights, x, state, embeds, scalar, coeffs, scalar)
 
     def denoise(
         self,
@@ -109,6 +166,8 @@ class Denoiser:
         schedule: schedulers.Schedule,
         guidance_scale: float,
         *,
+        guidance_scale_2: float | None = None,
+        expert_steps: tuple[str, ...] | None = None,
         progress: bool = True,
         num_steps: int | None = None,
         sharding: str = "megatron",
@@ -116,7 +175,9 @@ class Denoiser:
         """Runs the schedule (or its first `num_steps` steps) from `latents` [B C F H W] in sharding mode
         `sharding` (tpu_wan.runtime.parallelism); returns float32 latents.
 
-        `negative_prompt_embeds` None (or guidance_scale <= 1) skips the unconditional branch, as diffusers does.
+        `negative_prompt_embeds` None (or guidance_scale <= 1) skips the unconditional branch, as diffusers does
+        (it decides on the first expert's scale for both). Two experts: `expert_steps` names the expert of each
+        step (pipeline.expert_steps), `guidance_scale_2` is the second one's guidance (None: guidance_scale).
         """
         cfg = negative_prompt_embeds is not None and guidance_scale > 1.0
         embeds = np.concatenate([prompt_embeds, negative_prompt_embeds]) if cfg else prompt_embeds
@@ -127,15 +188,22 @@ class Denoiser:
         x = jax.device_put(np.asarray(latents, np.float32), rows)
         state = jax.device_put(schedulers.init_state(x), rows)
         step = self._step_fn(cfg, rows, sharding)
-        guidance = jnp.float32(guidance_scale)
+        experts = self.kind.experts
+        expert_steps = expert_steps or (experts[0],) * schedule.num_inference_steps
+        scales = (guidance_scale, guidance_scale if guidance_scale_2 is None else guidance_scale_2)
+        guidance = {name: jnp.float32(scale) for name, scale in zip(experts, scales)}
         timesteps = jnp.asarray(schedule.timesteps, jnp.float32)
         coeffs = jnp.asarray(schedule.coeffs, jnp.float32)
         total = schedule.num_inference_steps if num_steps is None else num_steps
-        profiling.remember_program(self.programs, f"step cfg={cfg}", step, self.weights, x, state, embeds,
-                                   timesteps[0], coeffs[0], guidance)
+        first = self._on_mesh(expert_steps[0])
+        profiling.remember_program(self.programs, f"step cfg={cfg}", step, first, x, state, embeds,
+                                   timesteps[0], coeffs[0], guidance[expert_steps[0]])
         for i in distributed.progress(range(total), show=progress, desc="denoising", unit="step", leave=False):
+            name = expert_steps[i]
+            weights = self._on_mesh(name)
+            self.expert_log.append(name)
             start = time.perf_counter()
-            x, state = step(self.weights, x, state, embeds, timesteps[i], coeffs[i], guidance)
+            x, state = step(weights, x, state, embeds, timesteps[i], coeffs[i], guidance[name])
             x.block_until_ready()  # honest step times and progress bar; the step itself is seconds on real sizes
             self.step_seconds.append(time.perf_counter() - start)
         return distributed.to_host(x)

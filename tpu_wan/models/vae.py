@@ -1,10 +1,12 @@
-"""Stage 3: Wan VAE decode, normalised latents [V, C, F, H, W] -> frames [V, T, 8H, 8W, 3] in [0, 1].
+"""Stage 3: Wan VAE decode, normalised latents [V, C, F, H, W] -> frames [V, T, sH, sW, 3] in [0, 1].
 
-A native Flax NNX port of diffusers' AutoencoderKLWan decoder (modules in tpu_wan/models/vae_modules.py), loading
-its weights straight from `vae/diffusion_pytorch_model.safetensors` (only decoder.* and post_quant_conv.*;
-the encoder weights in that file are not read). De-normalisation and post-processing follow diffusers'
-WanPipeline op for op (latents / (1 / std) + mean, decode, clamp to [-1, 1], x * 0.5 + 0.5 clamped to
-[0, 1]), so float32 frames match diffusers to float32 rounding.
+s is the VAE's spatial compression: 8 for the Wan 2.1 VAE (C = 16), 16 for Wan 2.2 TI2V-5B's (C = 48; its
+decoder upsamples 8x to 2x2-pixel patches). A native Flax NNX port of diffusers' AutoencoderKLWan decoder, both
+kinds (modules in tpu_wan/models/vae_modules.py), loading its weights straight from
+`vae/diffusion_pytorch_model.safetensors` (only decoder.* and post_quant_conv.*; the encoder weights in that file
+are not read). De-normalisation and post-processing follow diffusers' WanPipeline op for op (latents / (1 / std)
++ mean, decode, unpatchify for Wan 2.2, clamp to [-1, 1], x * 0.5 + 0.5 clamped to [0, 1]), so float32 frames
+match diffusers to float32 rounding.
 
 T = 4 (F - 1) + 1: latent frame 0 decodes alone to one frame; the other latent frames run in a `lax.scan`
 whose carry is the causal caches (last two input frames of every temporal conv), four frames per step. The
@@ -86,9 +88,17 @@ def _first(keys: set, shown: int = 5) -> str:
     return str(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
 
 
-def load_params(abstract: nnx.State, weights_file: Path, dtype, sharding) -> nnx.State:
+def describe(config) -> str:
+    """The kind of VAE a config builds, in words, for error messages."""
+    family = "Wan 2.2" if config.get("is_residual") else "Wan 2.1"
+    return (f"a {family} AutoencoderKLWan (z_dim={config.get('z_dim')}, is_residual={config.get('is_residual')}, "
+            f"patch_size={config.get('patch_size')})")
+
+
+def load_params(abstract: nnx.State, weights_file: Path, dtype, sharding,
+                kind: str = "an AutoencoderKLWan") -> nnx.State:
     """Fills every parameter of `abstract` from the weights file, each torch key used exactly once; refuses a
-    missing, unused or misshapen weight."""
+    missing, unused or misshapen weight. `kind`: what the config says the file holds (`describe`)."""
     from safetensors import safe_open
 
     flat = nnx.to_flat_state(abstract)
@@ -99,7 +109,7 @@ def load_params(abstract: nnx.State, weights_file: Path, dtype, sharding) -> nnx
     if present != set(wanted):
         raise UserError(
             f"vae weights {weights_file}: expected keys missing {_first(set(wanted) - present)}, "
-            f"unused decoder keys {_first(present - set(wanted))} (is this a Wan 2.1 AutoencoderKLWan?)"
+            f"unused decoder keys {_first(present - set(wanted))} (is this {kind}?)"
         )
     filled = []
     with safe_open(weights_file, framework="numpy") as f:
@@ -113,8 +123,9 @@ def load_params(abstract: nnx.State, weights_file: Path, dtype, sharding) -> nnx
 
 
 def activation_sharding(mesh, shape: tuple[int, ...]) -> NamedSharding:
-    """[V T H W C] activations (H, W, C: that layer's resolution and width): V over dp where it divides, W over the remaining mesh axes (all of them, or
-    tp alone) where it divides, else H; replicated otherwise. GSPMD adds the conv halo exchanges."""
+    """[V T H W C] activations (H, W, C: that layer's resolution and width): V over dp where it divides, W over the
+    remaining mesh axes (all of them, or tp alone) where it divides, else H; replicated otherwise. GSPMD adds the
+    conv halo exchanges."""
     n, _, h, w, _ = shape
     batch = "dp" if mesh.shape["dp"] > 1 and n % mesh.shape["dp"] == 0 else None
     for axes in [("tp",)] if batch else [("dp", "tp"), ("tp",)]:
@@ -146,7 +157,7 @@ class VaeDecoder:
         if abstract:
             self.params = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=replicated), state)
         else:
-            self.params = load_params(state, vae_path / WEIGHTS_FILE, self.dtype, replicated)
+            self.params = load_params(state, vae_path / WEIGHTS_FILE, self.dtype, replicated, describe(self.config))
         self._mean = np.asarray(self.config.latents_mean, np.float32).reshape(1, -1, 1, 1, 1)
         # WanPipeline divides by 1 / std (not multiplies by std); the same here, for bit-faithfulness.
         self._inv_std = 1.0 / np.asarray(self.config.latents_std, np.float32).reshape(1, -1, 1, 1, 1)
@@ -164,6 +175,8 @@ class VaeDecoder:
         return self._constrain(z.transpose(0, 2, 3, 4, 1).astype(self.dtype))
 
     def _decode_first(self, params: nnx.State, latents: jax.Array):  # [V C 1 H W] -> [V 1 Hp Wp 3], caches
+        # first=True: the temporal upsamplers skip time_conv and Wan 2.2's shortcuts keep one frame of each
+        # frame's copies, so latent frame 0 decodes to one frame (diffusers' 'Rep' and first_chunk).
         model = nnx.merge(self._graphdef, params)
         video, caches = model(self._latents(latents), None, first=True, constrain=self._constrain)
         return video, caches

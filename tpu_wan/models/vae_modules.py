@@ -1,4 +1,5 @@
-"""Flax NNX modules of the Wan 2.1 VAE decoder (diffusers' AutoencoderKLWan, decoder half), channels-last.
+"""Flax NNX modules of the Wan VAE decoders (diffusers' AutoencoderKLWan, decoder half), channels-last: Wan 2.1's
+(z16, plain up blocks, RGB out) and Wan 2.2 TI2V-5B's (z48, residual up blocks, 2x2 pixel patches out).
 
 Activations are [V, T, H, W, C] with H, W, C the layer's own resolution and width (latent-sized at the input,
 pixels at the output). Parameter paths mirror diffusers' state-dict keys, so `torch_key` maps them with the few
@@ -15,7 +16,9 @@ padding and keeps the last 2 frames of [cache, x]", which is what `Chunk.swap` d
 first cache, every call (the first included) runs the same code and produces caches of the same shapes,
 so the caches of frame 0 are the initial carry of a `lax.scan` over the remaining frames.
 The one exception is the temporal upsampler's `time_conv` (see `Resample`): call 0 skips it (diffusers
-marks the slot 'Rep'), and call 1 then runs it with zero padding, i.e. again from a zero cache.
+marks the slot 'Rep'), and call 1 then runs it with zero padding, i.e. again from a zero cache. Wan 2.2's
+residual up blocks follow the same split: their shortcut (`DupUp3D`) drops the frames that time_conv did not
+make on call 0 (diffusers' `first_chunk`), so `Chunk.first` decides both.
 """
 
 from __future__ import annotations
@@ -136,16 +139,17 @@ class AttentionBlock(nnx.Module):
 
 
 class Resample(nnx.Module):
-    """WanResample for the decoder: 'upsample2d' (per frame nearest x2 + 3x3 conv to dim // 2 channels) and
-    'upsample3d' (time_conv makes 2 frames of every frame first, except on the first chunk)."""
+    """WanResample for the decoder: 'upsample2d' (per frame nearest x2 + 3x3 conv to `cout` channels, by default
+    dim // 2) and 'upsample3d' (time_conv makes 2 frames of every frame first, except on the first chunk)."""
 
-    def __init__(self, dim: int, mode: str, *, dtype, precision):
-        self.resample = CausalConv3d(dim, dim // 2, (1, 3, 3), dtype=dtype, precision=precision)  # torch resample.1
+    def __init__(self, dim: int, mode: str, cout: int | None = None, *, dtype, precision):
+        cout = dim // 2 if cout is None else cout  # diffusers' upsample_out_dim
+        self.resample = CausalConv3d(dim, cout, (1, 3, 3), dtype=dtype, precision=precision)  # torch resample.1
         self.time_conv = (
             CausalConv3d(dim, 2 * dim, (3, 1, 1), dtype=dtype, precision=precision) if mode == "upsample3d" else None
         )
 
-    def __call__(self, x: jax.Array, chunk: Chunk) -> jax.Array:  # [V T H W C] -> [V T' 2H 2W C/2]
+    def __call__(self, x: jax.Array, chunk: Chunk) -> jax.Array:  # [V T H W C] -> [V T' 2H 2W O]
         if self.time_conv is not None:
             if chunk.first:
                 # diffusers' 'Rep': latent frame 0 decodes to ONE video frame, and the next chunk's time_conv
@@ -187,38 +191,92 @@ class UpBlock(nnx.Module):
         return x
 
 
-class Decoder3d(nnx.Module):
-    """WanDecoder3d (Wan 2.1: non-residual up blocks)."""
+class DupUp3D(nnx.Module):
+    """DupUp3D, the parameter-free shortcut of a residual up block: each input channel repeated, the copies laid
+    out as ft frames x fs x fs pixels of `cout` channels. On the first chunk it keeps the last of each frame's ft
+    copies only, as the upsampler's skipped time_conv makes one frame there."""
 
-    def __init__(self, dim, z_dim, dim_mult, num_res_blocks, temperal_upsample, out_channels, *, dtype, precision):
+    def __init__(self, cin: int, cout: int, ft: int, fs: int):
+        assert cout * ft * fs * fs % cin == 0, f"{cin=} must divide {cout=} x {ft=} x {fs=}^2"
+        self.cout, self.ft, self.fs, self.repeats = cout, ft, fs, cout * ft * fs * fs // cin
+
+    def __call__(self, x: jax.Array, chunk: Chunk) -> jax.Array:  # [V T H W C] -> [V ft*T fs*H fs*W O]
+        n, t, h, w, _ = x.shape
+        # The constraint keeps the split of the upsampled sum from propagating back onto x, where it need not
+        # divide (H = 2 over 4 devices): without it, Shardy (jax's partitioner) made the layers before it come out
+        # wrong inside the scan (max error 5e-2 on 2x3 latents on a 1x4 mesh).
+        x = chunk.constrain(jnp.repeat(x, self.repeats, axis=-1))  # [V T H W O*ft*fs*fs]
+        # torch's channel c*R + r is (o, ft, fs_h, fs_w); to [V T ft H fs_h W fs_w O]
+        x = x.reshape(n, t, h, w, self.cout, self.ft, self.fs, self.fs).transpose(0, 1, 5, 2, 6, 3, 7, 4)
+        x = x.reshape(n, t * self.ft, h * self.fs, w * self.fs, self.cout)
+        return x[:, self.ft - 1:] if chunk.first else x
+
+
+class ResidualUpBlock(nnx.Module):
+    """WanResidualUpBlock (Wan 2.2): num_res_blocks + 1 residual blocks and an upsampler that keeps the width,
+    plus a DupUp3D shortcut from the block's input to its output (both only where the block upsamples)."""
+
+    def __init__(self, cin: int, cout: int, num_res_blocks: int, mode: str | None, *, dtype, precision):
+        dims = [cin] + [cout] * (num_res_blocks + 1)
+        self.resnets = nnx.List([ResidualBlock(a, b, dtype=dtype, precision=precision) for a, b in zip(dims, dims[1:])])
+        self.upsampler = Resample(cout, mode, cout, dtype=dtype, precision=precision) if mode else None
+        self.avg_shortcut = DupUp3D(cin, cout, 2 if mode == "upsample3d" else 1, 2) if mode else None
+
+    def __call__(self, x: jax.Array, chunk: Chunk) -> jax.Array:
+        shortcut = x
+        for resnet in self.resnets:
+            x = resnet(x, chunk)
+        if self.upsampler is not None:
+            x = chunk.constrain(self.upsampler(x, chunk) + self.avg_shortcut(shortcut, chunk))
+        return x
+
+
+class Decoder3d(nnx.Module):
+    """WanDecoder3d: plain up blocks (Wan 2.1, each upsampler halves the width) or residual ones (Wan 2.2)."""
+
+    def __init__(self, dim, z_dim, dim_mult, num_res_blocks, temperal_upsample, out_channels, is_residual, *, dtype,
+                 precision):
         kw = dict(dtype=dtype, precision=precision)
         dims = [dim * u for u in [dim_mult[-1], *dim_mult[::-1]]]
         self.conv_in = CausalConv3d(z_dim, dims[0], (3, 3, 3), **kw)
         self.mid_block = MidBlock(dims[0], **kw)
         blocks = []
         for i, (cin, cout) in enumerate(zip(dims[:-1], dims[1:])):
-            cin = cin // 2 if i > 0 else cin  # the previous block's upsampler halved the channels
             mode = None if i == len(dim_mult) - 1 else "upsample3d" if temperal_upsample[i] else "upsample2d"
-            blocks.append(UpBlock(cin, cout, num_res_blocks, mode, **kw))
+            if is_residual:
+                blocks.append(ResidualUpBlock(cin, cout, num_res_blocks, mode, **kw))
+            else:
+                cin = cin // 2 if i > 0 else cin  # the previous block's upsampler halved the channels
+                blocks.append(UpBlock(cin, cout, num_res_blocks, mode, **kw))
         self.up_blocks = nnx.List(blocks)
         self.norm_out = RMSNorm(dims[-1], dtype=dtype)
         self.conv_out = CausalConv3d(dims[-1], out_channels, (3, 3, 3), **kw)
 
-    def __call__(self, x: jax.Array, chunk: Chunk) -> jax.Array:  # [V 1 H W C] -> [V T 8H 8W 3]
+    def __call__(self, x: jax.Array, chunk: Chunk) -> jax.Array:  # [V 1 H W C] -> [V T 8H 8W O]
         x = self.mid_block(self.conv_in(x, chunk), chunk)
         for block in self.up_blocks:
             x = block(x, chunk)
         return self.conv_out(jax.nn.silu(self.norm_out(x)), chunk)
 
 
+def unpatchify(x: jax.Array, p: int) -> jax.Array:  # [V T H W C*p*p] -> [V T p*H p*W C]
+    """diffusers' unpatchify: torch's channel c*p*p + q*p + r is pixel (r, q) of channel c (q along W)."""
+    n, t, h, w, c = x.shape
+    x = x.reshape(n, t, h, w, c // (p * p), p, p).transpose(0, 1, 2, 6, 3, 5, 4)  # [V T H r W q C]
+    return x.reshape(n, t, h * p, w * p, c // (p * p))
+
+
 class WanVaeDecoder(nnx.Module):
-    """post_quant_conv + decoder: one latent chunk and its caches -> video frames in [-1, 1] and new caches."""
+    """post_quant_conv + decoder (+ unpatchify): one latent chunk and its caches -> RGB video frames in [-1, 1]
+    and new caches."""
 
     def __init__(self, config, dtype=jnp.float32):
-        if config.get("is_residual") or config.get("patch_size") is not None:
+        self.patch = config.get("patch_size") or 1  # diffusers unpatchifies when patch_size is not None; 1 is a no-op
+        out_channels = config.get("out_channels", 3)
+        if out_channels != 3 * self.patch**2:
             raise UserError(
-                "vae config: expected a Wan 2.1 VAE (is_residual=False, patch_size=None), found "
-                f"is_residual={config.get('is_residual')} patch_size={config.get('patch_size')}"
+                f"vae config: expected out_channels = 3 x patch_size^2 = {3 * self.patch**2} (RGB pixels), found "
+                f"out_channels={out_channels} patch_size={config.get('patch_size')}"
             )
         # float32 asks for full-precision matmuls (TPUs otherwise use bf16 passes for f32 convs).
         precision = jax.lax.Precision.HIGHEST if dtype == jnp.float32 else jax.lax.Precision.DEFAULT
@@ -226,12 +284,16 @@ class WanVaeDecoder(nnx.Module):
         self.post_quant_conv = CausalConv3d(z, z, (1, 1, 1), dtype=dtype, precision=precision)
         self.decoder = Decoder3d(
             config.get("decoder_base_dim") or config["base_dim"], z, config["dim_mult"], config["num_res_blocks"],
-            config["temperal_downsample"][::-1], config.get("out_channels", 3), dtype=dtype, precision=precision,
+            config["temperal_downsample"][::-1], out_channels, bool(config.get("is_residual")), dtype=dtype,
+            precision=precision,
         )
 
-    def __call__(self, z, caches, *, first: bool, constrain=lambda x: x):  # [V 1 H W C] -> [V T 8H 8W 3]
+    def __call__(self, z, caches, *, first: bool, constrain=lambda x: x):  # [V 1 H W C] -> [V T sH sW 3]
+        """s: 8 x patch_size (8 for Wan 2.1, 16 for Wan 2.2); T: 1 frame on the first chunk, else 4."""
         chunk = Chunk(caches, first, constrain)
-        x = self.decoder(self.post_quant_conv(z, chunk), chunk)
+        x = self.decoder(self.post_quant_conv(z, chunk), chunk)  # [V T 8H 8W 3pp]
+        if self.patch > 1:
+            x = constrain(unpatchify(x, self.patch))  # [V T 8pH 8pW 3]
         return jnp.clip(x, -1.0, 1.0), tuple(chunk.new)  # diffusers clamps the decoder output to [-1, 1]
 
 

@@ -94,10 +94,12 @@ def _weights_exceed(name: str, weights: int, held: int, ideal_flops: float) -> d
 
 @dataclasses.dataclass
 class Programs:
-    """One stage's programs: name -> (jitted, abstract args, total ideal FLOPs), and its weights."""
+    """One stage's programs: name -> (jitted, abstract args, total ideal FLOPs), the weights they take, and the
+    weights the stage keeps on the chips beside them (a two-expert model's idle expert)."""
 
     weights: object
     programs: dict
+    idle: object = None
 
 
 def text_encoder_programs(model_path, mesh, cfg: GenerationConfig) -> Programs:
@@ -111,7 +113,9 @@ def text_encoder_programs(model_path, mesh, cfg: GenerationConfig) -> Programs:
     return Programs(encoder.weights, programs)
 
 
-def transformer_programs(model_path, mesh, cfg: GenerationConfig) -> Programs:
+def transformer_programs(model_path, mesh, cfg: GenerationConfig, expert_offload: bool = False) -> Programs:
+    """The denoising step; a two-expert model's one step program serves both experts, and the idle expert stays on
+    the chips beside it unless `expert_offload`."""
     from tpu_wan.models.transformer import Denoiser
 
     denoiser = Denoiser(model_path, mesh, cfg.stage2.dtype, cfg.stage2.attention, abstract=True)
@@ -123,7 +127,9 @@ def transformer_programs(model_path, mesh, cfg: GenerationConfig) -> Programs:
                                          cfg.stage2.sharding_mode)
     tokens = config_lib.video_tokens(latents, dit["patch_size"])
     ideal = arithmetic.dit_forward_flops(dit, rows, tokens, cfg.max_sequence_length)
-    return Programs(denoiser.weights, {f"step cfg={guided}": (jitted, args, ideal)})
+    first, *idle = denoiser.kind.experts
+    return Programs(denoiser.experts[first], {f"step cfg={guided}": (jitted, args, ideal)},
+                    idle=None if expert_offload or not idle else [denoiser.experts[e] for e in idle])
 
 
 def vae_programs(model_path, mesh, cfg: GenerationConfig, uint8: bool) -> Programs:
@@ -137,12 +143,14 @@ def vae_programs(model_path, mesh, cfg: GenerationConfig, uint8: bool) -> Progra
 
 
 def compile_run(cfg: GenerationConfig, target: TpuTarget, devices, *, stages=STAGES,
-                compile_stages=None, uint8: bool = True, one_process: bool = False, reuse: dict | None = None) -> dict:
+                compile_stages=None, uint8: bool = True, one_process: bool = False, reuse: dict | None = None,
+                expert_offload: bool = False) -> dict:
     """Compiles the programs of `compile_stages` (default: all of `stages`) for a run of `cfg` (its mesh
     decided) on `target`; returns the metrics.json document. `one_process`: `stages` share a process
     (generate_flax.py), so each program's peak includes the other stages' weights, compiled or not. `reuse`: a
     dict kept across calls, so the text encoder's and the VAE's programs, which the DiT's sharding mode does not
-    change, are compiled once per mesh."""
+    change, are compiled once per mesh. `expert_offload`: a two-expert model's idle expert is in host memory, not
+    beside the step."""
     dp, tp = cfg.stage2.mesh
     mesh = make_mesh(dp, tp, devices)
     model_path = checkpoints.resolve_configs(cfg.model_id)
@@ -153,22 +161,24 @@ def compile_run(cfg: GenerationConfig, target: TpuTarget, devices, *, stages=STA
         preflight.check_transformer_run(model_path, cfg, mesh)
     build = {
         "text_encoder": lambda: text_encoder_programs(model_path, mesh, cfg),
-        "transformer": lambda: transformer_programs(model_path, mesh, cfg),
+        "transformer": lambda: transformer_programs(model_path, mesh, cfg, expert_offload),
         "vae": lambda: vae_programs(model_path, mesh, cfg, uint8),
     }
     built = {stage: build[stage]() for stage in stages}
-    weights = {stage: weights_bytes_per_device(b.weights) for stage, b in built.items()}
+    idle = {stage: weights_bytes_per_device(b.idle) for stage, b in built.items()}  # beside the stage's programs
+    weights = {stage: weights_bytes_per_device(b.weights) + idle[stage] for stage, b in built.items()}
     usable = target.usable_hbm_bytes
     out = {}
     for stage, b in built.items():
         if compile_stages is not None and stage not in compile_stages:
             continue
-        held = sum(w for s, w in weights.items() if s != stage) if one_process else 0
+        others = sum(w for s, w in weights.items() if s != stage) if one_process else 0
+        held = others + idle[stage]
         key = (stage, dp, tp, held)
         if reuse is not None and stage != "transformer" and key in reuse:
             compiled = reuse[key]
-        elif weights[stage] + held > usable:  # no program of this stage can fit: not worth minutes of compiling
-            compiled = [_weights_exceed(name, weights[stage], held, ideal / mesh.size)
+        elif weights[stage] + others > usable:  # no program of this stage can fit: not worth minutes of compiling
+            compiled = [_weights_exceed(name, weights[stage] - idle[stage], held, ideal / mesh.size)
                         for name, (_, _, ideal) in b.programs.items()]
         else:
             compiled = [compile_program(name, jitted, args, ideal_flops=ideal, devices=mesh.size, held_bytes=held,
@@ -178,6 +188,8 @@ def compile_run(cfg: GenerationConfig, target: TpuTarget, devices, *, stages=STA
             reuse[key] = compiled
         out[stage] = {"weights_bytes_per_device": weights[stage], "compiled": compiled,
                       "fits": all(p["fits"] for p in compiled)}
+        if b.idle is not None:
+            out[stage]["idle_expert_bytes_per_device"] = idle[stage]
     return {
         "schema": artifacts.METRICS_SCHEMA,
         "script": "compile_only",
@@ -244,23 +256,27 @@ def not_fitting(metrics: dict) -> str | None:
             if p["fits"]:
                 continue
             held = f" with {_bytes(p['held_bytes'])} of the other models' weights beside it" if p["held_bytes"] else ""
+            idle = s.get("idle_expert_bytes_per_device")
+            offload = (f" (the idle expert's {_bytes(idle)} included: --expert_offload keeps it in host memory)"
+                       if idle else "")
             return (f"{stage} program {p['name']!r} on one {t['device_kind']} chip (dp={mesh['dp']} tp={mesh['tp']} on "
                     f"{t['topology']}): expected at most the TPU compiler's limit of "
                     f"{_bytes(metrics['usable_bytes_per_device'])} (HBM {_bytes(t['hbm_bytes_per_device'])}), found "
-                    + (p["skipped"] if p["skipped"] else f"it needs {_bytes(p['peak_bytes'])}") + held)
+                    + (p["skipped"] if p["skipped"] else f"it needs {_bytes(p['peak_bytes'])}") + held + offload)
     return None
 
 
 def compile_only(base: GenerationConfig, settings: Stage2Settings, topology_name: str, *, dp: int | None = None,
                  tp: int | None = None, stages=STAGES, compile_stages=None, one_process: bool = False,
-                 uint8: bool = True, search_mesh: bool = False) -> dict:
+                 uint8: bool = True, search_mesh: bool = False, expert_offload: bool = False) -> dict:
     """The compile-only run of a script: `base` holds what stage 1 decides (model, prompts, text dtype; with
     `one_process` the model dtype, as generate_flax.py decides it), `settings` the stage-2 flags. With `search_mesh`,
     every (dp, tp, DiT sharding mode) the slice and the models allow is compiled (candidate_runs: both modes when
     `settings.sharding` is auto, so also the meshes only sequence sharding takes); without it, `--sharding auto`
     compiles both modes on the one mesh. Of several, the best document (rank: fits, then bytes sent, then peak)
-    is returned, with the ranking under "mesh_search"."""
-    from tpu_wan.run.pipeline import resolve_stage2
+    is returned, with the ranking under "mesh_search". `expert_offload`: a two-expert model's idle expert in host
+    memory."""
+    from tpu_wan.run.pipeline import check_offload, resolve_stage2
     from tpu_wan.tpu.topology import parse_target
 
     target = parse_target(topology_name)
@@ -279,11 +295,13 @@ def compile_only(base: GenerationConfig, settings: Stage2Settings, topology_name
     documents, reuse = [], {}
     for mesh_dp, mesh_tp, mode in runs:
         cfg = resolve_stage2(base, settings, make_mesh(mesh_dp, mesh_tp, devices))
+        check_offload(cfg, expert_offload)
         cfg = cfg.replace(sharding=mode or cfg.stage2.sharding)
         if one_process:  # generate_flax.py encodes in the model dtype (oneshot.generate)
             cfg = cfg.replace(text_dtype=cfg.stage2.dtype)
         documents.append(compile_run(cfg, target, devices, stages=stages, uint8=uint8,
-                                     compile_stages=compile_stages, one_process=one_process, reuse=reuse))
+                                     compile_stages=compile_stages, one_process=one_process, reuse=reuse,
+                                     expert_offload=expert_offload))
     ranked = rank(documents)
     best = ranked[0]
     if len(ranked) > 1:

@@ -19,12 +19,14 @@ from tpu_wan.core.config import GenerationConfig, Stage2Settings
 from tpu_wan.models import checkpoints
 from tpu_wan.run import preflight, sweep
 from tpu_wan.run.pipeline import (
+    check_offload,
     denoise,
     encode,
     finetune_settings,
     load_decoder,
     load_denoiser,
     load_encoder,
+    model_preset,
     plan,
     resolve_stage2,
     video_paths,
@@ -37,13 +39,15 @@ class Generator:
     """All three models loaded once on one mesh: encode -> denoise -> decode in memory (generate_flax.py)."""
 
     def __init__(self, model_id: str, mesh, *, text_dtype: str, dtype: str, attention="auto",
-                 recorder: Recorder | None = None, vae_dtype: str = "float32", **finetune):
+                 recorder: Recorder | None = None, vae_dtype: str = "float32", expert_offload: bool = False,
+                 **finetune):
         self.recorder = recorder or Recorder()
         model_path = checkpoints.resolve_model(model_id)
         with self.recorder.section("text_encoder", "load"):
             self.encoder = load_encoder(model_path, mesh, text_dtype)
         with self.recorder.section("transformer", "load"):
-            self.denoiser = load_denoiser(model_path, mesh, dtype, attention, **finetune)
+            self.denoiser = load_denoiser(model_path, mesh, dtype, attention, expert_offload=expert_offload,
+                                          **finetune)
         with self.recorder.section("vae", "load"):
             self.decoder = load_decoder(model_path, mesh, vae_dtype)
 
@@ -79,6 +83,7 @@ class Generator:
         """Weight bytes of the three models and temp bytes of the programs they ran (after the runs)."""
         self.recorder.add_model("text_encoder", self.encoder.weights, self.encoder.programs)
         self.recorder.add_model("transformer", self.denoiser.weights, self.denoiser.programs)
+        self.recorder.add_swaps("transformer", self.denoiser.swap_seconds)
         self.recorder.add_model("vae", self.decoder.params, self.decoder.programs)
 
 
@@ -98,7 +103,7 @@ def generate(
     output_video: str | Path | None = None,
     output_dir: str | Path | None = None,
     max_sequence_length: int = 512,
-    fps: int = 16,
+    fps: int | None = None,
     vae_dtype: str = "float32",
     dp: int | None = None,
     tp: int | None = None,
@@ -108,9 +113,11 @@ def generate(
     preview: bool = False,
     save_intermediates: str | Path | None = None,
     non_strict: bool = False,
+    expert_offload: bool = False,
 ) -> GenerateResult:
     """All three stages in one process: load, warm up (compiles everything), then `num_iterations` timed runs
-    (the last one traced into `profile_dir` if given); writes the videos of the last run."""
+    (the last one traced into `profile_dir` if given); writes the videos of the last run. `fps` None: the
+    model's; `expert_offload`: two experts, the idle one in host memory."""
     from tpu_wan.core import preview as preview_lib
     from tpu_wan.core import video
     from tpu_wan.runtime import profiling
@@ -120,18 +127,19 @@ def generate(
     cfg = resolve_stage2(
         GenerationConfig(
             model_id=model_id, prompts=tuple(prompts), negative_prompt=negative_prompt,
-            max_sequence_length=max_sequence_length, fps=fps, vae_dtype=vae_dtype,
+            max_sequence_length=max_sequence_length, fps=fps or model_preset(model_id).fps, vae_dtype=vae_dtype,
         ),
         settings,
         mesh,
     )
+    check_offload(cfg, expert_offload)
     cfg = cfg.replace(text_dtype=cfg.stage2.dtype)
     paths = video_paths(cfg, output_video, output_dir)
     model_path = checkpoints.resolve_model(model_id)  # what the config files decide, before any model loads
     check_heads(mesh, checkpoints.read_config(model_path, "text_encoder", ("num_heads",))["num_heads"], "text encoder")
     preflight.check_stage2_run(model_path, cfg, mesh)
     gen = Generator(model_id, mesh, text_dtype=cfg.text_dtype, dtype=cfg.stage2.dtype, attention=cfg.stage2.attention,
-                    vae_dtype=vae_dtype, **finetune_settings(cfg, non_strict))
+                    vae_dtype=vae_dtype, expert_offload=expert_offload, **finetune_settings(cfg, non_strict))
     # Only --save_intermediates keeps the float frames; the mp4 needs uint8, converted on device (a quarter of
     # the bytes to move to the host).
     uint8 = not save_intermediates

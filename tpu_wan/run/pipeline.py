@@ -29,26 +29,70 @@ log = logging.getLogger("tpu_wan")
 
 def resolve_stage2(cfg: GenerationConfig, asked: Stage2Settings, mesh) -> GenerationConfig:
     """The config with every stage-2 setting decided: the model preset, defaults for this size and platform, the
-    mesh and the sharding mode filled in where `asked` leaves them None."""
-    preset = config_lib.preset_for(cfg.model_id)
+    mesh, the sharding mode and (Wan 2.2) the experts' guidance, boundary and steps filled in where `asked` leaves
+    them None. Refuses settings the model does not take."""
+    folder = checkpoints.config_folder(cfg.model_id)
+    kind = checkpoints.model_kind(folder)
+    preset = config_lib.preset_for(cfg.model_id, kind.family)
     s = dataclasses.replace(asked, **{
         f: getattr(preset, f) for f in ("height", "width", "frames", "num_inference_steps", "guidance_scale")
         if getattr(asked, f) is None
     })
+    check_model_settings(cfg.model_id, kind, asked, s)
     from tpu_wan.core.batch import default_batch_size
 
     s = dataclasses.replace(
         s,
         seeds=s.seeds or (config_lib.DEFAULT_SEED,),
         batch_size=s.batch_size or default_batch_size(mesh.shape["dp"], s.guidance_scale > 1.0),
-        flow_shift=s.flow_shift if s.flow_shift is not None else config_lib.default_flow_shift(s.height, s.width),
+        flow_shift=_first_set(s.flow_shift, preset.flow_shift, config_lib.default_flow_shift(s.height, s.width)),
         sample_solver=s.sample_solver or config_lib.DEFAULT_SOLVER,
         dtype=s.dtype or config_lib.default_dtype(mesh_platform(mesh)),
         mesh=(mesh.shape["dp"], mesh.shape["tp"]),
         attention=s.attention or AttentionOptions(),
+        expand_timesteps=True if kind.expand_timesteps else None,
+        vae=None if kind.vae == "wan2.1" else kind.vae,
     )
+    if len(kind.experts) > 1:
+        # as diffusers: the low-noise expert's guidance is the high-noise one's unless given; the preset's pair
+        # applies when neither is given
+        guidance_2 = _first_set(asked.guidance_scale_2, None if asked.guidance_scale is not None else
+                                preset.guidance_scale_2, s.guidance_scale)
+        ratio = _first_set(asked.boundary_ratio, kind.boundary_ratio)
+        from tpu_wan.sampling import schedulers
+
+        train_steps = checkpoints.read_config(folder, "scheduler").get("num_train_timesteps", 1000)
+        timesteps = schedulers.make_schedule(s.sample_solver, s.num_inference_steps, s.flow_shift).timesteps
+        steps = schedulers.expert_steps(timesteps, ratio * train_steps, kind.experts)
+        s = dataclasses.replace(s, guidance_scale_2=guidance_2, boundary_ratio=ratio, expert_steps=steps)
     sharding = resolve_sharding(cfg.model_id, cfg.max_sequence_length, s, mesh)
     return cfg.replace(stage2=dataclasses.replace(s, sharding=sharding))
+
+
+def model_preset(model_id: str) -> config_lib.ModelPreset:
+    """The defaults of `model_id`: its own preset, else its family's (decided from its config files)."""
+    return config_lib.preset_for(model_id, checkpoints.model_kind(checkpoints.config_folder(model_id)).family)
+
+
+def _first_set(*values):
+    return next(v for v in values if v is not None)
+
+
+def check_model_settings(model_id: str, kind, asked: Stage2Settings, s: Stage2Settings) -> None:
+    """Refuses a setting `model_id` (of ModelKind `kind`) does not take: the experts' flags on a one-transformer
+    model, a size off its stride. `s`: `asked` with the preset's size filled in."""
+    if len(kind.experts) == 1:
+        given = [flag for flag, value in (("--guidance_scale_2", asked.guidance_scale_2),
+                                          ("--boundary_ratio", asked.boundary_ratio)) if value is not None]
+        if given:
+            raise ConfigError(f"{' and '.join(given)}: expected a two-expert model (model_index.json with "
+                              f"transformer_2 and boundary_ratio, as Wan 2.2 T2V-A14B), found {model_id} with one "
+                              f"transformer")
+    multiple = kind.size_multiple
+    for flag, value in (("--height", s.height), ("--width", s.width)):
+        if value % multiple:
+            raise ConfigError(f"{flag} must be a multiple of {multiple} for {model_id} (its VAE compresses "
+                              f"{kind.vae_spatial}x and its transformer patches 2x2), found {value}")
 
 
 def resolve_sharding(model_id: str, text_tokens: int, s: Stage2Settings, mesh) -> str:
@@ -87,12 +131,20 @@ def load_encoder(model_path, mesh, dtype):
     return TextEncoder(model_path, mesh, dtype)
 
 
-def load_denoiser(model_path, mesh, dtype, attention, **finetune):
-    """The Wan DiT (stage 2) on `mesh`; `finetune`: finetune_settings' keywords."""
+def load_denoiser(model_path, mesh, dtype, attention, *, expert_offload: bool = False, **finetune):
+    """The Wan DiT (stage 2; both experts of a two-expert model) on `mesh`; `finetune`: finetune_settings'
+    keywords; `expert_offload`: the idle expert in host memory."""
     from tpu_wan.models.transformer import Denoiser
 
     _log_loading("transformer", model_path, mesh, dtype)
-    return Denoiser(model_path, mesh, dtype, attention, **finetune)
+    return Denoiser(model_path, mesh, dtype, attention, expert_offload=expert_offload, **finetune)
+
+
+def check_offload(cfg: GenerationConfig, expert_offload: bool) -> None:
+    """--expert_offload acts on two-expert models only."""
+    if expert_offload and cfg.stage2.expert_steps is None:
+        raise ConfigError(f"--expert_offload: expected a two-expert model (as Wan 2.2 T2V-A14B), found {cfg.model_id} "
+                          f"with one transformer")
 
 
 def finetune_settings(cfg: GenerationConfig, non_strict: bool) -> dict:
@@ -153,6 +205,7 @@ def run_stage1(
     )
     mesh = make_mesh(dp, tp)
     model_path = checkpoints.resolve_model(model_id)
+    cfg = cfg.replace(fps=model_preset(model_id).fps)  # stage 3's default frame rate: the model's
     # before transformers is imported and the encoder loaded
     check_heads(mesh, checkpoints.read_config(model_path, "text_encoder", ("num_heads",))["num_heads"], "text encoder")
     with rec.section("text_encoder", "load"):
@@ -176,12 +229,14 @@ def run_stage2(
     warmup_steps: int = 0,
     overwrite: bool = False,
     non_strict: bool = False,
+    expert_offload: bool = False,
 ) -> StageRun:
     """Denoises every (prompt, seed) video from the stage-1 embeddings, saving each batch as it lands.
 
     One video: stage2_latents.safetensors; several: stage2_latents/<name>.safetensors. Videos already in
     `output_dir` from the same settings are skipped (a rerun resumes), unless `overwrite`. `non_strict`: apply
-    the fine-tuned weights that fit (tpu_wan.models.finetune)."""
+    the fine-tuned weights that fit (tpu_wan.models.finetune). `expert_offload`: two experts, the idle one in host
+    memory (the swaps timed in metrics.json)."""
     start, rec = time.perf_counter(), Recorder()
     output_dir = Path(output_dir or input_dir)
     with rec.section("transformer", "io"):
@@ -190,6 +245,7 @@ def run_stage2(
     preflight.check_embeddings_file(input_dir, cfg, prompt_embeds, negative_embeds)
     mesh = make_mesh(dp, tp)
     cfg = resolve_stage2(cfg, settings, mesh)
+    check_offload(cfg, expert_offload)
     videos = plan(cfg)
     todo = sweep.pending(output_dir, cfg, videos, overwrite)
     if not todo:
@@ -199,7 +255,7 @@ def run_stage2(
     preflight.check_stage2_run(model_path, cfg, mesh, prompt_embeds)  # refused before anything is written
     with rec.section("transformer", "load"):
         denoiser = load_denoiser(model_path, mesh, cfg.stage2.dtype, cfg.stage2.attention,
-                                 **finetune_settings(cfg, non_strict))
+                                 expert_offload=expert_offload, **finetune_settings(cfg, non_strict))
     with rec.section("transformer", "io"):
         if overwrite:  # only now, after every check passed: a refused run leaves the previous results alone
             sweep.clear_previous(output_dir)
@@ -219,6 +275,7 @@ def run_stage2(
     with rec.section("transformer", "run"):
         sweep.denoise_videos(denoiser, cfg, prompt_embeds, negative_embeds, todo, videos, save)
     rec.add_steps("transformer", denoiser.step_seconds, len(denoiser.step_seconds))
+    rec.add_swaps("transformer", denoiser.swap_seconds)
     rec.add_model("transformer", denoiser.weights, denoiser.programs)
     return StageRun(cfg, profiling.save_stage_metrics(output_dir, rec, "transformer", cfg.to_json_dict(), mesh, start))
 

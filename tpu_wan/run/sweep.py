@@ -18,7 +18,7 @@ import numpy as np
 
 from tpu_wan.core import artifacts
 from tpu_wan.core.batch import Video, batches
-from tpu_wan.core.config import ConfigError, GenerationConfig
+from tpu_wan.core.config import WAN22_KEYS, ConfigError, GenerationConfig
 from tpu_wan.runtime import distributed
 from tpu_wan.sampling import schedulers
 
@@ -37,8 +37,10 @@ SIGNATURE_FIELDS = (
 
 
 def signature(cfg: GenerationConfig) -> dict:
+    """SIGNATURE_FIELDS, and the Wan 2.2 keys a model records (both guidance scales, the boundary, the experts'
+    steps, per-token timesteps, the VAE): absent from a Wan 2.1 config, so its digests are unchanged."""
     data = cfg.to_json_dict()
-    return {k: data[k] for k in SIGNATURE_FIELDS}
+    return {**{k: data[k] for k in SIGNATURE_FIELDS}, **{k: data[k] for k in WAN22_KEYS if k in data}}
 
 
 def signature_digest(cfg: GenerationConfig) -> str:
@@ -164,7 +166,7 @@ def denoise_videos(
         latents = denoiser.denoise(
             starting_latents(cfg, padded, plan, shape), prompt_embeds[rows],
             negative_embeds[rows] if cfg.do_classifier_free_guidance else None,
-            schedule, s.guidance_scale, num_steps=num_steps, progress=progress,
-            sharding=s.sharding_mode,
+            schedule, s.guidance_scale, guidance_scale_2=s.guidance_scale_2, expert_steps=s.expert_steps,
+            num_steps=num_steps, progress=progress, sharding=s.sharding_mode,
         )
         on_batch(group, latents[: len(group)])

@@ -161,6 +161,8 @@ class StageMetrics:
     peak_host_rss_bytes: int | None = None
     steps: int | None = None  # denoising steps per run
     s_per_step: float | None = None  # median over the timed runs' steps
+    expert_swaps: int | None = None  # --expert_offload: how many times the experts swapped places (else None)
+    expert_swap_s: float | None = None  # their total seconds (included in the run and warmup sections)
 
     def sections_s(self) -> float:
         return self.load_s + self.warmup_s + sum(self.run_s) + self.io_s
@@ -238,6 +240,13 @@ class Recorder:
         m.weights_bytes, m.weights_bytes_per_device = weights_bytes(weights)
         if programs:
             m.activation_bytes_per_device = temp_bytes(programs)
+
+    def add_swaps(self, stage: str, seconds: list[float]) -> None:
+        """The expert swaps of a --expert_offload run (nothing without one)."""
+        if seconds:
+            m = self.stage(stage)
+            m.expert_swaps = (m.expert_swaps or 0) + len(seconds)
+            m.expert_swap_s = (m.expert_swap_s or 0.0) + sum(seconds)
 
     def add_steps(self, stage: str, seconds: list[float], steps_per_run: int) -> None:
         """Per-step wall times of the timed runs: s_per_step is their median."""

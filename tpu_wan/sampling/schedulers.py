@@ -282,3 +282,13 @@ def make_schedule(
     for a in (timesteps, sigmas, coeffs):
         a.flags.writeable = False
     return Schedule(solver, steps, float(flow_shift), timesteps, sigmas, coeffs)
+
+
+def expert_steps(timesteps: np.ndarray, boundary_timestep: float | None, experts: tuple[str, ...]) -> tuple[str, ...]:
+    """The expert of each step as diffusers' WanPipeline picks it: experts[0] (high noise) while t >= the boundary
+    timestep, then experts[1]. torch compares the timestep tensor (int64 or float32) with the Python float in
+    float32, so both sides are rounded to float32 here too."""
+    if boundary_timestep is None or len(experts) == 1:
+        return (experts[0],) * len(timesteps)
+    boundary = np.float32(boundary_timestep)
+    return tuple(experts[0] if np.float32(t) >= boundary else experts[1] for t in timesteps)
