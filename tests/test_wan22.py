@@ -160,9 +160,10 @@ def test_both_experts_run_one_compiled_step(caplog):
     assert len(compiles) == 1, [r.getMessage() for r in compiles]
 
 
-def test_expert_offload_swaps_at_the_boundary_and_changes_no_bit():
-    mesh = _mesh(1, 1)
-    gen = _generator(A14B, 1, 1)
+@pytest.mark.parametrize("mesh", [(1, 1), (2, 4)], ids=lambda m: f"mesh{m[0]}x{m[1]}")
+def test_expert_offload_swaps_at_the_boundary_and_changes_no_bit(mesh):
+    gen = _generator(A14B, *mesh)
+    mesh = _mesh(*mesh)
     cfg = _config(A14B, mesh, seeds=(SEED, SEED + 1), batch_size=1)  # two batches: swap, swap back, swap
     expected = gen.run(cfg, progress=False)[2]
     offloaded = pipeline.load_denoiser(tiny.ensure_tiny_checkpoint(model_id=A14B), mesh, "float32", "auto",
@@ -244,3 +245,18 @@ def test_the_config_records_what_decides_the_video(staged_and_one_process):
         assert wan22 == dict(guidance_scale=5.0, guidance_scale_2=None, boundary_ratio=None, expert_steps=None,
                              expand_timesteps=True, vae="wan2.2", flow_shift=5.0)
         assert "guidance_scale_2" not in recorded and "expert_steps" not in recorded
+
+
+def test_a_rerun_resumes_and_other_settings_are_refused(staged_and_one_process, capsys):
+    family, staged, _ = staged_and_one_process
+    latents = staged / artifacts.LATENTS_FILE
+    before = latents.stat().st_mtime_ns
+    assert run_in_process(STAGE2, ["--input_dir", staged, *SIZE, *MESH]) == 0  # nothing left to do
+    assert latents.stat().st_mtime_ns == before
+    # a setting only Wan 2.2 records is part of what a folder's results are tied to
+    changed, named = ((("--guidance_scale_2", "2.0"), "guidance_scale_2: 3.0 -> 2.0") if family == A14B else
+                      (("--flow_shift", "4.0"), "flow_shift: 5.0 -> 4.0"))
+    capsys.readouterr()
+    assert run_in_process(STAGE2, ["--input_dir", staged, *SIZE, *MESH, *changed]) == 2
+    assert named in capsys.readouterr().err
+    assert latents.stat().st_mtime_ns == before

@@ -7,6 +7,7 @@ experts (one architecture, two sets of weights, each with its own guidance scale
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import time
@@ -43,6 +44,23 @@ def _denoise_step(forward: Callable, dtype, cfg: bool, per_token: tuple[int, int
         cond, uncond = v[:b], v[b:]
         v = uncond + guidance.astype(v.dtype) * (cond - uncond)  # as diffusers: combined in the model dtype
     return schedulers.step(coeffs_i, state, v, latents)
+
+
+@dataclasses.dataclass(frozen=True)
+class _HostArray:
+    """A global array as host copies of this process's shards (with several hosts no process holds them all)."""
+
+    shape: tuple[int, ...]
+    sharding: object
+    shards: tuple[tuple[object, np.ndarray], ...]  # (device, its shard's data)
+
+    @classmethod
+    def of(cls, array: jax.Array) -> "_HostArray":
+        return cls(array.shape, array.sharding, tuple((s.device, np.asarray(s.data)) for s in array.addressable_shards))
+
+    def to_devices(self) -> jax.Array:
+        return jax.make_array_from_single_device_arrays(
+            self.shape, self.sharding, [jax.device_put(data, device) for device, data in self.shards])
 
 
 class Denoiser:
@@ -85,7 +103,6 @@ class Denoiser:
                                                      overrides=overrides)
             if self.offload and name != self.kind.experts[0]:
                 self._host[name] = self._to_host(name)
-        self._shardings = jax.tree.map(lambda a: a.sharding, self.experts[self.kind.experts[0]])
         self._forwards = {}  # sharding mode -> forward
         self._steps = {}  # (cfg, latents sharding, sharding mode) -> jitted step
         self.programs = {}  # what ran, for profiling.temp_bytes
@@ -102,9 +119,8 @@ class Denoiser:
 
     def _to_host(self, name: str) -> dict:
         """Moves expert `name`'s weights from the mesh to host memory (their device buffers freed)."""
-        weights = self.experts.pop(name)
-        host = jax.device_get(weights)
-        for leaf in jax.tree.leaves(weights):
+        host = jax.tree.map(_HostArray.of, self.experts[name])
+        for leaf in jax.tree.leaves(self.experts.pop(name)):
             leaf.delete()
         return host
 
@@ -114,10 +130,11 @@ class Denoiser:
             start = time.perf_counter()
             for other in list(self.experts):
                 if other not in self._host:  # its first swap out: a host copy, kept for the swaps back
-                    self._host[other] = jax.device_get(self.experts[other])
-                for leaf in jax.tree.leaves(self.experts.pop(other)):
-                    leaf.delete()
-            self.experts[name] = jax.device_put(self._host[name], self._shardings)
+                    self._host[other] = self._to_host(other)
+                else:
+                    for leaf in jax.tree.leaves(self.experts.pop(other)):
+                        leaf.delete()
+            self.experts[name] = jax.tree.map(_HostArray.to_devices, self._host[name])
             jax.block_until_ready(self.experts[name])
             self.swap_seconds.append(time.perf_counter() - start)
         return self.experts[name]
