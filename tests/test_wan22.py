@@ -23,7 +23,7 @@ from conftest import (
 )
 from scripts import GENERATE, STAGE1, STAGE2, STAGE3, run_in_process
 
-from tpu_wan.core import artifacts, video
+from tpu_wan.core import artifacts, preview, report, video
 from tpu_wan.core.config import GenerationConfig, Stage2Settings
 from tpu_wan.models import tiny
 from tpu_wan.run import oneshot, pipeline, sweep
@@ -210,7 +210,7 @@ def staged_and_one_process(request, tmp_path_factory):
     for script, args in ((STAGE1, ("--model_id", family, "--prompt", PROMPT, "--negative_prompt", NEGATIVE,
                                    "--output_dir", staged)),
                          (STAGE2, ("--input_dir", staged, *SIZE)),
-                         (STAGE3, ("--input_dir", staged, "--save_frames"))):
+                         (STAGE3, ("--input_dir", staged, "--save_frames", "--preview"))):
         assert run_in_process(script, [*args, *MESH]) == 0
     assert run_in_process(GENERATE, ["--model_id", family, "--prompt", PROMPT, "--negative_prompt", NEGATIVE, *SIZE,
                                      *MESH, "--warmup_steps", "1", "--output_video", one / "video.mp4",
@@ -229,6 +229,11 @@ def test_stages_equal_generate_flax_and_diffusers(staged_and_one_process, refere
     frames, fps = video.read_video(staged / artifacts.VIDEO_FILE)
     assert frames.shape == (FRAMES, HEIGHT, WIDTH, 3)
     assert fps == (24 if family == TI2V else 16)  # TI2V-5B's 24 fps, Wan's own default for it
+    assert preview.preview_path(staged / artifacts.VIDEO_FILE).is_file()
+    # the report of the one-process run names the experts of an A14B run
+    text = report.render(report.load_metrics(one / artifacts.METRICS_FILE))
+    assert ("- experts: transformer for 4 steps (guidance 4.0), then transformer_2 for 2 (guidance 3.0); boundary "
+            "ratio 0.875" in text) == (family == A14B)
 
 
 def test_the_config_records_what_decides_the_video(staged_and_one_process):

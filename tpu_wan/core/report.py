@@ -69,7 +69,22 @@ def run_section(m: dict) -> list[str]:
             f"- model: {get(c, 'model_id')}", f"- size: {get(c, 'width')}x{get(c, 'height')}x{get(c, 'frames')} "
             f"(WxHxF), {get(c, 'num_inference_steps')} steps, batch size {get(c, 'batch_size')}",
             f"- videos: {videos}", f"- dtypes: transformer {get(c, 'dtype')}, text {get(c, 'text_dtype')}, "
-            f"vae {get(c, 'vae_dtype')}", f"- created: {get(m, 'created')}"]
+            f"vae {get(c, 'vae_dtype')}", *experts_lines(m), f"- created: {get(m, 'created')}"]
+
+
+def experts_lines(m: dict) -> list[str]:
+    """A two-expert run's experts (which ran how many steps, at which guidance) and its swaps, if any."""
+    c = m.get("config") or {}
+    steps = c.get("expert_steps")
+    if not steps:
+        return []
+    first = steps.count(steps[0])
+    lines = [f"- experts: {steps[0]} for {first} steps (guidance {c.get('guidance_scale')}), then {steps[-1]} for "
+             f"{len(steps) - first} (guidance {c.get('guidance_scale_2')}); boundary ratio {c.get('boundary_ratio')}"]
+    transformer = (m.get("stages") or {}).get("transformer") or {}
+    if transformer.get("expert_swaps"):
+        lines.append(f"- expert offload: {transformer['expert_swaps']} swaps, {secs(transformer['expert_swap_s'])} s")
+    return lines
 
 
 def time_section(m: dict) -> list[str]:
