@@ -270,6 +270,24 @@ def test_14b_at_720p_does_not_fit_a_v5e_1(tmp_path):
     assert m["fits"] is False and m["stages"]["transformer"]["compiled"][0]["skipped"]
 
 
+def test_two_experts_that_do_not_fit_together_say_so(tmp_path):
+    # Wan 2.2 A14B on one v6e chip: each expert's 26.67 GiB (28.64 GB) of bf16 weights would fit the 31.25 GiB a
+    # program may use, both together do not; the line names the idle expert and the flag that keeps it in host memory.
+    from tpu_wan.core.errors import DoesNotFit
+
+    with pytest.raises(DoesNotFit) as info:
+        load(STAGE2).main(["--model_id", "Wan-AI/Wan2.2-T2V-A14B-Diffusers", "--num_prompts", "1", "--height", "480",
+                           "--width", "832", "--frames", "81", "--topology", "v6e-1", "--compile_only",
+                           "--output_dir", str(tmp_path)])
+    message = str(info.value)
+    assert "transformer program 'step cfg=True' on one TPU v6 lite chip" in message
+    assert ("found 26.67 GiB of its model's weights per device before any activation (not compiled) with 26.67 GiB "
+            "of the other models' weights beside it (the idle expert's 26.67 GiB included: --expert_offload keeps it "
+            "in host memory)") in message
+    transformer = json.loads((tmp_path / "metrics.json").read_text())["stages"]["transformer"]
+    assert transformer["idle_expert_bytes_per_device"] * 2 == transformer["weights_bytes_per_device"]
+
+
 def test_activations_the_compiler_refuses_end_in_one_line_and_keep_the_other_rows(tmp_path):
     # The tiny model's weights fit a v5e-1 easily; XLA attention at 720p x 81 frames keeps [B N L L] float32
     # logits (75,600 tokens): far past the HBM, and the TPU compiler itself refuses the step (RESOURCE_EXHAUSTED).
