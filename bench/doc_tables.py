@@ -57,3 +57,9 @@ def write_block(name: str, text: str, line: str, document: Path = ROOT / "bench"
     content = document.read_text()
     i, j = content.index(start) + len(start), content.index(end)
     document.write_text(content[:i] + "\n" + line + "\n\n" + text + "\n" + content[j:])
+
+
+def markdown_table(head: list[str], rows: list[list[str]]) -> str:
+    """A markdown table: the header, its rule, one line a row."""
+    return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+                     + ["| " + " | ".join(row) + " |" for row in rows])

@@ -26,7 +26,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
-from doc_tables import measured_line, stamp, write_block  # noqa: E402
+from doc_tables import markdown_table, measured_line, stamp, write_block  # noqa: E402
 
 GiB = 1 << 30
 WAN21, WAN22 = "Wan-AI/Wan2.1-T2V-", "Wan-AI/Wan2.2-"
@@ -80,8 +80,7 @@ def rows_of(run: str, document: dict) -> list[list[str]]:
 
 def table(rows: list[list[str]]) -> str:
     head = ["run", "program", "arguments", "temporaries", "code", "other weights held", "peak", "fits"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+    return markdown_table(head, rows)
 
 
 def main() -> None:

@@ -32,7 +32,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
-from doc_tables import measured_line, stamp, write_block  # noqa: E402
+from doc_tables import markdown_table, measured_line, stamp, write_block  # noqa: E402
 
 GiB = 1 << 30
 WAN21, WAN22 = "Wan-AI/Wan2.1-T2V-", "Wan-AI/Wan2.2-"
@@ -99,8 +99,7 @@ def rows_of(case: str, document: dict) -> list[list[str]]:
 def table(rows: list[list[str]]) -> str:
     head = ["case (81 frames; TI2V-5B 121)", "slice", "mesh", "compile s", "peak / usable GiB per chip", "fits",
             "step FLOPs / model's (best mesh)", "GB sent per chip per step"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+    return markdown_table(head, rows)
 
 
 def main() -> None:
