@@ -3,6 +3,7 @@ TI2V-5B's per-token timesteps over the z48 VAE (tiny-random-ti2v). Latents and f
 sharding modes, the expert of every step, one compiled step for both experts, the idle expert offloaded, bf16, and
 the three stage scripts against generate_flax.py with what generation_config.json records."""
 
+import functools
 import logging
 
 import jax
@@ -16,6 +17,7 @@ from conftest import (
     FRAMES_ATOL,
     HEIGHT,
     LATENT_RTOL,
+    MODULE_RTOL,
     NEGATIVE,
     SEED,
     STEPS,
@@ -129,6 +131,28 @@ def test_latents_frames_and_experts_match_diffusers(references, family, mesh, sh
     assert frames.shape == ref_frames.shape == (1, FRAMES, HEIGHT, WIDTH, 3)
     print(f"frames max abs err {np.abs(frames - ref_frames).max():.2e}")
     np.testing.assert_allclose(frames, ref_frames, rtol=0, atol=FRAMES_ATOL)
+
+
+def test_per_token_timesteps_equal_one_timestep_per_video_in_text_to_video():
+    # WanPipeline gives a TI2V model t on every token ([B, L]); our step passes the scalar (every token's t is the
+    # same in text-to-video, and the model embeds each token's t alone): the same numbers up to XLA fusing the
+    # broadcast modulation differently on 2x4 (float32 rounding, measured 4.2e-7 relative for the step, a few ulp
+    # as MODULE_RTOL allows; the full runs above equal diffusers either way).
+    from tpu_wan.models.transformer import _denoise_step
+    from tpu_wan.sampling import schedulers
+
+    denoiser = _generator(TI2V, 2, 4).denoiser
+    rng = np.random.default_rng(0)
+    latents = rng.standard_normal((1, 48, 3, HEIGHT // 16, WIDTH // 16)).astype(np.float32)
+    embeds = rng.standard_normal((2, 16, tiny.TEXT_DIM)).astype(np.float32)
+    schedule = schedulers.make_schedule("unipc", STEPS, 5.0)
+    args = (denoiser.weights, latents, schedulers.init_state(latents), embeds, schedule.timesteps[1],
+            schedule.coeffs[1], np.float32(5.0))
+    per_video, per_token = (jax.jit(functools.partial(_denoise_step, denoiser.forward(), denoiser.dtype, True, patch))
+                            for patch in (None, (1, 2, 2)))
+    (video, _), (token, _) = per_video(*args), per_token(*args)
+    print(f"one step, per-video vs per-token timesteps: rel err {rel_err(video, token):.2e}")
+    assert rel_err(video, token) <= MODULE_RTOL
 
 
 def test_the_experts_differ_and_the_guidance_follows_the_expert(references):
