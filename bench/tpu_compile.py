@@ -74,11 +74,16 @@ def compile_case(case: str, model_id: str, height: int, width: int, frames: int,
 def rows_of(case: str, document: dict) -> list[list[str]]:
     """The default mesh's row (in the mode --sharding auto keeps there: the compiler's choice) and, where another
     mesh or mode ranks first, the best one's."""
+    from tpu_wan.run import aot
     from tpu_wan.runtime.mesh import default_mesh_shape
 
     t = document["target"]
     default = default_mesh_shape(t["devices"])
-    ranked = document["mesh_search"]
+    # one chip: one mesh and one program for both modes, so no ranking; the run is its own only row
+    ranked = document.get("mesh_search") or [{
+        **document["mesh"], "sharding": document["config"].get("sharding"), "fits": document["fits"],
+        "step_traffic_bytes": aot.step_collective_bytes(document, "traffic_bytes"),
+        "peak_bytes": aot.peak_bytes(document), "compile_s": aot.compile_seconds(document)}]
     first_default = next(i for i, m in enumerate(ranked) if (m["dp"], m["tp"]) == default)
     step = document["stages"]["transformer"]["compiled"][0]
     ratio = "n/a" if step["flops"] is None else f"{step['flops'] / step['ideal_flops']:.2f}"
