@@ -74,7 +74,7 @@ class Reference:
             if module is not None:
                 module.register_forward_pre_hook(lambda *_, name=name: self.calls.append(name))
 
-    def run(self, output_type):
+    def run(self, output_type, **kwargs):
         """(latents or frames, the expert of each step) at the test's setting, with our scheduler's settings."""
         from conftest import diffusers_scheduler
 
@@ -84,7 +84,7 @@ class Reference:
         with torch.no_grad():
             out = self.pipe(prompt=PROMPT, negative_prompt=NEGATIVE, height=HEIGHT, width=WIDTH, num_frames=FRAMES,
                             num_inference_steps=STEPS, output_type=output_type,
-                            generator=torch.Generator("cpu").manual_seed(SEED), **sampling).frames
+                            generator=torch.Generator("cpu").manual_seed(SEED), **sampling, **kwargs).frames
         out = out.float().numpy() if output_type == "latent" else out
         return out, tuple(self.calls[::2])  # guided: a cond and an uncond call per step, the same expert
 
@@ -153,6 +153,29 @@ def test_per_token_timesteps_equal_one_timestep_per_video_in_text_to_video():
     (video, _), (token, _) = per_video(*args), per_token(*args)
     print(f"one step, per-video vs per-token timesteps: rel err {rel_err(video, token):.2e}")
     assert rel_err(video, token) <= MODULE_RTOL
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_our_kernel_from_diffusers_init_latents_gives_diffusers_latents(references, family, tmp_path):
+    # --attention custom (our Pallas kernel, interpreted on CPU, every attention call of the DiT, sharded on 2x4)
+    # starting from --init_latents that diffusers' prepare_latents drew with another seed.
+    import safetensors.torch
+
+    from tpu_wan.models.transformer import Denoiser
+
+    reference = references[family][0]
+    start = reference.pipe.prepare_latents(1, 48 if family == TI2V else 16, HEIGHT, WIDTH, FRAMES, torch.float32,
+                                           torch.device("cpu"), torch.Generator("cpu").manual_seed(1234))
+    path = tmp_path / "start.safetensors"
+    safetensors.torch.save_file({"latents": start}, path)
+    gen = _generator(family, 2, 4)
+    denoiser = Denoiser(tiny.ensure_tiny_checkpoint(model_id=family), gen.denoiser.mesh, "float32", "custom")
+    cfg = _config(family, _mesh(2, 4), init_latents=str(path))
+    latents = pipeline.denoise(denoiser, cfg, *pipeline.encode(gen.encoder, cfg), progress=False)
+    ref, experts = reference.run("latent", latents=start)
+    print(f"{family} custom kernel from init_latents: latents rel err {rel_err(latents, ref):.2e}")
+    assert rel_err(latents, ref) <= LATENT_RTOL
+    assert tuple(denoiser.expert_log) == experts
 
 
 def test_the_experts_differ_and_the_guidance_follows_the_expert(references):
