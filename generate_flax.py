@@ -61,7 +61,8 @@ def main(argv=None):
         from tpu_wan.run import aot
 
         base = GenerationConfig(model_id=args.model_id, prompts=tuple(prompts), negative_prompt=args.negative_prompt,
-                                max_sequence_length=args.max_sequence_length, fps=args.fps or 16,
+                                max_sequence_length=args.max_sequence_length,
+                                fps=16 if args.fps is None else args.fps,
                                 vae_dtype=args.vae_dtype)
         metrics = aot.compile_only(base, settings, args.topology, dp=args.dp, tp=args.tp, one_process=True,
                                    compile_stages=tuple(args.compile_stages), uint8=not args.save_intermediates,

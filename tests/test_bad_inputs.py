@@ -94,6 +94,12 @@ def test_generate_ti2v_size_off_its_stride(tmp_path, flag, value):
                      f"transformer patches 2x2), found {value}"])
 
 
+def test_generate_bad_fps(tmp_path):
+    # --fps defaults to the model's; an explicit 0 is refused, not taken for "unset"
+    _refused(GENERATE, "--model_id", "tiny-random", *SIZE, "--fps", "0", "--output_video", tmp_path / "v.mp4",
+             folder=tmp_path, expect=["fps must be > 0", "found 0"])
+
+
 def test_generate_bad_frames(tmp_path):
     _refused(GENERATE, "--model_id", "tiny-random", "--frames", "6", "--output_video", tmp_path / "v.mp4",
              folder=tmp_path, expect=["frames must be 4n+1", "found 6"])

@@ -127,7 +127,8 @@ def generate(
     cfg = resolve_stage2(
         GenerationConfig(
             model_id=model_id, prompts=tuple(prompts), negative_prompt=negative_prompt,
-            max_sequence_length=max_sequence_length, fps=fps or model_preset(model_id).fps, vae_dtype=vae_dtype,
+            max_sequence_length=max_sequence_length, vae_dtype=vae_dtype,
+            fps=model_preset(model_id).fps if fps is None else fps,
         ),
         settings,
         mesh,
