@@ -41,6 +41,14 @@ EMBED_RTOL = 1e-6
 LATENT_RTOL = 2e-6
 # Frames: one VAE decode, compared in absolute terms on a [0, 1] scale (measured <= 1.13e-6).
 FRAMES_ATOL = 5e-6
+# Step caches (--cache) against diffusers' hooks: the skipped steps are the same, so the latents differ by the per-op
+# roundings above plus the cached residuals added back (the same float32 adds as the hooks'): measured <= 5.9e-7 over
+# First Block Cache and MagCache on 1x1 and 2x4 (tests/test_step_cache.py). A step skipped on one side only is
+# >= 1e-4.
+CACHE_LATENT_RTOL = 2e-6
+# MagCache's calibrated ratios (mean |r_t| / |r_t-1| over the tokens of the block stack's residual) against diffusers':
+# the norms are float32 sums in another order; measured <= 1.2e-7.
+MAG_RATIO_RTOL = 1e-6
 
 # bfloat16 (the TPU default for stages 1 and 2) cannot equal the float32 reference; both sides round differently
 # (XLA keeps float32 inside fused ops where torch rounds each op's output to bf16), so our error may land on
@@ -93,6 +101,21 @@ IDENTITY_RTOL = 1e-9
 SCHEDULER_RTOL = 1e-6
 # Element-wise backstop: |ours - ref| <= SCHEDULER_ATOL + SCHEDULER_RTOL * |ref| with samples of magnitude ~1-4.
 SCHEDULER_ATOL = 1e-5
+# The distill solvers' steps (float32) against a float64 transcription of lightx2v's formulas, with a fixed fake
+# velocity: each step is two or three float32 multiply-adds of coefficients rounded once from float64, so a few
+# ulps of the samples (measured 3.9e-8 to 7.9e-8 over 1, 4 and 5 steps); a wrong sigma or a noise draw out of
+# order is >= 1e-2. End to end on the tiny model against the transcription driving diffusers' transformer the
+# latents are held to LATENT_RTOL (measured 1.3e-7 to 1.9e-7 on 1x1 and 2x4).
+DISTILL_RTOL = 1e-6
+# The guided step's flops over the no-CFG step's (XLA's cost analysis, tiny model, one video): the transformer runs
+# on 2 rows instead of 1, but the cost analysis counts a loop's body once, and XLA attention on CPU runs one (row,
+# head) block per trip of a loop (tpu_wan.runtime.attention's lax.map): its ~1.3 MFLOP of 28.7 is counted once
+# whatever the rows. Measured 1.953 (CPU compiler), 1.995 (TPU compiler, v6e-1, tests/test_compile_only.py); a step
+# still running the uncond half would be 1.0.
+NO_CFG_FLOPS_RATIO_ATOL = 0.1
+# The guided step of one video against the unguided step of two (the same transformer rows): only the per-latent
+# element work differs (the solver update on two videos, the CFG combine on one); measured 3.5e-4.
+SAME_ROWS_FLOPS_RTOL = 1e-3
 
 # Attention kernels vs float64 softmax attention.
 # Tolerances: relative error ||ours - ref|| / ||ref|| against float64 softmax attention of the same inputs.

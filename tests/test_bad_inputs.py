@@ -75,9 +75,60 @@ def test_stage2_bad_flags(stage1_dir, flags, expect):
              expect=expect)
 
 
+@pytest.mark.parametrize(
+    "flags, expect",
+    [
+        (("--denoising_steps", "1000", "500"), ["--denoising_steps: expected --sample_solver distill or distill_euler, "
+                                                "found --sample_solver unipc"]),
+        (("--sample_solver", "distill", "--denoising_steps", "500", "750"),
+         ["--denoising_steps: expected strictly decreasing whole numbers in 1..1000, found 500 750"]),
+        (("--sample_solver", "distill_euler", "--denoising_steps", "1000", "0"),
+         ["--denoising_steps: expected strictly decreasing whole numbers in 1..1000, found 1000 0"]),
+        (("--sample_solver", "distill", "--num_inference_steps", "6"),
+         ["--num_inference_steps: expected 4 with --sample_solver distill (the length of --denoising_steps 1000 750 "
+          "500 250), found 6"]),
+    ],
+    ids=["steps-without-distill", "increasing", "zero", "step-count"],
+)
+def test_stage2_bad_distill_flags(stage1_dir, flags, expect):
+    _refused(STAGE2, "--input_dir", stage1_dir, "--height", "32", "--width", "32", "--frames", "5", *flags,
+             folder=stage1_dir, expect=expect)
+
+
+@pytest.mark.parametrize(
+    "flags, expect",
+    [
+        (("--cache", "teacache:0.1"), ["--cache: expected first_block:THRESHOLD, mag:THRESHOLD:RATIOS",
+                                       "found 'teacache:0.1'"]),
+        (("--cache", "mag:0.06"), ["--cache mag: expected the model's magnitude ratios", "found none"]),
+        (("--cache", "first_block:0.05", "--sample_solver", "distill"),
+         ["--cache: expected a full-step solver", "found --sample_solver distill"]),
+    ],
+    ids=["unknown-kind", "mag-without-ratios", "distill"],
+)
+def test_stage2_bad_cache(stage1_dir, flags, expect):
+    _refused(STAGE2, "--input_dir", stage1_dir, "--height", "32", "--width", "32", "--frames", "5", *flags,
+             folder=stage1_dir, expect=expect)
+
+
 def test_stage2_kernel_flag_that_would_do_nothing(stage1_dir):
     _refused(STAGE2, "--input_dir", stage1_dir, *SIZE, "--attention", "xla", "--k_smooth", folder=stage1_dir,
              expect=["--k_smooth acts on our kernel only", "found --attention xla"])
+
+
+def test_stage2_lora_refusals(stage1_dir, tmp_path):
+    import safetensors.torch
+    import torch
+
+    _refused(STAGE2, "--input_dir", stage1_dir, *SIZE, "--lora", tmp_path / "none.safetensors:0.5", folder=stage1_dir,
+             expect=["--lora: expected a file, found nothing at", "none.safetensors"])
+    stray = tmp_path / "stray.safetensors"  # adapts a block the two-block tiny model does not have
+    safetensors.torch.save_file({"transformer.blocks.7.attn1.to_q.lora_A.weight": torch.zeros(4, 32),
+                                 "transformer.blocks.7.attn1.to_q.lora_B.weight": torch.zeros(32, 4)}, stray)
+    _refused(STAGE2, "--input_dir", stage1_dir, *SIZE, "--lora", stray, folder=stage1_dir,
+             expect=["stray.safetensors: blocks.7.attn1.to_q: expected a Linear layer of the transformer"])
+    _refused(STAGE2, "--input_dir", stage1_dir, *SIZE, "--lora_2", stray, folder=stage1_dir,
+             expect=["--lora_2: expected a two-expert model", "found tiny-random with one transformer"])
 
 
 def test_stage2_expert_offload_without_experts(stage1_dir):

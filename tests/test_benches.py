@@ -99,6 +99,17 @@ def test_memory_per_program_smoke(tmp_path):
 
 
 @needs_libtpu
+@needs_libtpu
+def test_few_steps_smoke():
+    # 50 guided steps (2 rows each) against 4 unguided ones (1 row per video): 25x the DiT flops per video by the
+    # compiler's count (the uncond half dropped, not just steps); every sampler agrees with diffusers' run beside it
+    out = run(ROOT / "bench" / "few_steps.py", "--smoke").stdout
+    last = numbers_by_key(out.splitlines()[-1])
+    assert last["flops_ratio"][0] == pytest.approx(25, rel=0.02), out[-2000:]
+    errors = [float(e) for e in re.findall(r"latents rel (\S+?)[,\n]", out)]
+    assert len(errors) == 4 and max(errors) < 2e-6, out[-2000:]
+
+
 def test_kernel_vmem_smoke():
     # the estimate the kernel asks Mosaic for is at least what Mosaic needs (measured 1.42x on the smoke's shape)
     last = run(ROOT / "bench" / "kernel_vmem.py", "--smoke").stdout.splitlines()[-1].split()

@@ -26,6 +26,8 @@ STAGE_FIELDS = {
     "weights_bytes_per_device": int, "activation_bytes_per_device": int, "peak_device_bytes": (int, type(None)),
     "peak_host_rss_bytes": int, "steps": (int, type(None)), "s_per_step": (float, type(None)),
     "expert_swaps": (int, type(None)), "expert_swap_s": (float, type(None)),
+    "block_stacks_run": (dict, type(None)), "block_stacks_computed": (int, type(None)),
+    "mag_ratios": (dict, type(None)),
 }
 TOP_FIELDS = {
     "schema": str, "script": str, "created": str, "backend": str, "device_kind": str, "device_count": int,

@@ -22,7 +22,7 @@ def _fake_model(sample, noise):
 
 @pytest.mark.parametrize("flow_shift", [1.0, 2.5, 7.3])
 @pytest.mark.parametrize("steps", [1, 4, 7, 25, 30, 100])
-@pytest.mark.parametrize("solver", schedulers.SOLVERS)
+@pytest.mark.parametrize("solver", schedulers.DIFFUSERS_SOLVERS)
 def test_schedule_matches_diffusers(solver, steps, flow_shift):
     ref = diffusers_scheduler(solver, flow_shift)
     ref.set_timesteps(steps)
@@ -34,7 +34,7 @@ def test_schedule_matches_diffusers(solver, steps, flow_shift):
 
 @pytest.mark.parametrize("flow_shift", [3.0, 5.0])
 @pytest.mark.parametrize("steps", [1, 2, 3, 10, 50])
-@pytest.mark.parametrize("solver", schedulers.SOLVERS)
+@pytest.mark.parametrize("solver", schedulers.DIFFUSERS_SOLVERS)
 def test_matches_diffusers(solver, steps, flow_shift):
     ref = diffusers_scheduler(solver, flow_shift)
     ref.set_timesteps(steps)
@@ -67,7 +67,7 @@ def test_matches_diffusers(solver, steps, flow_shift):
         np.testing.assert_allclose(ours, want, rtol=SCHEDULER_RTOL, atol=SCHEDULER_ATOL)
 
 
-@pytest.mark.parametrize("solver", schedulers.SOLVERS)
+@pytest.mark.parametrize("solver", schedulers.DIFFUSERS_SOLVERS)
 def test_step_compiles_once(solver):
     sched = schedulers.make_schedule(solver, 10, 5.0)
     jitted = jax.jit(schedulers.step)
@@ -95,7 +95,8 @@ def test_lower_order_bookkeeping():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(solver="foo"), "solver must be one of ('unipc', 'dpm++', 'euler'), found 'foo'"),
+        (dict(solver="foo"),
+         "solver must be one of ('unipc', 'dpm++', 'euler', 'distill', 'distill_euler'), found 'foo'"),
         (dict(num_inference_steps=0), "num_inference_steps must be >= 1, found 0"),
         (dict(num_inference_steps=-3), "num_inference_steps must be >= 1, found -3"),
         (dict(num_inference_steps=2.5), "num_inference_steps must be an int >= 1, found 2.5"),

@@ -102,3 +102,43 @@ def test_assignment_casts_to_the_destination_dtype_as_torch_does():
     out = jax.jit(fn)(weights, torchax_env._to_numpy(x))
     assert out.dtype == jax.numpy.bfloat16
     np.testing.assert_array_equal(np.asarray(out, np.float32), ref.float().numpy())
+
+
+class _Block(torch.nn.Linear):
+    def forward(self, x, scale):
+        return super().forward(x) * scale
+
+
+class _Stack(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(_Block(4, 4) for _ in range(3))
+
+    def forward(self, x, scale):
+        for block in self.blocks:  # as diffusers' transformers loop: hidden = block(hidden, *other arguments)
+            x = block(x, scale)
+        return x
+
+
+def test_a_stack_replaces_the_loop_over_a_module_list():
+    # functionalize(stacks=...): the module's loop over `blocks` calls our function once, which runs any slice of
+    # the blocks (with the loop's other arguments) on jax arrays; names and weights stay as they were.
+    torch.manual_seed(0)
+    module = _Stack().eval()
+    x = torch.randn(2, 4)
+    with torch.no_grad():
+        ref = module(x, 0.5).numpy()
+    slices = []
+
+    def stack(hidden, run):  # blocks 0, then 1-2 inside a lax.cond, as tpu_wan.sampling.step_cache runs them
+        slices.append(hidden.shape)
+        head = run(hidden, 0, 1)
+        return jax.lax.cond(True, lambda h: run(h, 1, None), lambda h: h, head)
+
+    weights, fn = torchax_env.functionalize(module, stacks={"blocks": stack})
+    plain_weights, plain = torchax_env.functionalize(module)
+    assert set(weights) == set(plain_weights) == {f"blocks.{i}.{p}" for i in range(3) for p in ("weight", "bias")}
+    out = jax.jit(fn)(weights, x.numpy(), 0.5)
+    assert rel_err(out, ref) <= MODULE_RTOL and slices == [(2, 4)]
+    np.testing.assert_array_equal(out, jax.jit(plain)(weights, x.numpy(), 0.5))
+    assert len(list(module.blocks)) == 3  # the module given is left as it was

@@ -25,6 +25,7 @@ from tpu_wan.core.config import (
     SHARDING_CHOICES,
     SOLVERS,
     AttentionOptions,
+    LoraFile,
     Stage2Settings,
 )
 from tpu_wan.core.entry import Parser, Terminated, make_parser, run_main  # noqa: F401  (the scripts' entry points)
@@ -163,11 +164,26 @@ def add_stage2_args(p: argparse.ArgumentParser) -> None:
                    help="videos per denoising batch (default: what the dp axis holds)")
     g.add_argument("--flow_shift", type=float, default=None, help="default: the model's (A14B 12.0, TI2V-5B 5.0), "
                    "else 5.0 at 720p and up, 3.0 below")
-    g.add_argument("--sample_solver", default=DEFAULT_SOLVER, choices=SOLVERS)
+    g.add_argument("--sample_solver", default=DEFAULT_SOLVER, choices=SOLVERS,
+                   help="unipc, dpm++, euler: diffusers' schedulers; distill / distill_euler: lightx2v's "
+                        "step-distilled samplers (re-noise / deterministic) over --denoising_steps, by default "
+                        "1000 750 500 250 at --flow_shift 5.0 without CFG (guidance 1.0) (default: %(default)s)")
     g.add_argument("--init_latents", default=None, help="safetensors file with key 'latents' to start from")
     g.add_argument("--transformer_checkpoint", default=None,
                    help="fine-tuned transformer weights (.safetensors, or .pt/.pth read weights-only) over the base")
     g.add_argument("--checkpoint_key", default=None, help="key of the weights inside a .pt file, e.g. generator_ema")
+    g.add_argument("--lora", dest="loras", action="append", default=None, metavar="PATH[:SCALE]",
+                   help="a LoRA .safetensors (diffusers/PEFT, original Wan as lightx2v/Kijai/ComfyUI write it, or "
+                        "kohya/musubi keys) fused into the weights at load, scaled (default 1.0); repeatable")
+    g.add_argument("--lora_2", dest="loras_2", action="append", default=None, metavar="PATH[:SCALE]",
+                   help="two-expert models: a LoRA for the low-noise expert (transformer_2); repeatable")
+    g.add_argument("--denoising_steps", type=int, nargs="+", default=None, metavar="T",
+                   help="--sample_solver distill / distill_euler: the training timesteps of the steps, e.g. 1000 750 "
+                        "500 250 (the list sets the step count)")
+    g.add_argument("--cache", default=None, metavar="KIND:THRESHOLD",
+                   help="step caching for full-step runs, as diffusers' hooks: first_block:0.05 (First Block Cache), "
+                        "mag:0.06:R1,R2,...[:MAX_SKIP_STEPS[:RETENTION_RATIO]] (MagCache with the model's magnitude "
+                        "ratios) or mag:calibrate (measures them into metrics.json)")
     g.add_argument("--non_strict", action="store_true",
                    help="apply the fine-tuned weights that fit; report missing/unexpected/mis-shaped ones")
     g.add_argument("--attention", default="auto", choices=ATTENTION_CHOICES,
@@ -205,8 +221,13 @@ def stage2_settings(args: argparse.Namespace) -> Stage2Settings:
     decided = ("seeds", "attention", "mesh", "expert_steps", "expand_timesteps", "vae")  # not flags
     flags = [f.name for f in dataclasses.fields(Stage2Settings) if f.name not in decided]
     seeds = parse_seeds(args.seeds) if args.seeds else [args.seed]
-    return Stage2Settings(seeds=tuple(seeds), attention=attention_options(args),
-                          **{name: getattr(args, name) for name in flags})
+    values = {name: getattr(args, name) for name in flags}
+    for name, flag in (("loras", "--lora"), ("loras_2", "--lora_2")):
+        if values[name] is not None:
+            values[name] = tuple(LoraFile.parse(text, flag) for text in values[name])
+    if values["denoising_steps"] is not None:
+        values["denoising_steps"] = tuple(values["denoising_steps"])
+    return Stage2Settings(seeds=tuple(seeds), attention=attention_options(args), **values)
 
 
 def prompts_from(args: argparse.Namespace) -> list[str]:

@@ -24,7 +24,14 @@ DEFAULT_NEGATIVE_PROMPT = (
 DEFAULT_MODEL_ID = "Wan-AI/Wan2.1-T2V-14B-Diffusers"
 DEFAULT_PROMPT = "A cat playing piano in a jazz club, cinematic lighting"
 DTYPES = ("float32", "bfloat16")
-SOLVERS = ("unipc", "dpm++", "euler")
+SOLVERS = ("unipc", "dpm++", "euler", "distill", "distill_euler")
+# lightx2v's step-distilled samplers (tpu_wan.sampling.schedulers): a list of training timesteps sets the steps.
+# Unless given, they run lightx2v's 4-step Wan models' list and shift, without CFG (the models are CFG-distilled).
+DISTILL_SOLVERS = ("distill", "distill_euler")
+DEFAULT_DENOISING_STEPS = (1000, 750, 500, 250)
+DISTILL_GUIDANCE = 1.0
+DISTILL_FLOW_SHIFT = 5.0
+NUM_TRAIN_TIMESTEPS = 1000  # the Wan models' training timesteps, the range of --denoising_steps
 ATTENTION_CHOICES = ("auto", "custom", "splash", "xla", "cudnn")
 # How the DiT is split over the mesh (tpu_wan.runtime.parallelism); the config records the mode that ran, never 'auto'.
 SHARDING_CHOICES = ("auto", "megatron", "sequence")
@@ -183,6 +190,43 @@ def _at_least(name: str, value: float | None, low: float) -> None:
 
 
 @dataclasses.dataclass(frozen=True)
+class LoraFile:
+    """One --lora PATH[:SCALE]. The config records the file's name, sha256 and scale (not the folder it was in,
+    so a resumed sweep matches the same file wherever it lies); `sha256` is None until stage 2 hashes it."""
+
+    path: str
+    scale: float = 1.0
+    sha256: str | None = None
+
+    def __post_init__(self):
+        if not math.isfinite(self.scale):
+            raise ConfigError(f"--lora {self.path}: expected a finite scale, found {self.scale}")
+
+    @classmethod
+    def parse(cls, text: str, flag: str = "--lora") -> "LoraFile":
+        """'PATH' or 'PATH:SCALE' (a path may itself hold ':'; only a last part that is a number is a scale)."""
+        path, sep, scale = text.rpartition(":")
+        if sep:
+            try:
+                return cls(path, float(scale))
+            except ValueError:
+                pass
+        if not text:
+            raise ConfigError(f"{flag}: expected PATH[:SCALE], found an empty value")
+        return cls(text)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"file": Path(self.path).name, "scale": self.scale, "sha256": self.sha256}
+
+    @classmethod
+    def from_json(cls, data: Any) -> "LoraFile":
+        if not isinstance(data, dict) or not {"file", "scale"} <= set(data):
+            raise ConfigError(f"generation_config.json: expected each LoRA as {{file, sha256, scale}}, found "
+                              f"{json_repr(data)}")
+        return cls(data["file"], data["scale"], data.get("sha256"))
+
+
+@dataclasses.dataclass(frozen=True)
 class Stage2Settings:
     """How stage 2 denoises. As asked for (cli.stage2_settings, library callers) None means 'the default for this
     model, size and platform'; as recorded in a GenerationConfig (pipeline.resolve_stage2) every setting is
@@ -214,6 +258,11 @@ class Stage2Settings:
     expert_steps: tuple[str, ...] | None = None  # two experts, decided: the expert each step ran, in step order
     expand_timesteps: bool | None = None  # True: one timestep per video token (TI2V), recorded from the folder
     vae: str | None = None  # the VAE the latents are for (VAE_SPATIAL_BY_KIND); None: Wan 2.1's
+    # LoRAs, step-distilled sampling and step caches (OPTIONAL_KEYS): recorded only when set.
+    loras: tuple[LoraFile, ...] | None = None  # fused into the (high-noise) transformer's weights at load
+    loras_2: tuple[LoraFile, ...] | None = None  # two experts: fused into the low-noise one (transformer_2)
+    denoising_steps: tuple[int, ...] | None = None  # distill solvers: the training timestep of each step
+    cache: str | None = None  # step caching as --cache gives it ('first_block:0.05', 'mag:0.06'); None: off
 
     def __post_init__(self):  # named as the flags (and the file's keys) are
         # Sizes diffusers would silently round are refused: H, W multiples of 16, frames = 4n + 1.
@@ -230,6 +279,7 @@ class Stage2Settings:
         _at_least("--batch_size", self.batch_size, 1)
         if self.sample_solver is not None and self.sample_solver not in SOLVERS:
             raise ConfigError(f"--sample_solver must be one of {SOLVERS}, found {self.sample_solver!r}")
+        self._check_denoising_steps()
         if self.dtype is not None:
             validate_dtype(self.dtype, "--dtype")
         if self.sharding is not None and self.sharding not in SHARDING_CHOICES:
@@ -239,6 +289,27 @@ class Stage2Settings:
             raise ConfigError(f"--boundary_ratio must be in [0, 1], found {self.boundary_ratio}")
         if self.vae is not None and self.vae not in VAE_SPATIAL_BY_KIND:
             raise ConfigError(f"vae must be one of {list(VAE_SPATIAL_BY_KIND)}, found {self.vae!r}")
+
+    def _check_denoising_steps(self) -> None:
+        """--denoising_steps only with a distill solver, strictly decreasing timesteps in 1..1000; the step count is
+        the list's length (the default list's when none is given)."""
+        steps = self.denoising_steps
+        if self.sample_solver not in DISTILL_SOLVERS:
+            if steps is not None:
+                raise ConfigError(f"--denoising_steps: expected --sample_solver {' or '.join(DISTILL_SOLVERS)}, "
+                                  f"found --sample_solver {self.sample_solver or DEFAULT_SOLVER}")
+            return
+        if steps is not None:
+            whole = all(isinstance(t, int) and not isinstance(t, bool) for t in steps)
+            if not steps or not whole or not all(1 <= t <= NUM_TRAIN_TIMESTEPS for t in steps) or any(
+                    a <= b for a, b in zip(steps, steps[1:])):
+                raise ConfigError(f"--denoising_steps: expected strictly decreasing whole numbers in "
+                                  f"1..{NUM_TRAIN_TIMESTEPS}, found {' '.join(map(str, steps)) or 'none'}")
+        steps = steps or DEFAULT_DENOISING_STEPS
+        if self.num_inference_steps is not None and self.num_inference_steps != len(steps):
+            raise ConfigError(f"--num_inference_steps: expected {len(steps)} with --sample_solver {self.sample_solver} "
+                              f"(the length of --denoising_steps {' '.join(map(str, steps))}), found "
+                              f"{self.num_inference_steps}")
 
     def latent_shape(self, num_videos: int, channels: int = 16) -> tuple[int, ...]:
         spatial = VAE_SPATIAL_BY_KIND[self.vae or "wan2.1"]
@@ -263,13 +334,27 @@ class Stage2Settings:
 
 
 STAGE2_KEYS = tuple(f.name for f in dataclasses.fields(Stage2Settings))
-# Stage2Settings keys written only when set: what only Wan 2.2 models decide.
+# Stage2Settings keys written only when set: what only Wan 2.2 models decide, LoRAs, distilled steps, caches. A run
+# without them writes the same files as before they existed.
 WAN22_KEYS = ("guidance_scale_2", "boundary_ratio", "expert_steps", "expand_timesteps", "vae")
+OPTIONAL_KEYS = (*WAN22_KEYS, "loras", "loras_2", "denoising_steps", "cache")
 # what every recorded Stage2Settings has decided (the others may stay None)
 DECIDED = ("height", "width", "frames", "num_inference_steps", "guidance_scale", "seeds", "flow_shift",
            "sample_solver", "dtype")
 DEFAULT_SEED = 42
 DEFAULT_SOLVER = "unipc"
+
+
+def solver_defaults(s: Stage2Settings) -> Stage2Settings:
+    """`s` with a distill solver's defaults where it leaves them None: DEFAULT_DENOISING_STEPS, the step count
+    their length, DISTILL_GUIDANCE and DISTILL_FLOW_SHIFT (ahead of the model preset's); other solvers: `s`."""
+    if s.sample_solver not in DISTILL_SOLVERS:
+        return s
+    steps = s.denoising_steps or DEFAULT_DENOISING_STEPS
+    return dataclasses.replace(
+        s, denoising_steps=steps, num_inference_steps=len(steps),
+        guidance_scale=DISTILL_GUIDANCE if s.guidance_scale is None else s.guidance_scale,
+        flow_shift=DISTILL_FLOW_SHIFT if s.flow_shift is None else s.flow_shift)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -331,14 +416,15 @@ class GenerationConfig:
                                                           if data.get(key) is not None})
             except (AttentionError, TypeError) as err:
                 raise ConfigError(f"generation_config.json: expected valid attention settings, found {err}") from None
-        for name, holder in (("prompts", fields), ("seeds", stage2), ("mesh", stage2), ("expert_steps", stage2)):
+        lists = ("seeds", "mesh", "expert_steps", "denoising_steps", "loras", "loras_2")
+        for name, holder in (("prompts", fields), *((n, stage2) for n in lists)):
             value = holder.get(name)
             if value is None and name != "prompts":
                 continue
             if not isinstance(value, list):
                 raise ConfigError(f"generation_config.json: expected {name} to be a list, found "
                                   f"{type(value).__name__} {json_repr(value)}")
-            holder[name] = tuple(value)
+            holder[name] = tuple(LoraFile.from_json(v) for v in value) if name.startswith("loras") else tuple(value)
         try:
             return cls(**fields, stage2=Stage2Settings(**stage2) if stage2 else None)
         except TypeError as err:  # a wrongly typed value the dataclass checks could not compare
@@ -356,11 +442,13 @@ def _stage2_json(settings: Stage2Settings | None) -> dict[str, Any]:
     out = {}
     for name in STAGE2_KEYS:
         value = None if settings is None else getattr(settings, name)
-        if name in WAN22_KEYS and value is None:
+        if name in OPTIONAL_KEYS and value is None:
             continue
         if name == "attention":  # flat, under the flags' names
             out.update(dict.fromkeys(ATTENTION_KEYS) if value is None else
                        {key: getattr(value, field) for key, field in ATTENTION_KEYS.items()})
+        elif name.startswith("loras"):
+            out[name] = [lora.to_json() for lora in value]
         else:
             out[name] = list(value) if isinstance(value, tuple) else value
     return out

@@ -50,6 +50,10 @@ class FinetuneError(UserError):
     """A fine-tuned checkpoint that does not fit the base model."""
 
 
+class LoraError(UserError):
+    """A LoRA file that cannot be read or adapts no weight of the model."""
+
+
 class TopologyError(UserError):
     """A slice name this toolkit cannot compile for, or a mesh that does not fit it."""
 

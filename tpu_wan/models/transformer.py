@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import math
 import time
 from pathlib import Path
@@ -18,18 +19,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tpu_wan.models import checkpoints, finetune
+from tpu_wan.models import checkpoints, finetune, lora
 from tpu_wan.runtime import attention, distributed, loading, parallelism, profiling, torchax_env
 from tpu_wan.runtime import mesh as mesh_lib
-from tpu_wan.sampling import schedulers
+from tpu_wan.sampling import schedulers, step_cache
 
+log = logging.getLogger("tpu_wan")
 BLOCKS = r"blocks\.\d+"  # the transformer blocks, whose hidden-state input and output are pinned to the layout
 
 
 def _denoise_step(forward: Callable, dtype, cfg: bool, per_token: tuple[int, int, int] | None, weights, latents, state,
-                  embeds, timestep, coeffs_i, guidance):
+                  embeds, timestep, coeffs_i, guidance, noise=None):
     """latents [B C F H W] f32, embeds [B or 2B, S, D] (cond rows, then uncond rows) -> next latents, state.
-    `per_token`: the patch size where the model takes one timestep per video token (expand_timesteps)."""
+    `per_token`: the patch size where the model takes one timestep per video token (expand_timesteps). `noise`
+    [B C F H W] f32: the "distill" solver's fresh noise (None, no input, for the others)."""
     b = latents.shape[0]
     x = latents.astype(dtype)
     if cfg:
@@ -43,7 +46,7 @@ def _denoise_step(forward: Callable, dtype, cfg: bool, per_token: tuple[int, int
     if cfg:
         cond, uncond = v[:b], v[b:]
         v = uncond + guidance.astype(v.dtype) * (cond - uncond)  # as diffusers: combined in the model dtype
-    return schedulers.step(coeffs_i, state, v, latents)
+    return schedulers.step(coeffs_i, state, v, latents, noise)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,13 +73,15 @@ class Denoiser:
 
     def __init__(self, model_path: Path, mesh, dtype: str, attention_options="auto", *,
                  transformer_checkpoint: str | None = None, checkpoint_key: str | None = None,
-                 non_strict: bool = False, abstract: bool = False, expert_offload: bool = False, kind=None):
+                 non_strict: bool = False, abstract: bool = False, expert_offload: bool = False, kind=None,
+                 loras: dict | None = None):
         """`transformer_checkpoint`: fine-tuned weights applied over the base model's (see tpu_wan.models.finetune).
         `abstract`: no weights read, only their shapes and shardings, to compile the step for a slice that is
         not attached (tpu_wan.run.aot); the attention dispatch follows the mesh's platform either way.
         `expert_offload`: of two experts only the one running stays on the devices, the other in host memory
         (swapped at the boundary step, `swap_seconds`). `kind`: the folder's ModelKind (default: read from its
-        config files; a folder holding only transformer/ passes tpu_wan.models.kinds.ModelKind())."""
+        config files; a folder holding only transformer/ passes tpu_wan.models.kinds.ModelKind()). `loras`: expert ->
+        the LoRAs fused into its weights as they load (tpu_wan.models.lora; not read when `abstract`)."""
         self.kind = kind or checkpoints.model_kind(model_path)
         model = checkpoints.empty_transformer(model_path)
         self.config = model.config
@@ -97,10 +102,15 @@ class Denoiser:
         self.offload = expert_offload and len(self.kind.experts) > 1 and not abstract
         self._host = {}  # expert -> its weights in host memory (expert_offload)
         self.experts = {}  # expert -> its weights on the mesh; with offload, only the one running
+        loras = {} if abstract else {name: files for name, files in (loras or {}).items() if files}
+        if set(loras) - set(self.kind.experts):
+            raise lora.LoraError(f"--lora_2: expected a two-expert model (as Wan 2.2 T2V-A14B), found "
+                                 f"{model_path.name} with one transformer")
+        fused = {name: lora.fusions(files, expected, lora.FLAGS[name]) for name, files in loras.items()}
         for name in reversed(self.kind.experts):  # the first expert to run loads last: with offload it stays
             self.experts[name] = loading.place_model(buffers, expected, model_path / name,
                                                      mesh_lib.WAN_TRANSFORMER_RULES, mesh, abstract=abstract,
-                                                     overrides=overrides)
+                                                     overrides=overrides, adjust=fused.get(name))
             if self.offload and name != self.kind.experts[0]:
                 self._host[name] = self._to_host(name)
         self._forwards = {}  # sharding mode -> forward
@@ -109,6 +119,7 @@ class Denoiser:
         self.step_seconds: list[float] = []  # wall time of every step run, in order; callers may clear it
         self.swap_seconds: list[float] = []  # expert_offload: wall time of every swap, in order
         self.expert_log: list[str] = []  # the expert every step ran, in order; callers may clear it
+        self.cache_log: list[dict] = []  # with a step cache: each batch's step_cache.summary; callers may clear it
 
     @property
     def weights(self):
@@ -139,16 +150,19 @@ class Denoiser:
             self.swap_seconds.append(time.perf_counter() - start)
         return self.experts[name]
 
-    def forward(self, sharding: str = "megatron") -> Callable:
-        """The DiT forward (weights, latents, timestep, text embeddings) in sharding mode `sharding`."""
-        if sharding not in self._forwards:
+    def forward(self, sharding: str = "megatron", cached: bool = False) -> Callable:
+        """The DiT forward (weights, latents, timestep, text embeddings) in sharding mode `sharding`; `cached`: its
+        block loop runs through step_cache.run_stack (the step cache's, inside step_cache.cached_step)."""
+        key = (sharding, "cached") if cached else sharding
+        if key not in self._forwards:
             if sharding == "megatron":  # its attention splits heads over tp
                 mesh_lib.check_heads(self.mesh, self.config.num_attention_heads, "transformer")
             layout = parallelism.Layout(sharding, self.mesh)
             fn = attention.make_attention(self.attention_options, self.mesh, layout=layout)
-            _, self._forwards[sharding] = torchax_env.functionalize(
-                self._model, fn, constraints={BLOCKS: layout.constrain_hidden})
-        return self._forwards[sharding]
+            _, self._forwards[key] = torchax_env.functionalize(
+                self._model, fn, constraints={BLOCKS: layout.constrain_hidden},
+                stacks={"blocks": step_cache.run_stack} if cached else None)
+        return self._forwards[key]
 
     def _step_fn(self, cfg: bool, latents_sharding, sharding: str):
         key = (cfg, latents_sharding, sharding)
@@ -165,10 +179,40 @@ class Denoiser:
             self._steps[key] = jax.jit(step, out_shardings=latents_sharding)
         return self._steps[key]
 
+    def _cached_step_fn(self, cfg: bool, latents_sharding, sharding: str, spec, cache_state):
+        """The step with a step cache (tpu_wan.sampling.step_cache): (..., cache state) -> (latents, solver state,
+        cache state), the cache state keeping its placement (abstract `cache_state`'s) from step to step."""
+        placement = jax.tree.map(lambda a: a.sharding, cache_state)
+        key = (cfg, latents_sharding, sharding, spec, tuple(jax.tree.leaves(placement)))
+        if key not in self._steps:
+            step = functools.partial(_denoise_step, self.forward(sharding, cached=True), self.dtype, cfg, None)
+            self._steps[key] = jax.jit(functools.partial(step_cache.cached_step, step, spec),
+                                       out_shardings=(latents_sharding, latents_sharding, placement))
+        return self._steps[key]
+
+    def _cache_state(self, spec, branches: int, latents_shape: tuple[int, ...], rows: int, sharding: str,
+                     num_steps: int):
+        """The abstract step-cache state for `rows` = branches x B rows of latents [B C F H W]: the hidden state's
+        residuals [rows L E] in the model dtype, placed as the blocks' hidden state is in mode `sharding` (where the
+        token shards divide L: an array cannot be placed unevenly, so otherwise only the rows are split)."""
+        from jax.sharding import NamedSharding
+        from jax.sharding import PartitionSpec as P
+
+        from tpu_wan.core.config import video_tokens
+
+        hidden = (rows, video_tokens(latents_shape, self.config.patch_size),
+                  self.config.num_attention_heads * self.config.attention_head_dim)
+        layout = parallelism.Layout(sharding, self.mesh)
+        placed = layout.hidden_spec(rows) if hidden[1] % layout.token_shards(rows) == 0 else P(layout.batch_axis(rows))
+        return step_cache.abstract_state(spec, branches, hidden, self.dtype, num_steps,
+                                         NamedSharding(self.mesh, placed), NamedSharding(self.mesh, P()))
+
     def step_program(self, latents_shape: tuple[int, ...], text_shape: tuple[int, ...], cfg: bool,
-                     sharding: str = "megatron"):
+                     sharding: str = "megatron", noise: bool = False, cache: str | None = None, num_steps: int = 1):
         """(jitted step, abstract arguments) of the step `denoise` runs for latents [B C F H W] and text
-        embeddings [B or 2B, S, D] (cond rows, then uncond rows with `cfg`), as remember_program records it."""
+        embeddings [B or 2B, S, D] (cond rows, then uncond rows with `cfg`), as remember_program records it;
+        `noise`: the step takes fresh noise [B C F H W] (Schedule.takes_noise); `cache`: with that step cache (a
+        run of `num_steps` steps)."""
         rows = mesh_lib.batch_sharding(self.mesh, latents_shape[0], 5)
         x = jax.ShapeDtypeStruct(latents_shape, jnp.float32, sharding=rows)
         state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rows),
@@ -178,7 +222,13 @@ class Denoiser:
         scalar = jax.ShapeDtypeStruct((), jnp.float32)  # timestep and guidance: uncommitted, as in denoise
         coeffs = jax.ShapeDtypeStruct((schedulers.NUM_COEFFS,), jnp.float32)
         weights = self.experts[self.kind.experts[0]]  # every expert's weights have these shapes and shardings
-        return self._step_fn(cfg, x.sharding, sharding), (weights, x, state, embeds, scalar, coeffs, scalar)
+        args = (weights, x, state, embeds, scalar, coeffs, scalar)
+        if cache is not None:
+            spec = step_cache.parse(cache)
+            abstract = self._cache_state(spec, 2 if cfg else 1, latents_shape, text_shape[0], sharding, num_steps)
+            return self._cached_step_fn(cfg, x.sharding, sharding, spec, abstract), args + ((x,) if noise else ()) + (
+                abstract,)
+        return self._step_fn(cfg, x.sharding, sharding), args + ((x,) if noise else ())
 
     def denoise(
         self,
@@ -193,6 +243,8 @@ class Denoiser:
         progress: bool = True,
         num_steps: int | None = None,
         sharding: str = "megatron",
+        noise: Callable[[int], np.ndarray] | None = None,
+        cache: str | None = None,
     ) -> np.ndarray:
         """Runs the schedule (or its first `num_steps` steps) from `latents` [B C F H W] in sharding mode
         `sharding` (tpu_wan.runtime.parallelism); returns float32 latents.
@@ -200,7 +252,13 @@ class Denoiser:
         `negative_prompt_embeds` None (or guidance_scale <= 1) skips the unconditional branch, as diffusers does
         (it decides on the first expert's scale for both). Two experts: `expert_steps` names the expert of each
         step (pipeline.expert_steps), `guidance_scale_2` is the second one's guidance (None: guidance_scale).
+        `noise`: for a schedule that takes it (Schedule.takes_noise), step i -> fresh N(0, 1) [B C F H W], called in
+        step order for the steps that re-noise (Schedule.renoises) just before each runs; the others get zeros.
+        `cache`: a step cache (--cache, tpu_wan.sampling.step_cache), its state fresh for this batch; what it ran is
+        appended to `cache_log`.
         """
+        if schedule.takes_noise and noise is None:
+            raise ValueError(f"the {schedule.solver!r} schedule re-noises: expected a noise source, found none")
         cfg = negative_prompt_embeds is not None and guidance_scale > 1.0
         embeds = np.concatenate([prompt_embeds, negative_prompt_embeds]) if cfg else prompt_embeds
         embeds = jax.device_put(
@@ -210,6 +268,13 @@ class Denoiser:
         x = jax.device_put(np.asarray(latents, np.float32), rows)
         state = jax.device_put(schedulers.init_state(x), rows)
         step = self._step_fn(cfg, rows, sharding)
+        carried, spec = (), None  # the step cache's state, carried from step to step like the solver's
+        if cache is not None:
+            spec = step_cache.parse(cache)
+            abstract = self._cache_state(spec, 2 if cfg else 1, latents.shape, embeds.shape[0], sharding,
+                                         schedule.num_inference_steps)
+            carried = (step_cache.init_state(spec, abstract),)
+            step = self._cached_step_fn(cfg, rows, sharding, spec, abstract)
         experts = self.kind.experts
         expert_steps = expert_steps or (experts[0],) * schedule.num_inference_steps
         scales = (guidance_scale, guidance_scale if guidance_scale_2 is None else guidance_scale_2)
@@ -218,14 +283,25 @@ class Denoiser:
         coeffs = jnp.asarray(schedule.coeffs, jnp.float32)
         total = schedule.num_inference_steps if num_steps is None else num_steps
         first = self._on_mesh(expert_steps[0])
+        zeros = (jax.device_put(np.zeros(latents.shape, np.float32), rows),) if schedule.takes_noise else ()
         profiling.remember_program(self.programs, f"step cfg={cfg}", step, first, x, state, embeds,
-                                   timesteps[0], coeffs[0], guidance[expert_steps[0]])
+                                   timesteps[0], coeffs[0], guidance[expert_steps[0]], *zeros, *carried)
         for i in distributed.progress(range(total), show=progress, desc="denoising", unit="step", leave=False):
             name = expert_steps[i]
             weights = self._on_mesh(name)
             self.expert_log.append(name)
+            fresh = zeros  # the step's noise input: () for the schedules without one
+            if zeros and schedule.renoises(i):
+                fresh = (jax.device_put(np.asarray(noise(i), np.float32), rows),)
             start = time.perf_counter()
-            x, state = step(weights, x, state, embeds, timesteps[i], coeffs[i], guidance[name])
+            x, state, *carried = step(weights, x, state, embeds, timesteps[i], coeffs[i], guidance[name], *fresh,
+                                      *carried)
             x.block_until_ready()  # honest step times and progress bar; the step itself is seconds on real sizes
             self.step_seconds.append(time.perf_counter() - start)
+        if carried:
+            self.cache_log.append(step_cache.summary(spec, carried[0], distributed.to_host))
+            if spec.calibrate:
+                ratios = ",".join(repr(r) for r in self.cache_log[-1]["mag_ratios"]["cond"])
+                log.info("MagCache calibration: --cache mag:THRESHOLD:%s (the cond branch's ratios; each branch's "
+                         "are in metrics.json)", ratios)
         return distributed.to_host(x)

@@ -27,6 +27,7 @@ from tpu_wan.run import preflight
 from tpu_wan.runtime.mesh import check_heads, make_mesh
 from tpu_wan.runtime.parallelism import MODES
 from tpu_wan.runtime.profiling import STAGES
+from tpu_wan.sampling import schedulers
 from tpu_wan.tpu import arithmetic, hlo
 from tpu_wan.tpu.topology import TpuTarget
 
@@ -123,8 +124,10 @@ def transformer_programs(model_path, mesh, cfg: GenerationConfig, expert_offload
     latents = cfg.stage2.latent_shape(cfg.stage2.batch_size, dit["in_channels"])
     guided = cfg.do_classifier_free_guidance
     rows = cfg.stage2.batch_size * (2 if guided else 1)
+    noise = cfg.stage2.sample_solver in schedulers.NOISE_SOLVERS  # the "distill" step takes fresh noise
     jitted, args = denoiser.step_program(latents, (rows, cfg.max_sequence_length, dit["text_dim"]), guided,
-                                         cfg.stage2.sharding_mode)
+                                         cfg.stage2.sharding_mode, noise=noise, cache=cfg.stage2.cache,
+                                         num_steps=cfg.stage2.num_inference_steps)
     tokens = config_lib.video_tokens(latents, dit["patch_size"])
     ideal = arithmetic.dit_forward_flops(dit, rows, tokens, cfg.max_sequence_length)
     first, *idle = denoiser.kind.experts

@@ -59,9 +59,11 @@ class Generator:
             prompt_embeds, negative_embeds = encode(self.encoder, cfg)
         with section("transformer", "run"):
             self.denoiser.step_seconds.clear()
+            self.denoiser.cache_log.clear()
             latents = denoise(self.denoiser, cfg, prompt_embeds, negative_embeds, progress=progress)
         steps = self.denoiser.step_seconds
         self.recorder.add_steps("transformer", steps, len(steps))
+        self.recorder.add_cache("transformer", self.denoiser.cache_log)
         with section("vae", "run"):
             frames = np.concatenate([self.decoder.decode(x[None], uint8=uint8) for x in latents])
         return prompt_embeds, negative_embeds, latents, frames

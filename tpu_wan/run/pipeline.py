@@ -30,10 +30,12 @@ log = logging.getLogger("tpu_wan")
 def resolve_stage2(cfg: GenerationConfig, asked: Stage2Settings, mesh) -> GenerationConfig:
     """The config with every stage-2 setting decided: the model preset, defaults for this size and platform, the
     mesh, the sharding mode and (Wan 2.2) the experts' guidance, boundary and steps filled in where `asked` leaves
-    them None. Refuses settings the model does not take."""
+    them None (a distill solver's own defaults first: config.solver_defaults). Refuses settings the model does not
+    take."""
     folder = checkpoints.config_folder(cfg.model_id)
     kind = checkpoints.model_kind(folder)
     preset = config_lib.preset_for(cfg.model_id, kind.family)
+    asked = config_lib.solver_defaults(asked)  # a distill solver's steps, guidance and shift before the preset's
     s = dataclasses.replace(asked, **{
         f: getattr(preset, f) for f in ("height", "width", "frames", "num_inference_steps", "guidance_scale")
         if getattr(asked, f) is None
@@ -62,9 +64,16 @@ def resolve_stage2(cfg: GenerationConfig, asked: Stage2Settings, mesh) -> Genera
         from tpu_wan.sampling import schedulers
 
         train_steps = checkpoints.read_config(folder, "scheduler").get("num_train_timesteps", 1000)
-        timesteps = schedulers.make_schedule(s.sample_solver, s.num_inference_steps, s.flow_shift).timesteps
+        timesteps = schedulers.make_schedule(s.sample_solver, s.num_inference_steps, s.flow_shift,
+                                             denoising_steps=s.denoising_steps).timesteps
         steps = schedulers.expert_steps(timesteps, ratio * train_steps, kind.experts)
         s = dataclasses.replace(s, guidance_scale_2=guidance_2, boundary_ratio=ratio, expert_steps=steps)
+    from tpu_wan.sampling import step_cache
+
+    s = dataclasses.replace(s, cache=step_cache.check(s.cache, s.sample_solver, kind.experts))  # canonical text
+    from tpu_wan.models import lora
+
+    s = dataclasses.replace(s, loras=lora.checked(s.loras, "--lora"), loras_2=lora.checked(s.loras_2, "--lora_2"))
     sharding = resolve_sharding(cfg.model_id, cfg.max_sequence_length, s, mesh)
     return cfg.replace(stage2=dataclasses.replace(s, sharding=sharding))
 
@@ -83,7 +92,8 @@ def check_model_settings(model_id: str, kind, asked: Stage2Settings, s: Stage2Se
     model, a size off its stride. `s`: `asked` with the preset's size filled in."""
     if len(kind.experts) == 1:
         given = [flag for flag, value in (("--guidance_scale_2", asked.guidance_scale_2),
-                                          ("--boundary_ratio", asked.boundary_ratio)) if value is not None]
+                                          ("--boundary_ratio", asked.boundary_ratio), ("--lora_2", asked.loras_2))
+                 if value is not None]
         if given:
             raise ConfigError(f"{' and '.join(given)}: expected a two-expert model (model_index.json with "
                               f"transformer_2 and boundary_ratio, as Wan 2.2 T2V-A14B), found {model_id} with one "
@@ -148,9 +158,9 @@ def check_offload(cfg: GenerationConfig, expert_offload: bool) -> None:
 
 
 def finetune_settings(cfg: GenerationConfig, non_strict: bool) -> dict:
-    """load_denoiser's fine-tuned weight keywords for `cfg`."""
+    """load_denoiser's fine-tuned weight keywords for `cfg`: the fine-tuned checkpoint and each expert's LoRAs."""
     return dict(transformer_checkpoint=cfg.stage2.transformer_checkpoint, checkpoint_key=cfg.stage2.checkpoint_key,
-                non_strict=non_strict)
+                non_strict=non_strict, loras={"transformer": cfg.stage2.loras, "transformer_2": cfg.stage2.loras_2})
 
 
 def load_decoder(model_path, mesh, dtype: str = "float32"):
@@ -272,9 +282,11 @@ def run_stage2(
                 artifacts.save_latents(path, row[None], metadata=sweep.video_metadata(cfg, video))
 
     denoiser.step_seconds.clear()
+    denoiser.cache_log.clear()
     with rec.section("transformer", "run"):
         sweep.denoise_videos(denoiser, cfg, prompt_embeds, negative_embeds, todo, videos, save)
     rec.add_steps("transformer", denoiser.step_seconds, len(denoiser.step_seconds))
+    rec.add_cache("transformer", denoiser.cache_log)
     rec.add_swaps("transformer", denoiser.swap_seconds)
     rec.add_model("transformer", denoiser.weights, denoiser.programs)
     return StageRun(cfg, profiling.save_stage_metrics(output_dir, rec, "transformer", cfg.to_json_dict(), mesh, start))

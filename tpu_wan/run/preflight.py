@@ -55,6 +55,15 @@ def check_transformer_run(model_path: Path, cfg: GenerationConfig, mesh, prompt_
 
     if cfg.stage2.transformer_checkpoint is not None:
         finetune.read_checkpoint(cfg.stage2.transformer_checkpoint, cfg.stage2.checkpoint_key)  # lazy: headers only
+    if cfg.stage2.loras or cfg.stage2.loras_2:
+        from tpu_wan.models import lora
+
+        # Read and matched here (and again as they fuse at load: seconds for a 14B LoRA) so that a key adapting no
+        # weight is refused before any model loads.
+        expected = checkpoints.expected_weights(checkpoints.empty_transformer(model_path), cfg.stage2.dtype)
+        for expert, files in (("transformer", cfg.stage2.loras), ("transformer_2", cfg.stage2.loras_2)):
+            if files:
+                lora.fusions(files, expected, lora.FLAGS[expert])
 
     dit = checkpoints.read_config(model_path, "transformer", required=(
         "num_attention_heads", "attention_head_dim", "text_dim", "in_channels", "patch_size"))

@@ -18,7 +18,7 @@ import numpy as np
 
 from tpu_wan.core import artifacts
 from tpu_wan.core.batch import Video, batches
-from tpu_wan.core.config import WAN22_KEYS, ConfigError, GenerationConfig
+from tpu_wan.core.config import OPTIONAL_KEYS, ConfigError, GenerationConfig
 from tpu_wan.runtime import distributed
 from tpu_wan.sampling import schedulers
 
@@ -37,10 +37,11 @@ SIGNATURE_FIELDS = (
 
 
 def signature(cfg: GenerationConfig) -> dict:
-    """SIGNATURE_FIELDS, and the Wan 2.2 keys a model records (both guidance scales, the boundary, the experts'
-    steps, per-token timesteps, the VAE): absent from a Wan 2.1 config, so its digests are unchanged."""
+    """SIGNATURE_FIELDS, and the optional keys a run records (Wan 2.2's guidance pair, boundary, experts' steps,
+    per-token timesteps and VAE; LoRAs by name, sha256 and scale; distilled steps; the step cache): absent from a
+    plain Wan 2.1 config, so its digests are unchanged."""
     data = cfg.to_json_dict()
-    return {**{k: data[k] for k in SIGNATURE_FIELDS}, **{k: data[k] for k in WAN22_KEYS if k in data}}
+    return {**{k: data[k] for k in SIGNATURE_FIELDS}, **{k: data[k] for k in OPTIONAL_KEYS if k in data}}
 
 
 def signature_digest(cfg: GenerationConfig) -> str:
@@ -125,11 +126,35 @@ def initial_noise(seed: int, shape: tuple[int, ...]) -> np.ndarray:
     return randn_tensor(shape, generator=generator, dtype=torch.float32).numpy()
 
 
-def starting_latents(cfg: GenerationConfig, videos: Sequence[Video], plan: Sequence[Video], shape) -> np.ndarray:
-    """[len(videos), C, F, H, W]: each video's rows of --init_latents (plan order), else its seed's noise."""
+class NoiseStream:
+    """Each video's N(0, 1) draws from one torch CPU generator seeded with its seed, in order: its initial latents
+    (the first draw, `initial_noise`'s), then one draw of the latent shape per re-noise of a "distill" schedule, as
+    lightx2v's step-distill scheduler draws from its one seeded generator. Drawn on the host as the steps run; a
+    video's draws depend on its seed alone, so a sweep video's noise is its single run's."""
 
+    def __init__(self, seeds: Sequence[int], shape: tuple[int, ...]):
+        import torch
+
+        self._generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
+        self._shape = (1, *shape)  # [1, C, F, H, W] per video, as diffusers' prepare_latents draws a video's noise
+
+    def next(self) -> np.ndarray:
+        """[videos, C, F, H, W] float32: each video's next draw."""
+        import torch
+        from diffusers.utils.torch_utils import randn_tensor
+
+        return np.concatenate([randn_tensor(self._shape, generator=g, dtype=torch.float32).numpy()
+                               for g in self._generators])
+
+
+def starting_latents(cfg: GenerationConfig, videos: Sequence[Video], plan: Sequence[Video], shape,
+                     stream: NoiseStream | None = None) -> np.ndarray:
+    """[len(videos), C, F, H, W]: each video's rows of --init_latents (plan order), else its seed's noise (`stream`'s
+    first draw when given; with --init_latents that draw is still made and dropped, so the stream's later draws are
+    the same wherever the start came from)."""
+    seeded = stream.next() if stream is not None else None
     if cfg.stage2.init_latents is None:
-        return np.concatenate([initial_noise(v.seed, (1, *shape)) for v in videos])
+        return seeded if seeded is not None else np.concatenate([initial_noise(v.seed, (1, *shape)) for v in videos])
     latents = artifacts.load_latents(cfg.stage2.init_latents, require_schema=False)
     expected = (len(plan), *shape)
     if latents.shape != expected:
@@ -155,18 +180,22 @@ def denoise_videos(
     """Denoises `videos` in batches of cfg.stage2.batch_size; `on_batch(videos, latents)` gets each finished batch.
 
     The last batch is padded by repeating its last video, so every batch has the same shape and the step
-    program compiles once for the whole sweep."""
+    program compiles once for the whole sweep. A "distill" schedule's fresh noise comes from each video's
+    NoiseStream, one draw per re-noise as the steps run."""
     s = cfg.stage2
-    schedule = schedulers.make_schedule(s.sample_solver, s.num_inference_steps, s.flow_shift)
+    schedule = schedulers.make_schedule(s.sample_solver, s.num_inference_steps, s.flow_shift,
+                                        denoising_steps=s.denoising_steps)
     shape = s.latent_shape(1, denoiser.config.in_channels)[1:]
     groups = batches(videos, s.batch_size)
     for group in distributed.progress(groups, show=progress and len(groups) > 1, desc="batches", unit="batch"):
         padded = group + [group[-1]] * (s.batch_size - len(group))
         rows = [v.prompt_index for v in padded]
+        stream = NoiseStream([v.seed for v in padded], shape) if schedule.takes_noise else None
         latents = denoiser.denoise(
-            starting_latents(cfg, padded, plan, shape), prompt_embeds[rows],
+            starting_latents(cfg, padded, plan, shape, stream), prompt_embeds[rows],
             negative_embeds[rows] if cfg.do_classifier_free_guidance else None,
             schedule, s.guidance_scale, guidance_scale_2=s.guidance_scale_2, expert_steps=s.expert_steps,
             num_steps=num_steps, progress=progress, sharding=s.sharding_mode,
+            noise=None if stream is None else lambda step: stream.next(), cache=s.cache,
         )
         on_batch(group, latents[: len(group)])

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import jax
 import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy, so safetensors can return BF16 tensors)
@@ -157,9 +157,12 @@ def load_sharded(
     rules: Sequence,
     mesh,
     overrides: Mapping[str, np.ndarray] | None = None,
+    adjust: Mapping[str, Callable[[SliceKey, np.ndarray], np.ndarray]] | None = None,
 ) -> dict[str, jax.Array]:
-    """{name: array} for every expected (shape, dtype), read from `files` (or `overrides`) into its sharding."""
-    overrides = overrides or {}
+    """{name: array} for every expected (shape, dtype), read from `files` (or `overrides`) into its sharding.
+    `adjust`: name -> a function of (device slice bounds, the slice as read) giving the slice to place, applied
+    before the cast to the model dtype (LoRAs fused in float32, tpu_wan.models.lora)."""
+    overrides, adjust = overrides or {}, adjust or {}
     missing = sorted(n for n in expected if n not in files and n not in overrides)
     if missing:
         folders = sorted({str(Path(f).parent) for f in files.values()}) or ["(no weight files)"]
@@ -186,6 +189,8 @@ def load_sharded(
         else:
             pieces = readers.slices(files[name], name, keys)
         for k in keys:  # one slice at a time, so a converted tensor and its source never coexist in full
+            if name in adjust:
+                pieces[k] = adjust[name](k, pieces[k])
             pieces[k] = _as_dtype(pieces[k], dtype)
         placed[name] = jax.make_array_from_callback(
             tuple(shape), sharding, lambda index, pieces=pieces, shape=shape: pieces[slice_key(index, shape)])
@@ -202,12 +207,13 @@ def _as_dtype(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
 
 def place_model(buffers: Mapping[str, np.ndarray], expected: Mapping[str, tuple[tuple[int, ...], np.dtype]],
                 component_dir: Path, rules: Sequence, mesh, *, abstract: bool = False,
-                overrides: Mapping[str, np.ndarray] | None = None) -> dict:
+                overrides: Mapping[str, np.ndarray] | None = None,
+                adjust: Mapping[str, Callable[[SliceKey, np.ndarray], np.ndarray]] | None = None) -> dict:
     """A model's weights on the mesh: its computed buffers placed by their rules and its parameters read from
     `component_dir` (load_sharded); with `abstract`, both as shapes and shardings only, nothing read."""
     if abstract:
         shapes = {**{name: (b.shape, b.dtype) for name, b in buffers.items()}, **expected}
         return mesh_lib.abstract_weights(shapes, rules, mesh)
     weights = mesh_lib.shard_weights(buffers, rules, mesh)
-    weights.update(load_sharded(expected, weight_files(component_dir), rules, mesh, overrides))
+    weights.update(load_sharded(expected, weight_files(component_dir), rules, mesh, overrides, adjust))
     return weights

@@ -163,6 +163,11 @@ class StageMetrics:
     s_per_step: float | None = None  # median over the timed runs' steps
     expert_swaps: int | None = None  # --expert_offload: how many times the experts swapped places (else None)
     expert_swap_s: float | None = None  # their total seconds (included in the run and warmup sections)
+    # --cache (tpu_wan.sampling.step_cache), per run: per branch, the transformer calls that ran the block stack (of
+    # `steps` each); the steps whose program ran it for some branch; with mag:calibrate, each step's ratio per branch
+    block_stacks_run: dict[str, int] | None = None
+    block_stacks_computed: int | None = None
+    mag_ratios: dict[str, list[float]] | None = None
 
     def sections_s(self) -> float:
         return self.load_s + self.warmup_s + sum(self.run_s) + self.io_s
@@ -247,6 +252,18 @@ class Recorder:
             m = self.stage(stage)
             m.expert_swaps = (m.expert_swaps or 0) + len(seconds)
             m.expert_swap_s = (m.expert_swap_s or 0.0) + sum(seconds)
+
+    def add_cache(self, stage: str, batches: list[dict]) -> None:
+        """A run's step-cache counts from each batch's step_cache.summary (nothing without a cache): counts summed
+        over the batches, calibration ratios averaged over them."""
+        if not batches:
+            return
+        m = self.stage(stage)
+        m.block_stacks_run = {b: sum(s["ran"][b] for s in batches) for b in batches[0]["ran"]}
+        m.block_stacks_computed = sum(s["computed"] for s in batches)
+        if "mag_ratios" in batches[0]:
+            m.mag_ratios = {b: [statistics.fmean(r) for r in zip(*(s["mag_ratios"][b] for s in batches))]
+                            for b in batches[0]["mag_ratios"]}
 
     def add_steps(self, stage: str, seconds: list[float], steps_per_run: int) -> None:
         """Per-step wall times of the timed runs: s_per_step is their median."""

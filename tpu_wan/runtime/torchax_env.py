@@ -169,9 +169,38 @@ def _constrain_submodules(module: torch.nn.Module, constraints: Mapping[str, Con
             sub.register_forward_hook(lambda _, args, out, on=on_tensor: on(out))
 
 
+# A ModuleList's loop as one JAX function: (hidden, run) -> hidden, where run(h, start, stop) runs members
+# [start:stop] on the jax array h (their other arguments as the loop passes them) and returns a jax array.
+StackFn = Callable[[Any, Callable[..., Any]], Any]
+
+
+def _run_stack(blocks: torch.nn.ModuleList, stack_fn: StackFn, hidden, *args, **kwargs):
+    interop = _torchax().interop
+    members = list(blocks._modules.values())
+
+    def run(h, start: int = 0, stop: int | None = None):
+        t = interop.torch_view(h)
+        for block in members[start:stop]:  # each through its own __call__: its hooks (constraints) apply
+            t = block(t, *args, **kwargs)
+        return interop.jax_view(t)
+
+    return interop.torch_view(stack_fn(interop.jax_view(hidden), run))
+
+
+def _replace_loops(module: torch.nn.Module, stacks: Mapping[str, StackFn]) -> None:
+    """Makes `for block in module.<name>: hidden = block(hidden, *args)` call stacks[name] once instead (the
+    ModuleList yields one callable); its members, their names and weights are unchanged."""
+    for name, stack_fn in stacks.items():
+        blocks = module.get_submodule(name)
+        if not isinstance(blocks, torch.nn.ModuleList):
+            raise ValueError(f"stacks: expected {name!r} to be a ModuleList, found {type(blocks).__name__}")
+        iterate = lambda self, fn=stack_fn: iter((functools.partial(_run_stack, self, fn),))  # noqa: E731
+        blocks.__class__ = type(f"Stacked{type(blocks).__name__}", (type(blocks),), {"__iter__": iterate})
+
+
 def functionalize(
     module: torch.nn.Module, attention_fn: AttentionFn | None = None, method: str = "forward",
-    constraints: Mapping[str, Constraint] | None = None,
+    constraints: Mapping[str, Constraint] | None = None, stacks: Mapping[str, StackFn] | None = None,
 ) -> tuple[dict[str, np.ndarray], Callable]:
     """Returns (weights, fn): fn(weights, *args, **kwargs) runs `module.method` on jax arrays.
 
@@ -181,11 +210,14 @@ def functionalize(
     several names appear once. Call fn inside jax.jit: eager calls go op by op through torchax.
     `constraints`: submodule name pattern -> a function applied to that submodule's first input and its output
     (a tensor), e.g. a sharding constraint on every transformer block's hidden state.
+    `stacks`: ModuleList name -> a StackFn that runs the module's loop over it as one JAX function (e.g. blocks
+    skipped under `jax.lax.cond`: tpu_wan.sampling.step_cache).
     """
     weights, aliases = module_weights(module)
     module = copy.deepcopy(module)
     env = _env()
     _constrain_submodules(module, constraints or {})
+    _replace_loops(module, stacks or {})
     names = set(weights) | set(meta_parameters(module))
 
     def fn(weights_in: dict, *args, **kwargs):

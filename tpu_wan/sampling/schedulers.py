@@ -7,10 +7,15 @@ Solvers:
   "dpm++"  DPMSolverMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=S,
            algorithm_type="dpmsolver++", solver_order=2, lower_order_final=True, final_sigmas_type="zero").
   "euler"  FlowMatchEulerDiscreteScheduler(shift=S).
+  "distill", "distill_euler"
+           lightx2v's step-distilled Wan samplers (WanStepDistillScheduler and Wan22StepDistillScheduler in
+           lightx2v/models/schedulers/wan/step_distill/scheduler.py): a given list of training timesteps
+           (`denoising_steps`, e.g. 1000 750 500 250), each step jumping to x0 and then re-noising ("distill") or
+           moving along the velocity ("distill_euler") to the next sigma. Formulas below.
 
-The host builds a `Schedule` once per (solver, steps, flow_shift): the transformer timesteps plus one row of
-float32 coefficients per step. On device, `step(schedule.coeffs[i], state, model_output, sample)` is a single
-program for every solver and every step: the step order, the first step without corrector and the
+The host builds a `Schedule` once per (solver, steps, flow_shift[, denoising_steps]): the transformer timesteps
+plus one row of float32 coefficients per step. On device, `step(schedule.coeffs[i], state, model_output, sample)`
+is a single program for every solver and every step: the step order, the first step without corrector and the
 lower-order final step are all encoded as coefficient values, so `jax.jit(step)` compiles once.
 
 All three solvers are written as one linear multistep update in x0 form (x0 = sample - sigma * v for a
@@ -19,7 +24,17 @@ flow-prediction v):
   UniC corrector (UniPC only, from step 1 on):
       sample <- a_c * last_sample - b_c * x0_prev - g_c * (r_c0 * (x0_prev2 - x0_prev) * q_c + r_c1 * (x0 - x0_prev))
   predictor:
-      prev   =  a_p * sample + e_p * v - b_p * x0 - g_p * (x0_prev - x0) * q_p
+      prev   =  a_p * sample + e_p * v - b_p * x0 - g_p * (x0_prev - x0) * q_p  [+ n_p * noise]
+
+The distill solvers (t_k, k = 0..K-1, the training timesteps in `denoising_steps`; N = 1000 training steps):
+  sigma_k = S s_k / (1 + (S - 1) s_k) with s_k = linspace(1, 0, N + 1)[N - t_k], sigma_K = 0; the transformer
+  gets sigma_k x N as its timestep. Each step predicts x0 = x - sigma_k v, then
+      "distill"        x' = (1 - sigma_{k+1}) x0 + sigma_{k+1} n   (a_p = e_p = 0, b_p = -(1 - sigma'), n_p = sigma')
+      "distill_euler"  x' = x0 + sigma_{k+1} v                     (a_p = 0, e_p = sigma', b_p = -1)
+  n ~ N(0, 1) fresh per step, drawn by the caller (tpu_wan.run.sweep.NoiseStream); the last step returns x0. The
+  sigmas and timesteps are computed in float64 and rounded to float32 once (lightx2v evaluates them in float32
+  torch ops, which can differ by an ulp). Only the "distill" step takes the noise input: `step(..., noise=None)`
+  traces the other solvers' programs exactly as before.
 
 Accuracy. Scalar coefficients are evaluated in float32 in diffusers' operation order (diffusers computes them
 with float32 torch scalars) and the tensor expressions keep diffusers' association. What remains:
@@ -43,14 +58,18 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from tpu_wan.core.config import SOLVERS
+from tpu_wan.core.config import DISTILL_SOLVERS, SOLVERS
 
 # Column layout of Schedule.coeffs.
 SIGMA = 0  # sigma_t of the current step: x0 = sample - SIGMA * v
 USE_C = 1  # 1.0 where the UniC corrector runs, else 0.0
 C_A, C_B, C_G, C_R0, C_R1, C_Q = 2, 3, 4, 5, 6, 7  # corrector weights (see module docstring)
 P_A, P_V, P_B, P_G, P_Q = 8, 9, 10, 11, 12  # predictor weights (see module docstring)
-NUM_COEFFS = 13
+P_N = 13  # weight of the fresh noise ("distill" only; 0 in every other solver's rows)
+NUM_COEFFS = 14
+# The solvers that reproduce a diffusers scheduler, and the step-distilled ones that take a list of timesteps.
+DIFFUSERS_SOLVERS = tuple(s for s in SOLVERS if s not in DISTILL_SOLVERS)
+NOISE_SOLVERS = ("distill",)  # the solvers whose step takes fresh noise
 
 _F = np.float32
 
@@ -60,9 +79,10 @@ class Schedule:
     """Host-side sampling schedule.
 
     timesteps: [K] float32, the values diffusers passes to the transformer (whole numbers for unipc/dpm++, where
-        diffusers stores them as int64; fractional float32 for euler).
+        diffusers stores them as int64; fractional float32 for euler; sigma x 1000 for the distill solvers).
     sigmas: [K + 1] float32 flow sigmas, the last one 0.
     coeffs: [K, NUM_COEFFS] float32, row i is the `coeffs_i` argument of `step` at step i.
+    denoising_steps: the distill solvers' training timesteps (None for the others).
     """
 
     solver: str
@@ -71,6 +91,16 @@ class Schedule:
     timesteps: np.ndarray
     sigmas: np.ndarray
     coeffs: np.ndarray
+    denoising_steps: tuple[int, ...] | None = None
+
+    @property
+    def takes_noise(self) -> bool:
+        """Whether `step` takes a `noise` input at every step ("distill"; zeros where the row does not re-noise)."""
+        return self.solver in NOISE_SOLVERS
+
+    def renoises(self, i: int) -> bool:
+        """Whether step i mixes in fresh noise (every "distill" step but the last)."""
+        return bool(self.coeffs[i, P_N] != 0)
 
 
 @struct.dataclass
@@ -89,12 +119,13 @@ def init_state(latents: jax.Array) -> SolverState:
 
 
 def step(
-    coeffs_i: jax.Array, state: SolverState, model_output: jax.Array, sample: jax.Array
+    coeffs_i: jax.Array, state: SolverState, model_output: jax.Array, sample: jax.Array, noise: jax.Array | None = None
 ) -> tuple[jax.Array, SolverState]:
     """One denoising step: (flow prediction v at `sample`, schedule row i) -> (sample at step i + 1, new state).
 
-    `model_output` is the transformer's prediction after classifier-free guidance. Computes in float32 and
-    returns a float32 sample.
+    `model_output` is the transformer's prediction after classifier-free guidance. `noise` [B, C, F, H, W]: fresh
+    N(0, 1) for the schedules that take it (Schedule.takes_noise), else None (no input, no term). Computes in
+    float32 and returns a float32 sample.
     """
     c = jnp.asarray(coeffs_i, jnp.float32)
     v = model_output.astype(jnp.float32)
@@ -114,6 +145,8 @@ def step(
     # Predictor. First-order rows have g_p = q_p = 0: the history term adds an exact zero.
     d_prev = (state.x0_prev - x0) * c[P_Q]
     prev_sample = c[P_A] * sample + c[P_V] * v - c[P_B] * x0 - c[P_G] * d_prev
+    if noise is not None:  # "distill": re-noise x0 to the next sigma (the other weights make the rest (1 - sigma') x0)
+        prev_sample = prev_sample + c[P_N] * noise.astype(jnp.float32)
     return prev_sample, SolverState(last_sample=sample, x0_prev=x0, x0_prev2=state.x0_prev)
 
 
@@ -254,10 +287,46 @@ def _euler_row(sig: np.ndarray, i: int) -> np.ndarray:
     return row
 
 
+def _distill_sigmas(denoising_steps: tuple[int, ...], shift: float, num_train: int) -> np.ndarray:
+    """[K + 1] float64 sigmas of lightx2v's step-distill schedulers (set_denoising_timesteps), the last one 0."""
+    s = np.linspace(1.0, 0.0, num_train + 1)[[num_train - t for t in denoising_steps]]
+    return np.concatenate([shift * s / (1 + (shift - 1) * s), [0.0]])
+
+
+def _distill_row(sig: np.ndarray, i: int, solver: str) -> np.ndarray:
+    """Row i from the float64 sigmas, each weight rounded to float32 once."""
+    row = np.zeros(NUM_COEFFS, np.float64)
+    row[SIGMA] = sig[i]  # x0 = sample - sigma v
+    nxt = sig[i + 1]
+    if solver == "distill":  # x' = (1 - sigma') x0 + sigma' n; the last step (sigma' = 0) returns x0
+        row[P_B], row[P_N] = -(1.0 - nxt), nxt
+    else:  # distill_euler: x' = x0 + sigma' v
+        row[P_B], row[P_V] = -1.0, nxt
+    return row.astype(np.float32)
+
+
+def _check_denoising_steps(solver: str, num_inference_steps, denoising_steps, num_train: int) -> None:
+    if solver not in DISTILL_SOLVERS:
+        if denoising_steps is not None:
+            raise ValueError(f"denoising_steps: expected a distill solver {DISTILL_SOLVERS}, found {solver!r}")
+        return
+    steps = list(denoising_steps or [])
+    whole = all(isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in steps)
+    if not steps or not whole or not all(1 <= t <= num_train for t in steps) or any(
+            a <= b for a, b in zip(steps, steps[1:])):
+        raise ValueError(f"denoising_steps: expected strictly decreasing whole numbers in 1..{num_train}, found "
+                         f"{denoising_steps!r}")
+    if num_inference_steps != len(steps):
+        raise ValueError(f"num_inference_steps: expected {len(steps)} (the length of denoising_steps), found "
+                         f"{num_inference_steps}")
+
+
 def make_schedule(
-    solver: str, num_inference_steps: int, flow_shift: float, num_train_timesteps: int = 1000
+    solver: str, num_inference_steps: int, flow_shift: float, num_train_timesteps: int = 1000, *,
+    denoising_steps: tuple[int, ...] | None = None,
 ) -> Schedule:
-    """Timesteps, sigmas and per-step coefficients of `solver` for `num_inference_steps` steps."""
+    """Timesteps, sigmas and per-step coefficients of `solver` for `num_inference_steps` steps. The distill
+    solvers take their training timesteps as `denoising_steps` (num_inference_steps is its length)."""
     if solver not in SOLVERS:
         raise ValueError(f"solver must be one of {SOLVERS}, found {solver!r}")
     if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, (int, np.integer)):
@@ -269,19 +338,27 @@ def make_schedule(
     if num_train_timesteps < 1:
         raise ValueError(f"num_train_timesteps must be >= 1, found {num_train_timesteps}")
 
+    _check_denoising_steps(solver, num_inference_steps, denoising_steps, num_train_timesteps)
+
     steps = int(num_inference_steps)
-    timesteps, sigmas = _flow_sigmas(solver, steps, float(flow_shift), num_train_timesteps)
-    orders = _orders(steps)
-    if solver == "unipc":
-        rows = [_unipc_row(sigmas, i, orders[i], orders[i - 1] if i else 0) for i in range(steps)]
-    elif solver == "dpm++":
-        rows = [_dpm_row(sigmas, i, orders[i]) for i in range(steps)]
+    if solver in DISTILL_SOLVERS:
+        denoising_steps = tuple(int(t) for t in denoising_steps)
+        sig = _distill_sigmas(denoising_steps, float(flow_shift), num_train_timesteps)  # float64
+        timesteps, sigmas = (sig[:-1] * num_train_timesteps).astype(np.float32), sig.astype(np.float32)
+        rows = [_distill_row(sig, i, solver) for i in range(steps)]
     else:
-        rows = [_euler_row(sigmas, i) for i in range(steps)]
+        timesteps, sigmas = _flow_sigmas(solver, steps, float(flow_shift), num_train_timesteps)
+        orders = _orders(steps)
+        if solver == "unipc":
+            rows = [_unipc_row(sigmas, i, orders[i], orders[i - 1] if i else 0) for i in range(steps)]
+        elif solver == "dpm++":
+            rows = [_dpm_row(sigmas, i, orders[i]) for i in range(steps)]
+        else:
+            rows = [_euler_row(sigmas, i) for i in range(steps)]
     coeffs = np.stack(rows).astype(np.float32)
     for a in (timesteps, sigmas, coeffs):
         a.flags.writeable = False
-    return Schedule(solver, steps, float(flow_shift), timesteps, sigmas, coeffs)
+    return Schedule(solver, steps, float(flow_shift), timesteps, sigmas, coeffs, denoising_steps)
 
 
 def expert_steps(timesteps: np.ndarray, boundary_timestep: float | None, experts: tuple[str, ...]) -> tuple[str, ...]:
