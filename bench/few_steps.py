@@ -5,9 +5,9 @@ What a video costs with 50 UniPC steps and CFG (Wan's default), with 4 step-dist
 first_block:0.05`, `--cache mag:<ratios>`).
 
 1. DiT FLOPs per video, from the TPU compiler (libtpu, deviceless; nothing runs): the denoising step of Wan 2.1 14B
-   at 832x480x81 compiled for v6e-8 (`generate_flax.py --compile_only --compile_stages transformer --sharding
-   sequence`) with CFG and without. Per video = the step program's flops (per chip) x chips x steps / videos per
-   batch (CFG: one video's cond/uncond pair fills dp; without: dp videos).
+   at 832x480x81 compiled for v6e-8 (what `generate_flax.py --compile_only --compile_stages transformer --sharding
+   sequence` compiles, called in this process) with CFG and without. Per video = the step program's flops (per
+   chip) x chips x steps / videos per batch (CFG: one video's cond/uncond pair fills dp; without: dp videos).
 2. The caches' share of block stacks, recorded on the tiny model (tiny-random, 50 UniPC steps, guidance 5, its
    preset size): metrics' `block_stacks_run` per branch. A skipped stack still runs the embeddings, the first block
    (First Block Cache) and the head, so its FLOPs are estimated as the step's times (1 block of the model's 40 for
@@ -30,7 +30,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -46,26 +45,28 @@ from tpu_wan.cli import with_cpu_xla_flags  # noqa: E402  (imports no jax)
 
 MODEL, HEIGHT, WIDTH, FRAMES, TOPOLOGY = "Wan-AI/Wan2.1-T2V-14B-Diffusers", 480, 832, 81, "v6e-8"
 SMOKE_COMPILE = ("tiny-random", 32, 32, 5, "v5e-4")
-FULL = dict(label="50 UniPC steps, CFG 5", flags=("--num_inference_steps", "50", "--guidance_scale", "5"))
-DISTILL = dict(label="4 distilled steps (1000 750 500 250, shift 5), no CFG", flags=("--sample_solver", "distill"))
+FULL = dict(label="50 UniPC steps, CFG 5", settings=dict(num_inference_steps=50, guidance_scale=5.0,
+                                                        sample_solver="unipc"))
+DISTILL = dict(label="4 distilled steps (1000 750 500 250, shift 5), no CFG", settings=dict(sample_solver="distill"))
 LORA_RANK = 16
 FBC_THRESHOLD = 0.05  # diffusers' FirstBlockCacheConfig default
 MAG_THRESHOLD = 0.06  # diffusers' MagCacheConfig default
 PROMPT_TOKENS = 512
 
 
-def compile_step(name: str, flags, folder: Path, smoke: bool) -> dict:
+def compile_step(name: str, settings: dict, folder: Path, smoke: bool) -> dict:
+    """generate_flax.py's compile-only run of the transformer stage (in this process), its metrics.json kept."""
+    from tpu_wan.core.config import DEFAULT_NEGATIVE_PROMPT, DEFAULT_SEED, GenerationConfig, Stage2Settings
+    from tpu_wan.run import aot
+
     model, height, width, frames, topology = SMOKE_COMPILE if smoke else (MODEL, HEIGHT, WIDTH, FRAMES, TOPOLOGY)
-    metrics = folder / f"{name}.json"
-    cmd = [sys.executable, str(ROOT / "generate_flax.py"), "--model_id", model, "--height", str(height), "--width",
-           str(width), "--frames", str(frames), "--topology", topology, "--compile_only", "--compile_stages",
-           "transformer", "--sharding", "sequence", "--metrics", str(metrics), *flags]
+    base = GenerationConfig(model_id=model, prompts=("a cat playing piano",), negative_prompt=DEFAULT_NEGATIVE_PROMPT)
+    asked = Stage2Settings(height=height, width=width, frames=frames, seeds=(DEFAULT_SEED,), sharding="sequence",
+                           **settings)
     start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-    if proc.returncode:
-        raise SystemExit(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stderr[-3000:]}")
-    document = {**json.loads(metrics.read_text()), "wall_s": time.perf_counter() - start, "measured_at": stamp()}
-    metrics.write_text(json.dumps(document, indent=1))
+    document = aot.compile_only(base, asked, topology, one_process=True, compile_stages=("transformer",))
+    document = {**document, "wall_s": time.perf_counter() - start, "measured_at": stamp()}
+    (folder / f"{name}.json").write_text(json.dumps(document, indent=1, default=str))
     return document
 
 
@@ -329,7 +330,7 @@ def main() -> None:
         for name, run in (("full", FULL), ("distill", DISTILL)):
             kept = Path(args.from_dir or out) / f"{name}.json"
             documents[name] = json.loads(kept.read_text()) if args.from_dir else compile_step(
-                name, run["flags"], out, args.smoke)
+                name, run["settings"], out, args.smoke)
             flops, steps, rows = flops_per_video(documents[name])
             print(f"{run['label']}: {flops / 1e12:.1f} TFLOP per video ({steps} steps x {rows} rows; compile "
                   f"{documents[name]['wall_s']:.0f} s)", flush=True)

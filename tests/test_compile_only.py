@@ -417,16 +417,18 @@ def test_attention_the_tpu_compiler_refuses_is_one_error_before_the_run(tmp_path
 
 def test_no_cfg_step_has_half_the_flops(tmp_path, monkeypatch):
     # --guidance_scale 1 and the distilled preset (--sample_solver distill: guidance 1.0) compile the step without
-    # the unconditional half: the TPU compiler's count for one video is half the guided step's. XLA attention, so
-    # every FLOP of the step is in XLA's own count.
-    from conftest import NO_CFG_FLOPS_RATIO_ATOL
+    # the unconditional half: the TPU compiler's count for one video is half the guided step's, and two unguided
+    # videos (the rows CFG gives one) cost what one guided video does. XLA attention, so every FLOP of the step is in
+    # XLA's own count.
+    from conftest import NO_CFG_FLOPS_RATIO_ATOL, SAME_ROWS_FLOPS_RTOL
 
     no_weights(monkeypatch)
     flops = {}
     for name, flags in {"cfg": ("--guidance_scale", "5"), "guidance 1": ("--guidance_scale", "1"),
-                        "distill": ("--sample_solver", "distill")}.items():
-        out = tmp_path / name.replace(" ", "_")
-        load(GENERATE).main([*TINY_RUN[:-2], "--attention", "xla", *MEGATRON, *flags, "--batch_size", "1",
+                        "distill": ("--sample_solver", "distill"),
+                        "guidance 1, 2 videos": ("--guidance_scale", "1", "--batch_size", "2")}.items():
+        out = tmp_path / name.replace(" ", "_").replace(",", "")
+        load(GENERATE).main([*TINY_RUN[:-2], "--attention", "xla", *MEGATRON, "--batch_size", "1", *flags,
                              "--topology", "v6e-1", "--compile_only", "--compile_stages", "transformer",
                              "--output_dir", str(out)])
         (step,) = json.loads((out / "metrics.json").read_text())["stages"]["transformer"]["compiled"]
@@ -435,3 +437,4 @@ def test_no_cfg_step_has_half_the_flops(tmp_path, monkeypatch):
     print({name: f"{flops['cfg'] / f:.4f}" for name, f in flops.items()})
     for name in ("guidance 1", "distill"):
         assert abs(flops["cfg"] / flops[name] - 2) <= NO_CFG_FLOPS_RATIO_ATOL, name
+    assert abs(flops["cfg"] / flops["guidance 1, 2 videos"] - 1) <= SAME_ROWS_FLOPS_RTOL
