@@ -1,4 +1,4 @@
-"""python bench/few_steps.py [--smoke] [--repeats 3] [--out DIR] [--from_dir DIR] [--write]
+"""python bench/few_steps.py [--smoke] [--repeats 3] [--cpu_steps 50] [--out DIR] [--from_dir DIR] [--write]
 
 What a video costs with 50 UniPC steps and CFG (Wan's default), with 4 step-distilled steps and no CFG (lightx2v's
 4-step models: `--sample_solver distill`, guidance 1), and with the step caches on the 50 guided steps (`--cache
@@ -17,7 +17,7 @@ first_block:0.05`, `--cache mag:<ratios>`).
    settings, on bench/dit_step.py's medium DiT (4 layers, dim 768) at latents [1, 16, 5, 32, 32]: ours is stage 2's
    loop (Denoiser.denoise, warm); diffusers' is WanPipeline for UniPC (its hooks for the caches) and, since its
    pipeline takes no timestep list, the distilled sampler's loop around its transformer for distill. Interleaved
-   repeats, median.
+   repeats, median; the full-step rows run --cpu_steps UniPC steps (the caches' skips then follow that count).
 
 --out keeps the compile-only metrics.json files, --from_dir renders part 1 from them without compiling. --smoke:
 tiny-random on v5e-4, tiny sizes, one repeat (seconds). The last line is `flops_ratio <50 steps CFG / 4 distilled>
@@ -172,7 +172,7 @@ def cpu_wall(args, smoke: bool) -> dict:
     negative = rng.standard_normal((1, text, config["text_dim"])).astype(np.float32)
     seed = 0
     latents = NoiseStream([seed], shape[1:]).next()
-    steps = 2 if smoke else 50
+    steps = 2 if smoke else args.cpu_steps
     unipc = schedulers.make_schedule("unipc", steps, 3.0)
     distill = schedulers.make_schedule("distill", 4, 5.0, denoising_steps=(1000, 750, 500, 250))
 
@@ -275,7 +275,7 @@ def tiny_skips(smoke: bool) -> dict:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def table(full: dict, distill: dict, skips: dict, wall: dict, layers: int) -> str:
+def table(full: dict, distill: dict, skips: dict, wall: dict, layers: int, cpu_steps: int) -> str:
     f_full, steps_full, rows_full = flops_per_video(full)
     f_distill, steps_distill, rows_distill = flops_per_video(distill)
     rows = [[FULL["label"], str(steps_full * rows_full), f"{f_full / 1e15:.1f}", "1", _wall(wall, "full")],
@@ -294,7 +294,7 @@ def table(full: dict, distill: dict, skips: dict, wall: dict, layers: int) -> st
                      f"~{estimate / 1e15:.1f}", f"{f_full / estimate:.1f}x less", _wall(wall, kind)])
     head = ["sampling (Wan 2.1 14B, 832x480x81)", "transformer calls per video (cache: block stacks, tiny model)",
             "DiT PFLOP per video (v6e-8, compiler)", "vs 50 steps + CFG",
-            "CPU s per video, medium DiT + LoRA: ours / diffusers"]
+            f"CPU s per video, medium DiT + LoRA ({cpu_steps} UniPC steps on the full-step rows): ours / diffusers"]
     return markdown_table(head, rows)
 
 
@@ -312,6 +312,7 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="keep the compile-only metrics.json files here")
     parser.add_argument("--from_dir", default=None, help="part 1 from the metrics.json files kept here")
     parser.add_argument("--skip_cpu", action="store_true", help="no CPU wall times (parts 1 and 2 only)")
+    parser.add_argument("--cpu_steps", type=int, default=50, help="UniPC steps of the timed full-step CPU runs")
     parser.add_argument("--write", action="store_true", help="write the table into bench/README.md")
     args = parser.parse_args()
     if args.smoke:
@@ -337,7 +338,7 @@ def main() -> None:
         skips = tiny_skips(args.smoke)
         wall = {} if args.skip_cpu else cpu_wall(args, args.smoke)
     layers = 1 if args.smoke else 40
-    text = table(documents["full"], documents["distill"], skips, wall, layers)
+    text = table(documents["full"], documents["distill"], skips, wall, layers, 2 if args.smoke else args.cpu_steps)
     print(text)
     if args.write and not args.smoke:
         write_block("few_steps", text, measured_line(list(documents.values())))
