@@ -302,7 +302,8 @@ def _wall(wall: dict, name: str) -> str:
     r = wall.get(name)
     if r is None:
         return "-"
-    return f"{r['ours']:.2f} / {r['diffusers']:.2f} = {r['ours'] / r['diffusers']:.2f}"
+    ran = f" (block stacks run: {' + '.join(map(str, r['ran'].values()))})" if r.get("ran") else ""
+    return f"{r['ours']:.2f} / {r['diffusers']:.2f} = {r['ours'] / r['diffusers']:.2f}{ran}"
 
 
 def main() -> None:
@@ -341,7 +342,8 @@ def main() -> None:
     text = table(documents["full"], documents["distill"], skips, wall, layers, 2 if args.smoke else args.cpu_steps)
     print(text)
     if args.write and not args.smoke:
-        write_block("few_steps", text, measured_line(list(documents.values())))
+        # part 1 may come from an earlier run's documents (--from_dir): both runs are named
+        write_block("few_steps", text, measured_line([*documents.values(), {"measured_at": stamp()}]))
     ratio = flops_per_video(documents["full"])[0] / flops_per_video(documents["distill"])[0]
     cpu = wall["distill"]["ours"] / wall["distill"]["diffusers"] if wall else float("nan")
     print(f"flops_ratio {ratio:.1f} cpu_ratio_distill {cpu:.2f}")
