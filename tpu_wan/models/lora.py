@@ -139,7 +139,7 @@ def fusions(loras: Sequence[LoraFile], expected: Mapping[str, tuple], flag: str 
                     raise LoraError(f"{flag} {lora.path}: {module}.lora_B.bias: expected a bias of shape "
                                     f"{expected.get(f'{module}.bias', ((None,),))[0]}, found {f.bias.shape}")
                 per_weight.setdefault(f"{module}.bias", []).append(f)
-    log.info("LoRA: %d weights adapted by %s", len(per_weight), ", ".join(Path(x.path).name for x in loras))
+    log.debug("LoRA: %d weights adapted by %s", len(per_weight), ", ".join(Path(x.path).name for x in loras))
     return {name: _fuser(fs, bias=name.endswith(".bias")) for name, fs in per_weight.items()}
 
 

@@ -107,6 +107,9 @@ class Denoiser:
             raise lora.LoraError(f"--lora_2: expected a two-expert model (as Wan 2.2 T2V-A14B), found "
                                  f"{model_path.name} with one transformer")
         fused = {name: lora.fusions(files, expected, lora.FLAGS[name]) for name, files in loras.items()}
+        for name, files in loras.items():
+            log.info("fusing %s into %s (%d weights)", ", ".join(f"{Path(f.path).name} x {f.scale:g}" for f in files),
+                     name, len(fused[name]))
         for name in reversed(self.kind.experts):  # the first expert to run loads last: with offload it stays
             self.experts[name] = loading.place_model(buffers, expected, model_path / name,
                                                      mesh_lib.WAN_TRANSFORMER_RULES, mesh, abstract=abstract,
