@@ -86,6 +86,8 @@ def main(argv=None):
     step = result.metrics["stages"]["transformer"]["s_per_step"]
     cli.say(f"{step:.4f} s/step (median; batches of {result.config.stage2.batch_size} video(s), "
           f"{result.config.stage2.num_inference_steps} steps)")
+    cli.say(f"time to first step: {result.metrics['time_to_first_step_s']:.1f} s (process start to the end of the "
+            f"first denoising step: loading, encoding and compiling included)")
     cli.say(f"metrics: {metrics_path}")
     cli.say("video: " + ", ".join(str(p) for p in result.videos))
 

@@ -27,12 +27,13 @@ STAGE_FIELDS = {
     "peak_host_rss_bytes": int, "steps": (int, type(None)), "s_per_step": (float, type(None)),
     "expert_swaps": (int, type(None)), "expert_swap_s": (float, type(None)),
     "block_stacks_run": (dict, type(None)), "block_stacks_computed": (int, type(None)),
-    "mag_ratios": (dict, type(None)),
+    "mag_ratios": (dict, type(None)), "program_compile_s": (dict, type(None)),
 }
 TOP_FIELDS = {
     "schema": str, "script": str, "created": str, "backend": str, "device_kind": str, "device_count": int,
     "process_count": int, "device_memory_bytes": (int, type(None)), "mesh": dict, "config": dict,
-    "num_iterations": int, "total_s": float, "peak_host_rss_bytes": int, "peak_device_bytes": (int, type(None)),
+    "num_iterations": int, "total_s": float, "time_to_first_step_s": (float, type(None)), "peak_host_rss_bytes": int,
+    "peak_device_bytes": (int, type(None)),
     "stages": dict,
 }
 
@@ -131,6 +132,24 @@ def test_warm_start_skips_compiling(runs):
     assert sum(s["cache_hits"] for s in warm.values()) >= 3  # at least each stage's main program
     cold_s, warm_s = (sum(s["compile_s"] for s in m.values()) for m in (cold, warm))
     assert warm_s < WARM_COMPILE_MAX_FRACTION * cold_s, (cold_s, warm_s)
+
+
+def test_each_programs_compile_seconds_and_the_time_to_the_first_step(runs):
+    tmp, cold_run, _ = runs
+    cold, warm = _metrics(tmp, "cold"), _metrics(tmp, "warm")
+    programs = {name: stage["program_compile_s"] for name, stage in cold["stages"].items()}
+    assert {name: sorted(p) for name, p in programs.items()} == {
+        "text_encoder": ["encode (2, 512)"], "transformer": ["step cfg=True"], "vae": ["first", "rest", "to_uint8"]}
+    for name, p in programs.items():  # parts of the stage's compile seconds, each program's first call
+        assert all(s > 0 for s in p.values()) and sum(p.values()) <= cold["stages"][name]["compile_s"] + 1e-6, name
+    # from the persistent cache, the step is fetched, not compiled
+    step = "step cfg=True"
+    assert warm["stages"]["transformer"]["program_compile_s"][step] < programs["transformer"][step]
+    # process start to the first step's end: the imports, both models' loading and the step's compile, in order
+    first = cold["time_to_first_step_s"]
+    before = sum(cold["stages"][n]["load_s"] for n in ("text_encoder", "transformer")) + programs["transformer"][step]
+    assert before < first < cold["total_s"] + 60, (before, first)
+    assert f"time to first step: {first:.1f} s" in cold_run.stdout
 
 
 def test_preview_beside_the_video(runs):

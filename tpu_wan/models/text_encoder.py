@@ -55,6 +55,7 @@ class TextEncoder:
 
         self._encode = jax.jit(encode)
         self.programs = {}  # what ran, for profiling.temp_bytes
+        self.compile_s: dict[str, float] = {}  # program -> seconds jax spent compiling it (profiling.compiling)
 
     def tokenize(self, prompts: Sequence[str], max_sequence_length: int) -> tuple[np.ndarray, np.ndarray]:
         cleaned = [clean_prompt(p) for p in prompts]
@@ -88,8 +89,10 @@ class TextEncoder:
         mask = np.pad(mask, ((0, rows - n), (0, 0)))
         sharding = mesh_lib.batch_sharding(self.mesh, rows, 2)
         ids, mask = jax.device_put(ids, sharding), jax.device_put(mask, sharding)
-        profiling.remember_program(self.programs, f"encode {ids.shape}", self._encode, self.weights, ids, mask)
-        out = self._encode(self.weights, ids, mask)
+        name = f"encode {ids.shape}"
+        profiling.remember_program(self.programs, name, self._encode, self.weights, ids, mask)
+        with profiling.compiling(self.compile_s, name):
+            out = self._encode(self.weights, ids, mask)
         return distributed.to_host(out)[:n]
 
 

@@ -119,10 +119,12 @@ class Denoiser:
         self._forwards = {}  # sharding mode -> forward
         self._steps = {}  # (cfg, latents sharding, sharding mode) -> jitted step
         self.programs = {}  # what ran, for profiling.temp_bytes
+        self.compile_s: dict[str, float] = {}  # program -> seconds jax spent compiling it (profiling.compiling)
         self.step_seconds: list[float] = []  # wall time of every step run, in order; callers may clear it
         self.swap_seconds: list[float] = []  # expert_offload: wall time of every swap, in order
         self.expert_log: list[str] = []  # the expert every step ran, in order; callers may clear it
         self.cache_log: list[dict] = []  # with a step cache: each batch's step_cache.summary; callers may clear it
+        self.first_step_end: float | None = None  # time.time() when the first step of this model's life ended
 
     @property
     def weights(self):
@@ -287,7 +289,8 @@ class Denoiser:
         total = schedule.num_inference_steps if num_steps is None else num_steps
         first = self._on_mesh(expert_steps[0])
         zeros = (jax.device_put(np.zeros(latents.shape, np.float32), rows),) if schedule.takes_noise else ()
-        profiling.remember_program(self.programs, f"step cfg={cfg}", step, first, x, state, embeds,
+        program = f"step cfg={cfg}" + (f" cache={spec.kind}" if spec else "")
+        profiling.remember_program(self.programs, program, step, first, x, state, embeds,
                                    timesteps[0], coeffs[0], guidance[expert_steps[0]], *zeros, *carried)
         for i in distributed.progress(range(total), show=progress, desc="denoising", unit="step", leave=False):
             name = expert_steps[i]
@@ -297,10 +300,12 @@ class Denoiser:
             if zeros and schedule.renoises(i):
                 fresh = (jax.device_put(np.asarray(noise(i), np.float32), rows),)
             start = time.perf_counter()
-            x, state, *carried = step(weights, x, state, embeds, timesteps[i], coeffs[i], guidance[name], *fresh,
-                                      *carried)
+            with profiling.compiling(self.compile_s, program):
+                x, state, *carried = step(weights, x, state, embeds, timesteps[i], coeffs[i], guidance[name],
+                                          *fresh, *carried)
             x.block_until_ready()  # honest step times and progress bar; the step itself is seconds on real sizes
             self.step_seconds.append(time.perf_counter() - start)
+            self.first_step_end = self.first_step_end or time.time()
         if carried:
             self.cache_log.append(step_cache.summary(spec, carried[0], distributed.to_host))
             if spec.calibrate:

@@ -166,6 +166,7 @@ class VaeDecoder:
         self._first = jax.jit(self._decode_first)
         self._rest = jax.jit(self._decode_rest)
         self.programs = {}  # what ran, for profiling.temp_bytes
+        self.compile_s: dict[str, float] = {}  # program -> seconds jax spent compiling it (profiling.compiling)
 
     def _constrain(self, x: jax.Array) -> jax.Array:
         return jax.lax.with_sharding_constraint(x, activation_sharding(self.mesh, x.shape))
@@ -238,11 +239,16 @@ class VaeDecoder:
         if latents.ndim != 5 or latents.shape[1] != self.config.z_dim:
             raise UserError(f"vae latents: expected [V, {self.config.z_dim}, F, H, W], found {list(latents.shape)}")
         first, rest = (jax.device_put(x, self._input_sharding(x.shape)) for x in (latents[:, :, :1], latents[:, :, 1:]))
-        video, caches = self._first(self.params, first)
-        frames = self._rest(self.params, video, caches, rest)
+        with profiling.compiling(self.compile_s, "first"):
+            video, caches = self._first(self.params, first)
+        with profiling.compiling(self.compile_s, "rest"):
+            frames = self._rest(self.params, video, caches, rest)
         profiling.remember_program(self.programs, "first", self._first, self.params, first)
         profiling.remember_program(self.programs, "rest", self._rest, self.params, video, caches, rest)
-        return distributed.to_host(_to_uint8(frames) if uint8 else frames)
+        if uint8:
+            with profiling.compiling(self.compile_s, "to_uint8"):
+                frames = _to_uint8(frames)
+        return distributed.to_host(frames)
 
 
 @jax.jit

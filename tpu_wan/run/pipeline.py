@@ -225,7 +225,7 @@ def run_stage1(
     with rec.section("text_encoder", "io"):
         artifacts.save_embeddings(output_dir, prompt_embeds, negative_embeds, metadata={"model_id": model_id})
         artifacts.save_config(output_dir, cfg.to_json_dict())
-    rec.add_model("text_encoder", encoder.weights, encoder.programs)
+    rec.add_model("text_encoder", encoder.weights, encoder.programs, encoder.compile_s)
     return StageRun(cfg, profiling.save_stage_metrics(output_dir, rec, "text_encoder", cfg.to_json_dict(), mesh, start))
 
 
@@ -288,7 +288,7 @@ def run_stage2(
     rec.add_steps("transformer", denoiser.step_seconds, len(denoiser.step_seconds))
     rec.add_cache("transformer", denoiser.cache_log)
     rec.add_swaps("transformer", denoiser.swap_seconds)
-    rec.add_model("transformer", denoiser.weights, denoiser.programs)
+    rec.add_model("transformer", denoiser.weights, denoiser.programs, denoiser.compile_s)
     return StageRun(cfg, profiling.save_stage_metrics(output_dir, rec, "transformer", cfg.to_json_dict(), mesh, start))
 
 
@@ -348,7 +348,7 @@ def run_stage3(
         if save_frames:
             artifacts.save_frames(input_dir, np.concatenate(float_frames))
         artifacts.save_config(input_dir, cfg.to_json_dict())
-    rec.add_model("vae", decoder.params, decoder.programs)
+    rec.add_model("vae", decoder.params, decoder.programs, decoder.compile_s)
     return StageRun(cfg, profiling.save_stage_metrics(input_dir, rec, "vae", cfg.to_json_dict(), mesh, start), paths)
 
 

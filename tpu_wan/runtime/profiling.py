@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import os
 import resource
 import statistics
 import time
@@ -66,6 +67,33 @@ def compile_totals() -> _CompileTotals:
     """Seconds spent tracing, lowering and compiling, programs compiled (or fetched) and cache hits so far."""
     _listen_to_compiles()
     return dataclasses.replace(_TOTALS)
+
+
+@contextlib.contextmanager
+def compiling(into: dict[str, float], name: str):
+    """Adds to into[name] the seconds jax spends tracing, lowering and compiling inside the block: around a
+    program's calls, its compile seconds (the first call compiles, or fetches from the compilation cache; later
+    calls add nothing)."""
+    before = compile_totals().seconds
+    try:
+        yield
+    finally:
+        into[name] = into.get(name, 0.0) + compile_totals().seconds - before
+
+
+def process_start_time() -> float:
+    """When this process started (time.time() seconds): from /proc on Linux, else when this module was imported."""
+    try:
+        with open("/proc/self/stat") as f:
+            started_ticks = int(f.read().rpartition(")")[2].split()[19])  # field 22: starttime, after the name
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return time.time() - uptime + started_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return _IMPORTED
+
+
+_IMPORTED = time.time()
 
 
 def reset_host_peak() -> None:
@@ -157,6 +185,7 @@ class StageMetrics:
     weights_bytes: int = 0
     weights_bytes_per_device: int = 0
     activation_bytes_per_device: int | None = None
+    program_compile_s: dict[str, float] | None = None  # each program the stage ran -> its compile_s (first call)
     peak_device_bytes: int | None = None
     peak_host_rss_bytes: int | None = None
     steps: int | None = None  # denoising steps per run
@@ -239,12 +268,16 @@ class Recorder:
                 m.peak_device_bytes = max(m.peak_device_bytes or 0, device)
         reset_host_peak()
 
-    def add_model(self, stage: str, weights, programs: dict | None = None) -> None:
-        """Weight bytes of a loaded model, and the temp bytes of the programs it ran (call after its runs)."""
+    def add_model(self, stage: str, weights, programs: dict | None = None,
+                  compile_s: dict[str, float] | None = None) -> None:
+        """Weight bytes of a loaded model, the temp bytes of the programs it ran and each one's compile seconds
+        (`compiling`'s record; call after its runs)."""
         m = self.stage(stage)
         m.weights_bytes, m.weights_bytes_per_device = weights_bytes(weights)
         if programs:
             m.activation_bytes_per_device = temp_bytes(programs)
+        if compile_s:
+            m.program_compile_s = dict(compile_s)
 
     def add_swaps(self, stage: str, seconds: list[float]) -> None:
         """The expert swaps of a --expert_offload run (nothing without one)."""
@@ -274,7 +307,7 @@ class Recorder:
 
 
 def metrics_dict(recorder: Recorder, *, script: str, config: dict, mesh, num_iterations: int,
-                 total_s: float) -> dict:
+                 total_s: float, time_to_first_step_s: float | None = None) -> dict:
     """The metrics.json document (schema in docs/FORMATS.md)."""
     import jax
 
@@ -293,6 +326,7 @@ def metrics_dict(recorder: Recorder, *, script: str, config: dict, mesh, num_ite
         "config": config,
         "num_iterations": num_iterations,
         "total_s": total_s,
+        "time_to_first_step_s": time_to_first_step_s,
         "peak_host_rss_bytes": peaks("peak_host_rss_bytes"),
         "peak_device_bytes": peaks("peak_device_bytes"),
         "stages": stages,
