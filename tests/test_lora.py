@@ -255,3 +255,26 @@ def test_recorded_and_resumed_only_with_the_same_lora(tmp_path, lora_files):
     other = Stage2Settings(**{**settings.__dict__, "loras": (LoraFile(str(lora_files["musubi"]), 0.6),)})
     with pytest.raises(ConfigError, match=r"other settings \(loras: .*'scale': 0.5.* -> .*'scale': 0.6"):
         pipeline.run_stage2(tmp_path, other, dp=2, tp=4)
+
+
+def test_generate_flax_with_a_lora_the_distilled_sampler_and_a_cache(tmp_path, lora_files):
+    # the command line end to end (in this process): the flags as a user types them, recorded in the config
+    from scripts import GENERATE, run_in_process
+
+    from tpu_wan.core import artifacts
+
+    size = ("--height", "32", "--width", "32", "--frames", "5", "--warmup_steps", "0")  # the tests' 8 devices
+    lora = f"{lora_files['wan_lora_down_up']}:0.5"
+    assert run_in_process(GENERATE, ["--model_id", "tiny-random", *size, "--lora", lora, "--sample_solver", "distill",
+                                     "--denoising_steps", "1000", "500", "--save_intermediates", tmp_path / "d",
+                                     "--output_video", tmp_path / "d.mp4"]) == 0
+    cfg = artifacts.load_config(tmp_path / "d")
+    assert (cfg["sample_solver"], cfg["denoising_steps"], cfg["num_inference_steps"], cfg["guidance_scale"],
+            cfg["flow_shift"]) == ("distill", [1000, 500], 2, 1.0, 5.0)
+    assert [(r["file"], r["scale"]) for r in cfg["loras"]] == [("wan_lora_down_up.safetensors", 0.5)]
+    assert run_in_process(GENERATE, ["--model_id", "tiny-random", *size, "--num_inference_steps", "4", "--cache",
+                                     "first_block:0.05", "--output_video", tmp_path / "c.mp4",
+                                     "--metrics", tmp_path / "c.json"]) == 0
+    metrics = artifacts.load_metrics(tmp_path / "c.json")
+    assert metrics["config"]["cache"] == "first_block:0.05"
+    assert set(metrics["stages"]["transformer"]["block_stacks_run"]) == {"cond", "uncond"}
