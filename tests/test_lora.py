@@ -192,7 +192,8 @@ def test_a_lora_per_expert(lora_files, mesh):
     ours, cfg = _ours(tiny.TINY_A14B_ID, mesh, loras=(LoraFile(str(high[0]), high[1]),),
                       loras_2=(LoraFile(str(low[0]), low[1]),), embeds=(embeds, negative))
     err = rel_err(ours, ref)
-    print(f"a14b {mesh}: latents rel err {err:.2e} (the low-noise expert's LoRA moves them {rel_err(only_high, ref):.2e})")
+    print(f"a14b {mesh}: latents rel err {err:.2e} (the low-noise expert's LoRA moves them "
+          f"{rel_err(only_high, ref):.2e})")
     assert set(cfg.stage2.expert_steps) == {"transformer", "transformer_2"}  # both experts ran
     assert rel_err(only_high, ref) > LORA_MIN_EFFECT
     assert err <= LATENT_RTOL
@@ -214,7 +215,8 @@ def test_refusals(tmp_path, lora_files):
     safetensors.torch.save_file({"transformer.blocks.7.attn1.to_q.lora_A.weight": torch.zeros(rank_a),
                                  "transformer.blocks.7.attn1.to_q.lora_B.weight": torch.zeros(rank_b)}, stray)
     with pytest.raises(LoraError, match=r"--lora .*stray.safetensors: blocks.7.attn1.to_q: expected a Linear layer"):
-        pipeline.load_denoiser(model, mesh, "float32", AttentionOptions(), loras={"transformer": (LoraFile(str(stray)),)})
+        pipeline.load_denoiser(model, mesh, "float32", AttentionOptions(),
+                               loras={"transformer": (LoraFile(str(stray)),)})
     # factors that do not multiply to the weight's shape
     wrong = tmp_path / "wrong.safetensors"
     safetensors.torch.save_file({"transformer.blocks.0.attn1.to_q.lora_A.weight": torch.zeros(RANK, 3),
