@@ -16,6 +16,7 @@ scan body is compiled once, so compile time does not grow with the frame count.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
@@ -122,19 +123,32 @@ def load_params(abstract: nnx.State, weights_file: Path, dtype, sharding,
     return nnx.from_flat_state(filled)
 
 
-def activation_sharding(mesh, shape: tuple[int, ...]) -> NamedSharding:
-    """[V T H W C] activations (H, W, C: that layer's resolution and width): V over dp where it divides, W over the
-    remaining mesh axes (all of them, or tp alone) where it divides, else H; replicated otherwise. GSPMD adds the
-    conv halo exchanges."""
+# Rows (or columns) of the latents each device holds where H (or W) is split, at least: with one, the 3x3 convs'
+# halo is a whole shard, and jax's default partitioner (Shardy) decoded such splits wrong (latents 2x3, H over tp on
+# a 2x2 or 4x2 mesh: 8.9e-2 and 1.5e-1 from the unsharded decode; GSPMD 7e-7); with two, latents 2x3 to 8x3 on
+# 2x2, 1x4, 2x4, 4x1 and 4x2 meshes all decode within 9e-7 of it (tests/test_vae.py).
+MIN_SHARD = 2
+
+
+def activation_sharding(mesh, shape: tuple[int, ...], grid: tuple[int, int] | None = None) -> NamedSharding:
+    """[V T H W C] activations: V over dp where it divides, W over the remaining mesh axes (all of them, or tp
+    alone) where the latent width divides, else H where the latent height does; replicated otherwise. The partitioner
+    adds the conv halo exchanges.
+
+    `grid`: the latents' (H, W), which decides the layout of every layer of one decode (default: `shape`'s own). The
+    decoder only upsamples, so each layer's H and W are multiples of the latents' and one layout serves them all,
+    with no resharding between layers (the trained sizes' latent widths, 104, 160 and 80, split over 8 chips at the
+    latent resolution already). A split gives every device at least MIN_SHARD latent rows or columns."""
     n, _, h, w, _ = shape
+    h, w = grid or (h, w)
     batch = "dp" if mesh.shape["dp"] > 1 and n % mesh.shape["dp"] == 0 else None
     for axes in [("tp",)] if batch else [("dp", "tp"), ("tp",)]:
         size = int(np.prod([mesh.shape[a] for a in axes]))
         if size == 1:
             continue
-        if w % size == 0:
+        if w % size == 0 and w // size >= MIN_SHARD:
             return NamedSharding(mesh, P(batch, None, None, axes, None))
-        if h % size == 0:
+        if h % size == 0 and h // size >= MIN_SHARD:
             return NamedSharding(mesh, P(batch, None, axes, None, None))
     return NamedSharding(mesh, P(batch))
 
@@ -168,30 +182,35 @@ class VaeDecoder:
         self.programs = {}  # what ran, for profiling.temp_bytes
         self.compile_s: dict[str, float] = {}  # program -> seconds jax spent compiling it (profiling.compiling)
 
-    def _constrain(self, x: jax.Array) -> jax.Array:
-        return jax.lax.with_sharding_constraint(x, activation_sharding(self.mesh, x.shape))
+    def _layout(self, latents_shape: tuple[int, ...]) -> Callable[[jax.Array], jax.Array]:
+        """The activation constraint of every layer of a decode of latents [V C F H W] (activation_sharding's one
+        layout, decided by the latents' H and W)."""
+        grid = tuple(latents_shape[-2:])
+        return lambda x: jax.lax.with_sharding_constraint(x, activation_sharding(self.mesh, x.shape, grid))
 
-    def _latents(self, latents: jax.Array) -> jax.Array:  # [V C F H W] normalised -> [V F H W C] model space
+    def _latents(self, latents: jax.Array, constrain) -> jax.Array:  # [V C F H W] normalised -> [V F H W C]
         z = latents / self._inv_std + self._mean  # float32, diffusers' de-normalisation
-        return self._constrain(z.transpose(0, 2, 3, 4, 1).astype(self.dtype))
+        return constrain(z.transpose(0, 2, 3, 4, 1).astype(self.dtype))
 
     def _decode_first(self, params: nnx.State, latents: jax.Array):  # [V C 1 H W] -> [V 1 Hp Wp 3], caches
         # first=True: the temporal upsamplers skip time_conv and Wan 2.2's shortcuts keep one frame of each
         # frame's copies, so latent frame 0 decodes to one frame (diffusers' 'Rep' and first_chunk).
         model = nnx.merge(self._graphdef, params)
-        video, caches = model(self._latents(latents), None, first=True, constrain=self._constrain)
+        constrain = self._layout(latents.shape)
+        video, caches = model(self._latents(latents, constrain), None, first=True, constrain=constrain)
         return video, caches
 
     def _decode_rest(self, params: nnx.State, video: jax.Array, caches, latents: jax.Array) -> jax.Array:
         """Frames [V T Hp Wp 3] in [0, 1] from frame 0's video [V 1 Hp Wp 3] and caches, latents [V C F-1 H W]."""
         model = nnx.merge(self._graphdef, params)
+        constrain = self._layout(latents.shape)
 
         def step(caches, z_f):  # z_f [V H W C] -> new caches, [V 4 Hp Wp 3]
-            frames, caches = model(z_f[:, None], caches, first=False, constrain=self._constrain)
+            frames, caches = model(z_f[:, None], caches, first=False, constrain=constrain)
             return caches, frames
 
         if latents.shape[2]:
-            _, rest = jax.lax.scan(step, caches, self._latents(latents).swapaxes(0, 1))  # [F-1 N 4 H W 3]
+            _, rest = jax.lax.scan(step, caches, self._latents(latents, constrain).swapaxes(0, 1))  # [F-1 N 4 H W 3]
             n, _, h, w, c = video.shape
             rest = rest.swapaxes(0, 1).reshape(n, -1, h, w, c)  # [V 4(F-1) Hp Wp 3], frames in time order
             video = jnp.concatenate([video, rest], axis=1)  # [V T Hp Wp 3]
@@ -215,7 +234,9 @@ class VaeDecoder:
         """name -> (jitted, abstract arguments) of each program `decode` runs for latents [V C F H W] (with
         `uint8`, the on-device conversion too), as remember_program records them."""
         # Frame 0's video and caches, and the frames, carry the activation sharding their constraints give them.
-        placed = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=activation_sharding(self.mesh, a.shape))  # noqa: E731
+        grid = tuple(latents_shape[-2:])
+        placed = lambda a: jax.ShapeDtypeStruct(  # noqa: E731
+            a.shape, a.dtype, sharding=activation_sharding(self.mesh, a.shape, grid))
         first = self._abstract_latents(latents_shape, 1)
         video, caches = jax.tree.map(placed, self._first.eval_shape(self.params, first))
         rest = self._abstract_latents(latents_shape, latents_shape[2] - 1)
