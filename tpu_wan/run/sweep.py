@@ -118,12 +118,9 @@ def _previous_signature(folder: Path) -> dict | None:
 
 
 def initial_noise(seed: int, shape: tuple[int, ...]) -> np.ndarray:
-    """float32 N(0, 1) latents drawn exactly as diffusers' prepare_latents draws them for this seed."""
-    import torch
-    from diffusers.utils.torch_utils import randn_tensor
-
-    generator = torch.Generator("cpu").manual_seed(seed)
-    return randn_tensor(shape, generator=generator, dtype=torch.float32).numpy()
+    """float32 N(0, 1) latents [1, C, F, H, W] drawn exactly as diffusers' prepare_latents draws them for this seed
+    (a NoiseStream's first draw)."""
+    return NoiseStream([seed], shape[1:]).next()
 
 
 class NoiseStream:
@@ -152,9 +149,10 @@ def starting_latents(cfg: GenerationConfig, videos: Sequence[Video], plan: Seque
     """[len(videos), C, F, H, W]: each video's rows of --init_latents (plan order), else its seed's noise (`stream`'s
     first draw when given; with --init_latents that draw is still made and dropped, so the stream's later draws are
     the same wherever the start came from)."""
-    seeded = stream.next() if stream is not None else None
     if cfg.stage2.init_latents is None:
-        return seeded if seeded is not None else np.concatenate([initial_noise(v.seed, (1, *shape)) for v in videos])
+        return (stream or NoiseStream([v.seed for v in videos], shape)).next()
+    if stream is not None:
+        stream.next()  # the seed's initial draw, dropped: the stream's later draws stay the seed's
     latents = artifacts.load_latents(cfg.stage2.init_latents, require_schema=False)
     expected = (len(plan), *shape)
     if latents.shape != expected:
