@@ -13,7 +13,9 @@ profiler; --save_intermediates DIR also writes the stage files, as the stage scr
 
 compiles every program of that run for a v6e-8 slice on this host (no TPU, no weights, no download), prints
 what each needs per chip against HBM, its FLOPs and collectives, writes metrics.json, and exits 3 if
-something does not fit.
+something does not fit. --export DIR also writes each compiled program into DIR; a later run with the same
+settings given --programs DIR loads them instead of compiling (without --topology, --compile_only compiles for
+this host's own devices, e.g. --cpu_devices 8).
 """
 
 import sys
@@ -66,7 +68,8 @@ def main(argv=None):
                                 vae_dtype=args.vae_dtype)
         metrics = aot.compile_only(base, settings, args.topology, dp=args.dp, tp=args.tp, one_process=True,
                                    compile_stages=tuple(args.compile_stages), uint8=not args.save_intermediates,
-                                   search_mesh=args.search_mesh, expert_offload=args.expert_offload)
+                                   search_mesh=args.search_mesh, expert_offload=args.expert_offload,
+                                   export=args.export)
         folder = Path(args.output_dir or (Path(args.output_video).parent if args.output_video else "."))
         return cli.finish_compile_only(metrics, args.metrics or folder / artifacts.METRICS_FILE)
     several = len(prompts) * len(settings.seeds) > 1

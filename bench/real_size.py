@@ -180,7 +180,7 @@ def run_child(which: str, cache: Path, smoke: bool) -> dict:
 
     from tpu_wan.models import checkpoints
     from tpu_wan.models.kinds import ModelKind
-    from tpu_wan.models.transformer import Denoiser
+    from tpu_wan.models.transformer import LAYERS, Denoiser
     from tpu_wan.runtime import attention, torchax_env
     from tpu_wan.runtime import mesh as mesh_lib
     from tpu_wan.sampling import schedulers
@@ -200,7 +200,7 @@ def run_child(which: str, cache: Path, smoke: bool) -> dict:
             # functionalize (a second torch copy, which `forward` keeps alive through the steps, as a pipeline
             # built this way would), then jax copies on the mesh.
             model = checkpoints.load_transformer(cache, "bfloat16")
-            weights, forward = torchax_env.functionalize(model, attention.make_attention("auto", mesh))
+            weights, forward = torchax_env.functionalize(model, attention.make_attention("auto", mesh), scan=LAYERS)
             placed = mesh_lib.shard_weights(weights, mesh_lib.WAN_TRANSFORMER_RULES, mesh)
             del model, weights
         jax.block_until_ready(placed)

@@ -45,7 +45,7 @@ def main(argv=None):
         base = aot.stage2_base(args.input_dir, args.num_prompts, args.model_id)
         metrics = aot.compile_only(base, settings, args.topology, dp=args.dp, tp=args.tp,
                                    stages=("transformer",), search_mesh=args.search_mesh,
-                                   expert_offload=args.expert_offload)
+                                   expert_offload=args.expert_offload, export=args.export)
         folder = Path(args.output_dir or args.input_dir)
         return cli.finish_compile_only(metrics, folder / artifacts.METRICS_FILE)
 

@@ -43,10 +43,12 @@ def _script(path: Path):
 def run_in_process(script: Path, argv) -> int:
     """The script's main as its command line runs it (tpu_wan.core.entry), in this process (the test's 8 virtual
     CPU devices; seconds where a new process takes tens); the process settings a script makes (jax's compilation
-    cache, environment variables, the SIGTERM handler) are put back after. Returns the exit status."""
+    cache, environment variables, the SIGTERM handler, a --programs directory) are put back after. Returns the exit
+    status."""
     import jax
 
     from tpu_wan.core import entry
+    from tpu_wan.runtime import programs
 
     jax_settings = {name: getattr(jax.config, name) for name in (
         "jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs", "jax_enable_compilation_cache")}
@@ -59,3 +61,4 @@ def run_in_process(script: Path, argv) -> int:
         os.environ.clear()
         os.environ.update(environment)
         signal.signal(signal.SIGTERM, sigterm)
+        programs.use(None)

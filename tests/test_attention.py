@@ -172,13 +172,29 @@ def test_every_attention_of_a_step_reaches_our_dispatch(monkeypatch, model, heig
     dit = denoiser.config
     shape = config_lib.latent_shape(1, height, width, frames, dit.in_channels)
     step, args = denoiser.step_program(shape, (2, 512, dit.text_dim), cfg=True)
-    jax.eval_shape(step, *args)
+    jaxpr = jax.make_jaxpr(step)(*args)
 
     tokens = config_lib.video_tokens(shape, dit.patch_size)
     heads, head_dim = dit.num_attention_heads, dit.attention_head_dim
     self_attn, cross_attn = (2, heads, tokens, head_dim), (2, heads, 512, head_dim)
-    print(f"{model}: {len(calls)} attention calls for {dit.num_layers} blocks, L={tokens}")
-    assert calls == [((2, heads, tokens, head_dim), self_attn), ((2, heads, tokens, head_dim), cross_attn)] * dit.num_layers
+    print(f"{model}: {len(calls)} attention calls in a loop over {dit.num_layers} blocks, L={tokens}")
+    # The blocks run as one loop over layers (transformer.LAYERS): its body, one block, is traced once.
+    assert calls == [((2, heads, tokens, head_dim), self_attn), ((2, heads, tokens, head_dim), cross_attn)]
+    assert _scan_lengths(jaxpr.jaxpr) == [dit.num_layers]
+
+
+def _scan_lengths(jaxpr) -> list[int]:
+    """The lengths of the scans in a jaxpr, nested ones included."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "scan":
+            found.append(eqn.params["length"])
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else (value,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    found += _scan_lengths(inner)
+    return found
 
 
 def test_splash_baseline_at_block_multiples_needs_no_segment_ids():

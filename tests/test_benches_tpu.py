@@ -33,6 +33,15 @@ def test_tpu_conv_compile_smoke():
 
 
 @needs_libtpu
+def test_compile_time_smoke():
+    # every program of the tiny model's text encoder and DiT compiled for v6e-1 in its own process, timed
+    out = run(ROOT / "bench" / "compile_time.py", "--smoke").stdout
+    last = out.splitlines()[-1].split()
+    assert last[:2] == ["programs", "2"] and last[2] == "compile_s" and float(last[3]) > 0, out[-2000:]
+    assert "| tiny | v6e-1 | transformer | step cfg=True |" in out
+
+
+@needs_libtpu
 def test_memory_per_program_smoke(tmp_path):
     # The tiny two-expert model in one process on v5e-4: encode, step, VAE frame 0, VAE scan, uint8, all fit; the
     # step holds the idle expert beside it, one expert's weights as its arguments.

@@ -1,6 +1,7 @@
 """--topology NAME --compile_only: every program of a run compiled by the TPU compiler on this CPU host
 (libtpu, deviceless), with the same code path as a real run and no weights read."""
 
+import functools
 import importlib.util
 import json
 
@@ -108,6 +109,45 @@ def test_the_numbers_are_the_programs_own():
     assert entry["peak_bytes"] == (entry["argument_bytes"] + entry["output_bytes"] - entry["alias_bytes"]
                                    + entry["temp_bytes"] + entry["generated_code_bytes"] + 100)
     assert entry["fits"] and entry["skipped"] is None and entry["collectives"]["all-reduce"]["count"] == 0
+
+
+def test_a_layer_loop_counts_every_trip():
+    """A stack of 6 layers (a Megatron pair, then batched matmuls) run as one loop over stacked weights, as the DiT's
+    blocks run, reports the flops and collectives of the same stack unrolled: XLA's cost analysis counts the loop
+    body once, and XLA:TPU writes no known_trip_count, so both counts read the trips from the loop
+    (tpu_wan.tpu.hlo)."""
+    import jax
+    import jax.numpy as jnp
+    from conftest import LOOP_FLOPS_RTOL
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from tpu_wan.run import aot
+    from tpu_wan.runtime.mesh import make_mesh
+    from tpu_wan.tpu import topology
+
+    layers, target = 6, topology.parse_target("v5e-4")
+    mesh = make_mesh(2, 2, target.devices())
+    x = jax.ShapeDtypeStruct((64, 128), jnp.bfloat16, sharding=NamedSharding(mesh, P("dp", None)))
+    up = jax.ShapeDtypeStruct((layers, 128, 256), jnp.bfloat16, sharding=NamedSharding(mesh, P(None, None, "tp")))
+    down = jax.ShapeDtypeStruct((layers, 256, 128), jnp.bfloat16, sharding=NamedSharding(mesh, P(None, "tp", None)))
+
+    def layer(i, h, up, down):  # column- then row-parallel (one all-reduce of h), then attention-like batched matmuls
+        pick = functools.partial(jax.lax.dynamic_index_in_dim, index=i, keepdims=False)
+        g = (jnp.tanh(h @ pick(up)) @ pick(down)).reshape(4, 16, 128)  # [B L D], B split over dp
+        return jnp.einsum("bqk,bkd->bqd", jnp.einsum("bqd,bkd->bqk", g, g), g).reshape(64, 128)
+
+    programs = {"scan": lambda h, up, down: jax.lax.fori_loop(0, layers, lambda i, h: layer(i, h, up, down), h),
+                "unrolled": lambda h, up, down: functools.reduce(lambda h, i: layer(i, h, up, down), range(layers), h)}
+    entries = {name: aot.compile_program(name, jax.jit(fn), (x, up, down), ideal_flops=0, devices=4, held_bytes=0,
+                                         usable=target.usable_hbm_bytes) for name, fn in programs.items()}
+    # per device: [32, 128] x [128, 128] twice (up and down, their out / in dim split over tp), and on its 2 rows of
+    # B: [16, 128] x [128, 16], then [16, 16] x [16, 128]
+    matmuls = layers * (2 * (2 * 32 * 128 * 128) + 2 * (2 * 2 * 16 * 16 * 128))
+    for name, entry in entries.items():
+        assert entry["collectives"]["all-reduce"]["count"] == layers, name
+        assert abs(entry["flops"] / matmuls - 1) <= LOOP_FLOPS_RTOL, (name, entry["flops"], matmuls)
+    assert entries["scan"]["collectives"] == entries["unrolled"]["collectives"]
 
 
 def test_generate_compiles_for_v5e4(tmp_path, monkeypatch, capsys):
@@ -332,7 +372,7 @@ def test_the_fit_limit_is_the_compilers_own(name):
 
 @pytest.mark.parametrize("args, expected", [
     (("--topology", "v7-8", "--compile_only"), "expected a TPU slice such as v5e-8"),
-    (("--compile_only",), "--compile_only: expected --topology NAME"),
+    (("--export", "programs"), "--export programs: expected --compile_only with it"),
     (("--topology", "v6e-8"), "expected --compile_only with it"),
     (("--topology", "v6e-8", "--compile_only", "--dp", "3"), "dp x tp must equal the 8"),
     (("--topology", "v6e-8", "--compile_only", "--tp", "8"), "tp must divide the 4 attention heads"),

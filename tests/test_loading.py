@@ -9,14 +9,15 @@ import pytest
 import safetensors.numpy
 import torch
 from conftest import FRAMES, HEIGHT, LATENT_RTOL, NEGATIVE, PROMPTS, SEED, STEPS, WIDTH, diffusers_run, rel_err
+from jax.sharding import PartitionSpec as P
 from safetensors.torch import save_file
 
 from tpu_wan.core.config import latent_shape
 from tpu_wan.models import checkpoints, finetune
 from tpu_wan.models.finetune import FinetuneError
-from tpu_wan.models.transformer import Denoiser
+from tpu_wan.models.transformer import LAYERS, Denoiser
 from tpu_wan.run import sweep
-from tpu_wan.runtime import loading
+from tpu_wan.runtime import loading, stacking
 from tpu_wan.runtime import mesh as mesh_lib
 from tpu_wan.runtime.mesh import make_mesh
 from tpu_wan.sampling import schedulers
@@ -32,23 +33,35 @@ def _torch_to_numpy(t):
 def test_loaded_weights_equal_diffusers_and_are_sharded(tiny_path, dtype):
     # Values and dtypes as diffusers' from_pretrained(torch_dtype=...) has them (float32 kept where diffusers
     # keeps it), identical on a 1x1 and a 2x4 mesh, and every large weight split on the 2x4 mesh.
+    # The blocks' weights are held stacked per family: each is checked as its row there, with its family's spec
+    # less the (unsplit) layer axis.
     ref = checkpoints.load_transformer(tiny_path, dtype).state_dict()
     single = Denoiser(tiny_path, make_mesh(1, 1, devices=jax.devices()[:1]), dtype).weights
     sharded = Denoiser(tiny_path, make_mesh(2, 4), dtype).weights
-    assert set(ref) <= set(sharded) and set(single) == set(sharded)
+    assert set(single) == set(sharded)
+    assert not [name for name in sharded if stacking.family(name, LAYERS)]  # no block weight left per layer
     replicated = []
     for name, tensor in ref.items():
         want = _torch_to_numpy(tensor.detach())
         for weights in (single, sharded):
-            got = np.asarray(weights[name])
+            got, _ = _weight(weights, name)
             assert got.dtype == want.dtype, name
             np.testing.assert_array_equal(got.view(np.uint8), want.view(np.uint8), err_msg=name)
-        spec = sharded[name].sharding.spec
+        _, spec = _weight(sharded, name)
         if tensor.numel() >= LARGE:
             print(f"{name:55s} {str(tuple(tensor.shape)):20s} {spec}")
             if all(axis is None for axis in spec) and not name.startswith("rope."):
                 replicated.append(name)
     assert not replicated, f"large weights left replicated: {replicated}"
+
+
+def _weight(weights, name):
+    """(values, PartitionSpec) of the weight a checkpoint names `name`: a block weight's row of its stacked family."""
+    array, row = stacking.lookup(weights, name, LAYERS)
+    if row is None:
+        return np.asarray(array), array.sharding.spec
+    assert array.sharding.spec[:1] in ((), (None,)), name  # the layer axis is never split
+    return np.asarray(array)[row], P(*array.sharding.spec[1:])
 
 
 def test_missing_weight_file_is_refused(tmp_path):
@@ -201,6 +214,6 @@ def test_misshaped_key_is_refused_or_skipped(tiny_path, tmp_path, caplog):
         tuned = Denoiser(tiny_path, mesh, "float32", transformer_checkpoint=str(tmp_path / "ft.pth"),
                          checkpoint_key="generator_ema", non_strict=True).weights
     assert f"{bad}: expected shape {want_shape}" in caplog.text
-    np.testing.assert_array_equal(np.asarray(tuned[bad]), np.asarray(base[bad]))
-    np.testing.assert_array_equal(np.asarray(tuned[changed]), state[changed].numpy())
-    assert tuned[changed].sharding == base[changed].sharding
+    np.testing.assert_array_equal(_weight(tuned, bad)[0], _weight(base, bad)[0])
+    np.testing.assert_array_equal(_weight(tuned, changed)[0], state[changed].numpy())
+    assert stacking.lookup(tuned, changed, LAYERS)[0].sharding == stacking.lookup(base, changed, LAYERS)[0].sharding

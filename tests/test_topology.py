@@ -100,6 +100,68 @@ def test_hlo_summary_counts_loop_trips_and_bytes_per_device():
     assert summary["custom_calls"] == {"tpu_custom_call": 5}
 
 
+# A counted loop as XLA:TPU writes a `fori_loop(1, 5)` (no known_trip_count): the counter starts at 1 (a copy of a
+# constant in the initial tuple), the condition compares it with 5, the body adds 1. Each of its 4 trips runs a
+# [8,16] x [16,32] matmul (as a convolution, XLA:TPU's spelling) inside a fusion, a kernel with a cost estimate and
+# an all-reduce.
+COUNTED_LOOP_HLO = """
+HloModule m, num_partitions=2
+
+%add (a: f32[], b: f32[]) -> f32[] {
+  %a = f32[] parameter(0)
+  %b = f32[] parameter(1)
+  ROOT %s = f32[] add(%a, %b)
+}
+
+%fused_matmul (x: f32[8,16], w: f32[16,32]) -> f32[8,32] {
+  %x = f32[8,16]{1,0} parameter(0)
+  %w = f32[16,32]{1,0} parameter(1)
+  ROOT %conv = f32[8,32]{1,0} convolution(%x, %w), dim_labels=bf_io->bf
+}
+
+%body (t: (s32[], f32[8,16], f32[16,32])) -> (s32[], f32[8,16], f32[16,32]) {
+  %t = (s32[], f32[8,16]{1,0}, f32[16,32]{1,0}) parameter(0)
+  %i = s32[] get-tuple-element(%t), index=0
+  %x = f32[8,16]{1,0} get-tuple-element(%t), index=1
+  %w = f32[16,32]{1,0} get-tuple-element(%t), index=2
+  %y = f32[8,32]{1,0} fusion(%x, %w), kind=kOutput, calls=%fused_matmul
+  %k = f32[8,16]{1,0} custom-call(%x), custom_call_target="tpu_custom_call", backend_config={"cost_estimate":{"flops":"1000"}}
+  %ar = f32[8,16]{1,0} all-reduce(%k), replica_groups={{0,1}}, to_apply=%add
+  %one = s32[] constant(1)
+  %next = s32[] add(%i, %one)
+  ROOT %r = (s32[], f32[8,16]{1,0}, f32[16,32]{1,0}) tuple(%next, %ar, %w)
+}
+
+%cond (t: (s32[], f32[8,16], f32[16,32])) -> pred[] {
+  %t = (s32[], f32[8,16]{1,0}, f32[16,32]{1,0}) parameter(0)
+  %limit = s32[] constant(5)
+  %i = s32[] get-tuple-element(%t), index=0
+  ROOT %lt = pred[] compare(%i, %limit), direction=LT
+}
+
+ENTRY %main (x: f32[8,16], w: f32[16,32]) -> f32[8,16] {
+  %x = f32[8,16]{1,0} parameter(0)
+  %w = f32[16,32]{1,0} parameter(1)
+  %c1 = s32[] constant(1)
+  %start = s32[] copy(%c1)
+  %t0 = (s32[], f32[8,16]{1,0}, f32[16,32]{1,0}) tuple(%start, %x, %w)
+  %loop = (s32[], f32[8,16]{1,0}, f32[16,32]{1,0}) while(%t0), condition=%cond, body=%body
+  ROOT %out = f32[8,16]{1,0} get-tuple-element(%loop), index=1
+}
+"""
+
+
+def test_hlo_summary_reads_the_trip_count_of_a_counted_loop():
+    summary = hlo.summarize(COUNTED_LOOP_HLO)
+    assert summary["collectives"]["all-reduce"]["count"] == 4
+    assert summary["custom_calls"] == {"tpu_custom_call": 4}
+    # XLA's cost analysis counts the body once; the 3 trips it leaves out add their matmul and kernel flops
+    assert summary["loop_trip_flops"] == 3 * (2 * 8 * 32 * 16 + 1000)
+    for direction, trips in (("LE", 5), ("NE", None)):  # i <= 5 from 1: 5 trips; != is not read (counted once)
+        text = COUNTED_LOOP_HLO.replace("direction=LT", f"direction={direction}")
+        assert hlo.summarize(text)["collectives"]["all-reduce"]["count"] == (trips or 1), direction
+
+
 # XLA:TPU's async collective fusion, as v5e compiles a weight gather: the all-gather appears in the fusion that
 # starts it and in each fusion continuing it, with one channel and chain id (it runs once); shard_map's own
 # collectives share channel_id=1 and no chain id, and each runs.

@@ -2,6 +2,7 @@
 
 import jax
 import numpy as np
+import pytest
 import torch
 from conftest import MODULE_RTOL, rel_err
 
@@ -142,3 +143,43 @@ def test_a_stack_replaces_the_loop_over_a_module_list():
     assert rel_err(out, ref) <= MODULE_RTOL and slices == [(2, 4)]
     np.testing.assert_array_equal(out, jax.jit(plain)(weights, x.numpy(), 0.5))
     assert len(list(module.blocks)) == 3  # the module given is left as it was
+
+
+def test_a_scanned_stack_runs_one_block_over_stacked_weights():
+    # functionalize(scan=...): the loop over `blocks` is one loop over layer indices running block 0's code with
+    # each layer's row of the stacked weights; any slice of it runs (step_cache's head and tail), with block 0's
+    # hooks (constraints) applied in the loop body, and the numbers of the unrolled loop.
+    torch.manual_seed(0)
+    module = _Stack().eval()
+    x = torch.randn(2, 4)
+    with torch.no_grad():
+        ref = module(x, 0.5).numpy()
+    constrained = []
+
+    def constraint(h):
+        constrained.append(h.shape)
+        return h
+
+    def stack(hidden, run):
+        head = run(hidden, 0, 1)
+        return jax.lax.cond(True, lambda h: run(h, 1, None), lambda h: h, head)
+
+    weights, fn = torchax_env.functionalize(module, constraints={r"blocks\.\d+": constraint}, stacks={"blocks": stack},
+                                            scan=("blocks",))
+    plain_weights, plain = torchax_env.functionalize(module)
+    assert {n: w.shape for n, w in weights.items()} == {"blocks.*.weight": (3, 4, 4), "blocks.*.bias": (3, 4)}
+    np.testing.assert_array_equal(weights["blocks.*.weight"][2], plain_weights["blocks.2.weight"])
+    lowered = jax.jit(fn).lower(weights, x.numpy(), 0.5)
+    out = lowered.compile()(weights, x.numpy(), 0.5)
+    assert rel_err(out, ref) <= MODULE_RTOL
+    np.testing.assert_allclose(out, jax.jit(plain)(plain_weights, x.numpy(), 0.5), rtol=MODULE_RTOL)
+    assert lowered.as_text().count("stablehlo.dot_general") == 2  # one block per loop (head, tail), not three
+    # each of the two loops: its carry on entry and exit, and block 0's input and output in its body (traced once)
+    assert constrained == [(2, 4)] * 8
+
+
+def test_a_scan_refuses_layers_of_different_structure():
+    module = _Stack()
+    module.blocks[2] = _Block(4, 5)
+    with pytest.raises(ValueError, match=r"expected every layer of 'blocks' like layer 0, found layer 2"):
+        torchax_env.functionalize(module, scan=("blocks",))

@@ -59,6 +59,10 @@ def add_mesh_args(p: argparse.ArgumentParser) -> None:
                    help="persistent XLA compilation cache: a rerun with the same shapes skips compiling "
                         "(default: $JAX_COMPILATION_CACHE_DIR, else <cache>/jax_compilation_cache)")
     g.add_argument("--no_compilation_cache", action="store_true", help="compile everything afresh")
+    g.add_argument("--programs", default=None, metavar="DIR",
+                   help="programs compiled ahead (--compile_only --export DIR): each one whose key matches this run "
+                        "(versions, code, devices, mesh, shapes, settings) is loaded instead of compiled; the others "
+                        "compile as usual, each with one warning line saying what differs")
     g.add_argument("--distributed", action="store_true",
                    help="several processes, one mesh (jax.distributed; on a multi-host TPU slice this is "
                         "detected and the peers found by themselves)")
@@ -72,10 +76,14 @@ def add_compile_args(p: argparse.ArgumentParser, *, stage2: bool = False) -> Non
     g = p.add_argument_group("compile only (no TPU needed: the TPU compiler runs on this host, nothing runs)")
     g.add_argument("--topology", default=None, metavar="NAME",
                    help="the TPU slice to compile for: v4-8, v5e-1, v5e-4, v5e-8, v5p-8, v6e-1, v6e-4, v6e-8, "
-                        "v6e-16, v5p-16, ...")
+                        "v6e-16, v5p-16, ... (default with --compile_only: this host's own devices, e.g. the CPU "
+                        "with --cpu_devices N)")
     g.add_argument("--compile_only", action="store_true",
                    help="compile every program of this run for --topology and report memory per chip, FLOPs and "
                         "collectives (exit 3 if something does not fit); loads no weights, writes no video")
+    g.add_argument("--export", default=None, metavar="DIR",
+                   help="with --compile_only: also write every compiled program into DIR (serialized, with its key), "
+                        "for runs to load with --programs DIR instead of compiling")
     g.add_argument("--search_mesh", action="store_true",
                    help="with --compile_only: compile every (dp, tp) the slice and the models allow, in each DiT "
                         "sharding mode that takes it (sequence takes a tp that does not divide the heads), and "
@@ -93,17 +101,26 @@ def add_compile_args(p: argparse.ArgumentParser, *, stage2: bool = False) -> Non
 
 
 def check_compile_args(args: argparse.Namespace) -> None:
-    """--topology / --compile_only / --search_mesh / --num_prompts go together; refused before jax is imported."""
-    if args.compile_only and not args.topology:
-        raise UsageError("--compile_only: expected --topology NAME (e.g. v6e-8), found none")
+    """--topology / --compile_only / --search_mesh / --num_prompts / --export go together (--programs does not go with
+    --compile_only); refused before jax is imported. --compile_only without --topology compiles for the attached
+    devices (--cpu_devices N included)."""
+    if args.export is not None and not args.compile_only:
+        raise UsageError(f"--export {args.export}: expected --compile_only with it (it writes what a compile-only "
+                         "run compiles)")
+    if args.compile_only and getattr(args, "programs", None):
+        raise UsageError(f"--programs {args.programs}: expected no --compile_only with it (a compile-only run "
+                         "compiles every program; --export DIR writes them)")
     if args.topology and not args.compile_only:
         raise UsageError(f"--topology {args.topology}: expected --compile_only with it (runs use the attached devices)")
     if args.search_mesh and not args.compile_only:
         raise UsageError("--search_mesh: expected --compile_only --topology NAME with it")
     if args.search_mesh and (args.dp is not None or args.tp is not None):
         raise UsageError("--search_mesh: expected no --dp/--tp (it tries every mesh), found them")
-    if args.compile_only and (getattr(args, "distributed", False) or getattr(args, "cpu_devices", None)):
-        raise UsageError("--compile_only: expected no --distributed or --cpu_devices (it compiles in one process)")
+    if args.compile_only and getattr(args, "distributed", False):
+        raise UsageError("--compile_only: expected no --distributed (it compiles in one process)")
+    if args.topology and getattr(args, "cpu_devices", None):
+        raise UsageError(f"--topology {args.topology}: expected no --cpu_devices (the slice's devices are compiled "
+                         "for; --cpu_devices N with --compile_only and no --topology compiles for N CPU devices)")
     num_prompts = getattr(args, "num_prompts", None)
     if num_prompts is not None and (not args.compile_only or num_prompts < 1):
         raise UsageError(f"--num_prompts: expected a count >= 1 with --compile_only, found {num_prompts}"
@@ -256,7 +273,12 @@ def setup_process(args: argparse.Namespace) -> None:
     """Process-wide settings, before jax is imported: virtual CPU devices, logging, quiet third parties."""
     if "jax" not in sys.modules:
         os.environ["XLA_FLAGS"] = with_cpu_xla_flags(os.environ.get("XLA_FLAGS", ""))
-    if getattr(args, "compile_only", False):
+    if getattr(args, "programs", None):  # refused before jax is imported
+        from tpu_wan.runtime import programs
+
+        programs.check_folder(args.programs)
+    local = hasattr(args, "topology") and args.topology is None  # --compile_only for the attached devices
+    if getattr(args, "compile_only", False) and not local:
         # Compiling for a slice (tpu_wan.tpu.topology) needs no device: the host's CPU backend alone, whatever is
         # attached.
         os.environ["JAX_PLATFORMS"] = "cpu"
@@ -284,6 +306,9 @@ def setup_process(args: argparse.Namespace) -> None:
     if distributed.check_flags(getattr(args, "distributed", False), *flags):
         distributed.initialize(*flags)
     _start_backend()
+    from tpu_wan.runtime import programs
+
+    programs.use(getattr(args, "programs", None))
 
 
 def _setup_logging(level_name: str) -> None:

@@ -15,11 +15,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from tpu_wan.models import checkpoints
-from tpu_wan.runtime import distributed, loading, profiling, torchax_env
+from tpu_wan.runtime import distributed, loading, profiling, programs, torchax_env
 from tpu_wan.runtime import mesh as mesh_lib
 
 log = logging.getLogger("tpu_wan")
 ENCODE_BATCH = 16  # prompts per encoder call: a prompt file of any length runs in bounded memory
+# UMT5's layers run as one loop over layers with stacked weights (tpu_wan.runtime.stacking): one layer compiled, not 24.
+LAYERS = ("encoder.block",)
 
 
 def clean_prompt(text: str) -> str:
@@ -42,10 +44,10 @@ class TextEncoder:
         self.mesh = mesh
         self.dtype = dtype
         expected = checkpoints.expected_weights(model, dtype)
-        buffers, forward = torchax_env.functionalize(model)
+        buffers, forward = torchax_env.functionalize(model, scan=LAYERS)
         del model
         self.weights = loading.place_model(buffers, expected, model_path / "text_encoder", mesh_lib.UMT5_RULES, mesh,
-                                           abstract=abstract)
+                                           abstract=abstract, layers=LAYERS)
 
         def encode(weights, input_ids, mask):  # [B S] int32 each -> [B S D]
             hidden = forward(weights, input_ids, attention_mask=mask, return_dict=False)[0]
@@ -92,7 +94,7 @@ class TextEncoder:
         name = f"encode {ids.shape}"
         profiling.remember_program(self.programs, name, self._encode, self.weights, ids, mask)
         with profiling.compiling(self.compile_s, name):
-            out = self._encode(self.weights, ids, mask)
+            out = programs.call(name, self._encode, self.weights, ids, mask, model=self.config)
         return distributed.to_host(out)[:n]
 
 

@@ -20,12 +20,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from tpu_wan.models import checkpoints, finetune, lora
-from tpu_wan.runtime import attention, distributed, loading, parallelism, profiling, torchax_env
+from tpu_wan.runtime import attention, distributed, loading, parallelism, profiling, programs, torchax_env
 from tpu_wan.runtime import mesh as mesh_lib
 from tpu_wan.sampling import schedulers, step_cache
 
 log = logging.getLogger("tpu_wan")
 BLOCKS = r"blocks\.\d+"  # the transformer blocks, whose hidden-state input and output are pinned to the layout
+# The blocks run as one loop over layers, their weights held stacked per family ("blocks.*.attn1.to_q.weight" [L ...],
+# tpu_wan.runtime.stacking): the compiler builds one block instead of 40 (14B), so compile time stays flat in depth.
+LAYERS = ("blocks",)
 
 
 def _denoise_step(forward: Callable, dtype, cfg: bool, per_token: tuple[int, int, int] | None, weights, latents, state,
@@ -113,7 +116,7 @@ class Denoiser:
         for name in reversed(self.kind.experts):  # the first expert to run loads last: with offload it stays
             self.experts[name] = loading.place_model(buffers, expected, model_path / name,
                                                      mesh_lib.WAN_TRANSFORMER_RULES, mesh, abstract=abstract,
-                                                     overrides=overrides, adjust=fused.get(name))
+                                                     overrides=overrides, adjust=fused.get(name), layers=LAYERS)
             if self.offload and name != self.kind.experts[0]:
                 self._host[name] = self._to_host(name)
         self._forwards = {}  # sharding mode -> forward
@@ -166,7 +169,7 @@ class Denoiser:
             fn = attention.make_attention(self.attention_options, self.mesh, layout=layout)
             _, self._forwards[key] = torchax_env.functionalize(
                 self._model, fn, constraints={BLOCKS: layout.constrain_hidden},
-                stacks={"blocks": step_cache.run_stack} if cached else None)
+                stacks={"blocks": step_cache.run_stack} if cached else None, scan=LAYERS)
         return self._forwards[key]
 
     def _step_fn(self, cfg: bool, latents_sharding, sharding: str):
@@ -301,8 +304,9 @@ class Denoiser:
                 fresh = (jax.device_put(np.asarray(noise(i), np.float32), rows),)
             start = time.perf_counter()
             with profiling.compiling(self.compile_s, program):
-                x, state, *carried = step(weights, x, state, embeds, timesteps[i], coeffs[i], guidance[name],
-                                          *fresh, *carried)
+                x, state, *carried = programs.call(
+                    program, step, weights, x, state, embeds, timesteps[i], coeffs[i], guidance[name], *fresh,
+                    *carried, model=self.config, sharding=sharding, attention=self.attention_options, cache=cache)
             x.block_until_ready()  # honest step times and progress bar; the step itself is seconds on real sizes
             self.step_seconds.append(time.perf_counter() - start)
             self.first_step_end = self.first_step_end or time.time()

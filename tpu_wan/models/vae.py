@@ -29,7 +29,7 @@ from jax.sharding import PartitionSpec as P
 from tpu_wan.core.config import DTYPES
 from tpu_wan.core.errors import UserError
 from tpu_wan.models.vae_modules import WanVaeDecoder, to_jax_layout, torch_key
-from tpu_wan.runtime import distributed, profiling
+from tpu_wan.runtime import distributed, profiling, programs
 from tpu_wan.runtime import mesh as mesh_lib
 
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
@@ -261,14 +261,14 @@ class VaeDecoder:
             raise UserError(f"vae latents: expected [V, {self.config.z_dim}, F, H, W], found {list(latents.shape)}")
         first, rest = (jax.device_put(x, self._input_sharding(x.shape)) for x in (latents[:, :, :1], latents[:, :, 1:]))
         with profiling.compiling(self.compile_s, "first"):
-            video, caches = self._first(self.params, first)
+            video, caches = programs.call("first", self._first, self.params, first, model=self.config)
         with profiling.compiling(self.compile_s, "rest"):
-            frames = self._rest(self.params, video, caches, rest)
+            frames = programs.call("rest", self._rest, self.params, video, caches, rest, model=self.config)
         profiling.remember_program(self.programs, "first", self._first, self.params, first)
         profiling.remember_program(self.programs, "rest", self._rest, self.params, video, caches, rest)
         if uint8:
             with profiling.compiling(self.compile_s, "to_uint8"):
-                frames = _to_uint8(frames)
+                frames = programs.call("to_uint8", _to_uint8, frames, model=self.config)
         return distributed.to_host(frames)
 
 

@@ -1,5 +1,7 @@
 """Compile-only runs (`--topology NAME --compile_only`): every program a generation runs, compiled by the TPU
-compiler for a slice that need not be attached, and what the compiled programs say of it.
+compiler for a slice that need not be attached, and what the compiled programs say of it. Without a topology, for the
+process's own devices (LocalTarget); with `export`, each compiled program is also written to a program directory
+that runs load instead of compiling (tpu_wan.runtime.programs).
 
 The models are built as in a real run (same classes, sharding rules and attention dispatch: the compiled Pallas
 kernel on TPU, never interpret mode) with weights that are shapes and shardings only (`abstract=True`): no
@@ -15,6 +17,7 @@ import dataclasses
 import datetime
 import logging
 import math
+import os
 import time
 
 import jax
@@ -24,10 +27,11 @@ from tpu_wan.core import config as config_lib
 from tpu_wan.core.config import GenerationConfig, Stage2Settings
 from tpu_wan.models import checkpoints
 from tpu_wan.run import preflight
+from tpu_wan.runtime import programs
 from tpu_wan.runtime.mesh import check_heads, make_mesh
 from tpu_wan.runtime.parallelism import MODES
 from tpu_wan.runtime.profiling import STAGES
-from tpu_wan.sampling import schedulers
+from tpu_wan.sampling import schedulers, step_cache
 from tpu_wan.tpu import arithmetic, hlo
 from tpu_wan.tpu.topology import TpuTarget
 
@@ -43,11 +47,12 @@ def weights_bytes_per_device(weights) -> int:
 
 
 def compile_program(name: str, jitted, args, *, ideal_flops: int, devices: int, held_bytes: int,
-                    usable: int) -> dict:
+                    usable: int, export=None, settings: dict | None = None) -> dict:
     """One metrics.json "compiled" entry: compiles `jitted` at the abstract `args` and reads what XLA says. A
     program the TPU compiler refuses for want of HBM is an entry too (not compiled, what it said it needs).
 
-    held_bytes: other models' weights the same process keeps on each device while this program runs."""
+    held_bytes: other models' weights the same process keeps on each device while this program runs. `export`: a
+    program directory the compiled program is written to (tpu_wan.runtime.programs), keyed with `settings`."""
     log.info("compiling %s (%d devices)", name, devices)
     start = time.perf_counter()
     try:
@@ -59,8 +64,10 @@ def compile_program(name: str, jitted, args, *, ideal_flops: int, devices: int, 
         return _refused(name, oom, held_bytes, ideal_flops / devices, time.perf_counter() - start)
     compile_s = time.perf_counter() - start
     log.info("compiled %s in %.1f s", name, compile_s)
-    numbers = hlo.program_numbers(compiled)
+    if export is not None:
+        programs.export(export, name, compiled, args, **(settings or {}))
     summary = hlo.summarize(compiled.as_text())
+    numbers = hlo.program_numbers(compiled, summary)
     own = (numbers["argument_bytes"] + numbers["output_bytes"] - numbers["alias_bytes"] + numbers["temp_bytes"]
            + numbers["generated_code_bytes"])
     peak = own + held_bytes
@@ -93,14 +100,51 @@ def _weights_exceed(name: str, weights: int, held: int, ideal_flops: float) -> d
             "skipped": f"{_bytes(weights)} of its model's weights per device before any activation (not compiled)"}
 
 
+@dataclasses.dataclass(frozen=True)
+class LocalTarget:
+    """The devices this process sees, as a target to compile for (compile-only without --topology: what a run on
+    this host compiles, e.g. to export its programs). Memory per device: the backend's limit where it keeps stats
+    (TPU, GPU), else the host's memory shared by its devices (the CPU and its virtual devices)."""
+
+    attached_devices: tuple
+    bytes_per_device: int
+
+    @classmethod
+    def attached(cls) -> "LocalTarget":
+        devices = tuple(jax.devices())
+        stats = devices[0].memory_stats() or {}
+        host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        return cls(devices, stats.get("bytes_limit") or host // len(devices))
+
+    @property
+    def chips(self) -> int:
+        return len(self.attached_devices)
+
+    @property
+    def usable_hbm_bytes(self) -> int:
+        return self.bytes_per_device
+
+    def devices(self) -> list:
+        return list(self.attached_devices)
+
+    def describe(self) -> dict:
+        """The metrics.json "target" entry (the fields of TpuTarget.describe)."""
+        device = self.attached_devices[0]
+        return {"topology": f"local {device.platform}", "device_kind": device.device_kind, "devices": self.chips,
+                "hosts": 1, "hbm_bytes_per_device": self.bytes_per_device,
+                "usable_hbm_bytes_per_device": self.bytes_per_device}
+
+
 @dataclasses.dataclass
 class Programs:
-    """One stage's programs: name -> (jitted, abstract args, total ideal FLOPs), the weights they take, and the
-    weights the stage keeps on the chips beside them (a two-expert model's idle expert)."""
+    """One stage's programs: name -> (jitted, abstract args, total ideal FLOPs), the weights they take, the
+    weights the stage keeps on the chips beside them (a two-expert model's idle expert), and the settings its
+    programs are keyed with in a program directory (as the model's own calls of tpu_wan.runtime.programs pass them)."""
 
     weights: object
     programs: dict
     idle: object = None
+    settings: dict = dataclasses.field(default_factory=dict)
 
 
 def text_encoder_programs(model_path, mesh, cfg: GenerationConfig) -> Programs:
@@ -111,7 +155,7 @@ def text_encoder_programs(model_path, mesh, cfg: GenerationConfig) -> Programs:
     texts = len(cfg.prompts) + 1  # the prompts and the negative prompt
     programs = {name: (jitted, args, arithmetic.umt5_encoder_flops(config, rows, cfg.max_sequence_length))
                 for name, (jitted, args, rows) in encoder.programs_for(texts, cfg.max_sequence_length).items()}
-    return Programs(encoder.weights, programs)
+    return Programs(encoder.weights, programs, settings={"model": encoder.config})
 
 
 def transformer_programs(model_path, mesh, cfg: GenerationConfig, expert_offload: bool = False) -> Programs:
@@ -131,8 +175,11 @@ def transformer_programs(model_path, mesh, cfg: GenerationConfig, expert_offload
     tokens = config_lib.video_tokens(latents, dit["patch_size"])
     ideal = arithmetic.dit_forward_flops(dit, rows, tokens, cfg.max_sequence_length)
     first, *idle = denoiser.kind.experts
-    return Programs(denoiser.experts[first], {f"step cfg={guided}": (jitted, args, ideal)},
-                    idle=None if expert_offload or not idle else [denoiser.experts[e] for e in idle])
+    program = f"step cfg={guided}" + (f" cache={step_cache.parse(cfg.stage2.cache).kind}" if cfg.stage2.cache else "")
+    settings = {"model": denoiser.config, "sharding": cfg.stage2.sharding_mode,
+                "attention": denoiser.attention_options, "cache": cfg.stage2.cache}
+    return Programs(denoiser.experts[first], {program: (jitted, args, ideal)},
+                    idle=None if expert_offload or not idle else [denoiser.experts[e] for e in idle], settings=settings)
 
 
 def vae_programs(model_path, mesh, cfg: GenerationConfig, uint8: bool) -> Programs:
@@ -142,18 +189,18 @@ def vae_programs(model_path, mesh, cfg: GenerationConfig, uint8: bool) -> Progra
     latents = cfg.stage2.latent_shape(1, decoder.config.z_dim)
     programs = {name: (jitted, args, arithmetic.traced_flops(jitted, *args))
                 for name, (jitted, args) in decoder.programs_for(latents, uint8=uint8).items()}
-    return Programs(decoder.params, programs)
+    return Programs(decoder.params, programs, settings={"model": decoder.config})
 
 
 def compile_run(cfg: GenerationConfig, target: TpuTarget, devices, *, stages=STAGES,
                 compile_stages=None, uint8: bool = True, one_process: bool = False, reuse: dict | None = None,
-                expert_offload: bool = False) -> dict:
+                expert_offload: bool = False, export=None) -> dict:
     """Compiles the programs of `compile_stages` (default: all of `stages`) for a run of `cfg` (its mesh
     decided) on `target`; returns the metrics.json document. `one_process`: `stages` share a process
     (generate_flax.py), so each program's peak includes the other stages' weights, compiled or not. `reuse`: a
     dict kept across calls, so the text encoder's and the VAE's programs, which the DiT's sharding mode does not
     change, are compiled once per mesh. `expert_offload`: a two-expert model's idle expert is in host memory, not
-    beside the step."""
+    beside the step. `export`: a program directory every compiled program is written to (tpu_wan.runtime.programs)."""
     dp, tp = cfg.stage2.mesh
     mesh = make_mesh(dp, tp, devices)
     model_path = checkpoints.resolve_configs(cfg.model_id)
@@ -185,7 +232,7 @@ def compile_run(cfg: GenerationConfig, target: TpuTarget, devices, *, stages=STA
                         for name, (_, _, ideal) in b.programs.items()]
         else:
             compiled = [compile_program(name, jitted, args, ideal_flops=ideal, devices=mesh.size, held_bytes=held,
-                                        usable=usable)
+                                        usable=usable, export=export, settings=b.settings)
                         for name, (jitted, args, ideal) in b.programs.items()]
         if reuse is not None:
             reuse[key] = compiled
@@ -269,20 +316,22 @@ def not_fitting(metrics: dict) -> str | None:
     return None
 
 
-def compile_only(base: GenerationConfig, settings: Stage2Settings, topology_name: str, *, dp: int | None = None,
-                 tp: int | None = None, stages=STAGES, compile_stages=None, one_process: bool = False,
-                 uint8: bool = True, search_mesh: bool = False, expert_offload: bool = False) -> dict:
+def compile_only(base: GenerationConfig, settings: Stage2Settings, topology_name: str | None, *,
+                 dp: int | None = None, tp: int | None = None, stages=STAGES, compile_stages=None,
+                 one_process: bool = False, uint8: bool = True, search_mesh: bool = False, expert_offload: bool = False,
+                 export=None) -> dict:
     """The compile-only run of a script: `base` holds what stage 1 decides (model, prompts, text dtype; with
     `one_process` the model dtype, as generate_flax.py decides it), `settings` the stage-2 flags. With `search_mesh`,
     every (dp, tp, DiT sharding mode) the slice and the models allow is compiled (candidate_runs: both modes when
     `settings.sharding` is auto, so also the meshes only sequence sharding takes); without it, `--sharding auto`
     compiles both modes on the one mesh. Of several, the best document (rank: fits, then bytes sent, then peak)
     is returned, with the ranking under "mesh_search". `expert_offload`: a two-expert model's idle expert in host
-    memory."""
+    memory. `topology_name` None: for this process's own devices (LocalTarget). `export`: a program directory every
+    compiled program is written to, for runs to load (`--programs DIR`, tpu_wan.runtime.programs)."""
     from tpu_wan.run.pipeline import check_offload, resolve_stage2
     from tpu_wan.tpu.topology import parse_target
 
-    target = parse_target(topology_name)
+    target = LocalTarget.attached() if topology_name is None else parse_target(topology_name)
     devices = target.devices()
     model_path = checkpoints.resolve_configs(base.model_id)
     heads = {c: checkpoints.read_config(model_path, c, (key,))[key] if c in stages else None for c, key in
@@ -304,7 +353,7 @@ def compile_only(base: GenerationConfig, settings: Stage2Settings, topology_name
             cfg = cfg.replace(text_dtype=cfg.stage2.dtype)
         documents.append(compile_run(cfg, target, devices, stages=stages, uint8=uint8,
                                      compile_stages=compile_stages, one_process=one_process, reuse=reuse,
-                                     expert_offload=expert_offload))
+                                     expert_offload=expert_offload, export=export))
     ranked = rank(documents)
     best = ranked[0]
     if len(ranked) > 1:
@@ -326,9 +375,10 @@ def table(metrics: dict) -> str:
     t = metrics["target"]
     lines = [f"compiled for {t['topology']}: {t['devices']} x {t['device_kind']} on {t['hosts']} host(s)"
              + (" (more chips than one host: a multi-host slice, run with --distributed)" if t["hosts"] > 1 else "")
-             + f", {_bytes(t['hbm_bytes_per_device'])} HBM each ({_bytes(metrics['usable_bytes_per_device'])} for a "
-             "program, the compiler's limit); "
-             f"mesh dp={metrics['mesh']['dp']} tp={metrics['mesh']['tp']}"
+             + (f", {_bytes(t['hbm_bytes_per_device'])} of memory each; " if t["topology"].startswith("local") else
+                f", {_bytes(t['hbm_bytes_per_device'])} HBM each ({_bytes(metrics['usable_bytes_per_device'])} for a "
+                "program, the compiler's limit); ")
+             + f"mesh dp={metrics['mesh']['dp']} tp={metrics['mesh']['tp']}"
              + (f", DiT sharding {metrics['config']['sharding']}" if metrics["config"].get("sharding") else "")]
     rows = [("stage", "program", "compile s", "weights/dev", "peak/dev", "fits", "flops/ideal", "collectives/call",
              "sent/call")]

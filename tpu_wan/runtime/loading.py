@@ -24,6 +24,7 @@ from jax.sharding import NamedSharding
 
 from tpu_wan.core.errors import LoadError
 from tpu_wan.runtime import mesh as mesh_lib
+from tpu_wan.runtime import stacking
 
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "model.safetensors")
 INDEX_FILES = ("diffusion_pytorch_model.safetensors.index.json", "model.safetensors.index.json")
@@ -208,12 +209,15 @@ def _as_dtype(x: np.ndarray, dtype: np.dtype) -> np.ndarray:
 def place_model(buffers: Mapping[str, np.ndarray], expected: Mapping[str, tuple[tuple[int, ...], np.dtype]],
                 component_dir: Path, rules: Sequence, mesh, *, abstract: bool = False,
                 overrides: Mapping[str, np.ndarray] | None = None,
-                adjust: Mapping[str, Callable[[SliceKey, np.ndarray], np.ndarray]] | None = None) -> dict:
+                adjust: Mapping[str, Callable[[SliceKey, np.ndarray], np.ndarray]] | None = None,
+                layers: Sequence[str] = ()) -> dict:
     """A model's weights on the mesh: its computed buffers placed by their rules and its parameters read from
-    `component_dir` (load_sharded); with `abstract`, both as shapes and shardings only, nothing read."""
+    `component_dir` (load_sharded); with `abstract`, both as shapes and shardings only, nothing read. `layers`:
+    ModuleList paths whose members' weights are read per layer, then held as one [L, ...] array per family
+    (tpu_wan.runtime.stacking); `expected`, `overrides` and `adjust` name them per layer."""
     if abstract:
         shapes = {**{name: (b.shape, b.dtype) for name, b in buffers.items()}, **expected}
-        return mesh_lib.abstract_weights(shapes, rules, mesh)
+        return mesh_lib.abstract_weights(stacking.stack_shapes(shapes, layers), rules, mesh)
     weights = mesh_lib.shard_weights(buffers, rules, mesh)
     weights.update(load_sharded(expected, weight_files(component_dir), rules, mesh, overrides, adjust))
-    return weights
+    return stacking.stack_placed(weights, layers, rules, mesh)

@@ -23,6 +23,7 @@ COLUMN = P("tp", None)  # split output features
 ROW = P(None, "tp")  # split input features
 SPLIT = P("tp")  # a bias or norm scale that follows a column-parallel output
 REPLICATED = P()
+LAYER = "*"  # the layer index in a stacked family's name: "blocks.*.ffn.net.2.weight" is [L, ...]
 
 # (regex over the parameter name, spec). First match wins; unmatched parameters are replicated, and
 # tests/test_sharding.py fails if a large one is left unmatched (replicating it must be a rule of its own).
@@ -91,7 +92,12 @@ def check_heads(mesh: Mesh, num_heads: int, what: str) -> None:
 
 
 def spec_for(name: str, rules: Sequence[tuple[str, P]]) -> tuple[P, str | None]:
-    """The first rule matching `name`, and its pattern (None: replicated by default)."""
+    """The first rule matching `name`, and its pattern (None: replicated by default). A stacked family of per-layer
+    weights [L, ...] ("blocks.*.attn1.to_q.weight", tpu_wan.runtime.stacking) takes its layers' rule with the
+    layer axis unsplit, so each layer's slice is placed as that layer alone would be."""
+    if f".{LAYER}." in name:
+        spec, pattern = spec_for(name.replace(f".{LAYER}.", ".0.", 1), rules)
+        return P(None, *spec), pattern
     for pattern, spec in rules:
         if re.search(pattern, name):
             return spec, pattern

@@ -163,10 +163,13 @@ def remember_program(programs: dict, name: str, jitted, *args) -> None:
 def temp_bytes(programs: dict) -> int | None:
     """The largest XLA temp-buffer size per device among the remembered programs (activations, roughly).
 
-    Lowering again with the same abstract arguments hits jax's in-memory caches: no second compilation."""
+    Lowering again with the same abstract arguments hits jax's in-memory caches: no second compilation; a program
+    loaded from a program directory (tpu_wan.runtime.programs) answers itself."""
+    from tpu_wan.runtime.programs import loaded
+
     sizes = []
     for jitted, args in programs.values():
-        analysis = jitted.lower(*args).compile().memory_analysis()
+        analysis = (loaded(jitted, args) or jitted.lower(*args).compile()).memory_analysis()
         if analysis is not None:
             sizes.append(analysis.temp_size_in_bytes)
     return max(sizes, default=None)

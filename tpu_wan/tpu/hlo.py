@@ -3,8 +3,12 @@ refusal of a program that does not fit the chip's HBM (`out_of_memory`), and wha
 between devices and which custom calls it makes, read from its text (`compiled.as_text()`), per device and per
 call of the program.
 
-An instruction inside a while loop counts once per trip when XLA knows the trip count (`known_trip_count` in
-its backend config, as for a `lax.scan`), else once. Two counts of collective bytes, both per device:
+An instruction inside a while loop counts once per trip when its trip count is known: `known_trip_count` in the
+loop's backend config, or else read from the loop itself as a `lax.scan` / `fori_loop` compiles (XLA:TPU writes no
+`known_trip_count`): a condition `counter < N` (or <=, >, >=) against a constant, the counter's start a constant in
+the loop's initial tuple and its step a constant added in the body. A loop of unknown trip count counts once.
+XLA's cost analysis counts a loop body once whatever its trips: `program_numbers` adds the matmul, convolution and
+kernel flops of the trips it leaves out. Two counts of collective bytes, both per device:
 - `bytes`: the larger of what the op reads and what it writes (all-gather: the gathered result; reduce-scatter:
   the full input; all-reduce, all-to-all, collective-permute: their operand).
 - `traffic_bytes`: what one device sends in it over a group of n devices, as ring algorithms move data:
@@ -21,6 +25,8 @@ import math
 import re
 from collections import defaultdict
 
+from tpu_wan.tpu import hlo_flops
+
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
 DTYPE_BYTES = {
     "pred": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "f8e4m3b11fnuz": 1, "s4": 0.5, "u4": 0.5,
@@ -28,7 +34,7 @@ DTYPE_BYTES = {
     "c64": 8, "c128": 16,
 }
 _HEADER = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) \(.*\{\s*$")
-_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = (.+?) ([a-z][\w\-]*)\((.*)$")
+_INSTRUCTION = re.compile(r"^\s*(ROOT )?%([\w.\-]+) = (.+?) ([a-z][\w\-]*)\((.*)$")
 _ARRAY = re.compile(r"\b([a-z]\w*)\[([\d,]*)\]")
 _CALLEES = re.compile(r"\b(?:body|condition|calls|to_apply)=%([\w.\-]+)|branch_computations=\{([^}]*)\}")
 _TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
@@ -37,17 +43,23 @@ _LIST_GROUPS = re.compile(r"replica_groups=\{\{([\d,]*)\}")
 _IOTA_GROUPS = re.compile(r"replica_groups=\[\d+,(\d+)\]<=")
 _PARTITIONS = re.compile(r"\bnum_partitions=(\d+)")
 _CHAIN = re.compile(r'channel_id=(\d+).*?chain_id="(\d+)"')
+_CONSTANT = re.compile(r"^(-?\d+)\)")
+_INDEX = re.compile(r"\bindex=(\d+)")
+_DIRECTION = re.compile(r"\bdirection=(\w+)")
 
 
-def program_numbers(compiled) -> dict:
+def program_numbers(compiled, summary: dict | None = None) -> dict:
     """Per device, one call: XLA's memory analysis (bytes of arguments, outputs, aliased outputs, temporaries and
-    generated code) and its cost analysis (flops; a loop body counted once)."""
+    generated code) and its cost analysis's flops plus the matmul, convolution and kernel flops of the loop trips
+    it leaves out (`summary`'s "loop_trip_flops": summarize(compiled.as_text()), computed when not given)."""
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
+    summary = summarize(compiled.as_text()) if summary is None else summary
     return {"argument_bytes": mem.argument_size_in_bytes, "output_bytes": mem.output_size_in_bytes,
             "alias_bytes": mem.alias_size_in_bytes, "temp_bytes": mem.temp_size_in_bytes,
-            "generated_code_bytes": mem.generated_code_size_in_bytes, "flops": float(cost.get("flops", 0.0))}
+            "generated_code_bytes": mem.generated_code_size_in_bytes,
+            "flops": float(cost.get("flops", 0.0)) + summary["loop_trip_flops"]}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,13 +137,22 @@ def traffic(kind: str, read: int, written: int, n: int) -> float:
     return {"all-reduce": 2 * share * read, "all-gather": share * written}.get(kind, share * read)
 
 
-def summarize(hlo_text: str) -> dict:
-    """{"collectives": {kind: {"count", "bytes", "traffic_bytes"}}, "custom_calls": {target: count}} of one
-    call of the module."""
-    num_devices = int(m.group(1)) if (m := _PARTITIONS.search(hlo_text)) else 1
-    computations: list[tuple[str, list[tuple[str, str, str, str]]]] = []
-    types: dict[str, str] = {}
-    entry = None
+Instruction = tuple[str, str, str]  # (type text, op, the text after the op's opening parenthesis)
+
+
+@dataclasses.dataclass
+class _Module:
+    """An HLO module's text, parsed: its computations in text order with their instructions, every instruction by
+    name (names are unique in a module), each computation's ROOT and the entry computation."""
+
+    computations: list[tuple[str, list[str]]]
+    instructions: dict[str, Instruction]
+    roots: dict[str, str]
+    entry: str
+
+
+def _parse(hlo_text: str) -> _Module:
+    computations, instructions, roots, entry = [], {}, {}, None
     for line in hlo_text.splitlines():
         header = _HEADER.match(line)
         if header:
@@ -141,26 +162,120 @@ def summarize(hlo_text: str) -> dict:
             continue
         inst = _INSTRUCTION.match(line)
         if inst and computations:
-            name, type_text, op, rest = inst.groups()
-            types[name] = type_text
-            computations[-1][1].append((name, type_text, op, rest))
+            root, name, type_text, op, rest = inst.groups()
+            instructions[name] = (type_text, op, rest)
+            computations[-1][1].append(name)
+            if root:
+                roots[computations[-1][0]] = name
+    return _Module(computations, instructions, roots, entry or (computations[-1][0] if computations else ""))
+
+
+def _times(module: _Module, trips: bool) -> dict[str, int]:
+    """computation -> how many times one call of the module runs it: every loop body once per trip (`trips`, where
+    its trip count is known) or once (not `trips`: as XLA's cost analysis counts)."""
     times = defaultdict(int)
-    times[entry or (computations[-1][0] if computations else "")] = 1
+    times[module.entry] = 1
     # Callers come after their callees in the text, so walking it backwards settles each computation's count first.
-    for comp, instructions in reversed(computations):
-        for _, _, op, rest in instructions:
-            trips = int(m.group(1)) if op == "while" and (m := _TRIP_COUNT.search(rest)) else 1
+    for comp, names in reversed(module.computations):
+        for name in names:
+            _, op, rest = module.instructions[name]
+            n = (trip_count(module, rest) or 1) if trips and op == "while" else 1
             for called, branches in _CALLEES.findall(rest):
                 for callee in [called] if called else re.findall(r"%([\w.\-]+)", branches):
-                    times[callee] += times[comp] * trips
+                    times[callee] += times[comp] * n
+    return times
+
+
+def _through_copies(module: _Module, name: str) -> Instruction | None:
+    inst = module.instructions.get(name)
+    while inst and inst[1] in ("copy", "bitcast", "convert", "reshape") and (ops := _operands(inst[2])):
+        inst = module.instructions.get(ops[0])
+    return inst
+
+
+def _constant(module: _Module, name: str) -> int | None:
+    inst = _through_copies(module, name)
+    m = _CONSTANT.match(inst[2]) if inst and inst[1] == "constant" else None
+    return int(m.group(1)) if m else None
+
+
+def _tuple_index(module: _Module, name: str) -> int | None:
+    inst = _through_copies(module, name)
+    m = _INDEX.search(inst[2]) if inst and inst[1] == "get-tuple-element" else None
+    return int(m.group(1)) if m else None
+
+
+def trip_count(module: _Module, while_rest: str) -> int | None:
+    """The trip count of a while loop (the text after `while(`): its backend config's, else the counted loop's
+    (see the module docstring), else None."""
+    if m := _TRIP_COUNT.search(while_rest):
+        return int(m.group(1))
+    cond = re.search(r"\bcondition=%([\w.\-]+)", while_rest)
+    body = re.search(r"\bbody=%([\w.\-]+)", while_rest)
+    init = _operands(while_rest)
+    compare = module.instructions.get(module.roots.get(cond.group(1) if cond else "", ""))
+    if not (body and init and compare and compare[1] == "compare"):
+        return None
+    a, b = (_operands(compare[2]) + [None, None])[:2]
+    direction = _DIRECTION.search(compare[2])
+    flip = {"LT": "GT", "LE": "GE", "GT": "LT", "GE": "LE"}
+    if direction is None or direction.group(1) not in flip:
+        return None
+    direction = direction.group(1)
+    if _tuple_index(module, b) is not None:  # N > i: the same as i < N
+        a, b, direction = b, a, flip[direction]
+    index, limit = _tuple_index(module, a), _constant(module, b)
+    tuple_inst = _through_copies(module, init[0])
+    step_inst = module.instructions.get(module.roots.get(body.group(1), ""))
+    if index is None or limit is None or not tuple_inst or tuple_inst[1] != "tuple" or not step_inst:
+        return None
+    start = _constant(module, (_operands(tuple_inst[2]) + [None] * (index + 1))[index])
+    if step_inst[1] != "tuple" or start is None:
+        return None
+    add = _through_copies(module, (_operands(step_inst[2]) + [None] * (index + 1))[index])
+    terms = _operands(add[2]) if add and add[1] == "add" else []
+    steps = [_constant(module, t) for t in terms if _tuple_index(module, t) != index]
+    if len(terms) != 2 or len(steps) != 1 or not steps[0]:
+        return None
+    step, upward = steps[0], direction in ("LT", "LE")
+    if (step > 0) != upward:
+        return None
+    span = (limit - start if upward else start - limit) + direction.endswith("E")  # the counter values that pass
+    return max(0, -(-span // abs(step)))
+
+
+def _shape(type_text: str) -> list[int]:
+    m = _ARRAY.search(type_text)
+    return [int(d) for d in m.group(2).split(",") if d] if m else []
+
+
+def matmul_flops(module: _Module, name: str) -> int:
+    """Flops of one instruction that multiplies matrices (hlo_flops): a dot, a convolution (as XLA:TPU writes
+    matmuls) or a custom call whose backend config carries a cost estimate (a Pallas kernel's); 0 for any other."""
+    type_text, op, rest = module.instructions[name]
+    operands = [_shape(module.instructions[o][0]) for o in _operands(rest)[:2] if o in module.instructions]
+    return hlo_flops.flops(op, rest, _shape(type_text), operands)
+
+
+def summarize(hlo_text: str) -> dict:
+    """{"collectives": {kind: {"count", "bytes", "traffic_bytes"}}, "custom_calls": {target: count},
+    "loop_trip_flops": the matmul flops (matmul_flops) of loop trips after the first} of one call of the module."""
+    module = _parse(hlo_text)
+    num_devices = int(m.group(1)) if (m := _PARTITIONS.search(hlo_text)) else 1
+    types = {name: inst[0] for name, inst in module.instructions.items()}
+    times, once = _times(module, trips=True), _times(module, trips=False)
     collectives = {kind: {"count": 0, "bytes": 0, "traffic_bytes": 0} for kind in COLLECTIVES}
     custom_calls: dict[str, int] = defaultdict(int)
     chained = set()
-    for comp, instructions in computations:
+    loop_trip_flops = 0
+    for comp, names in module.computations:
         n = times[comp]
         if not n:
             continue
-        for _, type_text, op, rest in instructions:
+        for name in names:
+            type_text, op, rest = module.instructions[name]
+            if n > once[comp]:
+                loop_trip_flops += (n - once[comp]) * matmul_flops(module, name)
             kind = op.removesuffix("-start")
             if kind in COLLECTIVES and (chain := _CHAIN.search(rest)):
                 # XLA:TPU's async collective fusion (v5e) writes one collective into each fusion of its chain (the
@@ -179,4 +294,5 @@ def summarize(hlo_text: str) -> dict:
                 collectives[kind]["traffic_bytes"] += int(round(n * moved))
             elif op == "custom-call" and (target := re.search(r'custom_call_target="([^"]+)"', rest)):
                 custom_calls[target.group(1)] += n
-    return {"collectives": collectives, "custom_calls": dict(custom_calls)}
+    return {"collectives": collectives, "custom_calls": dict(custom_calls), "loop_trip_flops": loop_trip_flops}
+
