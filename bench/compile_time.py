@@ -72,7 +72,8 @@ def _commit(tree: Path) -> str:
 
 def table(documents: list[dict]) -> str:
     """One row per (case, program): compile seconds per label, the last label over the first, and the last
-    label's FLOPs and temporaries over the first's (the same program must compute the same)."""
+    label's FLOPs and temporaries over the first's (the same program must compute the same); a total per case of
+    the programs every label timed."""
     labels = list(dict.fromkeys(d["label"] for d in documents))
     cells: dict[tuple, dict[str, dict]] = {}
     for d in documents:
@@ -84,11 +85,12 @@ def table(documents: list[dict]) -> str:
     rows, totals = [], {}
     for (case, topology, stage, name), by_label in cells.items():
         row = [case, topology, stage, name]
-        for label in labels:
-            s = (by_label.get(label) or {}).get("compile_s")
-            row.append("" if s is None else f"{s:.1f}")
-            totals.setdefault((case, topology), {}).setdefault(label, 0.0)
-            totals[(case, topology)][label] += s or 0.0
+        seconds = [(by_label.get(label) or {}).get("compile_s") for label in labels]
+        row += ["" if s is None else f"{s:.1f}" for s in seconds]
+        if None not in seconds:  # totals compare programs timed under every label only
+            for label, s in zip(labels, seconds):
+                totals.setdefault((case, topology), {}).setdefault(label, 0.0)
+                totals[(case, topology)][label] += s
         first, last = by_label.get(labels[0]), by_label.get(labels[-1])
         if len(labels) > 1:
             if first and last and first["compile_s"] and last["compile_s"]:
@@ -100,7 +102,8 @@ def table(documents: list[dict]) -> str:
                 row += ["", "", ""]
         rows.append(row)
     for (case, topology), by_label in totals.items():
-        row = [case, topology, "all", "**total**", *(f"**{by_label.get(label, 0.0):.0f}**" for label in labels)]
+        row = [case, topology, "timed in all", "**total**",
+               *(f"**{by_label.get(label, 0.0):.0f}**" for label in labels)]
         if len(labels) > 1:
             row += [f"{by_label[labels[0]] / max(by_label[labels[-1]], 1e-9):.1f}x", "", ""]
         rows.append(row)
