@@ -348,18 +348,26 @@ def save_metrics(path: PathLike, metrics: Mapping[str, Any]) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
+def read_tagged_json(path: Path, schema: str, where: str | None = None) -> dict[str, Any]:
+    """A JSON object whose "schema" field must be `schema` (metrics.json, a program directory's index); refused in
+    one line prefixed by `where` (default: the path)."""
+    where = where or str(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ArtifactError(f"{where}: expected valid UTF-8 JSON, found {err}") from None
+    found = data.get("schema") if isinstance(data, dict) else type(data).__name__
+    if found != schema:
+        raise ArtifactError(f"{where}: expected schema {schema!r}, found {found!r}")
+    return data
+
+
 def load_metrics(path: PathLike) -> dict[str, Any]:
     """Read a metrics document, checking its schema tag."""
     path = Path(path)
     if not path.is_file():
         raise ArtifactError(f"expected a metrics file at {path}, found no such file")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ArtifactError(f"{path}: expected valid UTF-8 JSON, found {err}") from None
-    found = data.get("schema") if isinstance(data, dict) else type(data).__name__
-    if found != METRICS_SCHEMA:
-        raise ArtifactError(f"{path}: expected schema {METRICS_SCHEMA!r}, found {found!r}")
+    data = read_tagged_json(path, METRICS_SCHEMA)
     stages = data.get("stages", {})
     if not isinstance(stages, dict) or not all(isinstance(s, dict) for s in stages.values()):
         raise ArtifactError(f"{path}: expected 'stages' to map stage names to objects, found {stages!r:.80}")

@@ -62,13 +62,10 @@ def _read_index(folder: Path, flag: bool = False) -> dict:
     where = f"--programs {folder}" if flag else str(path)
     if not path.is_file():
         raise ArtifactError(f"{where}: expected {INDEX_FILE} (written by --compile_only --export DIR), found none")
-    try:
-        index = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ArtifactError(f"{where}: expected {INDEX_FILE} to be valid UTF-8 JSON, found {err}") from None
-    found = index.get("schema") if isinstance(index, dict) else type(index).__name__
-    if found != SCHEMA or not isinstance(index.get("programs"), dict):
-        raise ArtifactError(f"{where}: expected {INDEX_FILE} of schema {SCHEMA!r}, found {found!r}")
+    index = artifacts.read_tagged_json(path, SCHEMA, f"{where} ({INDEX_FILE})" if flag else where)
+    if not isinstance(index.get("programs"), dict):
+        raise ArtifactError(f"{where}: expected {INDEX_FILE} to map program names to entries, found "
+                            f"{index.get('programs')!r:.80}")
     return index
 
 
