@@ -43,7 +43,7 @@ def main(argv=None):
     parser.add_argument("--metrics", default=None, metavar="PATH",
                         help="default: metrics.json in the folder the videos go to")
     cli.add_preview_arg(parser)
-    cli.add_vae_dtype_arg(parser)
+    cli.add_vae_args(parser)
     cli.add_mesh_args(parser)
     cli.add_compile_args(parser)
     args = parser.parse_args(argv)
@@ -69,7 +69,7 @@ def main(argv=None):
         metrics = aot.compile_only(base, settings, args.topology, dp=args.dp, tp=args.tp, one_process=True,
                                    compile_stages=tuple(args.compile_stages), uint8=not args.save_intermediates,
                                    search_mesh=args.search_mesh, expert_offload=args.expert_offload,
-                                   export=args.export)
+                                   export=args.export, vae_conv=args.vae_conv)
         folder = Path(args.output_dir or (Path(args.output_video).parent if args.output_video else "."))
         return cli.finish_compile_only(metrics, args.metrics or folder / artifacts.METRICS_FILE)
     several = len(prompts) * len(settings.seeds) > 1
@@ -77,7 +77,7 @@ def main(argv=None):
     result = oneshot.generate(
         args.model_id, prompts, args.negative_prompt, settings,
         max_sequence_length=args.max_sequence_length, fps=args.fps, vae_dtype=args.vae_dtype,
-        dp=args.dp, tp=args.tp,
+        vae_conv=args.vae_conv, dp=args.dp, tp=args.tp,
         warmup_steps=args.warmup_steps, output_video=output_video,
         output_dir=args.output_dir or (stamp if several else None),
         save_intermediates=args.save_intermediates, num_iterations=args.num_iterations, profile_dir=args.profile,

@@ -38,8 +38,8 @@ RUNS = {
     "ti2v-5b-704p-v6e-1": (WAN22 + "TI2V-5B-Diffusers", 704, 1280, 121, "v6e-1"),
 }
 SMOKE = ("tiny-random-a14b", 32, 64, 9, "v5e-4")
-PROGRAMS = {"encode": "UMT5 encode", "step": "denoising step", "first": "VAE frame 0", "rest": "VAE scan over the "
-            "other latent frames", "to_uint8": "frames to uint8"}
+PROGRAMS = {"encode": "UMT5 encode", "step": "denoising step", "decode": "VAE decode (scan over the latent frames)",
+            "to_uint8": "frames to uint8"}
 
 
 def block_of(run: str) -> str:

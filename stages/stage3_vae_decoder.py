@@ -24,7 +24,7 @@ def main(argv=None):
     parser.add_argument("--fps", type=int, default=None, help="default: from the config, else 16")
     parser.add_argument("--save_frames", action="store_true", help="also write the float frames losslessly")
     cli.add_preview_arg(parser)
-    cli.add_vae_dtype_arg(parser)
+    cli.add_vae_args(parser)
     cli.add_mesh_args(parser)
     args = parser.parse_args(argv)
     if args.fps is not None and args.fps <= 0:
@@ -35,7 +35,8 @@ def main(argv=None):
 
     result = pipeline.run_stage3(
         args.input_dir, output_video=args.output_video, output_dir=args.output_dir, fps=args.fps,
-        save_frames=args.save_frames, vae_dtype=args.vae_dtype, dp=args.dp, tp=args.tp, preview=args.preview,
+        save_frames=args.save_frames, vae_dtype=args.vae_dtype, vae_conv=args.vae_conv, dp=args.dp, tp=args.tp,
+        preview=args.preview,
     )
     cli.say(profiling.table(result.metrics, only="vae"))
     cli.say("stage 3: " + ", ".join(str(p) for p in result.videos))

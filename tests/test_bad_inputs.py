@@ -317,6 +317,11 @@ def test_stage3_bad_fps(stage2_dir, tmp_path):
     _refused(STAGE3, "--input_dir", folder, "--fps", "0", folder=folder, expect=["--fps must be > 0", "found 0"])
 
 
+def test_stage3_unknown_vae_conv(stage2_dir, tmp_path):
+    folder = _copy_tree(stage2_dir, tmp_path)
+    _refused(STAGE3, "--input_dir", folder, "--vae_conv", "cudnn", folder=folder, expect=["invalid choice: 'cudnn'"])
+
+
 def test_generate_bad_iterations(tmp_path):
     _refused(GENERATE, "--model_id", "tiny-random", "--num_iterations", "0", "--output_video", tmp_path / "v.mp4",
              folder=tmp_path, expect=["--num_iterations must be >= 1", "found 0"])

@@ -43,10 +43,10 @@ def test_compile_time_smoke():
 
 @needs_libtpu
 def test_memory_per_program_smoke(tmp_path):
-    # The tiny two-expert model in one process on v5e-4: encode, step, VAE frame 0, VAE scan, uint8, all fit; the
-    # step holds the idle expert beside it, one expert's weights as its arguments.
+    # The tiny two-expert model in one process on v5e-4: encode, step, VAE decode, uint8, all fit; the step holds
+    # the idle expert beside it, one expert's weights as its arguments.
     out = run(ROOT / "bench" / "memory_per_program.py", "--smoke", "--out", tmp_path).stdout
-    assert out.splitlines()[-1] == "runs 1 fits 1 programs 5", out[-2000:]
+    assert out.splitlines()[-1] == "runs 1 fits 1 programs 4", out[-2000:]
     transformer = json.loads((tmp_path / "smoke.json").read_text())["stages"]["transformer"]
     idle, step = transformer["idle_expert_bytes_per_device"], transformer["compiled"][0]
     assert 0 < idle == transformer["weights_bytes_per_device"] / 2

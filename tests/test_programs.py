@@ -19,7 +19,7 @@ PROMPT = ("--model_id", "tiny-random", "--prompt", "a cat", "--negative_prompt",
 SIZE = ("--height", "32", "--width", "32", "--frames", "5", "--num_inference_steps", "2", "--sharding", "megatron")
 MESH = ("--dp", "2", "--tp", "4")
 # What a run of PROMPT at SIZE on MESH compiles: stage 3 without --save_frames converts to uint8 on device.
-RUN_PROGRAMS = {"encode (2, 512)", "step cfg=True", "first", "rest", "to_uint8"}
+RUN_PROGRAMS = {"encode (2, 512)", "step cfg=True", "decode", "to_uint8"}
 OUTPUTS = (artifacts.EMBEDDINGS_FILE, artifacts.LATENTS_FILE, artifacts.VIDEO_FILE)
 STAGE1_FILES = (artifacts.EMBEDDINGS_FILE, artifacts.CONFIG_FILE)
 

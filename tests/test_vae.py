@@ -11,8 +11,9 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 from safetensors.numpy import load_file, save_file
 
+from tpu_wan.core.errors import UserError
 from tpu_wan.models.vae import WEIGHTS_FILE, VaeDecoder, activation_sharding, decoder_keys, load_config, load_params
-from tpu_wan.models.vae_modules import WanVaeDecoder, torch_key
+from tpu_wan.models.vae_modules import ResidualRun, WanVaeDecoder, torch_keys
 from tpu_wan.runtime.mesh import make_mesh
 
 FRAME_COUNTS = (1, 2, 3, 5, 9)  # 1: frame 0 alone; 2: the 'Rep' time_conv step; >= 3: caches carried on
@@ -180,18 +181,22 @@ def test_small_latents_on_small_meshes_decode_as_unsharded(tiny_path, tiny_decod
 
 
 def test_frame_count_changes_only_the_loop_trip_count(tiny_path):
-    # Latent frames 1.. run as one scan whose body does not depend on F: the compiled programs for 5 and 17
-    # latent frames hold the same instructions in one while loop (unrolled, 17 frames would hold ~4x as many),
-    # so compile time and program size stay flat as videos get longer.
+    # All latent frames run as one scan whose body does not depend on F, and each run of same-width residual blocks
+    # as a loop inside it: the compiled programs for 5 and 17 latent frames hold the same instructions (unrolled,
+    # 17 frames would hold ~4x as many), so compile time and program size stay flat as videos get longer.
     decoder = VaeDecoder(tiny_path, _mesh())
+    model = nnx.merge(decoder._graphdef, decoder.params)
+    runs = [m.count for _, m in nnx.iter_graph(model) if isinstance(m, ResidualRun)]
+    assert sorted(runs) == [1, 1, 2, 2]  # the tiny VAE's up blocks (num_res_blocks=1: runs of 2, or 1 after a widening)
     programs = {}
     for f in (5, 17):
-        jitted, args = decoder.programs_for((1, 16, f, 2, 2), uint8=False)["rest"]
+        jitted, args = decoder.programs_for((1, 16, f, 2, 2), uint8=False)["decode"]
         text = jitted.lower(*args).compile().as_text()
         programs[f] = (sum(1 for line in text.splitlines() if re.match(r"\s+(ROOT )?%\S+ = ", line)),
-                       text.count(" while("))
-    print("compiled scan program (instructions, while loops):", programs)
-    assert programs[17] == programs[5] and programs[5][1] == 1
+                       text.count(" while("), text.count(" convolution("))
+    print("compiled decode program (instructions, while loops, convolutions):", programs)
+    # The frame loop and a loop per run of two blocks (XLA inlines a loop of one trip).
+    assert programs[17] == programs[5] and programs[5][1] == 1 + runs.count(2)
 
 
 @pytest.mark.parametrize("which", ["tiny", "real"])
@@ -199,7 +204,7 @@ def test_every_weight_used_once_and_every_param_filled(which, tiny_path, real_pa
     path = tiny_path if which == "tiny" else real_path
     decoder = VaeDecoder(path, _mesh())
     params = list(nnx.to_flat_state(decoder.params))
-    keys = [torch_key(p) for p, _ in params]
+    keys = [key for p, v in params for key in torch_keys(p, v.shape)]
     assert len(set(keys)) == len(keys), "two parameters read the same weight"
     assert sorted(keys) == decoder_keys(path / "vae" / WEIGHTS_FILE)  # and every decoder weight is read
     shapes = {p: v.shape for p, v in nnx.to_flat_state(_abstract_params(decoder.config))}
@@ -299,9 +304,9 @@ def test_ti2v_vae_matches_diffusers(ti2v_decoder, ti2v_oracle):
     np.testing.assert_array_equal(ours[f_min], ours[f_max][:, : ours[f_min].shape[1]])
 
 
-def _prefix_errs(ours, ref):
+def _prefix_errs(ours, ref, counts=TI2V_FRAME_COUNTS):
     """Max abs error of each latent frame count's frames, from one decode of the most."""
-    return {f: _max_err(ours[:, : 4 * (f - 1) + 1], ref[:, : 4 * (f - 1) + 1]) for f in TI2V_FRAME_COUNTS}
+    return {f: _max_err(ours[:, : 4 * (f - 1) + 1], ref[:, : 4 * (f - 1) + 1]) for f in counts}
 
 
 def test_ti2v_bfloat16_close_to_diffusers_float32(ti2v_vae, ti2v_oracle):
@@ -335,7 +340,8 @@ def test_ti2v_real_config_params_are_diffusers_decoder(ti2v_vae):
     with accelerate.init_empty_weights():
         theirs = {k: tuple(v.shape) for k, v in AutoencoderKLWan(**config).state_dict().items()
                   if k.startswith(("decoder.", "post_quant_conv."))}
-    ours = {torch_key(path): v.shape for path, v in nnx.to_flat_state(_abstract_params(config))}
+    ours = {key: v.shape[len(keys) > 1:] for path, v in nnx.to_flat_state(_abstract_params(config))
+            for keys in [torch_keys(path, v.shape)] for key in keys}
     assert sorted(ours) == sorted(theirs)
     for key, shape in theirs.items():  # a zero-strided stand-in of the torch tensor: no memory
         assert to_jax_layout(np.broadcast_to(np.float32(0), shape), ours[key]).shape == ours[key], key
@@ -359,3 +365,38 @@ def test_weights_of_another_vae_kind_are_refused(tiny_path, ti2v_vae, tmp_path):
     with pytest.raises(ValueError, match=r"expected out_channels = 3 x patch_size\^2 = 12 \(RGB pixels\), found "
                                          r"out_channels=3 patch_size=2"):
         WanVaeDecoder({**ti2v_vae[1].config, "out_channels": 3})
+
+
+# The Pallas convolution (tpu_wan.kernels.causal_conv, interpreted on this CPU; TPU runs take it by default): the
+# same decode against diffusers, on one device and split over meshes, where it exchanges the halo itself.
+
+
+@pytest.mark.parametrize("mesh", [(1, 1), (2, 4), (1, 4)], ids=lambda m: f"mesh{m[0]}x{m[1]}")
+def test_pallas_conv_decode_matches_diffusers(tiny_path, tiny_oracle, mesh):
+    # 2x4: W over all 8 devices, then over tp once the latents are narrower; 1x4 with latents 8x6: W does not
+    # divide, H is split (rows exchanged instead of columns).
+    latents, ref = tiny_oracle
+    decoder = VaeDecoder(tiny_path, _mesh(*mesh), conv="pallas")
+    ours = decoder.decode(latents)
+    errs = _prefix_errs(ours, ref[max(FRAME_COUNTS)], FRAME_COUNTS)
+    print(f"pallas conv on {mesh}: max abs err per latent frame count:", errs)
+    assert max(errs.values()) <= VAE_F32_ATOL, errs
+    if mesh == (1, 4):
+        h_split = _latents(2, (8, 6), seed=3)
+        err = _max_err(decoder.decode(h_split), VaeDecoder(tiny_path, _mesh(), conv="xla").decode(h_split))
+        print(f"8x6 latents, H split over 4: max abs diff from XLA's convolution {err:.2e}")
+        assert err <= VAE_SHARDED_ATOL
+
+
+def test_ti2v_pallas_conv_decode_matches_diffusers(ti2v_vae, ti2v_oracle):
+    latents, ref = ti2v_oracle
+    ours = VaeDecoder(ti2v_vae[0], _mesh(2, 4), conv="pallas").decode(latents)
+    errs = _prefix_errs(ours, ref[max(TI2V_FRAME_COUNTS)])
+    print("Wan 2.2 pallas conv on 2x4: max abs err per latent frame count:", errs)
+    assert max(errs.values()) <= VAE_F32_ATOL, errs
+
+
+def test_unknown_conv_is_refused(tiny_path):
+    with pytest.raises(UserError, match=r"vae conv: expected one of \['auto', 'xla', 'pallas'\], found 'cudnn'"):
+        VaeDecoder(tiny_path, _mesh(), conv="cudnn")
+    assert VaeDecoder(tiny_path, _mesh()).conv == "xla"  # auto on CPU devices

@@ -254,9 +254,12 @@ def prompts_from(args: argparse.Namespace) -> list[str]:
     return read_prompt_file(args.prompt_file) if args.prompt_file else [args.prompt]
 
 
-def add_vae_dtype_arg(p: argparse.ArgumentParser) -> None:
+def add_vae_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vae_dtype", default="float32", choices=DTYPES,
                    help="VAE decoder dtype: float32 matches diffusers exactly, bfloat16 is faster on TPU")
+    p.add_argument("--vae_conv", default="auto", choices=("auto", "xla", "pallas"),
+                   help="the VAE's convolutions: auto (the Pallas kernel on TPU, which compiles ~10x faster; XLA's "
+                        "elsewhere), xla or pallas")
 
 
 def add_preview_arg(p: argparse.ArgumentParser) -> None:

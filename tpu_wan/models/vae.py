@@ -8,9 +8,11 @@ are not read). De-normalisation and post-processing follow diffusers' WanPipelin
 + mean, decode, unpatchify for Wan 2.2, clamp to [-1, 1], x * 0.5 + 0.5 clamped to [0, 1]), so float32 frames
 match diffusers to float32 rounding.
 
-T = 4 (F - 1) + 1: latent frame 0 decodes alone to one frame; the other latent frames run in a `lax.scan`
-whose carry is the causal caches (last two input frames of every temporal conv), four frames per step. The
-scan body is compiled once, so compile time does not grow with the frame count.
+T = 4 (F - 1) + 1: one program, a `lax.scan` over the latent frames whose carry is the causal caches (last two
+input frames of every temporal conv), four frames per trip, of which latent frame 0 (the first trip) keeps one.
+The decoder is compiled once, for all frames and whatever their count; inside it each run of same-width residual
+blocks is a loop too (vae_modules.ResidualRun). XLA:TPU spends tens of seconds of compile time on every 3D
+convolution of a program, whatever its size, so the count of convolutions in the program is its compile time.
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ from jax.sharding import PartitionSpec as P
 
 from tpu_wan.core.config import DTYPES
 from tpu_wan.core.errors import UserError
-from tpu_wan.models.vae_modules import WanVaeDecoder, to_jax_layout, torch_key
+from tpu_wan.models import vae_conv
+from tpu_wan.models.vae_modules import WanVaeDecoder, to_jax_layout, torch_keys
 from tpu_wan.runtime import distributed, profiling, programs
 from tpu_wan.runtime import mesh as mesh_lib
 
@@ -103,22 +106,26 @@ def load_params(abstract: nnx.State, weights_file: Path, dtype, sharding,
     from safetensors import safe_open
 
     flat = nnx.to_flat_state(abstract)
-    wanted = {torch_key(path): (path, var) for path, var in flat}
-    if len(wanted) != len(flat):
+    wanted = {path: torch_keys(path, var.shape) for path, var in flat}
+    keys = [key for path_keys in wanted.values() for key in path_keys]
+    if len(set(keys)) != len(keys):
         raise AssertionError("vae: two parameters map to the same torch key")  # a bug in KEY_RENAMES
     present = set(decoder_keys(weights_file))
-    if present != set(wanted):
+    if present != set(keys):
         raise UserError(
-            f"vae weights {weights_file}: expected keys missing {_first(set(wanted) - present)}, "
-            f"unused decoder keys {_first(present - set(wanted))} (is this {kind}?)"
+            f"vae weights {weights_file}: expected keys missing {_first(set(keys) - present)}, "
+            f"unused decoder keys {_first(present - set(keys))} (is this {kind}?)"
         )
     filled = []
     with safe_open(weights_file, framework="numpy") as f:
-        for key, (path, var) in wanted.items():
+        for path, var in flat:
+            path_keys = wanted[path]
+            shape = var.shape if len(path_keys) == 1 else var.shape[1:]  # a ResidualRun's: one row per block
             try:
-                value = to_jax_layout(f.get_tensor(key), var.shape).astype(dtype)
+                rows = [to_jax_layout(f.get_tensor(key), shape).astype(dtype) for key in path_keys]
             except ValueError as err:
-                raise UserError(f"vae weights {weights_file}: {key}: {err}") from None
+                raise UserError(f"vae weights {weights_file}: {path_keys[0]}: {err}") from None
+            value = rows[0] if len(path_keys) == 1 else np.stack(rows)
             filled.append((path, var.replace(jax.device_put(value, sharding))))
     return nnx.from_flat_state(filled)
 
@@ -131,15 +138,17 @@ MIN_SHARD = 2
 
 
 def activation_sharding(mesh, shape: tuple[int, ...], grid: tuple[int, int] | None = None) -> NamedSharding:
-    """[V T H W C] activations: V over dp where it divides, W over the remaining mesh axes (all of them, or tp
-    alone) where the latent width divides, else H where the latent height does; replicated otherwise. The partitioner
-    adds the conv halo exchanges.
+    """[... V T H W C] activations (leading axes, such as a residual run's stacked caches, unsplit): V over dp where
+    it divides, W over the remaining mesh axes (all of them, or tp alone) where the latent width divides, else H where
+    the latent height does; replicated otherwise. The partitioner adds the conv halo exchanges (vae_conv's Pallas
+    convolution its own).
 
     `grid`: the latents' (H, W), which decides the layout of every layer of one decode (default: `shape`'s own). The
     decoder only upsamples, so each layer's H and W are multiples of the latents' and one layout serves them all,
     with no resharding between layers (the trained sizes' latent widths, 104, 160 and 80, split over 8 chips at the
     latent resolution already). A split gives every device at least MIN_SHARD latent rows or columns."""
-    n, _, h, w, _ = shape
+    lead = (None,) * (len(shape) - 5)
+    n, _, h, w, _ = shape[-5:]
     h, w = grid or (h, w)
     batch = "dp" if mesh.shape["dp"] > 1 and n % mesh.shape["dp"] == 0 else None
     for axes in [("tp",)] if batch else [("dp", "tp"), ("tp",)]:
@@ -147,20 +156,24 @@ def activation_sharding(mesh, shape: tuple[int, ...], grid: tuple[int, int] | No
         if size == 1:
             continue
         if w % size == 0 and w // size >= MIN_SHARD:
-            return NamedSharding(mesh, P(batch, None, None, axes, None))
+            return NamedSharding(mesh, P(*lead, batch, None, None, axes, None))
         if h % size == 0 and h // size >= MIN_SHARD:
-            return NamedSharding(mesh, P(batch, None, axes, None, None))
-    return NamedSharding(mesh, P(batch))
+            return NamedSharding(mesh, P(*lead, batch, None, axes, None, None))
+    return NamedSharding(mesh, P(*lead, batch))
 
 
 class VaeDecoder:
     """AutoencoderKLWan's decoder loaded once onto a mesh (weights replicated, activations split over it)."""
 
-    def __init__(self, model_path: Path, mesh, dtype: str = "float32", *, abstract: bool = False):
+    def __init__(self, model_path: Path, mesh, dtype: str = "float32", *, abstract: bool = False, conv: str = "auto"):
         """`abstract`: no weights read, only their shapes and shardings, to compile the decoder for a slice that
-        is not attached (tpu_wan.run.aot)."""
+        is not attached (tpu_wan.run.aot). `conv`: the 3x3x3 convolutions' implementation, vae_conv.CONVS or auto
+        (the Pallas kernel on TPU chips, XLA's elsewhere; on CPU the kernel runs interpreted, for tests)."""
         if dtype not in DTYPES:
             raise UserError(f"vae dtype: expected one of {list(DTYPES)}, found {dtype!r}")
+        if conv not in ("auto", *vae_conv.CONVS):
+            raise UserError(f"vae conv: expected one of {['auto', *vae_conv.CONVS]}, found {conv!r}")
+        self.conv = vae_conv.resolve(conv, mesh)
         vae_path = Path(model_path) / "vae"
         self.config = load_config(vae_path)
         self.mesh = mesh
@@ -175,10 +188,7 @@ class VaeDecoder:
         self._mean = np.asarray(self.config.latents_mean, np.float32).reshape(1, -1, 1, 1, 1)
         # WanPipeline divides by 1 / std (not multiplies by std); the same here, for bit-faithfulness.
         self._inv_std = 1.0 / np.asarray(self.config.latents_std, np.float32).reshape(1, -1, 1, 1, 1)
-        # Two programs: latent frame 0 (its shapes do not depend on F, so it compiles once per video size) and
-        # the scan over the other frames (compiled per F, at a cost that does not grow with F).
-        self._first = jax.jit(self._decode_first)
-        self._rest = jax.jit(self._decode_rest)
+        self._decode = jax.jit(self._decode_frames)  # one program per latents shape
         self.programs = {}  # what ran, for profiling.temp_bytes
         self.compile_s: dict[str, float] = {}  # program -> seconds jax spent compiling it (profiling.compiling)
 
@@ -188,66 +198,73 @@ class VaeDecoder:
         grid = tuple(latents_shape[-2:])
         return lambda x: jax.lax.with_sharding_constraint(x, activation_sharding(self.mesh, x.shape, grid))
 
+    def _conv(self, latents_shape: tuple[int, ...]) -> vae_conv.Conv:
+        """The convolution of every layer of a decode of latents [V C F H W], for the activations' layout."""
+        if self.conv == "xla":
+            return vae_conv.xla_conv
+        grid, interpret = tuple(latents_shape[-2:]), self.mesh.devices.flat[0].platform != "tpu"
+        return lambda x, *args: vae_conv.pallas_conv(  # noqa: E731
+            self.mesh, activation_sharding(self.mesh, x.shape, grid).spec, interpret=interpret)(x, *args)
+
     def _latents(self, latents: jax.Array, constrain) -> jax.Array:  # [V C F H W] normalised -> [V F H W C]
         z = latents / self._inv_std + self._mean  # float32, diffusers' de-normalisation
         return constrain(z.transpose(0, 2, 3, 4, 1).astype(self.dtype))
 
-    def _decode_first(self, params: nnx.State, latents: jax.Array):  # [V C 1 H W] -> [V 1 Hp Wp 3], caches
-        # first=True: the temporal upsamplers skip time_conv and Wan 2.2's shortcuts keep one frame of each
-        # frame's copies, so latent frame 0 decodes to one frame (diffusers' 'Rep' and first_chunk).
+    def _decode_frames(self, params: nnx.State, latents: jax.Array) -> jax.Array:
+        """Frames [V 3 T Hp Wp] in [0, 1], channels first, for normalised latents [V C F H W]: latent frame f as trip f
+        of a scan whose carry is the causal caches (from zeros) and the video, each trip writing its frames in place.
+        Channels first, and written in place rather than stacked by the scan: the TPU's (8, 128) tiling pads a minor
+        axis of 3 RGB channels to 128 lanes, and a stacked output took the decoder's last layout (4 GiB at 480p x 81
+        on 4 chips against 0.1); `decode` puts the channels last on the host."""
         model = nnx.merge(self._graphdef, params)
-        constrain = self._layout(latents.shape)
-        video, caches = model(self._latents(latents, constrain), None, first=True, constrain=constrain)
-        return video, caches
+        constrain, conv = self._layout(latents.shape), self._conv(latents.shape)
+        z = self._latents(latents, constrain).swapaxes(0, 1)[:, :, None]  # [F V 1 H W C]
 
-    def _decode_rest(self, params: nnx.State, video: jax.Array, caches, latents: jax.Array) -> jax.Array:
-        """Frames [V T Hp Wp 3] in [0, 1] from frame 0's video [V 1 Hp Wp 3] and caches, latents [V C F-1 H W]."""
-        model = nnx.merge(self._graphdef, params)
-        constrain = self._layout(latents.shape)
+        def decode(caches, z_f, first):
+            return model(z_f, caches, first=first, constrain=constrain, conv=conv)
 
-        def step(caches, z_f):  # z_f [V H W C] -> new caches, [V 4 Hp Wp 3]
-            frames, caches = model(z_f[:, None], caches, first=False, constrain=constrain)
-            return caches, frames
+        _, before_first = jax.eval_shape(decode, None, z[0], True)  # caches None: zeros, the caches shapes
+        caches = jax.tree.map(lambda c: constrain(jnp.zeros(c.shape, c.dtype)), before_first)
 
-        if latents.shape[2]:
-            _, rest = jax.lax.scan(step, caches, self._latents(latents, constrain).swapaxes(0, 1))  # [F-1 N 4 H W 3]
-            n, _, h, w, c = video.shape
-            rest = rest.swapaxes(0, 1).reshape(n, -1, h, w, c)  # [V 4(F-1) Hp Wp 3], frames in time order
-            video = jnp.concatenate([video, rest], axis=1)  # [V T Hp Wp 3]
-        return jnp.clip(video.astype(jnp.float32) * 0.5 + 0.5, 0.0, 1.0)  # WanPipeline's postprocess
+        # Trip f's 4 frames are video frames 4f - 3 .. 4f; trip 0's are frame 0 and 3 the next trip overwrites.
+        z0, _ = jax.eval_shape(decode, None, z[0], True)
+        n, per_trip, *frame, c = z0.shape
+        f = z.shape[0]
+        video = jnp.zeros((n, c, max(per_trip * (f - 1) + 1, per_trip), *frame), jnp.float32)
 
-    def compile_seconds(self, latents_shape: tuple[int, ...], first: bool = True) -> float:
-        """Seconds to lower and compile the decode programs for float32 latents of `latents_shape`: both, or
-        with first=False only the scan over latent frames 1.. (frame 0's program does not depend on F)."""
+        def step(carry, xs):
+            caches, video, f = carry
+            frames, caches = decode(caches, *xs)
+            start = jnp.maximum(per_trip * f - (per_trip - 1), 0)
+            frames = jnp.moveaxis(frames, -1, 1).astype(jnp.float32)  # [V 3 4 Hp Wp]
+            video = jax.lax.dynamic_update_slice_in_dim(video, frames, start, 2)
+            return (caches, video, f + 1), None
+
+        (_, video, _), _ = jax.lax.scan(step, (caches, video, 0), (z, jnp.arange(f) == 0))
+        video = video[:, :, :per_trip * (f - 1) + 1]  # [V 3 T Hp Wp]
+        return jnp.clip(video * 0.5 + 0.5, 0.0, 1.0)  # WanPipeline's postprocess
+
+    def compile_seconds(self, latents_shape: tuple[int, ...]) -> float:
+        """Seconds to lower and compile the decode program for float32 latents of `latents_shape`."""
         start = time.perf_counter()
-        lowered = self._first.lower(self.params, self._abstract_latents(latents_shape, 1))
-        if first:
-            lowered.compile()
-        else:
-            start = time.perf_counter()
-        video, caches = lowered.out_info
-        rest = self._abstract_latents(latents_shape, latents_shape[2] - 1)
-        self._rest.lower(self.params, video, caches, rest).compile()
+        self._decode.lower(self.params, self._abstract_latents(latents_shape)).compile()
         return time.perf_counter() - start
 
     def programs_for(self, latents_shape: tuple[int, ...], *, uint8: bool) -> dict:
         """name -> (jitted, abstract arguments) of each program `decode` runs for latents [V C F H W] (with
         `uint8`, the on-device conversion too), as remember_program records them."""
-        # Frame 0's video and caches, and the frames, carry the activation sharding their constraints give them.
-        grid = tuple(latents_shape[-2:])
-        placed = lambda a: jax.ShapeDtypeStruct(  # noqa: E731
-            a.shape, a.dtype, sharding=activation_sharding(self.mesh, a.shape, grid))
-        first = self._abstract_latents(latents_shape, 1)
-        video, caches = jax.tree.map(placed, self._first.eval_shape(self.params, first))
-        rest = self._abstract_latents(latents_shape, latents_shape[2] - 1)
-        programs = {"first": (self._first, (self.params, first)),
-                    "rest": (self._rest, (self.params, video, caches, rest))}
+        latents = self._abstract_latents(latents_shape)
+        programs = {"decode": (self._decode, (self.params, latents))}
         if uint8:
-            programs["to_uint8"] = (_to_uint8, (placed(self._rest.eval_shape(self.params, video, caches, rest)),))
+            frames = self._decode.eval_shape(self.params, latents)  # [V 3 T Hp Wp], split as its layers' W (or H)
+            v, c, t, h, w = frames.shape
+            spec = activation_sharding(self.mesh, (v, t, h, w, c), tuple(latents_shape[-2:])).spec
+            spec = P(*spec, *([None] * (5 - len(spec))))
+            placed = NamedSharding(self.mesh, P(spec[0], spec[4], spec[1], spec[2], spec[3]))
+            programs["to_uint8"] = (_to_uint8, (jax.ShapeDtypeStruct(frames.shape, frames.dtype, sharding=placed),))
         return programs
 
-    def _abstract_latents(self, shape, frames: int) -> jax.ShapeDtypeStruct:
-        shape = (*shape[:2], frames, *shape[3:])
+    def _abstract_latents(self, shape) -> jax.ShapeDtypeStruct:
         return jax.ShapeDtypeStruct(shape, jnp.float32, sharding=self._input_sharding(shape))
 
     def _input_sharding(self, shape) -> NamedSharding:
@@ -259,17 +276,14 @@ class VaeDecoder:
         latents = np.asarray(latents, np.float32)
         if latents.ndim != 5 or latents.shape[1] != self.config.z_dim:
             raise UserError(f"vae latents: expected [V, {self.config.z_dim}, F, H, W], found {list(latents.shape)}")
-        first, rest = (jax.device_put(x, self._input_sharding(x.shape)) for x in (latents[:, :, :1], latents[:, :, 1:]))
-        with profiling.compiling(self.compile_s, "first"):
-            video, caches = programs.call("first", self._first, self.params, first, model=self.config)
-        with profiling.compiling(self.compile_s, "rest"):
-            frames = programs.call("rest", self._rest, self.params, video, caches, rest, model=self.config)
-        profiling.remember_program(self.programs, "first", self._first, self.params, first)
-        profiling.remember_program(self.programs, "rest", self._rest, self.params, video, caches, rest)
+        latents = jax.device_put(latents, self._input_sharding(latents.shape))
+        with profiling.compiling(self.compile_s, "decode"):
+            frames = programs.call("decode", self._decode, self.params, latents, model=self.config, conv=self.conv)
+        profiling.remember_program(self.programs, "decode", self._decode, self.params, latents)
         if uint8:
             with profiling.compiling(self.compile_s, "to_uint8"):
-                frames = programs.call("to_uint8", _to_uint8, frames, model=self.config)
-        return distributed.to_host(frames)
+                frames = programs.call("to_uint8", _to_uint8, frames, model=self.config, conv=self.conv)
+        return np.moveaxis(distributed.to_host(frames), 1, -1)  # [V T Hp Wp 3]
 
 
 @jax.jit

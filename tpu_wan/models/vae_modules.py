@@ -2,8 +2,9 @@
 (z16, plain up blocks, RGB out) and Wan 2.2 TI2V-5B's (z48, residual up blocks, 2x2 pixel patches out).
 
 Activations are [V, T, H, W, C] with H, W, C the layer's own resolution and width (latent-sized at the input,
-pixels at the output). Parameter paths mirror diffusers' state-dict keys, so `torch_key` maps them with the few
-renames in KEY_RENAMES, and `to_jax_layout` is the one place torch weight layouts become ours.
+pixels at the output). Parameter paths mirror diffusers' state-dict keys, so `torch_keys` maps them with the few
+renames in KEY_RENAMES (a run of same-width residual blocks holds its blocks' weights stacked: `ResidualRun`), and
+`to_jax_layout` is the one place torch weight layouts become ours.
 
 Causal caches, as diffusers' `feat_cache` (CACHE_T = 2) but functional. diffusers decodes latent frame 0
 alone, then one latent frame per call, and every causal conv with a temporal kernel of 3 keeps the last two
@@ -12,13 +13,16 @@ frames of its input from the previous call:
   - a later call prepends what was stored (and pads with zeros up to 2 frames if only one was stored), then
     stores the last two frames of [old cache, x] (with >= 2 input frames, just x[-2:]).
 Both are exactly "start from a zero cache of 2 frames; each call convolves [cache, x] without temporal
-padding and keeps the last 2 frames of [cache, x]", which is what `Chunk.swap` does. With zeros as the
-first cache, every call (the first included) runs the same code and produces caches of the same shapes,
-so the caches of frame 0 are the initial carry of a `lax.scan` over the remaining frames.
+padding and keeps the last 2 frames of [cache, x]", which is what `Chunk.swap` does.
 The one exception is the temporal upsampler's `time_conv` (see `Resample`): call 0 skips it (diffusers
 marks the slot 'Rep'), and call 1 then runs it with zero padding, i.e. again from a zero cache. Wan 2.2's
 residual up blocks follow the same split: their shortcut (`DupUp3D`) drops the frames that time_conv did not
-make on call 0 (diffusers' `first_chunk`), so `Chunk.first` decides both.
+make on call 0 (diffusers' `first_chunk`).
+
+Latent frame 0 runs the code of every other frame (one program, compiled once: XLA:TPU spends tens of seconds on
+each 3D convolution): the temporal upsamplers make frames 1.. of its chunk as for any frame, frame 0 stays what
+diffusers' first call makes, and `Chunk.first` (a traced bool) picks the first call's caches. Causal convs never
+let later frames reach frame 0, so its frames past 0 are computed and dropped (WanVaeDecoder).
 """
 
 from __future__ import annotations
@@ -33,33 +37,43 @@ import numpy as np
 from flax import nnx
 
 from tpu_wan.core.errors import UserError
+from tpu_wan.models.vae_conv import Conv, xla_conv
 
 CACHE_T = 2  # frames of each causal conv's input carried to the next latent frame (diffusers' CACHE_T)
 RMS_EPS = 1e-12  # F.normalize's default eps
 
 
 class Chunk:
-    """Per-call state of one decoder pass over a chunk of latent frames: the caches read and written in call
-    order (diffusers' feat_cache / feat_idx), whether it is the first chunk, and the activation constraint."""
+    """Per-call state of one decoder pass over one latent frame: the caches read and written in call order
+    (diffusers' feat_cache / feat_idx; None: zeros), whether it is latent frame 0 (a bool, traced where frame 0 is a
+    trip of the frame loop), and the activation constraint."""
 
-    def __init__(self, caches: Sequence[jax.Array] | None, first: bool, constrain: Callable[[jax.Array], jax.Array]):
+    def __init__(self, caches: Sequence[jax.Array] | None, first, constrain: Callable[[jax.Array], jax.Array],
+                 conv: Conv = xla_conv):
         self.old = caches
         self.new: list[jax.Array] = []
         self.first = first
         self.constrain = constrain
+        self.conv = conv  # the convolution (tpu_wan.models.vae_conv)
 
-    def swap(self, x: jax.Array) -> jax.Array:
-        """The cache for the conv about to read `x` [V T H W C], and records [cache, x]'s last CACHE_T frames."""
-        if self.old is None:  # first chunk: zero cache == diffusers' zero temporal padding
-            old = jnp.zeros((x.shape[0], CACHE_T, *x.shape[2:]), x.dtype)
+    def take(self, shape: tuple[int, ...], dtype) -> jax.Array:
+        """The next cache in call order ([... V CACHE_T H W C]); zeros == diffusers' zero temporal padding."""
+        return jnp.zeros(shape, dtype) if self.old is None else self.old[len(self.new)]
+
+    def swap(self, x: jax.Array, *, restart: bool = False) -> jax.Array:
+        """The cache for the conv about to read `x` [V T H W C], and records the one for the next latent frame:
+        [cache, x]'s last CACHE_T frames, or on frame 0 [cache, x[:, :1]]'s (its only frame of diffusers' first
+        call), or zeros (`restart`: a conv that diffusers skips on frame 0)."""
+        old = self.take((x.shape[0], CACHE_T, *x.shape[2:]), x.dtype)
+        later = jnp.concatenate([old, x], axis=1)[:, -CACHE_T:]  # [V 2 H W C]
+        if restart:
+            on_first = jnp.zeros_like(later)
+        elif x.shape[1] == 1:
+            on_first = later
         else:
-            old = self.old[len(self.new)]
-        self.new.append(self.constrain(jnp.concatenate([old, x], axis=1)[:, -CACHE_T:]))  # [V 2 H W C]
+            on_first = jnp.concatenate([old, x[:, :1]], axis=1)[:, -CACHE_T:]
+        self.new.append(self.constrain(later if on_first is later else jnp.where(self.first, on_first, later)))
         return old
-
-    def skip(self, x: jax.Array) -> None:
-        """Records a zero cache for a conv that does not run on this chunk (time_conv on the first chunk)."""
-        self.new.append(self.constrain(jnp.zeros((x.shape[0], CACHE_T, *x.shape[2:]), x.dtype)))
 
 
 class CausalConv3d(nnx.Module):
@@ -72,15 +86,10 @@ class CausalConv3d(nnx.Module):
         self.bias = nnx.Param(jnp.zeros((cout,), dtype))
         self.kernel, self.precision = kernel, precision
 
-    def __call__(self, x: jax.Array, chunk: Chunk) -> jax.Array:  # [V T H W C] -> [V T H W O]
-        kt, kh, kw = self.kernel
-        if kt > 1:  # kt == 3: the cache holds exactly the kt - 1 frames of left context
-            x = jnp.concatenate([chunk.swap(x), x], axis=1)  # [V T+2 H W C]
-        y = jax.lax.conv_general_dilated(
-            x, self.weight[...], window_strides=(1, 1, 1), padding=((0, 0), (kh // 2, kh // 2), (kw // 2, kw // 2)),
-            dimension_numbers=("NDHWC", "DHWIO", "NDHWC"), precision=self.precision,
-        )
-        return chunk.constrain(y + self.bias[...])
+    def __call__(self, x: jax.Array, chunk: Chunk, *, restart: bool = False) -> jax.Array:  # [V T H W C] -> [V T H W O]
+        if self.kernel[0] > 1:  # 3: the cache holds exactly the kt - 1 frames of left context
+            x = jnp.concatenate([chunk.swap(x, restart=restart), x], axis=1)  # [V T+2 H W C]
+        return chunk.constrain(chunk.conv(x, self.weight[...], self.bias[...], self.precision))
 
 
 class RMSNorm(nnx.Module):
@@ -117,6 +126,38 @@ class ResidualBlock(nnx.Module):
         return x + h
 
 
+class ResidualRun(nnx.Module):
+    """`count` ResidualBlocks of one width in a row, run as one loop over their weights stacked [count, ...]: the
+    compiler builds the block's two convolutions once, not once per block. Its caches are one array [count, 2(conv1,
+    conv2), V, CACHE_T, H, W, C]; its weights are its blocks' own torch keys (`torch_keys`)."""
+
+    def __init__(self, dim: int, count: int, *, dtype, precision):
+        make = lambda: ResidualBlock(dim, dim, dtype=dtype, precision=precision)  # noqa: E731
+        self.blocks = nnx.vmap(make, in_axes=None, axis_size=count)()
+        self.count = count
+
+    def __call__(self, x: jax.Array, chunk: Chunk) -> jax.Array:  # [V T H W C]
+        graphdef, stacked = nnx.split(self.blocks)
+        caches = chunk.take((self.count, 2, x.shape[0], CACHE_T, *x.shape[2:]), x.dtype)
+
+        def block(i, carry):
+            x, caches = carry
+            own = Chunk(caches[i], chunk.first, chunk.constrain, chunk.conv)
+            x = nnx.merge(graphdef, jax.tree.map(lambda w: w[i], stacked))(x, own)
+            return x, chunk.constrain(caches.at[i].set(jnp.stack(own.new)))
+
+        x, caches = jax.lax.fori_loop(0, self.count, block, (x, caches))
+        chunk.new.append(chunk.constrain(caches))
+        return x
+
+
+def residual_blocks(cin: int, cout: int, count: int, **kw) -> nnx.List:
+    """`count` ResidualBlocks from `cin` to `cout` channels: a first one that changes the width, then one run of the
+    rest. The run sits at list index = its first block's torch index."""
+    changes = [ResidualBlock(cin, cout, **kw)] if cin != cout else []
+    return nnx.List([*changes, ResidualRun(cout, count - len(changes), **kw)])
+
+
 class AttentionBlock(nnx.Module):
     """WanAttentionBlock: single-head self-attention over the H*W positions of each frame separately."""
 
@@ -151,14 +192,12 @@ class Resample(nnx.Module):
 
     def __call__(self, x: jax.Array, chunk: Chunk) -> jax.Array:  # [V T H W C] -> [V T' 2H 2W O]
         if self.time_conv is not None:
-            if chunk.first:
-                # diffusers' 'Rep': latent frame 0 decodes to ONE video frame, and the next chunk's time_conv
-                # starts from zero padding (not from frame 0), so its cache starts at zeros.
-                chunk.skip(x)
-            else:
-                n, t, h, w, c = x.shape
-                y = self.time_conv(x, chunk).reshape(n, t, h, w, 2, c)  # torch splits 2C as (2, C)
-                x = y.transpose(0, 1, 4, 2, 3, 5).reshape(n, 2 * t, h, w, c)  # frames interleaved: t0a t0b t1a ...
+            n, t, h, w, c = x.shape
+            # diffusers' 'Rep': frame 0 skips time_conv (one video frame; the next frame's time_conv starts from zero
+            # padding, so its cache restarts at zeros); every later frame makes 2 frames of each.
+            y = self.time_conv(x, chunk, restart=True).reshape(n, t, h, w, 2, c)  # torch splits 2C as (2, C)
+            doubled = y.transpose(0, 1, 4, 2, 3, 5).reshape(n, 2 * t, h, w, c)  # frames interleaved: t0a t0b t1a ...
+            x = jnp.where(chunk.first, jnp.repeat(x, 2, axis=1), doubled)  # frame 0: x's own frame 0
         x = jnp.repeat(jnp.repeat(x, 2, axis=2), 2, axis=3)  # nearest-exact at scale 2 == pixel repeat
         return self.resample(chunk.constrain(x), chunk)
 
@@ -179,8 +218,7 @@ class UpBlock(nnx.Module):
     """WanUpBlock: num_res_blocks + 1 residual blocks, then an optional upsampler."""
 
     def __init__(self, cin: int, cout: int, num_res_blocks: int, mode: str | None, *, dtype, precision):
-        dims = [cin] + [cout] * (num_res_blocks + 1)
-        self.resnets = nnx.List([ResidualBlock(a, b, dtype=dtype, precision=precision) for a, b in zip(dims, dims[1:])])
+        self.resnets = residual_blocks(cin, cout, num_res_blocks + 1, dtype=dtype, precision=precision)
         self.upsamplers = nnx.List([Resample(cout, mode, dtype=dtype, precision=precision)] if mode else [])
 
     def __call__(self, x: jax.Array, chunk: Chunk) -> jax.Array:
@@ -193,8 +231,8 @@ class UpBlock(nnx.Module):
 
 class DupUp3D(nnx.Module):
     """DupUp3D, the parameter-free shortcut of a residual up block: each input channel repeated, the copies laid
-    out as ft frames x fs x fs pixels of `cout` channels. On the first chunk it keeps the last of each frame's ft
-    copies only, as the upsampler's skipped time_conv makes one frame there."""
+    out as ft frames x fs x fs pixels of `cout` channels. On latent frame 0 diffusers keeps the last of the frame's
+    ft copies only, as the upsampler's skipped time_conv makes one frame there: here it becomes frame 0."""
 
     def __init__(self, cin: int, cout: int, ft: int, fs: int):
         assert cout * ft * fs * fs % cin == 0, f"{cin=} must divide {cout=} x {ft=} x {fs=}^2"
@@ -209,7 +247,7 @@ class DupUp3D(nnx.Module):
         # torch's channel c*R + r is (o, ft, fs_h, fs_w); to [V T ft H fs_h W fs_w O]
         x = x.reshape(n, t, h, w, self.cout, self.ft, self.fs, self.fs).transpose(0, 1, 5, 2, 6, 3, 7, 4)
         x = x.reshape(n, t * self.ft, h * self.fs, w * self.fs, self.cout)
-        return x[:, self.ft - 1:] if chunk.first else x
+        return jnp.where(chunk.first, jnp.roll(x, 1 - self.ft, axis=1), x) if self.ft > 1 else x
 
 
 class ResidualUpBlock(nnx.Module):
@@ -217,8 +255,7 @@ class ResidualUpBlock(nnx.Module):
     plus a DupUp3D shortcut from the block's input to its output (both only where the block upsamples)."""
 
     def __init__(self, cin: int, cout: int, num_res_blocks: int, mode: str | None, *, dtype, precision):
-        dims = [cin] + [cout] * (num_res_blocks + 1)
-        self.resnets = nnx.List([ResidualBlock(a, b, dtype=dtype, precision=precision) for a, b in zip(dims, dims[1:])])
+        self.resnets = residual_blocks(cin, cout, num_res_blocks + 1, dtype=dtype, precision=precision)
         self.upsampler = Resample(cout, mode, cout, dtype=dtype, precision=precision) if mode else None
         self.avg_shortcut = DupUp3D(cin, cout, 2 if mode == "upsample3d" else 1, 2) if mode else None
 
@@ -288,9 +325,11 @@ class WanVaeDecoder(nnx.Module):
             precision=precision,
         )
 
-    def __call__(self, z, caches, *, first: bool, constrain=lambda x: x):  # [V 1 H W C] -> [V T sH sW 3]
-        """s: 8 x patch_size (8 for Wan 2.1, 16 for Wan 2.2); T: 1 frame on the first chunk, else 4."""
-        chunk = Chunk(caches, first, constrain)
+    def __call__(self, z, caches, *, first, constrain=lambda x: x, conv: Conv = xla_conv):
+        """[V 1 H W C] -> [V T sH sW 3], s: 8 x patch_size (8 for Wan 2.1, 16 for Wan 2.2); T = 4 frames (two temporal
+        upsamplers), of which latent frame 0 (`first`) makes only frame 0. caches None: zeros, the caches before
+        frame 0. conv: the convolution (tpu_wan.models.vae_conv)."""
+        chunk = Chunk(caches, first, constrain, conv)
         x = self.decoder(self.post_quant_conv(z, chunk), chunk)  # [V T 8H 8W 3pp]
         if self.patch > 1:
             x = constrain(unpatchify(x, self.patch))  # [V T 8pH 8pW 3]
@@ -305,12 +344,18 @@ KEY_RENAMES = (
 )
 
 
-def torch_key(path: tuple) -> str:
-    """The diffusers state-dict key of the parameter at `path` in WanVaeDecoder."""
+def torch_keys(path: tuple, shape: tuple[int, ...]) -> list[str]:
+    """The diffusers state-dict keys of the parameter at `path` in WanVaeDecoder, of shape `shape`: one, or for a
+    ResidualRun's weight [count, ...] its blocks' keys in order (the run at resnets index k holds blocks k, k+1,
+    ...)."""
     key = ".".join(str(p) for p in path)
     for pattern, repl in KEY_RENAMES:
         key = re.sub(pattern, repl, key)
-    return key
+    run = re.fullmatch(r"(.*\.resnets\.)(\d+)\.blocks\.(.*)", key)
+    if run is None:
+        return [key]
+    head, start, tail = run.groups()
+    return [f"{head}{int(start) + i}.{tail}" for i in range(shape[0])]
 
 
 def to_jax_layout(tensor: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:

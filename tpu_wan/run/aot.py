@@ -182,19 +182,21 @@ def transformer_programs(model_path, mesh, cfg: GenerationConfig, expert_offload
                     idle=None if expert_offload or not idle else [denoiser.experts[e] for e in idle], settings=settings)
 
 
-def vae_programs(model_path, mesh, cfg: GenerationConfig, uint8: bool) -> Programs:
+def vae_programs(model_path, mesh, cfg: GenerationConfig, uint8: bool, conv: str = "auto") -> Programs:
     from tpu_wan.models.vae import VaeDecoder
 
-    decoder = VaeDecoder(model_path, mesh, cfg.vae_dtype, abstract=True)
+    decoder = VaeDecoder(model_path, mesh, cfg.vae_dtype, abstract=True, conv=conv)
     latents = cfg.stage2.latent_shape(1, decoder.config.z_dim)
-    programs = {name: (jitted, args, arithmetic.traced_flops(jitted, *args))
+    # The model's FLOPs from its XLA convolutions' trace: traced_flops does not see into a Pallas kernel.
+    xla = VaeDecoder(model_path, mesh, cfg.vae_dtype, abstract=True, conv="xla").programs_for(latents, uint8=uint8)
+    programs = {name: (jitted, args, arithmetic.traced_flops(xla[name][0], *xla[name][1]))
                 for name, (jitted, args) in decoder.programs_for(latents, uint8=uint8).items()}
-    return Programs(decoder.params, programs, settings={"model": decoder.config})
+    return Programs(decoder.params, programs, settings={"model": decoder.config, "conv": decoder.conv})
 
 
 def compile_run(cfg: GenerationConfig, target: TpuTarget, devices, *, stages=STAGES,
                 compile_stages=None, uint8: bool = True, one_process: bool = False, reuse: dict | None = None,
-                expert_offload: bool = False, export=None) -> dict:
+                expert_offload: bool = False, export=None, vae_conv: str = "auto") -> dict:
     """Compiles the programs of `compile_stages` (default: all of `stages`) for a run of `cfg` (its mesh
     decided) on `target`; returns the metrics.json document. `one_process`: `stages` share a process
     (generate_flax.py), so each program's peak includes the other stages' weights, compiled or not. `reuse`: a
@@ -212,7 +214,7 @@ def compile_run(cfg: GenerationConfig, target: TpuTarget, devices, *, stages=STA
     build = {
         "text_encoder": lambda: text_encoder_programs(model_path, mesh, cfg),
         "transformer": lambda: transformer_programs(model_path, mesh, cfg, expert_offload),
-        "vae": lambda: vae_programs(model_path, mesh, cfg, uint8),
+        "vae": lambda: vae_programs(model_path, mesh, cfg, uint8, vae_conv),
     }
     built = {stage: build[stage]() for stage in stages}
     idle = {stage: weights_bytes_per_device(b.idle) for stage, b in built.items()}  # beside the stage's programs
@@ -319,7 +321,7 @@ def not_fitting(metrics: dict) -> str | None:
 def compile_only(base: GenerationConfig, settings: Stage2Settings, topology_name: str | None, *,
                  dp: int | None = None, tp: int | None = None, stages=STAGES, compile_stages=None,
                  one_process: bool = False, uint8: bool = True, search_mesh: bool = False, expert_offload: bool = False,
-                 export=None) -> dict:
+                 export=None, vae_conv: str = "auto") -> dict:
     """The compile-only run of a script: `base` holds what stage 1 decides (model, prompts, text dtype; with
     `one_process` the model dtype, as generate_flax.py decides it), `settings` the stage-2 flags. With `search_mesh`,
     every (dp, tp, DiT sharding mode) the slice and the models allow is compiled (candidate_runs: both modes when
@@ -327,7 +329,8 @@ def compile_only(base: GenerationConfig, settings: Stage2Settings, topology_name
     compiles both modes on the one mesh. Of several, the best document (rank: fits, then bytes sent, then peak)
     is returned, with the ranking under "mesh_search". `expert_offload`: a two-expert model's idle expert in host
     memory. `topology_name` None: for this process's own devices (LocalTarget). `export`: a program directory every
-    compiled program is written to, for runs to load (`--programs DIR`, tpu_wan.runtime.programs)."""
+    compiled program is written to, for runs to load (`--programs DIR`, tpu_wan.runtime.programs). `vae_conv`: the
+    VAE's convolutions (tpu_wan.models.vae_conv)."""
     from tpu_wan.run.pipeline import check_offload, resolve_stage2
     from tpu_wan.tpu.topology import parse_target
 
@@ -353,7 +356,7 @@ def compile_only(base: GenerationConfig, settings: Stage2Settings, topology_name
             cfg = cfg.replace(text_dtype=cfg.stage2.dtype)
         documents.append(compile_run(cfg, target, devices, stages=stages, uint8=uint8,
                                      compile_stages=compile_stages, one_process=one_process, reuse=reuse,
-                                     expert_offload=expert_offload, export=export))
+                                     expert_offload=expert_offload, export=export, vae_conv=vae_conv))
     ranked = rank(documents)
     best = ranked[0]
     if len(ranked) > 1:

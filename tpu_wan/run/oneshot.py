@@ -39,8 +39,8 @@ class Generator:
     """All three models loaded once on one mesh: encode -> denoise -> decode in memory (generate_flax.py)."""
 
     def __init__(self, model_id: str, mesh, *, text_dtype: str, dtype: str, attention="auto",
-                 recorder: Recorder | None = None, vae_dtype: str = "float32", expert_offload: bool = False,
-                 **finetune):
+                 recorder: Recorder | None = None, vae_dtype: str = "float32", vae_conv: str = "auto",
+                 expert_offload: bool = False, **finetune):
         self.recorder = recorder or Recorder()
         model_path = checkpoints.resolve_model(model_id)
         with self.recorder.section("text_encoder", "load"):
@@ -49,7 +49,7 @@ class Generator:
             self.denoiser = load_denoiser(model_path, mesh, dtype, attention, expert_offload=expert_offload,
                                           **finetune)
         with self.recorder.section("vae", "load"):
-            self.decoder = load_decoder(model_path, mesh, vae_dtype)
+            self.decoder = load_decoder(model_path, mesh, vae_dtype, vae_conv)
 
     def run(self, cfg: GenerationConfig, *, progress: bool = True, uint8: bool = False):
         """(prompt_embeds, negative_prompt_embeds, latents [V ...], frames [V ...]) for every video of `cfg`;
@@ -107,6 +107,7 @@ def generate(
     max_sequence_length: int = 512,
     fps: int | None = None,
     vae_dtype: str = "float32",
+    vae_conv: str = "auto",
     dp: int | None = None,
     tp: int | None = None,
     warmup_steps: int = 2,
@@ -142,7 +143,8 @@ def generate(
     check_heads(mesh, checkpoints.read_config(model_path, "text_encoder", ("num_heads",))["num_heads"], "text encoder")
     preflight.check_stage2_run(model_path, cfg, mesh)
     gen = Generator(model_id, mesh, text_dtype=cfg.text_dtype, dtype=cfg.stage2.dtype, attention=cfg.stage2.attention,
-                    vae_dtype=vae_dtype, expert_offload=expert_offload, **finetune_settings(cfg, non_strict))
+                    vae_dtype=vae_dtype, vae_conv=vae_conv, expert_offload=expert_offload,
+                    **finetune_settings(cfg, non_strict))
     # Only --save_intermediates keeps the float frames; the mp4 needs uint8, converted on device (a quarter of
     # the bytes to move to the host).
     uint8 = not save_intermediates

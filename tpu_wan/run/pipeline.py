@@ -163,12 +163,12 @@ def finetune_settings(cfg: GenerationConfig, non_strict: bool) -> dict:
                 non_strict=non_strict, loras={"transformer": cfg.stage2.loras, "transformer_2": cfg.stage2.loras_2})
 
 
-def load_decoder(model_path, mesh, dtype: str = "float32"):
-    """The Wan VAE decoder (stage 3) on `mesh`."""
+def load_decoder(model_path, mesh, dtype: str = "float32", conv: str = "auto"):
+    """The Wan VAE decoder (stage 3) on `mesh`; `conv`: its convolutions (tpu_wan.models.vae_conv)."""
     from tpu_wan.models.vae import VaeDecoder
 
     _log_loading("VAE decoder", model_path, mesh, dtype)
-    return VaeDecoder(model_path, mesh, dtype)
+    return VaeDecoder(model_path, mesh, dtype, conv=conv)
 
 
 def encode(encoder, cfg: GenerationConfig) -> tuple[np.ndarray, np.ndarray]:
@@ -300,6 +300,7 @@ def run_stage3(
     fps: int | None = None,
     save_frames: bool = False,
     vae_dtype: str = "float32",
+    vae_conv: str = "auto",
     dp: int | None = None,
     tp: int | None = None,
     preview: bool = False,
@@ -324,7 +325,7 @@ def run_stage3(
         preflight.check_latents(x, cfg, src)
     mesh = make_mesh(dp, tp)
     with rec.section("vae", "load"):
-        decoder = load_decoder(checkpoints.resolve_model(cfg.model_id), mesh, vae_dtype)
+        decoder = load_decoder(checkpoints.resolve_model(cfg.model_id), mesh, vae_dtype, vae_conv)
     for x, (src, _) in zip(latents, sources):  # all of them before the first video is written
         if x.shape[1] != decoder.config.z_dim:
             raise ConfigError(f"{src.name}: expected {decoder.config.z_dim} latent channels for the VAE of "
