@@ -105,3 +105,17 @@ def test_compiles_for_tpu_at_decoder_shapes(kernel, t, h, w, c, o):
     compiled = fn.lower(x, placed((*kernel, c, o)), placed((o,))).compile()
     print(f"tiles {causal_conv.tiles(kernel, t, h, w, c, o, 4)}: compiled in {time.perf_counter() - start:.1f} s")
     assert "tpu_custom_call" in compiled.as_text()
+
+
+def test_a_layer_no_block_fits_falls_back_to_xla(monkeypatch, tiny_path):
+    # The budget below the tiny VAE's smallest block: every layer falls back to XLA's convolution, same decode.
+    from tpu_wan.models.vae import VaeDecoder
+    from tpu_wan.runtime.mesh import make_mesh
+
+    latents = np.random.default_rng(5).standard_normal((1, 16, 2, 4, 4)).astype(np.float32)
+    mesh = make_mesh(1, 1, jax.devices()[:1])
+    ours = VaeDecoder(tiny_path, mesh, conv="pallas")
+    monkeypatch.setattr(causal_conv, "VMEM_BUDGET", 1024)
+    with pytest.raises(causal_conv.NoFit, match="no block of"):
+        causal_conv.tiles((3, 3, 3), 1, 4, 8, 8, 8, 4)
+    np.testing.assert_array_equal(ours.decode(latents), VaeDecoder(tiny_path, mesh, conv="xla").decode(latents))

@@ -32,6 +32,10 @@ VMEM_LIMIT = VMEM_LIMITS["TPU v6 lite"]  # 32 MiB, as the splash kernel asks on 
 VMEM_BUDGET = 16 * 1024 * 1024
 
 
+class NoFit(ValueError):
+    """No block of a convolution fits VMEM_BUDGET (a weight tile alone can be too large: 1024 -> 1024 channels)."""
+
+
 def _round_up(n: int, m: int) -> int:
     return -(-n // m) * m
 
@@ -49,7 +53,7 @@ def tiles(taps: tuple[int, int, int], t: int, h: int, w: int, c: int, o: int,
                     and vmem_bytes(taps, t, d, tw, c, to, itemsize) <= VMEM_BUDGET]
             if fits:
                 return max(fits), tw, to
-    raise ValueError(f"causal_conv: no block of {t}x{h}x{w}x{c} -> {o} fits {VMEM_BUDGET >> 20} MiB of VMEM")
+    raise NoFit(f"causal_conv: no block of {t}x{h}x{w}x{c} -> {o} fits {VMEM_BUDGET >> 20} MiB of VMEM")
 
 
 def vmem_bytes(taps: tuple[int, int, int], t: int, th: int, w: int, c: int, to: int, itemsize: int) -> int:
