@@ -76,6 +76,17 @@ VAE_BF16_ATOL = 2e-2
 # shard; measured 7.7e-7 (Wan 2.2: 4.2e-7 at 2 latent frames, 6.6e-7 at 6).
 VAE_SHARDED_ATOL = 1e-6
 
+# The VAE encoder vs diffusers' AutoencoderKLWan._encode (the latent distribution's parameters), relative.
+# float32, tiny VAEs (8-16 channels, 1-17 frames): measured 4.2e-7 to 6.7e-7 (Wan 2.1) and 4.8e-7 to 5.3e-7
+# (Wan 2.2). The real Wan 2.1 widths sum 3456-term products: there diffusers' own float32 is 1.2e-6 (1 frame) and
+# 2.2e-6 (17) from its float64 encode, ours 6.4e-7 and 1.1e-6, so the real config is held to float64 instead.
+# A wrong cache frame, patch order or padding side gives >= 1e-2.
+VAE_ENCODER_RTOL = 1e-6
+VAE_ENCODER_F64_RTOL = 2e-6
+# bfloat16 vs diffusers float32, real widths: ours 1.1e-2 (1 frame) and 1.9e-2 (17), diffusers' own bfloat16
+# encode 0.9e-2 and 1.7e-2.
+VAE_ENCODER_BF16_RTOL = 3e-2
+
 # metrics.json's time accounting. Untimed gaps between the sections (mesh and config set-up, the loop around the
 # runs) are milliseconds against seconds of work; a stage left out of the sections, or a section counted twice,
 # is tens of percent.
@@ -173,6 +184,41 @@ def tiny_path():
     from tpu_wan.models.tiny import ensure_tiny_checkpoint
 
     return ensure_tiny_checkpoint()
+
+
+# The real Wan 2.1 VAE's widths and depths (diffusers' convert_wan_to_diffusers.py), with random weights.
+REAL_VAE_CONFIG = dict(
+    base_dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
+    temperal_downsample=[False, True, True],
+)
+
+
+@pytest.fixture(scope="session")
+def real_vae(tmp_path_factory):
+    """The real Wan 2.1 VAE config with random weights: (a folder with vae/ as diffusers saves it, the model)."""
+    import torch
+    from diffusers import AutoencoderKLWan
+
+    root = tmp_path_factory.mktemp("real_vae")
+    torch.manual_seed(0)
+    vae = AutoencoderKLWan(**REAL_VAE_CONFIG).eval()
+    vae.save_pretrained(root / "vae")
+    return root, vae
+
+
+@pytest.fixture(scope="session")
+def ti2v_vae(tmp_path_factory):
+    """The tiny Wan 2.2 VAE with random weights: (a folder with vae/ as diffusers saves it, the model)."""
+    import torch
+    from diffusers import AutoencoderKLWan
+
+    from tpu_wan.models.tiny import TI2V_VAE_CONFIG, _wan22_vae_statistics
+
+    root = tmp_path_factory.mktemp("ti2v_vae")
+    torch.manual_seed(0)
+    vae = AutoencoderKLWan(**{**TI2V_VAE_CONFIG, **_wan22_vae_statistics()}).eval()
+    vae.save_pretrained(root / "vae")
+    return root, vae
 
 
 @pytest.fixture(scope="session")

@@ -21,23 +21,6 @@ TI2V_FRAME_COUNTS = (2, 6)  # the Wan 2.2 VAE's latent frames: 5 and 21 video fr
 TI2V_HW = (2, 3)  # its latent h, w: 32 x 48 pixels at 16x
 TINY_HW = (4, 8)  # latent h, w: W = 8 splits over all 8 devices of the 2x4 mesh at every resolution
 REAL_HW = (1, 2)  # the real widths and depths at the smallest size where attention sees more than one position
-REAL_VAE_CONFIG = dict(
-    base_dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
-    temperal_downsample=[False, True, True],
-)
-
-
-@pytest.fixture(scope="session")
-def real_vae(tmp_path_factory):
-    """The real Wan 2.1 VAE config with random weights: (a folder with vae/ as diffusers saves it, the model)."""
-    from diffusers import AutoencoderKLWan
-
-    root = tmp_path_factory.mktemp("real_vae")
-    torch.manual_seed(0)
-    vae = AutoencoderKLWan(**REAL_VAE_CONFIG).eval()
-    vae.save_pretrained(root / "vae")
-    return root, vae
-
 
 @pytest.fixture(scope="session")
 def real_path(real_vae):
@@ -261,20 +244,6 @@ def test_the_config_is_what_diffusers_builds_the_vae_from(tiny_path, real_path, 
 
 # The Wan 2.2 TI2V-5B VAE (z48, residual up blocks whose DupUp3D shortcut drops frames on the first chunk, 2x2
 # pixel patches): tpu_wan.models.tiny's narrow config with the published latent statistics.
-
-
-@pytest.fixture(scope="module")
-def ti2v_vae(tmp_path_factory):
-    """The tiny Wan 2.2 VAE with random weights: (a folder with vae/ as diffusers saves it, the model)."""
-    from diffusers import AutoencoderKLWan
-
-    from tpu_wan.models.tiny import TI2V_VAE_CONFIG, _wan22_vae_statistics
-
-    root = tmp_path_factory.mktemp("ti2v_vae")
-    torch.manual_seed(0)
-    vae = AutoencoderKLWan(**{**TI2V_VAE_CONFIG, **_wan22_vae_statistics()}).eval()
-    vae.save_pretrained(root / "vae")
-    return root, vae
 
 
 @pytest.fixture(scope="module")

@@ -36,7 +36,8 @@ from tpu_wan.runtime import distributed, profiling, programs
 from tpu_wan.runtime import mesh as mesh_lib
 
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
-DECODER_PREFIXES = ("decoder.", "post_quant_conv.")  # all other keys (encoder.*, quant_conv.*) stay unread
+DECODER_PREFIXES = ("decoder.", "post_quant_conv.")  # stage 3 reads these keys only
+ENCODER_PREFIXES = ("encoder.", "quant_conv.")  # stage 1 (image to video) these
 
 
 # AutoencoderKLWan's constructor defaults (diffusers 0.42.1; latents_mean/std are Wan 2.1's statistics), for the
@@ -78,12 +79,12 @@ def load_config(vae_path: Path) -> VaeConfig:
     return VaeConfig({key: given.get(key, default) for key, default in AUTOENCODER_DEFAULTS.items()})
 
 
-def decoder_keys(weights_file: Path) -> list[str]:
-    """The decoder.* and post_quant_conv.* keys of a diffusers VAE weights file."""
+def decoder_keys(weights_file: Path, prefixes: tuple[str, ...] = DECODER_PREFIXES) -> list[str]:
+    """The keys of a diffusers VAE weights file that start with `prefixes` (default: the decoder's)."""
     from safetensors import safe_open
 
     with safe_open(weights_file, framework="numpy") as f:
-        return sorted(k for k in f.keys() if k.startswith(DECODER_PREFIXES))
+        return sorted(k for k in f.keys() if k.startswith(prefixes))
 
 
 def _first(keys: set, shown: int = 5) -> str:
@@ -99,10 +100,11 @@ def describe(config) -> str:
             f"patch_size={config.get('patch_size')})")
 
 
-def load_params(abstract: nnx.State, weights_file: Path, dtype, sharding,
-                kind: str = "an AutoencoderKLWan") -> nnx.State:
+def load_params(abstract: nnx.State, weights_file: Path, dtype, sharding, kind: str = "an AutoencoderKLWan",
+                prefixes: tuple[str, ...] = DECODER_PREFIXES) -> nnx.State:
     """Fills every parameter of `abstract` from the weights file, each torch key used exactly once; refuses a
-    missing, unused or misshapen weight. `kind`: what the config says the file holds (`describe`)."""
+    missing, unused or misshapen weight among the keys starting with `prefixes` (the decoder's or the encoder's).
+    `kind`: what the config says the file holds (`describe`)."""
     from safetensors import safe_open
 
     flat = nnx.to_flat_state(abstract)
@@ -110,11 +112,12 @@ def load_params(abstract: nnx.State, weights_file: Path, dtype, sharding,
     keys = [key for path_keys in wanted.values() for key in path_keys]
     if len(set(keys)) != len(keys):
         raise AssertionError("vae: two parameters map to the same torch key")  # a bug in KEY_RENAMES
-    present = set(decoder_keys(weights_file))
+    present = set(decoder_keys(weights_file, prefixes))
     if present != set(keys):
+        part = prefixes[0].rstrip(".")
         raise UserError(
             f"vae weights {weights_file}: expected keys missing {_first(set(keys) - present)}, "
-            f"unused decoder keys {_first(present - set(keys))} (is this {kind}?)"
+            f"unused {part} keys {_first(present - set(keys))} (is this {kind}?)"
         )
     filled = []
     with safe_open(weights_file, framework="numpy") as f:
