@@ -1,6 +1,7 @@
-"""Text to video in one process: encode -> denoise -> decode, with a warmup run and per-stage timing.
+"""Text (or image) to video in one process: encode -> denoise -> decode, with a warmup run and per-stage timing.
 
     python generate_flax.py --model_id tiny-random --height 32 --width 32 --frames 5 --num_inference_steps 4
+    python generate_flax.py --model_id tiny-random-i2v --image cat.png --height 32 --width 48 --frames 9
 
 loads the three models once, runs --warmup_steps denoising steps end to end (this compiles every program),
 then --num_iterations timed runs; prints a per-stage table (load, compile, run, s/step, memory), writes it to
@@ -30,6 +31,7 @@ from tpu_wan import cli  # noqa: E402
 def main(argv=None):
     parser = cli.make_parser(__doc__)
     cli.add_stage1_args(parser)
+    cli.add_image_args(parser, size=False)
     cli.add_stage2_args(parser)
     parser.set_defaults(warmup_steps=2)
     cli.add_dtype_arg(parser)
@@ -52,6 +54,7 @@ def main(argv=None):
     if args.num_iterations < 1:
         raise cli.UsageError(f"--num_iterations must be >= 1, found {args.num_iterations}")
     prompts = cli.prompts_from(args)
+    images, last_images = cli.images_from(args, len(prompts))
     cli.setup_process(args)
     from tpu_wan.core import artifacts
     from tpu_wan.run import oneshot
@@ -82,6 +85,7 @@ def main(argv=None):
         output_dir=args.output_dir or (stamp if several else None),
         save_intermediates=args.save_intermediates, num_iterations=args.num_iterations, profile_dir=args.profile,
         preview=args.preview, non_strict=args.non_strict, expert_offload=args.expert_offload,
+        images=images, last_images=last_images,
     )
     metrics_path = Path(args.metrics or result.videos[0].parent / artifacts.METRICS_FILE)
     artifacts.save_metrics(metrics_path, result.metrics)

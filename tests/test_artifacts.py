@@ -148,7 +148,8 @@ def test_missing_embedding_key(tmp_path):
     safetensors.numpy.save_file({"prompt_embeds": np.zeros((1, 4, 2), np.float32)}, tmp_path / A.EMBEDDINGS_FILE,
                                 metadata={**GOOD_META, "kind": "embeddings"})
     with pytest.raises(A.ArtifactError,
-                       match=r"expected keys \['negative_prompt_embeds', 'prompt_embeds'\], found \['prompt_embeds'\]"):
+                       match=r"expected keys \['negative_prompt_embeds', 'prompt_embeds'\] \(and optionally "
+                             r"\['image_condition', 'image_embeds'\]\), found \['prompt_embeds'\]"):
         A.load_embeddings(tmp_path)
 
 

@@ -13,6 +13,7 @@ import logging
 import os
 import sys
 import tempfile
+from pathlib import Path
 
 from tpu_wan.core.config import (
     ATTENTION_CHOICES,
@@ -152,6 +153,42 @@ def add_stage1_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--negative_prompt", default=DEFAULT_NEGATIVE_PROMPT,
                    help="default: the Wan 2.1 model card's negative prompt")
     g.add_argument("--max_sequence_length", type=int, default=512)
+
+
+def add_image_args(p: argparse.ArgumentParser, *, size: bool) -> None:
+    """Image to video's stage-1 flags; `size`: with --height / --width / --frames (stage 1's own; generate_flax.py
+    has stage 2's)."""
+    g = p.add_argument_group("image to video (stage 1)")
+    g.add_argument("--image", default=None, metavar="PATH",
+                   help="the first frame (PNG, JPEG or WebP), resized to the video's size as diffusers' pipeline "
+                        "does; for every prompt")
+    g.add_argument("--image_file", default=None, metavar="FILE",
+                   help="one image path per line, paired in order with --prompt_file's prompts; overrides --image")
+    g.add_argument("--last_image", default=None, metavar="PATH",
+                   help="the last frame too, where the model takes one (Wan 2.2 I2V-A14B)")
+    if size:
+        g.add_argument("--height", type=int, default=None, help="the video's height the image is encoded at "
+                       "(default: the model's: 480 for I2V-14B-480P, 720 for -720P and I2V-A14B, 704 for TI2V-5B)")
+        g.add_argument("--width", type=int, default=None, help="its width (default: 832, or 1280)")
+        g.add_argument("--frames", type=int, default=None, help="its frame count, 4n+1 (default: 81, 121 for TI2V-5B)")
+
+
+def images_from(args: argparse.Namespace, num_prompts: int) -> tuple[list[str] | None, list[str] | None]:
+    """(an image path per prompt or None, a last-image path per prompt or None) from --image_file / --image and
+    --last_image."""
+    from tpu_wan.core.batch import read_lines
+
+    if args.image_file:
+        images = read_lines(args.image_file, "--image_file", "image path")
+        if len(images) != num_prompts:
+            raise UsageError(f"--image_file {args.image_file}: expected one image per prompt ({num_prompts}), found "
+                             f"{len(images)}")
+        base = Path(args.image_file).parent
+        images = [str(base / p) if not Path(p).is_absolute() else p for p in images]  # relative to the list
+    else:
+        images = None if args.image is None else [args.image] * num_prompts
+    lasts = None if args.last_image is None else [args.last_image] * num_prompts
+    return images, lasts
 
 
 def add_stage2_args(p: argparse.ArgumentParser) -> None:

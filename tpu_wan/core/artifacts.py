@@ -32,6 +32,13 @@ SCHEMA_VERSION = 1
 # Dimension letters of the stage files (docs/FORMATS.md): prompts, text tokens, text hidden size; videos, latent
 # channels, latent frames / height / width; videos, video frames, pixel height / width, RGB.
 EMBEDDING_DIMS = ("P", "S", "Et")
+# Image to video, in the embeddings file beside the text: CLIP's image embeddings (prompts, image tokens, image
+# hidden size) and the conditioning latents (prompts, conditioning channels, latent frames / height / width).
+IMAGE_EMBED_DIMS = ("P", "I", "Ei")
+CONDITION_DIMS = ("P", "Cc", "F", "H", "W")
+# key -> (dims, dtypes) of the optional tensors of the embeddings file
+IMAGE_TENSORS = {"image_embeds": (IMAGE_EMBED_DIMS, ("float32", "bfloat16")),
+                 "image_condition": (CONDITION_DIMS, ("float32",))}
 LATENT_DIMS = ("V", "C", "F", "H", "W")
 FRAME_DIMS = ("V", "T", "Hp", "Wp", "3")
 
@@ -163,12 +170,18 @@ def _build_metadata(where: str, kind: str, extra: Mapping[str, str] | None) -> d
 
 
 def _save_tensors(path: PathLike, kind: str, tensors: Mapping[str, Any], dims: tuple[str, ...], dtypes: tuple[str, ...],
-                  metadata: Mapping[str, str] | None, *, channels_last: int | None = None) -> Path:
+                  metadata: Mapping[str, str] | None, *, channels_last: int | None = None,
+                  optional: Mapping[str, Any] | None = None,
+                  optional_layout: Mapping[str, tuple[tuple[str, ...], tuple[str, ...]]] | None = None) -> Path:
+    """`optional`: more tensors, each with its own (dims, dtypes) in `optional_layout`."""
     path = Path(path)
     # safetensors writes raw memory from data_ptr, so a strided view would be saved scrambled: force C order.
     arrays = {key: np.ascontiguousarray(value) for key, value in tensors.items()}
     _check_layout(str(path), {k: (a.shape, a.dtype.name) for k, a in arrays.items()}, dims, dtypes,
                   channels_last=channels_last)
+    for key, value in (optional or {}).items():
+        arrays[key] = np.ascontiguousarray(value)
+        _check_layout(str(path), {key: (arrays[key].shape, arrays[key].dtype.name)}, *optional_layout[key])
     header = _build_metadata(str(path), kind, metadata)
     # safetensors.numpy names dtypes by dtype.name; ml_dtypes' "bfloat16" is a valid safetensors dtype, and the
     # bytes are copied verbatim, so bf16 is stored as BF16 bit-exactly. We serialise to memory rather than use
@@ -191,9 +204,12 @@ def _canonical_header(payload: bytes) -> bytes:
 
 
 def _load_tensors(path: PathLike, kind: str, keys: tuple[str, ...], dims: tuple[str, ...], dtypes: tuple[str, ...], *,
-                  require_schema: bool = True, hint: str = "", channels_last: int | None = None
+                  require_schema: bool = True, hint: str = "", channels_last: int | None = None,
+                  optional: Mapping[str, tuple[tuple[str, ...], tuple[str, ...]]] | None = None
                   ) -> dict[str, np.ndarray]:
-    """Open ``path``, check header (metadata, keys, dtypes, shapes) before reading any data, then read."""
+    """Open ``path``, check header (metadata, keys, dtypes, shapes) before reading any data, then read.
+    `optional`: key -> (dims, dtypes) of tensors the file may also hold (read too when present)."""
+    optional = optional or {}
     path = Path(path)
     where = str(path)
     if not path.is_file():
@@ -203,14 +219,18 @@ def _load_tensors(path: PathLike, kind: str, keys: tuple[str, ...], dims: tuple[
             if require_schema:
                 _check_schema(where, kind, f.metadata() or {})
             found = sorted(f.keys())
-            if found != sorted(keys):
+            extra = [k for k in found if k in optional]
+            if sorted(set(found) - set(extra)) != sorted(keys):
                 noun = "key" if len(keys) == 1 else "keys"
                 expected = repr(keys[0]) if len(keys) == 1 else sorted(keys)
-                raise ArtifactError(f"{where}: expected {noun} {expected}, found {found}")
+                also = f" (and optionally {sorted(optional)})" if optional else ""
+                raise ArtifactError(f"{where}: expected {noun} {expected}{also}, found {found}")
             header = {k: (tuple(f.get_slice(k).get_shape()), _dtype_name(f.get_slice(k).get_dtype()))
-                      for k in keys}
-            _check_layout(where, header, dims, dtypes, channels_last=channels_last)
-            return {k: f.get_tensor(k) for k in keys}
+                      for k in (*keys, *extra)}
+            _check_layout(where, {k: header[k] for k in keys}, dims, dtypes, channels_last=channels_last)
+            for k in extra:
+                _check_layout(where, {k: header[k]}, *optional[k])
+            return {k: f.get_tensor(k) for k in (*keys, *extra)}
     except safetensors.SafetensorError as err:
         raise ArtifactError(f"{where}: expected a safetensors file, found unreadable data ({err})") from None
 
@@ -228,18 +248,35 @@ def _check_schema(where: str, kind: str, metadata: Mapping[str, str]) -> None:
 
 
 def save_embeddings(folder: PathLike, prompt_embeds: np.ndarray, negative_prompt_embeds: np.ndarray,
-                    metadata: Mapping[str, str] | None = None) -> Path:
-    """Write ``folder/stage1_embeddings.safetensors``: both [P, S, Et], equal shape, float32 or bfloat16."""
+                    metadata: Mapping[str, str] | None = None, *, image: Mapping[str, np.ndarray] | None = None
+                    ) -> Path:
+    """Write ``folder/stage1_embeddings.safetensors``: both [P, S, Et], equal shape, float32 or bfloat16; `image`:
+    the image-to-video tensors (IMAGE_TENSORS: image_condition, and image_embeds for a model with an image
+    encoder), one row per prompt."""
     tensors = {"prompt_embeds": prompt_embeds, "negative_prompt_embeds": negative_prompt_embeds}
+    for key, value in (image or {}).items():
+        if key not in IMAGE_TENSORS or len(value) != len(prompt_embeds):
+            raise ArtifactError(f"{EMBEDDINGS_FILE}: expected image tensors {sorted(IMAGE_TENSORS)} with one row per "
+                                f"prompt ({len(prompt_embeds)}), found {key} of shape {tuple(value.shape)}")
     return _save_tensors(Path(folder) / EMBEDDINGS_FILE, "embeddings", tensors, EMBEDDING_DIMS, ("float32", "bfloat16"),
-                         metadata)
+                         metadata, optional=image, optional_layout=IMAGE_TENSORS)
 
 
 def load_embeddings(folder: PathLike) -> tuple[np.ndarray, np.ndarray]:
     """Read ``(prompt_embeds, negative_prompt_embeds)`` from ``folder``, in the dtype they were saved in."""
-    t = _load_tensors(Path(folder) / EMBEDDINGS_FILE, "embeddings", ("prompt_embeds", "negative_prompt_embeds"),
-                      EMBEDDING_DIMS, ("float32", "bfloat16"), hint=" (run stage 1 first)")
+    t = _load_stage1(folder)
     return t["prompt_embeds"], t["negative_prompt_embeds"]
+
+
+def load_image_tensors(folder: PathLike) -> dict[str, np.ndarray]:
+    """The image-to-video tensors of ``folder``'s embeddings file (IMAGE_TENSORS' keys it holds; {} for text to
+    video)."""
+    return {k: v for k, v in _load_stage1(folder).items() if k in IMAGE_TENSORS}
+
+
+def _load_stage1(folder: PathLike) -> dict[str, np.ndarray]:
+    return _load_tensors(Path(folder) / EMBEDDINGS_FILE, "embeddings", ("prompt_embeds", "negative_prompt_embeds"),
+                         EMBEDDING_DIMS, ("float32", "bfloat16"), hint=" (run stage 1 first)", optional=IMAGE_TENSORS)
 
 
 def save_latents(path: PathLike, latents: np.ndarray, metadata: Mapping[str, str] | None = None) -> Path:

@@ -31,20 +31,25 @@ class Video:
 
 def read_prompt_file(path: str | Path) -> list[str]:
     """Prompts, one per line (UTF-8); blank lines and lines starting with '#' are skipped."""
+    return read_lines(path, "--prompt_file", "prompt")
+
+
+def read_lines(path: str | Path, flag: str, what: str) -> list[str]:
+    """The non-blank lines of a UTF-8 list file (prompts, image paths) not starting with '#', stripped."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8-sig")  # a byte order mark (Windows editors) is not part of a prompt
+        text = path.read_text(encoding="utf-8-sig")  # a byte order mark (Windows editors) is not part of a line
     except FileNotFoundError:
-        raise BatchError(f"--prompt_file: expected a file, found nothing at {path}") from None
+        raise BatchError(f"{flag}: expected a file, found nothing at {path}") from None
     except UnicodeDecodeError as err:
-        raise BatchError(f"--prompt_file {path}: expected UTF-8 text, found invalid byte at offset {err.start}") from None
+        raise BatchError(f"{flag} {path}: expected UTF-8 text, found invalid byte at offset {err.start}") from None
     except OSError as err:  # a folder, no permission, ...
-        raise BatchError(f"--prompt_file {path}: expected a readable text file, found {err.strerror}") from None
-    prompts = [line.strip() for line in text.splitlines()]
-    prompts = [p for p in prompts if p and not p.startswith("#")]
-    if not prompts:
-        raise BatchError(f"--prompt_file {path}: expected at least one prompt line, found none")
-    return prompts
+        raise BatchError(f"{flag} {path}: expected a readable text file, found {err.strerror}") from None
+    lines = [line.strip() for line in text.splitlines()]
+    lines = [line for line in lines if line and not line.startswith("#")]
+    if not lines:
+        raise BatchError(f"{flag} {path}: expected at least one {what} line, found none")
+    return lines
 
 
 def parse_seeds(values: Sequence[str]) -> list[int]:

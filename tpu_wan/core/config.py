@@ -127,14 +127,24 @@ MODEL_PRESETS = {
     "Wan-AI/Wan2.2-T2V-A14B-Diffusers": ModelPreset(height=720, width=1280, num_inference_steps=40,
                                                     guidance_scale=4.0, guidance_scale_2=3.0, flow_shift=12.0),
     "Wan-AI/Wan2.2-TI2V-5B-Diffusers": ModelPreset(height=704, width=1280, frames=121, flow_shift=5.0, fps=24),
+    # image to video: Wan 2.1 I2V samples 40 steps (shift by resolution as T2V); Wan 2.2 I2V-A14B's config: 40 steps,
+    # guidance 3.5 / 3.5, shift 5.0 (wan/configs/wan_i2v_A14B.py)
+    "Wan-AI/Wan2.1-I2V-14B-480P-Diffusers": ModelPreset(height=480, width=832, num_inference_steps=40),
+    "Wan-AI/Wan2.1-I2V-14B-720P-Diffusers": ModelPreset(height=720, width=1280, num_inference_steps=40),
+    "Wan-AI/Wan2.2-I2V-A14B-Diffusers": ModelPreset(height=720, width=1280, num_inference_steps=40,
+                                                    guidance_scale=3.5, guidance_scale_2=3.5, flow_shift=5.0),
     "tiny-random": ModelPreset(height=64, width=96, frames=9, num_inference_steps=10),
     "tiny-random-a14b": ModelPreset(height=64, width=96, frames=9, num_inference_steps=10, guidance_scale=4.0,
                                     guidance_scale_2=3.0, flow_shift=12.0),
     "tiny-random-ti2v": ModelPreset(height=64, width=96, frames=9, num_inference_steps=10, flow_shift=5.0, fps=24),
+    "tiny-random-i2v": ModelPreset(height=64, width=96, frames=9, num_inference_steps=10),
+    "tiny-random-i2v-a14b": ModelPreset(height=64, width=96, frames=9, num_inference_steps=10, guidance_scale=3.5,
+                                        guidance_scale_2=3.5, flow_shift=5.0),
 }
 # A folder not named like a preset takes its family's (tpu_wan.models.kinds.ModelKind.family).
 FAMILY_PRESETS = {"wan2.1": DEFAULT_MODEL_ID, "wan2.2-a14b": "Wan-AI/Wan2.2-T2V-A14B-Diffusers",
-                  "wan2.2-ti2v": "Wan-AI/Wan2.2-TI2V-5B-Diffusers"}
+                  "wan2.2-ti2v": "Wan-AI/Wan2.2-TI2V-5B-Diffusers", "wan2.1-i2v": "Wan-AI/Wan2.1-I2V-14B-480P-Diffusers",
+                  "wan2.2-i2v-a14b": "Wan-AI/Wan2.2-I2V-A14B-Diffusers"}
 
 
 def preset_for(model_id: str | None, family: str = "wan2.1") -> ModelPreset:
@@ -167,6 +177,13 @@ def latent_shape(num_videos: int, height: int, width: int, frames: int, channels
         height // spatial,
         width // spatial,
     )
+
+
+def latent_channels(dit) -> int:
+    """The channels a transformer (its config: a dict or diffusers' FrozenDict) denoises: its output's (an I2V
+    model takes the image's as more input channels)."""
+    get = dit.get if isinstance(dit, dict) else lambda key: getattr(dit, key, None)
+    return get("out_channels") or get("in_channels")
 
 
 def video_tokens(latents_shape: tuple[int, ...], patch_size) -> int:
@@ -372,10 +389,24 @@ class GenerationConfig:
     # stage 3
     fps: int = 16
     vae_dtype: str = "float32"
+    # image to video (IMAGE_KEYS, written only when set): stage 1's image per prompt (and last image), each file's
+    # sha256, and the (height, width, frames) it encoded them at, which stage 2 then generates
+    images: tuple[str, ...] | None = None
+    image_sha256: tuple[str, ...] | None = None
+    last_images: tuple[str, ...] | None = None
+    last_image_sha256: tuple[str, ...] | None = None
+    image_size: tuple[int, int, int] | None = None
 
     def __post_init__(self):
         if not self.prompts:
             raise ConfigError("expected at least one prompt, found none")
+        for name in ("images", "image_sha256", "last_images", "last_image_sha256"):
+            value = getattr(self, name)
+            if value is not None and len(value) != len(self.prompts):
+                raise ConfigError(f"{name}: expected one per prompt ({len(self.prompts)}), found {len(value)}")
+        if (self.images is None) != (self.image_size is None) or (self.last_images and not self.images):
+            raise ConfigError("images: expected images and image_size together (and last_images only with images), "
+                              f"found images={self.images} image_size={self.image_size} last_images={self.last_images}")
         if self.max_sequence_length < 1:
             raise ConfigError(f"max_sequence_length must be >= 1, found {self.max_sequence_length}")
         validate_dtype(self.text_dtype, "text_dtype")
@@ -395,10 +426,14 @@ class GenerationConfig:
     def to_json_dict(self) -> dict[str, Any]:
         out = {}
         for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
             if field.name == "stage2":
                 out.update(_stage2_json(self.stage2))
+            elif field.name in IMAGE_KEYS:
+                if value is not None:
+                    out[field.name] = list(value)
             else:
-                out[field.name] = getattr(self, field.name)
+                out[field.name] = value
         out["prompts"] = list(self.prompts)
         return out
 
@@ -417,7 +452,8 @@ class GenerationConfig:
             except (AttentionError, TypeError) as err:
                 raise ConfigError(f"generation_config.json: expected valid attention settings, found {err}") from None
         lists = ("seeds", "mesh", "expert_steps", "denoising_steps", "loras", "loras_2")
-        for name, holder in (("prompts", fields), *((n, stage2) for n in lists)):
+        image_lists = tuple((n, fields) for n in IMAGE_KEYS if fields.get(n) is not None)
+        for name, holder in (("prompts", fields), *((n, stage2) for n in lists), *image_lists):
             value = holder.get(name)
             if value is None and name != "prompts":
                 continue
@@ -435,6 +471,9 @@ class GenerationConfig:
     def do_classifier_free_guidance(self) -> bool:
         # diffusers runs the unconditional branch only when guidance_scale > 1 (at 1 it would cancel out).
         return self.stage2 is not None and self.stage2.guidance_scale > 1.0
+
+
+IMAGE_KEYS = ("images", "image_sha256", "last_images", "last_image_sha256", "image_size")
 
 
 def _stage2_json(settings: Stage2Settings | None) -> dict[str, Any]:

@@ -53,6 +53,8 @@ def _download(model_id: str, path: Path, patterns: list[str]) -> Path:
 EXPECTED_CLASSES = {
     "text_encoder": "UMT5EncoderModel", "transformer": "WanTransformer3DModel", "vae": "AutoencoderKLWan",
 }
+# Wan 2.1 I2V's image encoder: diffusers' published folders hold either class; both give the hidden states used.
+IMAGE_ENCODER_CLASSES = ("CLIPVisionModel", "CLIPVisionModelWithProjection")
 
 
 def _read_json(path: Path) -> dict:
@@ -120,20 +122,29 @@ def _read_kind(path: Path, with_tokenizer: bool) -> tuple[dict, str, dict[str, d
     index = _read_json(index_file)
     kinds.check_pipeline(index_file, index)
     experts = kinds.EXPERTS if kinds.is_set(index.get("transformer_2")) else kinds.EXPERTS[:1]
-    for component, cls in {**EXPECTED_CLASSES, **dict.fromkeys(experts, EXPECTED_CLASSES["transformer"])}.items():
+    image_encoder = kinds.is_set(index.get("image_encoder"))
+    expected = {**EXPECTED_CLASSES, **dict.fromkeys(experts, EXPECTED_CLASSES["transformer"])}
+    if image_encoder:
+        expected["image_encoder"] = IMAGE_ENCODER_CLASSES
+    for component, cls in expected.items():
         found = (index.get(component) or [None, None])[1]
-        if found != cls:
-            raise CheckpointError(f"{index_file}: expected {component} of class {cls}, found {found!r}")
+        if found not in (cls if isinstance(cls, tuple) else (cls,)):
+            want = " or ".join(cls) if isinstance(cls, tuple) else cls
+            raise CheckpointError(f"{index_file}: expected {component} of class {want}, found {found!r}")
     components = (COMPONENTS if with_tokenizer else tuple(c for c in COMPONENTS if c != "tokenizer")) + experts[1:]
+    components += ("image_encoder",) if image_encoder else ()
     missing = [c for c in components if not (path / c / ("scheduler_config.json" if c == "scheduler" else
                                                          "config.json" if c != "tokenizer" else "")).exists()]
+    if image_encoder and not (path / "image_processor" / "preprocessor_config.json").exists():
+        missing.append("image_processor")
     if missing:
         raise CheckpointError(f"{path}: expected configs for {list(components)}, missing {missing}")
     vae_kind = kinds.check_vae(path / "vae" / "config.json", read_config(path, "vae"))
     dits = {expert: read_config(path, expert) for expert in experts}
     kinds.check_experts(path, index, dits)
     kinds.check_transformer(path / "transformer" / "config.json", dits["transformer"],
-                            kinds.VAE_KINDS[vae_kind]["z_dim"], bool(index.get("expand_timesteps")))
+                            kinds.VAE_KINDS[vae_kind]["z_dim"], bool(index.get("expand_timesteps")),
+                            kinds.is_image_pipeline(index), image_encoder)
     return index, vae_kind, dits
 
 
@@ -178,6 +189,40 @@ def empty_text_encoder(model_path: Path):
     model = _empty(lambda: UMT5EncoderModel(config))
     model.tie_weights()  # from_pretrained ties encoder.embed_tokens to shared; an empty build must do it itself
     return model
+
+
+# CLIP's layers run as one loop over layers with stacked weights (tpu_wan.runtime.stacking).
+CLIP_LAYERS = ("encoder.layers",)
+CLIP_FILE_PREFIX = "vision_model."  # how transformers before 5 (and the published Wan folders) name CLIP's weights
+
+
+def clip_key_prefix(folder: Path) -> str:
+    """The prefix image_encoder/'s weight files put before the module's names: CLIP_FILE_PREFIX or none."""
+    from tpu_wan.runtime.loading import weight_files
+
+    names = weight_files(folder)
+    return CLIP_FILE_PREFIX if any(name.startswith(CLIP_FILE_PREFIX) for name in names) else ""
+
+
+def empty_image_encoder(model_path: Path):
+    """The CLIP vision model of image_encoder/ (either class diffusers' folders name: WithProjection adds a
+    projection the pipelines do not use), without its last layer: WanImageToVideoPipeline takes the
+    second-to-last hidden states, which are then the last."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    config = CLIPVisionConfig.from_pretrained(model_path / "image_encoder")
+    model = _empty(lambda: CLIPVisionModel(config))
+    layers = model.encoder.layers
+    model.encoder.layers = type(layers)(list(layers)[:-1])
+    return model
+
+
+def load_image_processor(model_path: Path):
+    """image_processor/ as diffusers loads the component: the class model_index.json names, from transformers."""
+    import transformers
+
+    cls = _read_json(model_path / "model_index.json")["image_processor"][1]
+    return getattr(transformers, cls).from_pretrained(model_path / "image_processor")
 
 
 def expected_weights(module, dtype: str) -> dict[str, tuple[tuple[int, ...], np.dtype]]:

@@ -10,7 +10,10 @@ widths and depths are small. The demo and the tests run on them; `--model_id` re
   tiny-random-a14b   Wan 2.2 T2V-A14B's layout: a high-noise `transformer` and a low-noise `transformer_2`
                      switched at `boundary_ratio`
   tiny-random-ti2v   Wan 2.2 TI2V-5B's layout: one timestep per token (`expand_timesteps`) over the z48 VAE
-                     (residual up blocks, 2x2 pixel patches, 16x spatial compression)
+                     (residual up blocks, 2x2 pixel patches, 16x spatial compression); text or image to video
+  tiny-random-i2v    Wan 2.1 I2V-14B's layout (WanImageToVideoPipeline): a CLIP vision encoder whose image
+                     embeddings join cross-attention, the first frame's latents and mask as 20 more input channels
+  tiny-random-i2v-a14b  Wan 2.2 I2V-A14B's layout: two experts (boundary 0.9) over those 36 channels, no CLIP
 """
 
 from __future__ import annotations
@@ -25,7 +28,9 @@ from pathlib import Path
 TINY_MODEL_ID = "tiny-random"
 TINY_A14B_ID = "tiny-random-a14b"
 TINY_TI2V_ID = "tiny-random-ti2v"
-TINY_MODELS = (TINY_MODEL_ID, TINY_A14B_ID, TINY_TI2V_ID)
+TINY_I2V_ID = "tiny-random-i2v"
+TINY_I2V_A14B_ID = "tiny-random-i2v-a14b"
+TINY_MODELS = (TINY_MODEL_ID, TINY_A14B_ID, TINY_TI2V_ID, TINY_I2V_ID, TINY_I2V_A14B_ID)
 # Bump when the architecture or the builder changes, so stale caches are rebuilt, not reused.
 TINY_VERSION = 1
 TINY_SEED = 0
@@ -72,6 +77,17 @@ TI2V_VAE_CONFIG = dict(
     scale_factor_temporal=4,
 )
 TI2V_TRANSFORMER_CONFIG = dict(in_channels=48, out_channels=48)
+# Image to video: noise (16), frame mask (4) and first-frame latents (16) in; Wan 2.1's also takes CLIP's image
+# embeddings (image_dim = the vision model's width) through its own key/value projections (the DiT's width).
+I2V_TRANSFORMER_CONFIG = dict(in_channels=36, out_channels=16)
+CLIP_DIM = 32
+I2V_CLIP_TRANSFORMER_CONFIG = dict(image_dim=CLIP_DIM, added_kv_proj_dim=64)
+# CLIP ViT-H/14's layout (pre-norm layers, class token, penultimate layer's states used), narrow: 32 x 32 images
+# in 8 x 8 patches, 17 tokens.
+CLIP_VISION_CONFIG = dict(hidden_size=CLIP_DIM, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                          image_size=32, patch_size=8, hidden_act="gelu", layer_norm_eps=1e-5)
+CLIP_PROCESSOR_CONFIG = dict(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+I2V_A14B_BOUNDARY_RATIO = 0.9  # Wan 2.2 I2V-A14B's
 # Wan 2.2 A14B switches experts at t = 875 of 1000; the tiny model's does too, which its preset's steps and
 # shift cross (tests pick steps that run both experts).
 A14B_BOUNDARY_RATIO = 0.875
@@ -168,7 +184,8 @@ def build_tiny_checkpoint(output_dir: str | Path, *, model_id: str = TINY_MODEL_
     if model_id not in TINY_MODELS:
         raise ValueError(f"expected a tiny model id in {TINY_MODELS}, found {model_id!r}")
     import torch
-    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+    from diffusers import (AutoencoderKLWan, UniPCMultistepScheduler, WanImageToVideoPipeline, WanPipeline,
+                           WanTransformer3DModel)
     from transformers import UMT5Config, UMT5EncoderModel
 
     output_dir = Path(output_dir)
@@ -180,7 +197,11 @@ def build_tiny_checkpoint(output_dir: str | Path, *, model_id: str = TINY_MODEL_
         text_config = {**TEXT_ENCODER_CONFIG, **(text_encoder_config or {})}
         text_encoder = UMT5EncoderModel(UMT5Config(vocab_size=len(tokenizer), **text_config)).eval()
         ti2v = model_id == TINY_TI2V_ID
-        dit_config = {**TRANSFORMER_CONFIG, **(TI2V_TRANSFORMER_CONFIG if ti2v else {}), **(transformer_config or {})}
+        i2v = model_id in (TINY_I2V_ID, TINY_I2V_A14B_ID)
+        family_dit = TI2V_TRANSFORMER_CONFIG if ti2v else I2V_TRANSFORMER_CONFIG if i2v else {}
+        if model_id == TINY_I2V_ID:
+            family_dit = {**family_dit, **I2V_CLIP_TRANSFORMER_CONFIG}
+        dit_config = {**TRANSFORMER_CONFIG, **family_dit, **(transformer_config or {})}
         torch.manual_seed(TINY_SEED + 1)
         transformer = WanTransformer3DModel(**dit_config).eval()
         torch.manual_seed(TINY_SEED + 2)
@@ -188,12 +209,19 @@ def build_tiny_checkpoint(output_dir: str | Path, *, model_id: str = TINY_MODEL_
         vae = AutoencoderKLWan(**{**base_vae, **(vae_config or {})}).eval()
         scheduler = UniPCMultistepScheduler(**SCHEDULER_CONFIG)
         family = {}
-        if model_id == TINY_A14B_ID:
+        if model_id in (TINY_A14B_ID, TINY_I2V_A14B_ID):
             torch.manual_seed(TINY_SEED + 3)  # the low-noise expert: same config, its own weights
-            family = dict(transformer_2=WanTransformer3DModel(**dit_config).eval(), boundary_ratio=A14B_BOUNDARY_RATIO)
+            ratio = A14B_BOUNDARY_RATIO if model_id == TINY_A14B_ID else I2V_A14B_BOUNDARY_RATIO
+            family = dict(transformer_2=WanTransformer3DModel(**dit_config).eval(), boundary_ratio=ratio)
         elif ti2v:
             family = dict(expand_timesteps=True)
-        pipe = WanPipeline(
+        elif model_id == TINY_I2V_ID:
+            from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+            torch.manual_seed(TINY_SEED + 4)
+            family = dict(image_encoder=CLIPVisionModel(CLIPVisionConfig(**CLIP_VISION_CONFIG)).eval(),
+                          image_processor=CLIPImageProcessor(**CLIP_PROCESSOR_CONFIG))
+        pipe = (WanImageToVideoPipeline if i2v else WanPipeline)(
             tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, scheduler=scheduler, transformer=transformer,
             **family,
         )

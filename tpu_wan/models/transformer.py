@@ -31,25 +31,43 @@ BLOCKS = r"blocks\.\d+"  # the transformer blocks, whose hidden-state input and 
 LAYERS = ("blocks",)
 
 
-def _denoise_step(forward: Callable, dtype, cfg: bool, per_token: tuple[int, int, int] | None, weights, latents, state,
-                  embeds, timestep, coeffs_i, guidance, noise=None):
+def _denoise_step(forward: Callable, dtype, cfg: bool, conditioning: str | None, weights, latents, state, embeds,
+                  timestep, coeffs_i, guidance, image, noise=None):
     """latents [B C F H W] f32, embeds [B or 2B, S, D] (cond rows, then uncond rows) -> next latents, state.
-    `per_token`: the patch size where the model takes one timestep per video token (expand_timesteps). `noise`
-    [B C F H W] f32: the "distill" solver's fresh noise (None, no input, for the others)."""
+    `conditioning`, `image`: image to video (model_input); `image` {} for text to video. `noise` [B C F H W] f32:
+    the "distill" solver's fresh noise (None, no input, for the others)."""
     b = latents.shape[0]
-    x = latents.astype(dtype)
+    x, t, extra = model_input(latents, image, conditioning, timestep, dtype)
     if cfg:
-        x = jnp.concatenate([x, x])  # [2B C F H W]: the cond/uncond pair runs as one batch, split over dp
-    if per_token:  # WanPipeline: t on every 1x2x2 token of a mask of ones, float32 [B, F * H/2 * W/2]
-        tokens = math.prod(n // p for n, p in zip(latents.shape[2:], per_token))
-        t = jnp.broadcast_to(timestep, (x.shape[0], tokens))
-    else:
-        t = jnp.broadcast_to(timestep, (x.shape[0],))
-    v = forward(weights, x, t, embeds, return_dict=False)[0]  # [2B or B, C, F, H, W] in the model dtype
+        # the cond/uncond pair runs as one batch, split over dp; the image inputs are the same for both
+        x, t = jnp.concatenate([x, x]), jnp.concatenate([t, t])
+        extra = {k: jnp.concatenate([v, v]) for k, v in extra.items()}
+    v = forward(weights, x, t, embeds, return_dict=False, **extra)[0]  # [2B or B, C, F, H, W] in the model dtype
     if cfg:
         cond, uncond = v[:b], v[b:]
         v = uncond + guidance.astype(v.dtype) * (cond - uncond)  # as diffusers: combined in the model dtype
     return schedulers.step(coeffs_i, state, v, latents, noise)
+
+
+def model_input(latents, image: dict, conditioning: str | None, timestep, dtype):
+    """(the transformer's input [B C' F H W] in the model dtype, its timestep [B] or per token [B, L] float32, its
+    other inputs) as WanImageToVideoPipeline builds them:
+      - "concat" (I2V): image["condition"] [B 4+C F H W] (frame mask, first-frame latents) after the channels;
+      - "first_frame" (TI2V with an image): latent frame 0 replaced by image["condition"] [B C 1 H W], and a
+        timestep per 1x2x2 token: 0 on frame 0's, t elsewhere;
+    and CLIP's image_embeds [B, tokens, D] as `encoder_hidden_states_image` where given."""
+    b = latents.shape[0]
+    x = latents.astype(dtype)
+    t = jnp.broadcast_to(timestep, (b,))
+    if conditioning == "concat":
+        x = jnp.concatenate([x, image["condition"].astype(dtype)], axis=1)  # diffusers: cat in f32, then cast
+    elif conditioning == "first_frame":
+        x = jnp.concatenate([image["condition"].astype(dtype), x[:, :, 1:]], axis=2)
+        per_frame = (latents.shape[3] // 2) * (latents.shape[4] // 2)
+        tokens = jnp.where(jnp.arange(latents.shape[2] * per_frame) < per_frame, 0.0, timestep)
+        t = jnp.broadcast_to(tokens.astype(jnp.float32), (b, tokens.shape[0]))
+    extra = {"encoder_hidden_states_image": image["embeds"].astype(dtype)} if "embeds" in image else {}
+    return x, t, extra
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,8 +190,8 @@ class Denoiser:
                 stacks={"blocks": step_cache.run_stack} if cached else None, scan=LAYERS)
         return self._forwards[key]
 
-    def _step_fn(self, cfg: bool, latents_sharding, sharding: str):
-        key = (cfg, latents_sharding, sharding)
+    def _step_fn(self, cfg: bool, latents_sharding, sharding: str, conditioning: str | None = None):
+        key = (cfg, latents_sharding, sharding, conditioning)
         if key not in self._steps:
             # A TI2V model (expand_timesteps) takes one timestep per video token, but in text-to-video every token
             # has the same t, and the model computes each token's time embedding and modulation from its own t
@@ -181,19 +199,20 @@ class Denoiser:
             # relative for a step on 2x4 where XLA fuses the broadcast otherwise; tests/test_wan22.py) without the
             # per-token [B, L, 6, D] float32 modulation tensors. TI2V-5B's step at 1280x704x121 on v6e-1: 2.68 GiB
             # of temporaries instead of 11.01 (compile-only). Image-to-video (frame 0 kept at t = 0) needs them.
-            step = functools.partial(_denoise_step, self.forward(sharding), self.dtype, cfg, None)
+            step = functools.partial(_denoise_step, self.forward(sharding), self.dtype, cfg, conditioning)
             # Outputs keep the input latents' sharding, so step i's outputs are step i+1's inputs as they are
             # and the one compiled program serves every step.
             self._steps[key] = jax.jit(step, out_shardings=latents_sharding)
         return self._steps[key]
 
-    def _cached_step_fn(self, cfg: bool, latents_sharding, sharding: str, spec, cache_state):
+    def _cached_step_fn(self, cfg: bool, latents_sharding, sharding: str, spec, cache_state,
+                        conditioning: str | None = None):
         """The step with a step cache (tpu_wan.sampling.step_cache): (..., cache state) -> (latents, solver state,
         cache state), the cache state keeping its placement (abstract `cache_state`'s) from step to step."""
         placement = jax.tree.map(lambda a: a.sharding, cache_state)
-        key = (cfg, latents_sharding, sharding, spec, tuple(jax.tree.leaves(placement)))
+        key = (cfg, latents_sharding, sharding, spec, tuple(jax.tree.leaves(placement)), conditioning)
         if key not in self._steps:
-            step = functools.partial(_denoise_step, self.forward(sharding, cached=True), self.dtype, cfg, None)
+            step = functools.partial(_denoise_step, self.forward(sharding, cached=True), self.dtype, cfg, conditioning)
             self._steps[key] = jax.jit(functools.partial(step_cache.cached_step, step, spec),
                                        out_shardings=(latents_sharding, latents_sharding, placement))
         return self._steps[key]
@@ -215,12 +234,31 @@ class Denoiser:
         return step_cache.abstract_state(spec, branches, hidden, self.dtype, num_steps,
                                          NamedSharding(self.mesh, placed), NamedSharding(self.mesh, P()))
 
+    def conditioning(self, image: dict | None) -> str | None:
+        """model_input's mode for a run with these image inputs: "concat" for the I2V models, "first_frame" for TI2V
+        given an image, None for text to video."""
+        if not image:
+            return None
+        return "first_frame" if self.kind.expand_timesteps else "concat"
+
+    def _place_image(self, image: dict | None, abstract: bool = False) -> dict:
+        """The image inputs ([B, ...] each, B the latents' rows) split over dp as the latents are; `abstract`:
+        ShapeDtypeStructs of the given shapes."""
+        out = {}
+        for key, value in (image or {}).items():
+            dtype = jnp.float32 if key == "condition" else self.dtype
+            sharding = mesh_lib.batch_sharding(self.mesh, value.shape[0], len(value.shape))
+            out[key] = (jax.ShapeDtypeStruct(value.shape, dtype, sharding=sharding) if abstract else
+                        jax.device_put(np.asarray(value).astype(dtype), sharding))
+        return out
+
     def step_program(self, latents_shape: tuple[int, ...], text_shape: tuple[int, ...], cfg: bool,
-                     sharding: str = "megatron", noise: bool = False, cache: str | None = None, num_steps: int = 1):
+                     sharding: str = "megatron", noise: bool = False, cache: str | None = None, num_steps: int = 1,
+                     image: dict | None = None):
         """(jitted step, abstract arguments) of the step `denoise` runs for latents [B C F H W] and text
         embeddings [B or 2B, S, D] (cond rows, then uncond rows with `cfg`), as remember_program records it;
         `noise`: the step takes fresh noise [B C F H W] (Schedule.takes_noise); `cache`: with that step cache (a
-        run of `num_steps` steps)."""
+        run of `num_steps` steps); `image`: name -> shape of the image inputs (`denoise`'s `image`)."""
         rows = mesh_lib.batch_sharding(self.mesh, latents_shape[0], 5)
         x = jax.ShapeDtypeStruct(latents_shape, jnp.float32, sharding=rows)
         state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rows),
@@ -230,13 +268,15 @@ class Denoiser:
         scalar = jax.ShapeDtypeStruct((), jnp.float32)  # timestep and guidance: uncommitted, as in denoise
         coeffs = jax.ShapeDtypeStruct((schedulers.NUM_COEFFS,), jnp.float32)
         weights = self.experts[self.kind.experts[0]]  # every expert's weights have these shapes and shardings
-        args = (weights, x, state, embeds, scalar, coeffs, scalar)
+        shapes = {k: jax.ShapeDtypeStruct(shape, jnp.float32) for k, shape in (image or {}).items()}
+        placed, mode = self._place_image(shapes, abstract=True), self.conditioning(image)
+        args = (weights, x, state, embeds, scalar, coeffs, scalar, placed)
         if cache is not None:
             spec = step_cache.parse(cache)
             abstract = self._cache_state(spec, 2 if cfg else 1, latents_shape, text_shape[0], sharding, num_steps)
-            return self._cached_step_fn(cfg, x.sharding, sharding, spec, abstract), args + ((x,) if noise else ()) + (
-                abstract,)
-        return self._step_fn(cfg, x.sharding, sharding), args + ((x,) if noise else ())
+            return self._cached_step_fn(cfg, x.sharding, sharding, spec, abstract, mode), args + (
+                (x,) if noise else ()) + (abstract,)
+        return self._step_fn(cfg, x.sharding, sharding, mode), args + ((x,) if noise else ())
 
     def denoise(
         self,
@@ -253,6 +293,7 @@ class Denoiser:
         sharding: str = "megatron",
         noise: Callable[[int], np.ndarray] | None = None,
         cache: str | None = None,
+        image: dict | None = None,
     ) -> np.ndarray:
         """Runs the schedule (or its first `num_steps` steps) from `latents` [B C F H W] in sharding mode
         `sharding` (tpu_wan.runtime.parallelism); returns float32 latents.
@@ -263,7 +304,9 @@ class Denoiser:
         `noise`: for a schedule that takes it (Schedule.takes_noise), step i -> fresh N(0, 1) [B C F H W], called in
         step order for the steps that re-noise (Schedule.renoises) just before each runs; the others get zeros.
         `cache`: a step cache (--cache, tpu_wan.sampling.step_cache), its state fresh for this batch; what it ran is
-        appended to `cache_log`.
+        appended to `cache_log`. `image`: image to video's inputs, one row per latents row: "condition" (stage 1's
+        image_condition) and, for a model with an image encoder, "embeds" (model_input); for TI2V the returned
+        latents' frame 0 is the condition, as diffusers puts it back after the loop.
         """
         if schedule.takes_noise and noise is None:
             raise ValueError(f"the {schedule.solver!r} schedule re-noises: expected a noise source, found none")
@@ -275,14 +318,15 @@ class Denoiser:
         rows = mesh_lib.batch_sharding(self.mesh, latents.shape[0], 5)
         x = jax.device_put(np.asarray(latents, np.float32), rows)
         state = jax.device_put(schedulers.init_state(x), rows)
-        step = self._step_fn(cfg, rows, sharding)
+        mode, placed = self.conditioning(image), self._place_image(image)
+        step = self._step_fn(cfg, rows, sharding, mode)
         carried, spec = (), None  # the step cache's state, carried from step to step like the solver's
         if cache is not None:
             spec = step_cache.parse(cache)
             abstract = self._cache_state(spec, 2 if cfg else 1, latents.shape, embeds.shape[0], sharding,
                                          schedule.num_inference_steps)
             carried = (step_cache.init_state(spec, abstract),)
-            step = self._cached_step_fn(cfg, rows, sharding, spec, abstract)
+            step = self._cached_step_fn(cfg, rows, sharding, spec, abstract, mode)
         experts = self.kind.experts
         expert_steps = expert_steps or (experts[0],) * schedule.num_inference_steps
         scales = (guidance_scale, guidance_scale if guidance_scale_2 is None else guidance_scale_2)
@@ -294,7 +338,7 @@ class Denoiser:
         zeros = (jax.device_put(np.zeros(latents.shape, np.float32), rows),) if schedule.takes_noise else ()
         program = f"step cfg={cfg}" + (f" cache={spec.kind}" if spec else "")
         profiling.remember_program(self.programs, program, step, first, x, state, embeds,
-                                   timesteps[0], coeffs[0], guidance[expert_steps[0]], *zeros, *carried)
+                                   timesteps[0], coeffs[0], guidance[expert_steps[0]], placed, *zeros, *carried)
         for i in distributed.progress(range(total), show=progress, desc="denoising", unit="step", leave=False):
             name = expert_steps[i]
             weights = self._on_mesh(name)
@@ -305,8 +349,9 @@ class Denoiser:
             start = time.perf_counter()
             with profiling.compiling(self.compile_s, program):
                 x, state, *carried = programs.call(
-                    program, step, weights, x, state, embeds, timesteps[i], coeffs[i], guidance[name], *fresh,
-                    *carried, model=self.config, sharding=sharding, attention=self.attention_options, cache=cache)
+                    program, step, weights, x, state, embeds, timesteps[i], coeffs[i], guidance[name], placed, *fresh,
+                    *carried, model=self.config, sharding=sharding, attention=self.attention_options, cache=cache,
+                    conditioning=mode)
             x.block_until_ready()  # honest step times and progress bar; the step itself is seconds on real sizes
             self.step_seconds.append(time.perf_counter() - start)
             self.first_step_end = self.first_step_end or time.time()
@@ -316,4 +361,7 @@ class Denoiser:
                 ratios = ",".join(repr(r) for r in self.cache_log[-1]["mag_ratios"]["cond"])
                 log.info("MagCache calibration: --cache mag:THRESHOLD:%s (the cond branch's ratios; each branch's "
                          "are in metrics.json)", ratios)
-        return distributed.to_host(x)
+        out = distributed.to_host(x)
+        if mode == "first_frame":  # diffusers: (1 - mask) * condition + mask * latents, mask 0 on frame 0
+            out = np.concatenate([np.asarray(image["condition"], np.float32), out[:, :, 1:]], axis=2)
+        return out

@@ -165,7 +165,7 @@ def transformer_programs(model_path, mesh, cfg: GenerationConfig, expert_offload
 
     denoiser = Denoiser(model_path, mesh, cfg.stage2.dtype, cfg.stage2.attention, abstract=True)
     dit = dict(denoiser.config)
-    latents = cfg.stage2.latent_shape(cfg.stage2.batch_size, dit["in_channels"])
+    latents = cfg.stage2.latent_shape(cfg.stage2.batch_size, config_lib.latent_channels(dit))
     guided = cfg.do_classifier_free_guidance
     rows = cfg.stage2.batch_size * (2 if guided else 1)
     noise = cfg.stage2.sample_solver in schedulers.NOISE_SOLVERS  # the "distill" step takes fresh noise

@@ -19,17 +19,21 @@ from tpu_wan.core.config import GenerationConfig, Stage2Settings
 from tpu_wan.models import checkpoints
 from tpu_wan.run import preflight, sweep
 from tpu_wan.run.pipeline import (
+    add_stage1_models,
     check_offload,
     denoise,
     encode,
     finetune_settings,
+    image_request,
     load_decoder,
     load_denoiser,
     load_encoder,
+    load_image_conditioner,
     model_preset,
     plan,
     resolve_stage2,
     video_paths,
+    with_images,
 )
 from tpu_wan.runtime.mesh import check_heads, make_mesh
 from tpu_wan.runtime.profiling import Recorder
@@ -40,11 +44,13 @@ class Generator:
 
     def __init__(self, model_id: str, mesh, *, text_dtype: str, dtype: str, attention="auto",
                  recorder: Recorder | None = None, vae_dtype: str = "float32", vae_conv: str = "auto",
-                 expert_offload: bool = False, **finetune):
+                 expert_offload: bool = False, images: bool = False, **finetune):
+        """`images`: also the image models, for image to video (image_encoder.ImageConditioner)."""
         self.recorder = recorder or Recorder()
         model_path = checkpoints.resolve_model(model_id)
         with self.recorder.section("text_encoder", "load"):
             self.encoder = load_encoder(model_path, mesh, text_dtype)
+        self.conditioner = load_image_conditioner(model_path, mesh, text_dtype, self.recorder) if images else None
         with self.recorder.section("transformer", "load"):
             self.denoiser = load_denoiser(model_path, mesh, dtype, attention, expert_offload=expert_offload,
                                           **finetune)
@@ -57,10 +63,11 @@ class Generator:
         section = self.recorder.section
         with section("text_encoder", "run"):
             prompt_embeds, negative_embeds = encode(self.encoder, cfg)
+        image = self.encode_images(cfg)
         with section("transformer", "run"):
             self.denoiser.step_seconds.clear()
             self.denoiser.cache_log.clear()
-            latents = denoise(self.denoiser, cfg, prompt_embeds, negative_embeds, progress=progress)
+            latents = denoise(self.denoiser, cfg, prompt_embeds, negative_embeds, progress=progress, image=image)
         steps = self.denoiser.step_seconds
         self.recorder.add_steps("transformer", steps, len(steps))
         self.recorder.add_cache("transformer", self.denoiser.cache_log)
@@ -73,17 +80,27 @@ class Generator:
         `num_steps` (batches are padded to one shape), one video decoded."""
         with self.recorder.section("text_encoder", "warmup"):
             prompt_embeds, negative_embeds = encode(self.encoder, cfg)
+        image = self.encode_images(cfg)
         latents = []
         with self.recorder.section("transformer", "warmup"):
             first = plan(cfg)[:1]
             sweep.denoise_videos(self.denoiser, cfg, prompt_embeds, negative_embeds, first, plan(cfg),
-                                 lambda group, x: latents.append(x), num_steps=num_steps, progress=False)
+                                 lambda group, x: latents.append(x), num_steps=num_steps, progress=False, image=image)
         with self.recorder.section("vae", "warmup"):
             self.decoder.decode(latents[0], uint8=uint8)
 
+    def encode_images(self, cfg: GenerationConfig) -> dict | None:
+        """Stage 1's image tensors for `cfg`'s images (None for text to video), each image file read again."""
+        if not cfg.images:
+            return None
+        from tpu_wan.models.image_encoder import ImageRequest, read_images
+
+        request = ImageRequest(cfg.images, cfg.last_images, *cfg.image_size)
+        return self.conditioner.encode(request, read_images(request))
+
     def measure_models(self) -> None:
         """Weight bytes of the three models and temp bytes of the programs they ran (after the runs)."""
-        self.recorder.add_model("text_encoder", self.encoder.weights, self.encoder.programs, self.encoder.compile_s)
+        add_stage1_models(self.recorder, self.encoder, self.conditioner.models if self.conditioner else {})
         self.recorder.add_model("transformer", self.denoiser.weights, self.denoiser.programs, self.denoiser.compile_s)
         self.recorder.add_swaps("transformer", self.denoiser.swap_seconds)
         self.recorder.add_model("vae", self.decoder.params, self.decoder.programs, self.decoder.compile_s)
@@ -117,25 +134,32 @@ def generate(
     save_intermediates: str | Path | None = None,
     non_strict: bool = False,
     expert_offload: bool = False,
+    images: list[str] | None = None,
+    last_images: list[str] | None = None,
 ) -> GenerateResult:
     """All three stages in one process: load, warm up (compiles everything), then `num_iterations` timed runs
     (the last one traced into `profile_dir` if given); writes the videos of the last run. `fps` None: the
-    model's; `expert_offload`: two experts, the idle one in host memory."""
+    model's; `expert_offload`: two experts, the idle one in host memory; `images`, `last_images`: image to video,
+    one path per prompt (pipeline.run_stage1's)."""
     from tpu_wan.core import preview as preview_lib
     from tpu_wan.core import video
     from tpu_wan.runtime import profiling
 
     start = time.perf_counter()
     mesh = make_mesh(dp, tp)
-    cfg = resolve_stage2(
-        GenerationConfig(
-            model_id=model_id, prompts=tuple(prompts), negative_prompt=negative_prompt,
-            max_sequence_length=max_sequence_length, vae_dtype=vae_dtype,
-            fps=model_preset(model_id).fps if fps is None else fps,
-        ),
-        settings,
-        mesh,
+    request = image_request(model_id, len(prompts), images, last_images,
+                            (settings.height, settings.width, settings.frames))
+    base = GenerationConfig(
+        model_id=model_id, prompts=tuple(prompts), negative_prompt=negative_prompt,
+        max_sequence_length=max_sequence_length, vae_dtype=vae_dtype,
+        fps=model_preset(model_id).fps if fps is None else fps,
     )
+    if request is not None:
+        from tpu_wan.models.image_encoder import read_images
+
+        read_images(request)  # a bad image file is refused before any model loads
+        base = with_images(base, request)
+    cfg = resolve_stage2(base, settings, mesh)
     check_offload(cfg, expert_offload)
     cfg = cfg.replace(text_dtype=cfg.stage2.dtype)
     paths = video_paths(cfg, output_video, output_dir)
@@ -144,7 +168,7 @@ def generate(
     preflight.check_stage2_run(model_path, cfg, mesh)
     gen = Generator(model_id, mesh, text_dtype=cfg.text_dtype, dtype=cfg.stage2.dtype, attention=cfg.stage2.attention,
                     vae_dtype=vae_dtype, vae_conv=vae_conv, expert_offload=expert_offload,
-                    **finetune_settings(cfg, non_strict))
+                    images=request is not None, **finetune_settings(cfg, non_strict))
     # Only --save_intermediates keeps the float frames; the mp4 needs uint8, converted on device (a quarter of
     # the bytes to move to the host).
     uint8 = not save_intermediates
@@ -163,7 +187,8 @@ def generate(
         folder = Path(save_intermediates)
         videos = plan(cfg)
         with io("text_encoder", "io"):
-            artifacts.save_embeddings(folder, prompt_embeds, negative_embeds, metadata={"model_id": model_id})
+            artifacts.save_embeddings(folder, prompt_embeds, negative_embeds, metadata={"model_id": model_id},
+                                      image=gen.encode_images(cfg))
         with io("transformer", "io"):
             for v, x in zip(videos, latents):
                 path = sweep.latents_path(folder, v, single=len(videos) == 1)

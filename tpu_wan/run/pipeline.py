@@ -35,6 +35,7 @@ def resolve_stage2(cfg: GenerationConfig, asked: Stage2Settings, mesh) -> Genera
     folder = checkpoints.config_folder(cfg.model_id)
     kind = checkpoints.model_kind(folder)
     preset = config_lib.preset_for(cfg.model_id, kind.family)
+    asked = image_size(cfg, kind, asked)
     asked = config_lib.solver_defaults(asked)  # a distill solver's steps, guidance and shift before the preset's
     s = dataclasses.replace(asked, **{
         f: getattr(preset, f) for f in ("height", "width", "frames", "num_inference_steps", "guidance_scale")
@@ -78,6 +79,24 @@ def resolve_stage2(cfg: GenerationConfig, asked: Stage2Settings, mesh) -> Genera
     return cfg.replace(stage2=dataclasses.replace(s, sharding=sharding))
 
 
+def image_size(cfg: GenerationConfig, kind, asked: Stage2Settings) -> Stage2Settings:
+    """`asked` with the size stage 1 encoded the image at (image to video); refuses another size, and an
+    image-to-video model whose stage 1 had no image."""
+    if cfg.image_size is None:
+        if kind.needs_image:
+            raise ConfigError(f"generation_config.json: expected an image for {cfg.model_id} (an image-to-video "
+                              f"model), found none (rerun stage 1 with --image)")
+        return asked
+    height, width, frames = cfg.image_size
+    for flag, name, value in (("--height", "height", height), ("--width", "width", width),
+                              ("--frames", "frames", frames)):
+        given = getattr(asked, name)
+        if given is not None and given != value:
+            raise ConfigError(f"{flag}: expected the size stage 1 encoded the image at ({width}x{height}x{frames}), "
+                              f"found {given} (rerun stage 1 with {flag} {given})")
+    return dataclasses.replace(asked, height=height, width=width, frames=frames)
+
+
 def model_preset(model_id: str) -> config_lib.ModelPreset:
     """The defaults of `model_id`: its own preset, else its family's (decided from its config files)."""
     return config_lib.preset_for(model_id, checkpoints.model_kind(checkpoints.config_folder(model_id)).family)
@@ -117,7 +136,7 @@ def resolve_sharding(model_id: str, text_tokens: int, s: Stage2Settings, mesh) -
     dit = checkpoints.read_config(checkpoints.config_folder(model_id), "transformer", required=(
         "num_attention_heads", "attention_head_dim", "ffn_dim", "num_layers", "in_channels", "out_channels",
         "patch_size"))
-    shape = s.latent_shape(s.batch_size, dit["in_channels"])
+    shape = s.latent_shape(s.batch_size, config_lib.latent_channels(dit))
     tokens = config_lib.video_tokens(shape, dit["patch_size"])
     guided = s.guidance_scale > 1.0
     rows = s.batch_size * (2 if guided else 1)
@@ -183,14 +202,16 @@ def plan(cfg: GenerationConfig):
     return plan_videos(cfg.prompts, cfg.stage2.seeds)
 
 
-def denoise(denoiser, cfg: GenerationConfig, prompt_embeds, negative_prompt_embeds, *, num_steps=None, progress=True):
-    """Latents [V, C, F, H, W] of every (prompt, seed) video of `cfg`, in plan order, kept in memory."""
+def denoise(denoiser, cfg: GenerationConfig, prompt_embeds, negative_prompt_embeds, *, num_steps=None, progress=True,
+            image: dict | None = None):
+    """Latents [V, C, F, H, W] of every (prompt, seed) video of `cfg`, in plan order, kept in memory; `image`: stage
+    1's image tensors (image to video)."""
     preflight.check_text_dim(prompt_embeds, cfg, denoiser.config.text_dim)
     videos = plan(cfg)
     out = []
     sweep.denoise_videos(
         denoiser, cfg, prompt_embeds, negative_prompt_embeds, videos, videos,
-        lambda group, latents: out.append(latents), num_steps=num_steps, progress=progress,
+        lambda group, latents: out.append(latents), num_steps=num_steps, progress=progress, image=image,
     )
     return np.concatenate(out)
 
@@ -205,10 +226,16 @@ def run_stage1(
     dtype: str | None = None,
     dp: int | None = None,
     tp: int | None = None,
+    images: list[str] | None = None,
+    last_images: list[str] | None = None,
+    size: tuple[int | None, int | None, int | None] = (None, None, None),
 ) -> StageRun:
-    """Encodes the prompts; writes stage1_embeddings.safetensors, generation_config.json and metrics.json."""
+    """Encodes the prompts (and for image to video each prompt's image: `images`, `last_images`, one path per
+    prompt, at `size` = (height, width, frames), None: the model's); writes stage1_embeddings.safetensors,
+    generation_config.json and metrics.json."""
     start, rec = time.perf_counter(), Recorder()
     dtype = dtype or config_lib.default_dtype(jax.default_backend())
+    request = image_request(model_id, len(prompts), images, last_images, size)
     cfg = GenerationConfig(
         model_id=model_id, prompts=tuple(prompts), negative_prompt=negative_prompt,
         max_sequence_length=max_sequence_length, text_dtype=dtype,
@@ -218,15 +245,84 @@ def run_stage1(
     cfg = cfg.replace(fps=model_preset(model_id).fps)  # stage 3's default frame rate: the model's
     # before transformers is imported and the encoder loaded
     check_heads(mesh, checkpoints.read_config(model_path, "text_encoder", ("num_heads",))["num_heads"], "text encoder")
+    pictures = {}
+    if request is not None:
+        from tpu_wan.models import image_encoder
+
+        with rec.section("text_encoder", "io"):
+            pictures = image_encoder.read_images(request)  # every file read before any model loads
+        cfg = with_images(cfg, request)
     with rec.section("text_encoder", "load"):
         encoder = load_encoder(model_path, mesh, dtype)
     with rec.section("text_encoder", "run"):
         prompt_embeds, negative_embeds = encode(encoder, cfg)
+    tensors, models = {}, {}
+    if request is not None:
+        conditioner = load_image_conditioner(model_path, mesh, dtype, rec)
+        tensors, models = conditioner.encode(request, pictures), conditioner.models
     with rec.section("text_encoder", "io"):
-        artifacts.save_embeddings(output_dir, prompt_embeds, negative_embeds, metadata={"model_id": model_id})
+        artifacts.save_embeddings(output_dir, prompt_embeds, negative_embeds, metadata={"model_id": model_id},
+                                  image=tensors)
         artifacts.save_config(output_dir, cfg.to_json_dict())
-    rec.add_model("text_encoder", encoder.weights, encoder.programs, encoder.compile_s)
+    add_stage1_models(rec, encoder, models)
     return StageRun(cfg, profiling.save_stage_metrics(output_dir, rec, "text_encoder", cfg.to_json_dict(), mesh, start))
+
+
+def image_request(model_id: str, num_prompts: int, images: list[str] | None, last_images: list[str] | None,
+                  size: tuple[int | None, int | None, int | None]):
+    """The image-to-video request of a stage-1 run (image_encoder.ImageRequest; None for text to video), its size
+    filled from the model's preset, checked against the model before anything loads."""
+    from tpu_wan.models import image_encoder
+
+    kind = checkpoints.model_kind(checkpoints.config_folder(model_id))
+    given = [flag for flag, value in zip(("--height", "--width", "--frames"), size) if value is not None]
+    if images is None:
+        if last_images:
+            raise ConfigError("--last_image: expected --image with it, found none")
+        if given and not kind.needs_image:
+            raise ConfigError(f"{' and '.join(given)} on stage 1: expected --image with it (stage 1 encodes the image "
+                              "at the video's size; text-to-video sizes are stage 2's flags)")
+        image_encoder.check_request(model_id, kind, None)
+        return None
+    for flag, paths in (("--image_file", images), ("--last_image", last_images)):
+        if paths is not None and len(paths) != num_prompts:
+            raise ConfigError(f"{flag}: expected one image per prompt ({num_prompts}), found {len(paths)}")
+    preset = model_preset(model_id)
+    height, width, frames = (p if v is None else v for v, p in zip(size, (preset.height, preset.width, preset.frames)))
+    request = image_encoder.ImageRequest(tuple(map(str, images)), None if last_images is None else
+                                         tuple(map(str, last_images)), height, width, frames)
+    image_encoder.check_request(model_id, kind, request)
+    return request
+
+
+def with_images(cfg: GenerationConfig, request) -> GenerationConfig:
+    """`cfg` recording the request: each image's path and sha256, and the size stage 2 generates."""
+    from tpu_wan.models.image_encoder import file_sha256
+
+    lasts = request.last_images
+    return cfg.replace(images=request.images, image_sha256=tuple(map(file_sha256, request.images)),
+                       last_images=lasts, last_image_sha256=None if lasts is None else tuple(map(file_sha256, lasts)),
+                       image_size=(request.height, request.width, request.frames))
+
+
+def load_image_conditioner(model_path, mesh, dtype: str, rec: Recorder):
+    """The image models (image_encoder.ImageConditioner) of an image-to-video run, timed as stage 1's."""
+    from tpu_wan.models.image_encoder import ImageConditioner
+
+    _log_loading("image encoders", model_path, mesh, dtype)
+    return ImageConditioner(model_path, checkpoints.model_kind(model_path), mesh, dtype,
+                            timed=lambda part: rec.section("text_encoder", part))
+
+
+def add_stage1_models(rec: Recorder, encoder, models: dict) -> None:
+    """Stage 1's metrics over every model it ran: UMT5, and for image to video CLIP and the VAE encoder."""
+    weights = {"text_encoder": encoder.weights, **{name: getattr(m, "weights", None) or m.params
+                                                   for name, m in models.items()}}
+    programs, compile_s = dict(encoder.programs), dict(encoder.compile_s)
+    for m in models.values():
+        programs.update(m.programs)
+        compile_s.update(m.compile_s)
+    rec.add_model("text_encoder", weights if models else encoder.weights, programs, compile_s)
 
 
 def run_stage2(
@@ -252,6 +348,7 @@ def run_stage2(
     with rec.section("transformer", "io"):
         cfg = GenerationConfig.from_json_dict(artifacts.load_config(input_dir))
         prompt_embeds, negative_embeds = artifacts.load_embeddings(input_dir)
+        image = artifacts.load_image_tensors(input_dir)
     preflight.check_embeddings_file(input_dir, cfg, prompt_embeds, negative_embeds)
     mesh = make_mesh(dp, tp)
     cfg = resolve_stage2(cfg, settings, mesh)
@@ -263,6 +360,7 @@ def run_stage2(
         return StageRun(cfg, None)
     model_path = checkpoints.resolve_model(cfg.model_id)
     preflight.check_stage2_run(model_path, cfg, mesh, prompt_embeds)  # refused before anything is written
+    preflight.check_image_tensors(model_path, cfg, image)
     with rec.section("transformer", "load"):
         denoiser = load_denoiser(model_path, mesh, cfg.stage2.dtype, cfg.stage2.attention,
                                  expert_offload=expert_offload, **finetune_settings(cfg, non_strict))
@@ -273,7 +371,7 @@ def run_stage2(
     if warmup_steps:
         with rec.section("transformer", "warmup"):
             sweep.denoise_videos(denoiser, cfg, prompt_embeds, negative_embeds, todo[:1], videos,
-                                 lambda *_: None, num_steps=warmup_steps, progress=False)
+                                 lambda *_: None, num_steps=warmup_steps, progress=False, image=image)
 
     def save(group, latents):
         with rec.section("transformer", "io"):
@@ -284,7 +382,7 @@ def run_stage2(
     denoiser.step_seconds.clear()
     denoiser.cache_log.clear()
     with rec.section("transformer", "run"):
-        sweep.denoise_videos(denoiser, cfg, prompt_embeds, negative_embeds, todo, videos, save)
+        sweep.denoise_videos(denoiser, cfg, prompt_embeds, negative_embeds, todo, videos, save, image=image)
     rec.add_steps("transformer", denoiser.step_seconds, len(denoiser.step_seconds))
     rec.add_cache("transformer", denoiser.cache_log)
     rec.add_swaps("transformer", denoiser.swap_seconds)

@@ -72,7 +72,7 @@ def check_transformer_run(model_path: Path, cfg: GenerationConfig, mesh, prompt_
                              "transformer in --sharding megatron (--sharding sequence takes any head count)")
     if prompt_embeds is not None:
         check_text_dim(prompt_embeds, cfg, dit["text_dim"])
-    shape = cfg.stage2.latent_shape(cfg.stage2.batch_size, dit["in_channels"])
+    shape = cfg.stage2.latent_shape(cfg.stage2.batch_size, config_lib.latent_channels(dit))
     tokens = config_lib.video_tokens(shape, dit["patch_size"])
     layout = parallelism.Layout(cfg.stage2.sharding_mode, mesh)
     attention.check_calls(
@@ -94,9 +94,36 @@ def check_stage2_run(model_path: Path, cfg: GenerationConfig, mesh, prompt_embed
     dit = check_transformer_run(model_path, cfg, mesh, prompt_embeds)
     if cfg.stage2.init_latents is not None:
         videos = plan_videos(cfg.prompts, cfg.stage2.seeds)
-        shape = cfg.stage2.latent_shape(1, dit["in_channels"])[1:]
+        shape = cfg.stage2.latent_shape(1, config_lib.latent_channels(dit))[1:]
         sweep.starting_latents(cfg, videos[:1], videos, shape)
     return dit
+
+
+def check_image_tensors(model_path: Path, cfg: GenerationConfig, image: dict) -> None:
+    """Stage 1's image tensors are what this image-to-video run takes: present exactly where the config has images,
+    CLIP embeddings exactly where the model has an image encoder, conditioning latents of the video's latent grid
+    (all its frames for the I2V models' mask and latents; the first for TI2V), finite."""
+    from tpu_wan.models import checkpoints
+    from tpu_wan.models.kinds import MASK_CHANNELS
+
+    where = artifacts.EMBEDDINGS_FILE
+    kind = checkpoints.model_kind(model_path)
+    want = set() if cfg.images is None else {"image_condition", *(("image_embeds",) if kind.image_encoder else ())}
+    if set(image) != want:
+        raise ConfigError(f"{where}: expected image tensors {sorted(want)} for {cfg.model_id} "
+                          f"({'an image' if cfg.images else 'no image'} in generation_config.json), found "
+                          f"{sorted(image)} (rerun stage 1)")
+    if not image:
+        return
+    z = kind.z_dim
+    _, _, f, h, w = cfg.stage2.latent_shape(1, z)
+    expected = (len(cfg.prompts), z, 1, h, w) if kind.expand_timesteps else (
+        len(cfg.prompts), MASK_CHANNELS + z, f, h, w)
+    if image["image_condition"].shape != expected:
+        raise ConfigError(f"{where}: expected image_condition of shape {expected} for {cfg.stage2.video_size}, found "
+                          f"{image['image_condition'].shape} (rerun stage 1)")
+    for key, value in image.items():
+        check_finite(value, f"{where} {key}", "stage 1")
 
 
 def check_latents(latents: np.ndarray, cfg: GenerationConfig, path: Path) -> None:

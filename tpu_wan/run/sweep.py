@@ -18,7 +18,7 @@ import numpy as np
 
 from tpu_wan.core import artifacts
 from tpu_wan.core.batch import Video, batches
-from tpu_wan.core.config import OPTIONAL_KEYS, ConfigError, GenerationConfig
+from tpu_wan.core.config import IMAGE_KEYS, OPTIONAL_KEYS, ConfigError, GenerationConfig, latent_channels
 from tpu_wan.runtime import distributed
 from tpu_wan.sampling import schedulers
 
@@ -38,10 +38,11 @@ SIGNATURE_FIELDS = (
 
 def signature(cfg: GenerationConfig) -> dict:
     """SIGNATURE_FIELDS, and the optional keys a run records (Wan 2.2's guidance pair, boundary, experts' steps,
-    per-token timesteps and VAE; LoRAs by name, sha256 and scale; distilled steps; the step cache): absent from a
-    plain Wan 2.1 config, so its digests are unchanged."""
+    per-token timesteps and VAE; LoRAs by name, sha256 and scale; distilled steps; the step cache; the images by
+    path, sha256 and size): absent from a plain Wan 2.1 config, so its digests are unchanged."""
     data = cfg.to_json_dict()
-    return {**{k: data[k] for k in SIGNATURE_FIELDS}, **{k: data[k] for k in OPTIONAL_KEYS if k in data}}
+    return {**{k: data[k] for k in SIGNATURE_FIELDS},
+            **{k: data[k] for k in (*OPTIONAL_KEYS, *IMAGE_KEYS) if k in data}}
 
 
 def signature_digest(cfg: GenerationConfig) -> str:
@@ -163,6 +164,14 @@ def starting_latents(cfg: GenerationConfig, videos: Sequence[Video], plan: Seque
     return latents[[plan.index(v) for v in videos]]
 
 
+def image_rows(image: dict | None, rows: list[int]) -> dict | None:
+    """The Denoiser's image inputs for a batch whose rows are these prompts (None for text to video)."""
+    if not image:
+        return None
+    names = {"image_condition": "condition", "image_embeds": "embeds"}
+    return {names[key]: value[rows] for key, value in image.items()}
+
+
 def denoise_videos(
     denoiser,
     cfg: GenerationConfig,
@@ -174,8 +183,10 @@ def denoise_videos(
     *,
     num_steps: int | None = None,
     progress: bool = True,
+    image: dict | None = None,
 ) -> None:
     """Denoises `videos` in batches of cfg.stage2.batch_size; `on_batch(videos, latents)` gets each finished batch.
+    `image`: stage 1's image tensors (artifacts.IMAGE_TENSORS), one row per prompt, for image to video.
 
     The last batch is padded by repeating its last video, so every batch has the same shape and the step
     program compiles once for the whole sweep. A "distill" schedule's fresh noise comes from each video's
@@ -183,7 +194,7 @@ def denoise_videos(
     s = cfg.stage2
     schedule = schedulers.make_schedule(s.sample_solver, s.num_inference_steps, s.flow_shift,
                                         denoising_steps=s.denoising_steps)
-    shape = s.latent_shape(1, denoiser.config.in_channels)[1:]
+    shape = s.latent_shape(1, latent_channels(denoiser.config))[1:]
     groups = batches(videos, s.batch_size)
     for group in distributed.progress(groups, show=progress and len(groups) > 1, desc="batches", unit="batch"):
         padded = group + [group[-1]] * (s.batch_size - len(group))
@@ -195,5 +206,6 @@ def denoise_videos(
             schedule, s.guidance_scale, guidance_scale_2=s.guidance_scale_2, expert_steps=s.expert_steps,
             num_steps=num_steps, progress=progress, sharding=s.sharding_mode,
             noise=None if stream is None else lambda step: stream.next(), cache=s.cache,
+            image=image_rows(image, rows),
         )
         on_batch(group, latents[: len(group)])

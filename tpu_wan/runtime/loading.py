@@ -159,11 +159,14 @@ def load_sharded(
     mesh,
     overrides: Mapping[str, np.ndarray] | None = None,
     adjust: Mapping[str, Callable[[SliceKey, np.ndarray], np.ndarray]] | None = None,
+    key_prefix: str = "",
 ) -> dict[str, jax.Array]:
     """{name: array} for every expected (shape, dtype), read from `files` (or `overrides`) into its sharding.
     `adjust`: name -> a function of (device slice bounds, the slice as read) giving the slice to place, applied
-    before the cast to the model dtype (LoRAs fused in float32, tpu_wan.models.lora)."""
+    before the cast to the model dtype (LoRAs fused in float32, tpu_wan.models.lora). `key_prefix`: the files
+    name each weight `key_prefix + name`."""
     overrides, adjust = overrides or {}, adjust or {}
+    files = {name[len(key_prefix):]: path for name, path in files.items() if name.startswith(key_prefix)}
     missing = sorted(n for n in expected if n not in files and n not in overrides)
     if missing:
         folders = sorted({str(Path(f).parent) for f in files.values()}) or ["(no weight files)"]
@@ -172,7 +175,7 @@ def load_sharded(
     readers = _Readers()
     placed = {}
     for name, (shape, dtype) in expected.items():
-        found = overrides[name].shape if name in overrides else readers.shape(files[name], name)
+        found = overrides[name].shape if name in overrides else readers.shape(files[name], key_prefix + name)
         if tuple(found) != tuple(shape):
             where = "--transformer_checkpoint" if name in overrides else str(files[name])
             raise LoadError(f"{where}: {name}: expected shape {tuple(shape)}, found {tuple(found)}")
@@ -188,7 +191,7 @@ def load_sharded(
         if name in overrides:
             pieces = {k: np.asarray(overrides[name][tuple(slice(a, b) for a, b in k)]) for k in keys}
         else:
-            pieces = readers.slices(files[name], name, keys)
+            pieces = readers.slices(files[name], key_prefix + name, keys)
         for k in keys:  # one slice at a time, so a converted tensor and its source never coexist in full
             if name in adjust:
                 pieces[k] = adjust[name](k, pieces[k])
@@ -210,14 +213,15 @@ def place_model(buffers: Mapping[str, np.ndarray], expected: Mapping[str, tuple[
                 component_dir: Path, rules: Sequence, mesh, *, abstract: bool = False,
                 overrides: Mapping[str, np.ndarray] | None = None,
                 adjust: Mapping[str, Callable[[SliceKey, np.ndarray], np.ndarray]] | None = None,
-                layers: Sequence[str] = ()) -> dict:
+                layers: Sequence[str] = (), key_prefix: str = "") -> dict:
     """A model's weights on the mesh: its computed buffers placed by their rules and its parameters read from
     `component_dir` (load_sharded); with `abstract`, both as shapes and shardings only, nothing read. `layers`:
     ModuleList paths whose members' weights are read per layer, then held as one [L, ...] array per family
-    (tpu_wan.runtime.stacking); `expected`, `overrides` and `adjust` name them per layer."""
+    (tpu_wan.runtime.stacking); `expected`, `overrides` and `adjust` name them per layer. `key_prefix`: the files
+    name each weight `key_prefix + name` (load_sharded)."""
     if abstract:
         shapes = {**{name: (b.shape, b.dtype) for name, b in buffers.items()}, **expected}
         return mesh_lib.abstract_weights(stacking.stack_shapes(shapes, layers), rules, mesh)
     weights = mesh_lib.shard_weights(buffers, rules, mesh)
-    weights.update(load_sharded(expected, weight_files(component_dir), rules, mesh, overrides, adjust))
+    weights.update(load_sharded(expected, weight_files(component_dir), rules, mesh, overrides, adjust, key_prefix))
     return stacking.stack_placed(weights, layers, rules, mesh)

@@ -47,6 +47,14 @@ WAN_TRANSFORMER_RULES: tuple[tuple[str, P], ...] = (
     (r"rope\.freqs_(cos|sin)$", REPLICATED),  # position tables every shard indexes in full
 )
 
+CLIP_RULES: tuple[tuple[str, P], ...] = (
+    (r"self_attn\.(q|k|v)_proj\.weight$", COLUMN),
+    (r"self_attn\.(q|k|v)_proj\.bias$", SPLIT),
+    (r"self_attn\.out_proj\.weight$", ROW),
+    (r"mlp\.fc1\.weight$", COLUMN),
+    (r"mlp\.fc1\.bias$", SPLIT),
+    (r"mlp\.fc2\.weight$", ROW),
+)
 UMT5_RULES: tuple[tuple[str, P], ...] = (
     (r"(shared|embed_tokens)\.weight$", ROW),  # [vocab, d_model]: split d_model, lookups stay local
     (r"SelfAttention\.[qkv]\.weight$", COLUMN),
