@@ -72,7 +72,8 @@ def main(argv=None):
         metrics = aot.compile_only(base, settings, args.topology, dp=args.dp, tp=args.tp, one_process=True,
                                    compile_stages=tuple(args.compile_stages), uint8=not args.save_intermediates,
                                    search_mesh=args.search_mesh, expert_offload=args.expert_offload,
-                                   export=args.export, vae_conv=args.vae_conv)
+                                   export=args.export, vae_conv=args.vae_conv,
+                                   images=bool(args.image or args.image_file))
         folder = Path(args.output_dir or (Path(args.output_video).parent if args.output_video else "."))
         return cli.finish_compile_only(metrics, args.metrics or folder / artifacts.METRICS_FILE)
     several = len(prompts) * len(settings.seeds) > 1

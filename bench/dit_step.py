@@ -102,14 +102,14 @@ def run_dtype(path: Path, dtype: str, args, mesh, latents, embeds) -> dict:
     step, _ = ours.step_program(latents.shape, emb.shape, cfg=True)  # the program denoise runs (megatron: 1 device)
     t, coeffs, guidance = jnp.float32(schedule.timesteps[0]), jnp.asarray(schedule.coeffs[0]), jnp.float32(GUIDANCE)
     start = time.perf_counter()
-    lowered = step.lower(ours.weights, x, state, emb, t, coeffs, guidance)
+    lowered = step.lower(ours.weights, x, state, emb, t, coeffs, guidance, {})  # {}: no image inputs
     lower_s = time.perf_counter() - start
     start = time.perf_counter()
     compiled = lowered.compile()
     compile_s = time.perf_counter() - start
 
     def run_ours(row=coeffs):
-        out, _ = compiled(ours.weights, x, state, emb, t, row, guidance)
+        out, _ = compiled(ours.weights, x, state, emb, t, row, guidance, {})
         return out.block_until_ready()
 
     tdtype = getattr(torch, dtype)

@@ -134,7 +134,7 @@ class OursSide:
         jnp = self.jax.numpy
         row = self.schedule.coeffs[i] if coeffs is None else coeffs
         return (self.denoiser.weights, self.x if x is None else x, self.state if state is None else state, self.emb,
-                jnp.float32(self.schedule.timesteps[i]), jnp.asarray(row), jnp.float32(GUIDANCE))
+                jnp.float32(self.schedule.timesteps[i]), jnp.asarray(row), jnp.float32(GUIDANCE), {})  # {}: no image
 
     def velocity(self) -> np.ndarray:
         """The guided velocity at the first step's inputs."""

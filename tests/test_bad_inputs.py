@@ -403,3 +403,111 @@ def test_a_program_the_tpu_compiler_refuses_for_memory_is_one_line(capsys):
 
     with pytest.raises(RuntimeError, match="INTERNAL"):
         entry.run_main(buggy, [])
+
+
+# Image to video: the refusals run in this process (seconds each); the first one also as a separate process.
+
+
+@pytest.fixture(scope="module")
+def image_files(tmp_path_factory):
+    """(a good PNG, a .png that is not an image, a GIF) for the image-to-video refusals."""
+    import PIL.Image
+
+    folder = tmp_path_factory.mktemp("images")
+    good, broken, gif = folder / "cat.png", folder / "broken.png", folder / "cat.gif"
+    PIL.Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(good)
+    broken.write_bytes(b"not a PNG at all")
+    PIL.Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(gif)
+    return good, broken, gif
+
+
+def _refused_in_process(script, *args, folder, expect, capsys):
+    from scripts import run_in_process
+
+    before = _snapshot(folder)
+    status = run_in_process(script, [str(a) for a in args])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and len(lines) == 1 and "Traceback" not in lines[0], lines
+    for fragment in expect:
+        assert fragment in lines[0], lines[0]
+    assert _snapshot(folder) == before
+
+
+def test_stage1_missing_image_as_a_process(tmp_path):
+    _refused(STAGE1, "--model_id", "tiny-random-i2v", "--image", tmp_path / "missing.png", "--output_dir",
+             tmp_path / "out", "--cpu_devices", "1", folder=tmp_path,
+             expect=[f"--image {tmp_path / 'missing.png'}: expected an image file, found no such file"])
+
+
+I2V_REFUSALS = {
+    "unreadable": (lambda imgs: ("--model_id", "tiny-random-i2v", "--image", imgs[1]),
+                   ["broken.png: expected a readable image, found UnidentifiedImageError"]),
+    "not-an-image-format": (lambda imgs: ("--model_id", "tiny-random-i2v", "--image", imgs[2]),
+                            ["cat.gif: expected a PNG, JPEG or WebP file (.png, .jpg, .jpeg, .webp), found .gif"]),
+    "image-for-text-model": (lambda imgs: ("--model_id", "tiny-random", "--image", imgs[0]),
+                             ["--image: expected an image-to-video model", "found tiny-random, a text-to-video model"]),
+    "image-for-text-a14b": (lambda imgs: ("--model_id", "tiny-random-a14b", "--image", imgs[0]),
+                            ["found tiny-random-a14b, a text-to-video model"]),
+    "no-image-for-i2v": (lambda imgs: ("--model_id", "tiny-random-i2v"),
+                         ["--image: expected an image for tiny-random-i2v (an image-to-video model), found none"]),
+    "no-image-for-i2v-a14b": (lambda imgs: ("--model_id", "tiny-random-i2v-a14b"),
+                              ["--image: expected an image for tiny-random-i2v-a14b"]),
+    "last-image-with-clip": (lambda imgs: ("--model_id", "tiny-random-i2v", "--image", imgs[0], "--last_image",
+                                           imgs[0]),
+                             ["--last_image: expected a model that takes a last frame (Wan 2.2 I2V-A14B)",
+                              "first-last-frame transformer (FLF2V)"]),
+    "last-image-ti2v": (lambda imgs: ("--model_id", "tiny-random-ti2v", "--image", imgs[0], "--last_image", imgs[0]),
+                        ["--last_image: expected a model that takes a last frame", "TI2V conditions on the first "
+                         "frame only"]),
+    "ti2v-size-off-stride": (lambda imgs: ("--model_id", "tiny-random-ti2v", "--image", imgs[0], "--width", "48"),
+                             ["--width must be a multiple of 32 for tiny-random-ti2v, found 48"]),
+    "size-without-image": (lambda imgs: ("--model_id", "tiny-random", "--height", "32"),
+                           ["--height on stage 1: expected --image with it"]),
+}
+
+
+@pytest.mark.parametrize("case", I2V_REFUSALS)
+def test_stage1_image_refusals(image_files, tmp_path, capsys, case):
+    args, expect = I2V_REFUSALS[case]
+    _refused_in_process(STAGE1, *args(image_files), "--output_dir", tmp_path / "out", folder=tmp_path,
+                        expect=expect, capsys=capsys)
+
+
+def test_image_list_count_must_match_the_prompts(image_files, tmp_path, capsys):
+    (tmp_path / "prompts.txt").write_text("a cat\na dog\n")
+    (tmp_path / "images.txt").write_text(f"{image_files[0]}\n")
+    _refused_in_process(STAGE1, "--model_id", "tiny-random-i2v", "--prompt_file", tmp_path / "prompts.txt",
+                        "--image_file", tmp_path / "images.txt", "--output_dir", tmp_path / "out", folder=tmp_path,
+                        expect=["images.txt: expected one image per prompt (2), found 1"], capsys=capsys)
+
+
+def test_generate_image_for_a_text_model(image_files, tmp_path, capsys):
+    _refused_in_process(GENERATE, "--model_id", "tiny-random", "--image", image_files[0], *SIZE, "--output_video",
+                        tmp_path / "v.mp4", folder=tmp_path, expect=["--image: expected an image-to-video model"],
+                        capsys=capsys)
+
+
+@pytest.fixture(scope="module")
+def i2v_stage1_dir(tmp_path_factory, image_files):
+    out = tmp_path_factory.mktemp("i2v_stage1")
+    pipeline.run_stage1("tiny-random-i2v", ["a cat"], DEFAULT_NEGATIVE_PROMPT, out, dp=2, tp=4,
+                        images=[str(image_files[0])], size=(32, 48, 5))
+    return out
+
+
+@pytest.mark.parametrize("flag, value, encoded", [("--height", "64", "32"), ("--frames", "9", "5")])
+def test_stage2_size_other_than_the_image_encoding(i2v_stage1_dir, capsys, flag, value, encoded):
+    _refused_in_process(STAGE2, "--input_dir", i2v_stage1_dir, flag, value, "--num_inference_steps", "2",
+                        *MESH_2x4[2:], folder=i2v_stage1_dir,
+                        expect=[f"{flag}: expected the size stage 1 encoded the image at (48x32x5), found {value}",
+                                f"(rerun stage 1 with {flag} {value})"], capsys=capsys)
+
+
+def test_stage2_image_tensors_missing(i2v_stage1_dir, tmp_path, capsys):
+    _copy_stage1(i2v_stage1_dir, tmp_path)
+    prompt, negative = artifacts.load_embeddings(tmp_path)
+    artifacts.save_embeddings(tmp_path, prompt, negative, metadata={"model_id": "tiny-random-i2v"})
+    _refused_in_process(STAGE2, "--input_dir", tmp_path, "--num_inference_steps", "2", *MESH_2x4[2:],
+                        folder=tmp_path, expect=["expected image tensors ['image_condition', 'image_embeds'] for "
+                                                 "tiny-random-i2v (an image in generation_config.json), found []"],
+                        capsys=capsys)

@@ -480,3 +480,25 @@ def test_no_cfg_step_has_half_the_flops(tmp_path, monkeypatch):
     for name in ("guidance 1", "distill"):
         assert abs(flops["cfg"] / flops[name] - 2) <= NO_CFG_FLOPS_RATIO_ATOL, name
     assert abs(flops["cfg"] / flops["guidance 1, 2 videos"] - 1) <= SAME_ROWS_FLOPS_RTOL
+
+
+@pytest.mark.parametrize("model_id", ["tiny-random-i2v", "tiny-random-ti2v"])
+def test_image_to_video_compiles_its_image_programs_for_v6e8(tmp_path, monkeypatch, model_id):
+    """An I2V model needs an image (a stand-in, as nothing is read); TI2V takes one where --image is given. Stage 1
+    adds CLIP's program (Wan 2.1 I2V) and the VAE encoder's (our convolution kernel), and the step takes the image
+    inputs; no weight or image is read."""
+    no_weights(monkeypatch)
+    image = ["--image", str(tmp_path / "never_read.png")] if model_id == "tiny-random-ti2v" else []
+    load(GENERATE).main(["--model_id", model_id, "--height", "32", "--width", "64", "--frames", "9",
+                         "--num_inference_steps", "2", "--prompt", "a cat", *image, "--topology", "v6e-8",
+                         "--compile_only", "--dp", "2", "--tp", "4", "--sharding", "megatron",
+                         "--output_dir", str(tmp_path)])
+    m = json.loads((tmp_path / "metrics.json").read_text())
+    names = [p["name"] for p in m["stages"]["text_encoder"]["compiled"]]
+    assert names == ["encode (2, 512)", *(["clip (2, 3, 32, 32)"] if model_id == "tiny-random-i2v" else []),
+                     "vae_encode"]
+    assert m["fits"] and m["config"]["image_size"] == [32, 64, 9]
+    encode = m["stages"]["text_encoder"]["compiled"][-1]
+    assert encode["custom_calls"].get("tpu_custom_call", 0) >= 1  # the encoder's convolutions: the kernel
+    step = m["stages"]["transformer"]["compiled"][0]
+    assert step["argument_bytes"] > 0 and step["fits"]

@@ -1,8 +1,9 @@
-"""Model folders of kinds the toolkit does not implement (image-to-video, a VAE or transformer that is neither Wan
-2.1's nor Wan 2.2's) or whose parts do not fit together (two experts without a boundary, experts of different
-architectures) are refused by every entry point before any work: one line naming the file, what was expected and
-what was found, exit status 2, nothing written, no weight read, nothing compiled. The kinds it does implement are
-read from the same files (tpu_wan.models.kinds)."""
+"""Model folders of kinds the toolkit does not implement (video-to-video, first-last-frame, a VAE or transformer that
+is neither Wan 2.1's nor Wan 2.2's) or whose parts do not fit together (two experts without a boundary, experts of
+different architectures, an image transformer without its image encoder or pipeline) are refused by every entry
+point before any work: one line naming the file, what was expected and what was found, exit status 2, nothing
+written, no weight read, nothing compiled. The kinds it does implement are read from the same files
+(tpu_wan.models.kinds)."""
 
 import hashlib
 import importlib.util
@@ -67,20 +68,32 @@ def _expanded_wide_patches(folder):  # per-token timesteps over 1x4x4 patches: W
     _edit_json(folder / "model_index.json", expand_timesteps=True)
 
 
-def _image_to_video(folder):  # Wan 2.1 I2V: CLIP image encoder, image latents + mask as 20 extra input channels
+def _image_to_video(folder, **transformer):  # Wan 2.1 I2V: CLIP image encoder, image latents + mask as 20 more channels
     from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
 
-    CLIPVisionModel(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
-                                     image_size=32, patch_size=8)).save_pretrained(folder / "image_encoder")
-    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size=32).save_pretrained(folder / "image_processor")
-    _save_transformer(folder, in_channels=36, image_dim=32, added_kv_proj_dim=64)
+    CLIPVisionModel(CLIPVisionConfig(**tiny.CLIP_VISION_CONFIG)).save_pretrained(folder / "image_encoder")
+    CLIPImageProcessor(**tiny.CLIP_PROCESSOR_CONFIG).save_pretrained(folder / "image_processor")
+    _save_transformer(folder, **{**tiny.I2V_TRANSFORMER_CONFIG, **tiny.I2V_CLIP_TRANSFORMER_CONFIG, **transformer})
     _edit_json(folder / "model_index.json", _class_name="WanImageToVideoPipeline",
                image_encoder=["transformers", "CLIPVisionModel"],
                image_processor=["transformers", "CLIPImageProcessor"])
 
 
+def _first_last_frame(folder):  # Wan 2.1 FLF2V: the I2V layout with position embeddings for two images
+    _image_to_video(folder, pos_embed_seq_len=2 * 17)
+
+
+def _image_transformer_without_clip(folder):  # an I2V pipeline whose transformer wants CLIP, without an encoder
+    _save_transformer(folder, **tiny.I2V_TRANSFORMER_CONFIG, **tiny.I2V_CLIP_TRANSFORMER_CONFIG)
+    _edit_json(folder / "model_index.json", _class_name="WanImageToVideoPipeline")
+
+
 def _image_transformer(folder):  # a text-to-video folder whose transformer is I2V's
     _save_transformer(folder, in_channels=36, image_dim=32, added_kv_proj_dim=64)
+
+
+def _video_to_video(folder):  # diffusers' video-to-video pipeline over the same files
+    _edit_json(folder / "model_index.json", _class_name="WanVideoToVideoPipeline")
 
 
 def _wrong_channels(folder):  # a transformer that denoises 48 channels beside the 16-channel Wan 2.1 VAE
@@ -101,14 +114,21 @@ KINDS = {
         "found patch_size=null, scale_factor_spatial=8", "(the Wan 2.1 VAE is the other one implemented)"]),
     "expanded-wide-patches": (_expanded_wide_patches, [
         "transformer/config.json: expected patch_size [1,2,2] with expand_timesteps", "found [1,4,4]"]),
-    "image-to-video": (_image_to_video, [
-        "model_index.json: expected a Wan text-to-video folder",
-        "found _class_name 'WanImageToVideoPipeline', image_encoder and image_processor",
-        "image-to-video models are not implemented"]),
+    "video-to-video": (_video_to_video, [
+        "model_index.json: expected a Wan text- or image-to-video folder",
+        "found _class_name 'WanVideoToVideoPipeline'", "(video-to-video models are not implemented)"]),
+    "first-last-frame": (_first_last_frame, [
+        "transformer/config.json: expected an image-to-video transformer (in_channels = 2 x the VAE's z_dim + 4 = 36",
+        "found image_dim=32, added_kv_proj_dim=64, pos_embed_seq_len=34",
+        "first-last-frame transformers (FLF2V) are not implemented"]),
+    "image-transformer-without-clip": (_image_transformer_without_clip, [
+        "transformer/config.json: expected an image-to-video transformer",
+        "image_dim, added_kv_proj_dim and pos_embed_seq_len null: the folder has no image encoder",
+        "found image_dim=32, added_kv_proj_dim=64, pos_embed_seq_len=null"]),
     "image-transformer": (_image_transformer, [
         "transformer/config.json: expected a text-to-video transformer (image_dim=null",
         "found image_dim=32, added_kv_proj_dim=64, in_channels=36",
-        "image-to-video transformers are not implemented"]),
+        "an image-to-video transformer runs in a WanImageToVideoPipeline folder"]),
     "transformer-channels": (_wrong_channels, [
         "transformer/config.json: expected a text-to-video transformer",
         "in_channels and out_channels = the VAE's z_dim 16", "found in_channels=48, out_channels=48"]),
@@ -212,11 +232,11 @@ def test_every_entry_point_refuses_before_any_work(kinds, kind, entry_point, tmp
 
 def test_the_command_line_contract(kinds, tmp_path):
     # As a user runs it: a separate process, one line on stderr, status 2, no traceback, nothing written.
-    proc = run(STAGE1, "--model_id", kinds["image-to-video"], "--output_dir", tmp_path / "out", "--cpu_devices",
+    proc = run(STAGE1, "--model_id", kinds["video-to-video"], "--output_dir", tmp_path / "out", "--cpu_devices",
                "1", check=False)
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
-    assert f"{kinds['image-to-video']}/model_index.json: expected a Wan text-to-video folder" in lines[0]
+    assert f"{kinds['video-to-video']}/model_index.json: expected a Wan text- or image-to-video folder" in lines[0]
     assert not (tmp_path / "out").exists()
 
 
@@ -227,11 +247,11 @@ def test_a_hub_model_of_another_kind_is_refused_before_its_weights_download(kind
 
     def snapshot_download(repo_id, allow_patterns):
         asked.append(allow_patterns)
-        return str(kinds["image-to-video"])
+        return str(kinds["video-to-video"])
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
-    with pytest.raises(checkpoints.CheckpointError, match="image-to-video models are not implemented"):
-        checkpoints.resolve_model("Wan-AI/Wan2.1-I2V-14B-480P-Diffusers")
+    with pytest.raises(checkpoints.CheckpointError, match="video-to-video models are not implemented"):
+        checkpoints.resolve_model("Wan-AI/Wan2.1-VACE-Diffusers")
     assert asked == [["*.json"]]  # the config files only: no *.safetensors was asked for
 
 
@@ -242,6 +262,9 @@ def test_a_hub_model_of_another_kind_is_refused_before_its_weights_download(kind
     ("Wan-AI/Wan2.2-TI2V-5B-Diffusers", ModelKind(expand_timesteps=True, vae="wan2.2")),
     ("tiny-random-a14b", ModelKind(experts=("transformer", "transformer_2"), boundary_ratio=0.875)),
     ("tiny-random-ti2v", ModelKind(expand_timesteps=True, vae="wan2.2")),
+    ("tiny-random-i2v", ModelKind(conditioning="concat", image_encoder=True)),
+    ("tiny-random-i2v-a14b", ModelKind(experts=("transformer", "transformer_2"), boundary_ratio=0.9,
+                                       conditioning="concat")),
 ])
 def test_each_model_kind_is_read_from_its_config_files(model_id, kind):
     # Every entry point decides settings from checkpoints.config_folder first (packaged configs: no download).

@@ -143,7 +143,8 @@ MODEL_PRESETS = {
 }
 # A folder not named like a preset takes its family's (tpu_wan.models.kinds.ModelKind.family).
 FAMILY_PRESETS = {"wan2.1": DEFAULT_MODEL_ID, "wan2.2-a14b": "Wan-AI/Wan2.2-T2V-A14B-Diffusers",
-                  "wan2.2-ti2v": "Wan-AI/Wan2.2-TI2V-5B-Diffusers", "wan2.1-i2v": "Wan-AI/Wan2.1-I2V-14B-480P-Diffusers",
+                  "wan2.2-ti2v": "Wan-AI/Wan2.2-TI2V-5B-Diffusers",
+                  "wan2.1-i2v": "Wan-AI/Wan2.1-I2V-14B-480P-Diffusers",
                   "wan2.2-i2v-a14b": "Wan-AI/Wan2.2-I2V-A14B-Diffusers"}
 
 

@@ -67,11 +67,13 @@ def _read_json(path: Path) -> dict:
     return data
 
 
-# The configs of the published Wan text-to-video models (their config.json files' facts; no weights, no tokenizer),
-# so a compile-only run (tpu_wan.run.aot) works offline.
+# The configs of the published Wan models (their config.json files' facts; no weights, no tokenizer), so a
+# compile-only run (tpu_wan.run.aot) works offline. The image-to-video ones: the transformers from diffusers'
+# scripts/convert_wan_to_diffusers.py, CLIP ViT-H/14's vision tower (the image encoder the script converts with).
 PACKAGED_CONFIGS = Path(__file__).resolve().parent / "model_configs"
-PACKAGED_MODELS = {f"Wan-AI/{name}": name for name in ("Wan2.1-T2V-1.3B-Diffusers", "Wan2.1-T2V-14B-Diffusers",
-                                                        "Wan2.2-T2V-A14B-Diffusers", "Wan2.2-TI2V-5B-Diffusers")}
+PACKAGED_MODELS = {f"Wan-AI/{name}": name for name in (
+    "Wan2.1-T2V-1.3B-Diffusers", "Wan2.1-T2V-14B-Diffusers", "Wan2.2-T2V-A14B-Diffusers", "Wan2.2-TI2V-5B-Diffusers",
+    "Wan2.1-I2V-14B-480P-Diffusers", "Wan2.1-I2V-14B-720P-Diffusers", "Wan2.2-I2V-A14B-Diffusers")}
 
 
 def resolve_configs(model_id: str) -> Path:

@@ -75,6 +75,22 @@ class ClipImageEncoder:
         self.programs = {}
         self.compile_s: dict[str, float] = {}
 
+    @property
+    def tokens(self) -> int:
+        """Image tokens per image: the class token and one per patch."""
+        return (self.config.image_size // self.config.patch_size) ** 2 + 1
+
+    def _rows(self, n: int) -> int:
+        dp = self.mesh.shape["dp"]
+        return -(-n // dp) * dp  # padded to a multiple of dp with blank images, dropped after the call
+
+    def programs_for(self, num_images: int) -> dict:
+        """name -> (jitted, abstract arguments) of the program `encode` runs for `num_images` images."""
+        rows, size = self._rows(num_images), self.config.image_size
+        pixels = jax.ShapeDtypeStruct((rows, 3, size, size), np.float32,
+                                      sharding=mesh_lib.batch_sharding(self.mesh, rows, 4))
+        return {f"clip {pixels.shape}": (self._encode, (self.weights, pixels))}
+
     def pixels(self, images) -> np.ndarray:
         """[N, 3, S, S] float32: the images as the folder's image processor prepares them for CLIP."""
         return self.processor(images=list(images), return_tensors="np")["pixel_values"].astype(np.float32)
@@ -82,8 +98,7 @@ class ClipImageEncoder:
     def encode(self, images) -> np.ndarray:
         """[N, tokens, D] image embeddings in the encoder's dtype (N images, one call)."""
         pixels = self.pixels(images)
-        n, dp = len(pixels), self.mesh.shape["dp"]
-        rows = -(-n // dp) * dp
+        n, rows = len(pixels), self._rows(len(pixels))
         pixels = jax.device_put(np.pad(pixels, ((0, rows - n), (0, 0), (0, 0), (0, 0))),
                                 mesh_lib.batch_sharding(self.mesh, rows, 4))
         name = f"clip {pixels.shape}"
@@ -186,7 +201,9 @@ class ImageConditioner:
     and the VAE encoder (float32, as the pipelines' VAE). `timed(component, part)`: a context manager around each
     load and run (profiling.Recorder.section's parts)."""
 
-    def __init__(self, model_path: Path, kind: ModelKind, mesh, dtype: str, *, timed=None, abstract: bool = False):
+    def __init__(self, model_path: Path, kind: ModelKind, mesh, dtype: str, *, timed=None, abstract: bool = False,
+                 conv: str = "auto"):
+        """`conv`: the VAE encoder's convolutions (tpu_wan.models.vae_conv)."""
         from tpu_wan.models.vae_encoder import VaeEncoder
 
         self.kind = kind
@@ -195,7 +212,34 @@ class ImageConditioner:
         with self._timed("load"):
             if kind.image_encoder:
                 self.models["image_encoder"] = ClipImageEncoder(model_path, mesh, dtype, abstract=abstract)
-            self.models["vae_encoder"] = VaeEncoder(model_path, mesh, abstract=abstract)
+            self.models["vae_encoder"] = VaeEncoder(model_path, mesh, abstract=abstract, conv=conv)
+
+    @property
+    def weights(self) -> dict:
+        """component -> its weights on the mesh."""
+        return {name: getattr(m, "weights", None) or m.params for name, m in self.models.items()}
+
+    def programs_for(self, num_images: int, height: int, width: int, frames: int) -> dict:
+        """name -> (jitted, abstract arguments, the model config its calls key it with) of each program `encode` runs
+        for `num_images` distinct images at that video size."""
+        out = {}
+        if "image_encoder" in self.models:
+            clip = self.models["image_encoder"]
+            out.update({n: (*p, clip.config) for n, p in clip.programs_for(num_images).items()})
+        vae = self.models["vae_encoder"]
+        video = (1, 3, 1 if self.kind.expand_timesteps else frames, height, width)
+        out.update({n: (*p, vae.config) for n, p in vae.programs_for(video).items()})
+        return out
+
+    def input_shapes(self, rows: int, latents_shape: tuple[int, ...]) -> dict:
+        """name -> shape of the Denoiser's image inputs (transformer.model_input) for `rows` latents rows of shape
+        [.., C, F, h, w]."""
+        _, z, f, h, w = latents_shape
+        shapes = {"condition": (rows, z, 1, h, w) if self.kind.expand_timesteps else (rows, MASK_CHANNELS + z, f, h, w)}
+        if "image_encoder" in self.models:
+            clip = self.models["image_encoder"]
+            shapes["embeds"] = (rows, clip.tokens, clip.config.hidden_size)
+        return shapes
 
     def encode(self, request: ImageRequest, images: dict) -> dict[str, np.ndarray]:
         """The image tensors of stage 1's file (artifacts.IMAGE_TENSORS), one row per prompt: image_condition

@@ -184,8 +184,13 @@ def build_tiny_checkpoint(output_dir: str | Path, *, model_id: str = TINY_MODEL_
     if model_id not in TINY_MODELS:
         raise ValueError(f"expected a tiny model id in {TINY_MODELS}, found {model_id!r}")
     import torch
-    from diffusers import (AutoencoderKLWan, UniPCMultistepScheduler, WanImageToVideoPipeline, WanPipeline,
-                           WanTransformer3DModel)
+    from diffusers import (
+        AutoencoderKLWan,
+        UniPCMultistepScheduler,
+        WanImageToVideoPipeline,
+        WanPipeline,
+        WanTransformer3DModel,
+    )
     from transformers import UMT5Config, UMT5EncoderModel
 
     output_dir = Path(output_dir)
@@ -216,7 +221,11 @@ def build_tiny_checkpoint(output_dir: str | Path, *, model_id: str = TINY_MODEL_
         elif ti2v:
             family = dict(expand_timesteps=True)
         elif model_id == TINY_I2V_ID:
-            from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+            from transformers import (
+                CLIPImageProcessor,
+                CLIPVisionConfig,
+                CLIPVisionModel,
+            )
 
             torch.manual_seed(TINY_SEED + 4)
             family = dict(image_encoder=CLIPVisionModel(CLIPVisionConfig(**CLIP_VISION_CONFIG)).eval(),

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-import math
 import time
 from pathlib import Path
 from typing import Callable
@@ -20,7 +19,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from tpu_wan.models import checkpoints, finetune, lora
-from tpu_wan.runtime import attention, distributed, loading, parallelism, profiling, programs, torchax_env
+from tpu_wan.runtime import (
+    attention,
+    distributed,
+    loading,
+    parallelism,
+    profiling,
+    programs,
+    torchax_env,
+)
 from tpu_wan.runtime import mesh as mesh_lib
 from tpu_wan.sampling import schedulers, step_cache
 

@@ -165,13 +165,30 @@ def activation_sharding(mesh, shape: tuple[int, ...], grid: tuple[int, int] | No
     return NamedSharding(mesh, P(*lead, batch))
 
 
-class VaeDecoder:
-    """AutoencoderKLWan's decoder loaded once onto a mesh (weights replicated, activations split over it)."""
+def layer_constraint(mesh, grid: tuple[int, int]) -> Callable[[jax.Array], jax.Array]:
+    """The sharding constraint of every layer of a VAE pass over latents of `grid` (H, W): activation_sharding."""
+    return lambda x: jax.lax.with_sharding_constraint(x, activation_sharding(mesh, x.shape, grid))
 
-    def __init__(self, model_path: Path, mesh, dtype: str = "float32", *, abstract: bool = False, conv: str = "auto"):
-        """`abstract`: no weights read, only their shapes and shardings, to compile the decoder for a slice that
-        is not attached (tpu_wan.run.aot). `conv`: the 3x3x3 convolutions' implementation, vae_conv.CONVS or auto
-        (the Pallas kernel on TPU chips, XLA's elsewhere; on CPU the kernel runs interpreted, for tests)."""
+
+def layer_conv(mesh, conv: str, grid: tuple[int, int]) -> vae_conv.Conv:
+    """The convolution (`conv`: a resolved vae_conv.CONVS setting) of every layer of a VAE pass over latents of
+    `grid`, for the activations' layout; the Pallas kernel runs interpreted off TPU."""
+    if conv == "xla":
+        return vae_conv.xla_conv
+    interpret = mesh.devices.flat[0].platform != "tpu"
+    return lambda x, *args: vae_conv.pallas_conv(  # noqa: E731
+        mesh, activation_sharding(mesh, x.shape, grid).spec, interpret=interpret)(x, *args)
+
+
+class VaeHalf:
+    """One half of AutoencoderKLWan (`module`: the decoder's or the encoder's NNX module, reading the weights under
+    `prefixes`) loaded once onto a mesh: weights replicated, activations split over it (activation_sharding)."""
+
+    def __init__(self, model_path: Path, mesh, dtype: str, *, module, prefixes: tuple[str, ...],
+                 abstract: bool = False, conv: str = "auto"):
+        """`abstract`: no weights read, only their shapes and shardings, to compile for a slice that is not attached
+        (tpu_wan.run.aot). `conv`: the convolutions' implementation, vae_conv.CONVS or auto (the Pallas kernel on
+        TPU chips, XLA's elsewhere; on CPU the kernel runs interpreted, for tests)."""
         if dtype not in DTYPES:
             raise UserError(f"vae dtype: expected one of {list(DTYPES)}, found {dtype!r}")
         if conv not in ("auto", *vae_conv.CONVS):
@@ -181,33 +198,37 @@ class VaeDecoder:
         self.config = load_config(vae_path)
         self.mesh = mesh
         self.dtype = getattr(jnp, dtype)  # jnp.float32 or jnp.bfloat16
-        model = nnx.eval_shape(lambda: WanVaeDecoder(self.config, self.dtype))  # shapes only, no init
+        model = nnx.eval_shape(lambda: module(self.config, self.dtype))  # shapes only, no init
         self._graphdef, state = nnx.split(model)
         replicated = NamedSharding(mesh, P())
         if abstract:
             self.params = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=replicated), state)
         else:
-            self.params = load_params(state, vae_path / WEIGHTS_FILE, self.dtype, replicated, describe(self.config))
+            self.params = load_params(state, vae_path / WEIGHTS_FILE, self.dtype, replicated, describe(self.config),
+                                      prefixes)
+        self.programs = {}  # what ran, for profiling.temp_bytes
+        self.compile_s: dict[str, float] = {}  # program -> seconds jax spent compiling it (profiling.compiling)
+
+
+class VaeDecoder(VaeHalf):
+    """AutoencoderKLWan's decoder on a mesh (VaeHalf)."""
+
+    def __init__(self, model_path: Path, mesh, dtype: str = "float32", *, abstract: bool = False, conv: str = "auto"):
+        super().__init__(model_path, mesh, dtype, module=WanVaeDecoder, prefixes=DECODER_PREFIXES, abstract=abstract,
+                         conv=conv)
         self._mean = np.asarray(self.config.latents_mean, np.float32).reshape(1, -1, 1, 1, 1)
         # WanPipeline divides by 1 / std (not multiplies by std); the same here, for bit-faithfulness.
         self._inv_std = 1.0 / np.asarray(self.config.latents_std, np.float32).reshape(1, -1, 1, 1, 1)
         self._decode = jax.jit(self._decode_frames)  # one program per latents shape
-        self.programs = {}  # what ran, for profiling.temp_bytes
-        self.compile_s: dict[str, float] = {}  # program -> seconds jax spent compiling it (profiling.compiling)
 
     def _layout(self, latents_shape: tuple[int, ...]) -> Callable[[jax.Array], jax.Array]:
         """The activation constraint of every layer of a decode of latents [V C F H W] (activation_sharding's one
         layout, decided by the latents' H and W)."""
-        grid = tuple(latents_shape[-2:])
-        return lambda x: jax.lax.with_sharding_constraint(x, activation_sharding(self.mesh, x.shape, grid))
+        return layer_constraint(self.mesh, tuple(latents_shape[-2:]))
 
     def _conv(self, latents_shape: tuple[int, ...]) -> vae_conv.Conv:
         """The convolution of every layer of a decode of latents [V C F H W], for the activations' layout."""
-        if self.conv == "xla":
-            return vae_conv.xla_conv
-        grid, interpret = tuple(latents_shape[-2:]), self.mesh.devices.flat[0].platform != "tpu"
-        return lambda x, *args: vae_conv.pallas_conv(  # noqa: E731
-            self.mesh, activation_sharding(self.mesh, x.shape, grid).spec, interpret=interpret)(x, *args)
+        return layer_conv(self.mesh, self.conv, tuple(latents_shape[-2:]))
 
     def _latents(self, latents: jax.Array, constrain) -> jax.Array:  # [V C F H W] normalised -> [V F H W C]
         z = latents / self._inv_std + self._mean  # float32, diffusers' de-normalisation

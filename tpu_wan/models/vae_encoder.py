@@ -19,40 +19,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
-from tpu_wan.core.config import DTYPES
 from tpu_wan.core.errors import UserError
-from tpu_wan.models.vae import ENCODER_PREFIXES, WEIGHTS_FILE, activation_sharding, describe, load_config, load_params
+from tpu_wan.models.vae import ENCODER_PREFIXES, VaeHalf, layer_constraint, layer_conv
 from tpu_wan.models.vae_encoder_modules import FRAMES_PER_CALL, WanVaeEncoder
 from tpu_wan.runtime import distributed, profiling, programs
 from tpu_wan.runtime import mesh as mesh_lib
 
 
-class VaeEncoder:
-    """AutoencoderKLWan's encoder loaded once onto a mesh (weights replicated, activations split over it)."""
+class VaeEncoder(VaeHalf):
+    """AutoencoderKLWan's encoder on a mesh (VaeHalf)."""
 
-    def __init__(self, model_path: Path, mesh, dtype: str = "float32", *, abstract: bool = False):
-        """`abstract`: no weights read, only their shapes and shardings (compile-only, tpu_wan.run.aot)."""
-        if dtype not in DTYPES:
-            raise UserError(f"vae dtype: expected one of {list(DTYPES)}, found {dtype!r}")
-        vae_path = Path(model_path) / "vae"
-        self.config = load_config(vae_path)
-        self.mesh = mesh
-        self.dtype = getattr(jnp, dtype)
+    def __init__(self, model_path: Path, mesh, dtype: str = "float32", *, abstract: bool = False, conv: str = "auto"):
+        super().__init__(model_path, mesh, dtype, module=WanVaeEncoder, prefixes=ENCODER_PREFIXES, abstract=abstract,
+                         conv=conv)
         self.spatial = 8 * (self.config.patch_size or 1)  # pixels per latent along H and W
-        model = nnx.eval_shape(lambda: WanVaeEncoder(self.config, self.dtype))
-        self._graphdef, state = nnx.split(model)
-        replicated = NamedSharding(mesh, P())
-        if abstract:
-            self.params = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=replicated), state)
-        else:
-            self.params = load_params(state, vae_path / WEIGHTS_FILE, self.dtype, replicated, describe(self.config),
-                                      ENCODER_PREFIXES)
         self._moments = jax.jit(self._encode_chunks)
-        self.programs = {}  # what ran, for profiling.temp_bytes
-        self.compile_s: dict[str, float] = {}
 
     def latent_shape(self, video_shape: tuple[int, ...]) -> tuple[int, ...]:
         """[V, C, F, h, w] of the latents of a video [V, 3, T, H, W]; refuses a shape the VAE cannot encode."""
@@ -72,8 +54,7 @@ class VaeEncoder:
         trip f of a scan whose carry is the causal caches (from zeros)."""
         model = nnx.merge(self._graphdef, params)
         grid = self.latent_shape(video.shape)[-2:]
-        constrain = lambda x: jax.lax.with_sharding_constraint(  # noqa: E731
-            x, activation_sharding(self.mesh, x.shape, grid))
+        constrain, conv = layer_constraint(self.mesh, grid), layer_conv(self.mesh, self.conv, grid)
         x = video.transpose(0, 2, 3, 4, 1).astype(self.dtype)  # [V T H W 3]
         n, _, h, w, c = x.shape
         padding = jnp.zeros((n, FRAMES_PER_CALL - 1, h, w, c), x.dtype)
@@ -81,7 +62,7 @@ class VaeEncoder:
         chunks = x.reshape(n, -1, FRAMES_PER_CALL, h, w, c).swapaxes(0, 1)  # [F V 4 H W 3]
 
         def encode(caches, chunk, first):
-            return model(constrain(chunk), caches, first=first, constrain=constrain)
+            return model(constrain(chunk), caches, first=first, constrain=constrain, conv=conv)
 
         _, before_first = jax.eval_shape(encode, None, chunks[0], True)  # the caches' shapes
         caches = jax.tree.map(lambda c: constrain(jnp.zeros(c.shape, c.dtype)), before_first)
@@ -93,6 +74,13 @@ class VaeEncoder:
         _, moments = jax.lax.scan(step, caches, (chunks, jnp.arange(chunks.shape[0]) == 0))  # [F V h w 2C]
         return moments.transpose(1, 4, 0, 2, 3)  # [V 2C F h w]
 
+    def programs_for(self, video_shape: tuple[int, ...]) -> dict:
+        """name -> (jitted, abstract arguments) of the program `moments` runs for a video [V, 3, T, H, W]."""
+        self.latent_shape(video_shape)
+        sharding = mesh_lib.batch_sharding(self.mesh, video_shape[0], len(video_shape))
+        return {"vae_encode": (self._moments, (self.params, jax.ShapeDtypeStruct(video_shape, jnp.float32,
+                                                                                    sharding=sharding)))}
+
     def moments(self, video: np.ndarray) -> np.ndarray:
         """The encoder's output [V, 2C, F, h, w] (mean, then log-variance before diffusers' clamp) for a video
         [V, 3, T, H, W] in [-1, 1]."""
@@ -100,7 +88,7 @@ class VaeEncoder:
         self.latent_shape(video.shape)
         video = jax.device_put(video, mesh_lib.batch_sharding(self.mesh, video.shape[0], video.ndim))
         with profiling.compiling(self.compile_s, "vae_encode"):
-            out = programs.call("vae_encode", self._moments, self.params, video, model=self.config)
+            out = programs.call("vae_encode", self._moments, self.params, video, model=self.config, conv=self.conv)
         profiling.remember_program(self.programs, "vae_encode", self._moments, self.params, video)
         return distributed.to_host(out)
 

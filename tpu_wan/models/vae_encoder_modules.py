@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from tpu_wan.core.errors import UserError
+from tpu_wan.models.vae_conv import Conv, xla_conv
 from tpu_wan.models.vae_modules import CausalConv3d, Chunk, MidBlock, ResidualBlock, RMSNorm
 
 FRAMES_PER_CALL = 4  # video frames per latent frame past frame 0 (two temporal downsamplers)
@@ -34,7 +35,12 @@ def _strided_conv(x: jax.Array, weight: jax.Array, bias: jax.Array, strides, pad
 class Downsample(nnx.Module):
     """WanResample for the encoder: 'downsample2d' (per frame: zero pad right and bottom by one, 3x3 conv with
     stride 2) and 'downsample3d' (then time_conv, kernel 3 stride 2 over [the previous call's last frame, x]).
-    diffusers' first call skips time_conv and keeps its one frame; its cache is one frame, not CACHE_T."""
+    diffusers' first call skips time_conv and keeps its one frame; its cache is one frame, not CACHE_T.
+
+    With XLA's convolution both are strided convolutions. The Pallas kernel has stride 1: the spatial conv is its
+    'same' conv read at odd rows and columns (output j of the padded stride-2 conv reads rows 2j .. 2j+2, which is
+    the 'same' conv's output 2j+1, its zero row past the end included), 4x that layer's work; time_conv its causal
+    conv over [cache, x] read at every second frame."""
 
     def __init__(self, dim: int, mode: str, *, dtype, precision):
         self.resample = CausalConv3d(dim, dim, (1, 3, 3), dtype=dtype, precision=precision)  # torch resample.1
@@ -43,18 +49,28 @@ class Downsample(nnx.Module):
         )
 
     def __call__(self, x: jax.Array, chunk: Chunk) -> jax.Array:  # [V T H W C] -> [V T' H/2 W/2 C]
-        conv = self.resample
-        x = chunk.constrain(_strided_conv(x, conv.weight[...], conv.bias[...], (1, 2, 2), ((0, 0), (0, 1), (0, 1)),
-                                          conv.precision))
+        x = chunk.constrain(_stride_2(chunk.conv, x, self.resample, spatial=True))
         if self.time_conv is None:
             return x
         n, t, h, w, c = x.shape
         old = chunk.take((n, 1, h, w, c), x.dtype)
         chunk.new.append(chunk.constrain(jnp.where(chunk.first, x[:, :1], x[:, -1:])))
-        tc = self.time_conv
-        y = _strided_conv(jnp.concatenate([old, x], axis=1), tc.weight[...], tc.bias[...], (2, 1, 1),
-                          ((0, 0), (0, 0), (0, 0)), tc.precision)  # [V T/2 H W C]
+        y = _stride_2(chunk.conv, jnp.concatenate([old, x], axis=1), self.time_conv, spatial=False)  # [V T/2 H W C]
         return chunk.constrain(jnp.where(chunk.first, x[:, : t // 2], y))  # first call: frame 0 passes through
+
+
+def _stride_2(conv: Conv, x: jax.Array, layer: CausalConv3d, *, spatial: bool) -> jax.Array:
+    """`layer` with stride 2 in H and W (`spatial`, bottom/right zero padding) or in time (no padding: x holds the
+    one cached frame), by XLA's strided convolution or read off the stride-1 `conv`."""
+    weight, bias = layer.weight[...], layer.bias[...]
+    if conv is xla_conv:
+        strides, pad = ((1, 2, 2), ((0, 0), (0, 1), (0, 1))) if spatial else ((2, 1, 1), ((0, 0),) * 3)
+        return _strided_conv(x, weight, bias, strides, pad, layer.precision)
+    if spatial:
+        y = conv(x, weight, bias, layer.precision)  # [V T H W C], 'same'
+        n, t, h, w, c = y.shape
+        return y.reshape(n, t, h // 2, 2, w // 2, 2, c)[:, :, :, 1, :, 1]  # odd rows and columns, split-friendly
+    return conv(x, weight, bias, layer.precision)[:, ::2]  # x: [V 1+T ...] -> T-1 frames, every second kept
 
 
 class AvgDown3D(nnx.Module):
@@ -163,10 +179,11 @@ class WanVaeEncoder(nnx.Module):
         )
         self.quant_conv = CausalConv3d(z2, z2, (1, 1, 1), dtype=dtype, precision=precision)
 
-    def __call__(self, x, caches, *, first, constrain=lambda x: x):
+    def __call__(self, x, caches, *, first, constrain=lambda x: x, conv: Conv = xla_conv):
         """[V 4 sH sW 3] -> [V 1 H W 2z] with s = 8 x patch_size. caches None: zeros, those before frame 0. `first`:
-        the chunk is video frame 0 and three frames of padding (diffusers' one-frame first call)."""
-        chunk = Chunk(caches, first, constrain)
+        the chunk is video frame 0 and three frames of padding (diffusers' one-frame first call). conv: the
+        convolution (tpu_wan.models.vae_conv)."""
+        chunk = Chunk(caches, first, constrain, conv)
         if self.patch > 1:
             x = constrain(patchify(x, self.patch))
         return self.quant_conv(self.encoder(x, chunk), chunk), tuple(chunk.new)

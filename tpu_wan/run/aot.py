@@ -145,9 +145,22 @@ class Programs:
     programs: dict
     idle: object = None
     settings: dict = dataclasses.field(default_factory=dict)
+    program_settings: dict = dataclasses.field(default_factory=dict)  # name -> its own settings, where not `settings`
+
+
+def image_conditioner(model_path, mesh, cfg: GenerationConfig, conv: str = "auto"):
+    """The abstract image models of an image-to-video run (image_encoder.ImageConditioner), None for text to video."""
+    if cfg.images is None:
+        return None
+    from tpu_wan.models.image_encoder import ImageConditioner
+
+    return ImageConditioner(model_path, checkpoints.model_kind(model_path), mesh, cfg.text_dtype, abstract=True,
+                            conv=conv)
 
 
 def text_encoder_programs(model_path, mesh, cfg: GenerationConfig) -> Programs:
+    """UMT5's programs, and for image to video CLIP's (where the model has it) and the VAE encoder's (one image per
+    prompt, each its own: the most a run encodes)."""
     from tpu_wan.models.text_encoder import TextEncoder
 
     encoder = TextEncoder(model_path, mesh, cfg.text_dtype, abstract=True)
@@ -155,7 +168,16 @@ def text_encoder_programs(model_path, mesh, cfg: GenerationConfig) -> Programs:
     texts = len(cfg.prompts) + 1  # the prompts and the negative prompt
     programs = {name: (jitted, args, arithmetic.umt5_encoder_flops(config, rows, cfg.max_sequence_length))
                 for name, (jitted, args, rows) in encoder.programs_for(texts, cfg.max_sequence_length).items()}
-    return Programs(encoder.weights, programs, settings={"model": encoder.config})
+    conditioner, weights, own = image_conditioner(model_path, mesh, cfg), encoder.weights, {}
+    if conditioner is not None:
+        # the models' FLOPs from their XLA convolutions' trace: traced_flops does not see into a Pallas kernel
+        xla = image_conditioner(model_path, mesh, cfg, conv="xla").programs_for(len(cfg.prompts), *cfg.image_size)
+        for name, (jitted, args, model) in conditioner.programs_for(len(cfg.prompts), *cfg.image_size).items():
+            programs[name] = (jitted, args, arithmetic.traced_flops(xla[name][0], *xla[name][1]))
+            own[name] = {"model": model, **({"conv": conditioner.models["vae_encoder"].conv}
+                                            if name == "vae_encode" else {})}
+        weights = {"text_encoder": encoder.weights, **conditioner.weights}
+    return Programs(weights, programs, settings={"model": encoder.config}, program_settings=own)
 
 
 def transformer_programs(model_path, mesh, cfg: GenerationConfig, expert_offload: bool = False) -> Programs:
@@ -169,15 +191,19 @@ def transformer_programs(model_path, mesh, cfg: GenerationConfig, expert_offload
     guided = cfg.do_classifier_free_guidance
     rows = cfg.stage2.batch_size * (2 if guided else 1)
     noise = cfg.stage2.sample_solver in schedulers.NOISE_SOLVERS  # the "distill" step takes fresh noise
+    conditioner = image_conditioner(model_path, mesh, cfg)
+    image = None if conditioner is None else conditioner.input_shapes(cfg.stage2.batch_size, latents)
     jitted, args = denoiser.step_program(latents, (rows, cfg.max_sequence_length, dit["text_dim"]), guided,
                                          cfg.stage2.sharding_mode, noise=noise, cache=cfg.stage2.cache,
-                                         num_steps=cfg.stage2.num_inference_steps)
+                                         num_steps=cfg.stage2.num_inference_steps, image=image)
     tokens = config_lib.video_tokens(latents, dit["patch_size"])
-    ideal = arithmetic.dit_forward_flops(dit, rows, tokens, cfg.max_sequence_length)
+    image_tokens = image["embeds"][1] if image and "embeds" in image else 0
+    ideal = arithmetic.dit_forward_flops(dit, rows, tokens, cfg.max_sequence_length, image_tokens)
     first, *idle = denoiser.kind.experts
     program = f"step cfg={guided}" + (f" cache={step_cache.parse(cfg.stage2.cache).kind}" if cfg.stage2.cache else "")
     settings = {"model": denoiser.config, "sharding": cfg.stage2.sharding_mode,
-                "attention": denoiser.attention_options, "cache": cfg.stage2.cache}
+                "attention": denoiser.attention_options, "cache": cfg.stage2.cache,
+                "conditioning": denoiser.conditioning(image)}
     return Programs(denoiser.experts[first], {program: (jitted, args, ideal)},
                     idle=None if expert_offload or not idle else [denoiser.experts[e] for e in idle], settings=settings)
 
@@ -234,7 +260,8 @@ def compile_run(cfg: GenerationConfig, target: TpuTarget, devices, *, stages=STA
                         for name, (_, _, ideal) in b.programs.items()]
         else:
             compiled = [compile_program(name, jitted, args, ideal_flops=ideal, devices=mesh.size, held_bytes=held,
-                                        usable=usable, export=export, settings=b.settings)
+                                        usable=usable, export=export,
+                                        settings=b.program_settings.get(name, b.settings))
                         for name, (jitted, args, ideal) in b.programs.items()]
         if reuse is not None:
             reuse[key] = compiled
@@ -321,7 +348,7 @@ def not_fitting(metrics: dict) -> str | None:
 def compile_only(base: GenerationConfig, settings: Stage2Settings, topology_name: str | None, *,
                  dp: int | None = None, tp: int | None = None, stages=STAGES, compile_stages=None,
                  one_process: bool = False, uint8: bool = True, search_mesh: bool = False, expert_offload: bool = False,
-                 export=None, vae_conv: str = "auto") -> dict:
+                 export=None, vae_conv: str = "auto", images: bool = False) -> dict:
     """The compile-only run of a script: `base` holds what stage 1 decides (model, prompts, text dtype; with
     `one_process` the model dtype, as generate_flax.py decides it), `settings` the stage-2 flags. With `search_mesh`,
     every (dp, tp, DiT sharding mode) the slice and the models allow is compiled (candidate_runs: both modes when
@@ -330,10 +357,12 @@ def compile_only(base: GenerationConfig, settings: Stage2Settings, topology_name
     is returned, with the ranking under "mesh_search". `expert_offload`: a two-expert model's idle expert in host
     memory. `topology_name` None: for this process's own devices (LocalTarget). `export`: a program directory every
     compiled program is written to, for runs to load (`--programs DIR`, tpu_wan.runtime.programs). `vae_conv`: the
-    VAE's convolutions (tpu_wan.models.vae_conv)."""
+    VAE's convolutions (tpu_wan.models.vae_conv). `images`: an image per prompt (TI2V from a first frame; the I2V
+    models always take one)."""
     from tpu_wan.run.pipeline import check_offload, resolve_stage2
     from tpu_wan.tpu.topology import parse_target
 
+    base = with_stand_in_images(base, settings, images)
     target = LocalTarget.attached() if topology_name is None else parse_target(topology_name)
     devices = target.devices()
     model_path = checkpoints.resolve_configs(base.model_id)
@@ -407,6 +436,23 @@ def table(metrics: dict) -> str:
                      f"{moved}, peak {_bytes(m['peak_bytes'])}")
     lines.append("fits: yes" if metrics["fits"] else f"fits: no ({not_fitting(metrics)})")
     return "\n".join(lines)
+
+
+STAND_IN_IMAGE = "(none read: compile-only)"
+
+
+def with_stand_in_images(cfg: GenerationConfig, settings: Stage2Settings, images: bool) -> GenerationConfig:
+    """`cfg` with a stand-in image per prompt at the run's size (the flags', else the model's) where the model needs
+    one, or `images` and it takes one: the image programs depend on the shapes alone, so none is read."""
+    from tpu_wan.run.pipeline import model_preset
+
+    kind = checkpoints.model_kind(checkpoints.config_folder(cfg.model_id))
+    if cfg.images is not None or not (kind.needs_image or (images and kind.takes_image)):
+        return cfg
+    preset = model_preset(cfg.model_id)
+    size = tuple(p if v is None else v for v, p in zip((settings.height, settings.width, settings.frames),
+                                                        (preset.height, preset.width, preset.frames)))
+    return cfg.replace(images=(STAND_IN_IMAGE,) * len(cfg.prompts), image_size=size)
 
 
 def stage2_base(input_dir, num_prompts: int | None, model_id: str | None) -> GenerationConfig:

@@ -147,8 +147,8 @@ def generate(
 
     start = time.perf_counter()
     mesh = make_mesh(dp, tp)
-    request = image_request(model_id, len(prompts), images, last_images,
-                            (settings.height, settings.width, settings.frames))
+    size = (settings.height, settings.width, settings.frames) if images else (None, None, None)  # stage 2's flags
+    request = image_request(model_id, len(prompts), images, last_images, size)
     base = GenerationConfig(
         model_id=model_id, prompts=tuple(prompts), negative_prompt=negative_prompt,
         max_sequence_length=max_sequence_length, vae_dtype=vae_dtype,

@@ -317,7 +317,7 @@ def load_image_conditioner(model_path, mesh, dtype: str, rec: Recorder):
 def add_stage1_models(rec: Recorder, encoder, models: dict) -> None:
     """Stage 1's metrics over every model it ran: UMT5, and for image to video CLIP and the VAE encoder."""
     weights = {"text_encoder": encoder.weights, **{name: getattr(m, "weights", None) or m.params
-                                                   for name, m in models.items()}}
+                                                   for name, m in models.items()}}  # ImageConditioner.weights
     programs, compile_s = dict(encoder.programs), dict(encoder.compile_s)
     for m in models.values():
         programs.update(m.programs)

@@ -13,9 +13,10 @@ import jax
 from jax.extend.core import ClosedJaxpr, Jaxpr
 
 
-def dit_forward_flops(cfg: dict, rows: int, tokens: int, text_len: int) -> int:
+def dit_forward_flops(cfg: dict, rows: int, tokens: int, text_len: int, image_tokens: int = 0) -> int:
     """One WanTransformer3DModel forward over `rows` batch rows of L = `tokens` video tokens and S = `text_len`
-    text tokens; `cfg` is transformer/config.json."""
+    text tokens (and I = `image_tokens` CLIP tokens: Wan 2.1 I2V's image embedder and second cross-attention);
+    `cfg` is transformer/config.json."""
     e = cfg["num_attention_heads"] * cfg["attention_head_dim"]  # E: model dim
     patch = math.prod(cfg["patch_size"])
     L, S = tokens, text_len  # noqa: N806
@@ -25,6 +26,10 @@ def dit_forward_flops(cfg: dict, rows: int, tokens: int, text_len: int) -> int:
     blocks = cfg["num_layers"] * (self_attn + cross_attn + ffn)
     embed = 2 * L * cfg["in_channels"] * patch * e + 2 * L * e * cfg["out_channels"] * patch  # patchify, proj_out
     conditions = 2 * S * (cfg["text_dim"] * e + e * e) + 2 * (cfg["freq_dim"] * e + e * e) + 2 * e * 6 * e
+    if image_tokens:
+        i, d = image_tokens, cfg["image_dim"]
+        blocks += cfg["num_layers"] * (2 * 2 * i * e * e + 2 * 2 * L * i * e)  # k, v of the image; QK^T, PV
+        conditions += 2 * i * (d * d + d * e)  # the image embedder's feed-forward: image_dim -> image_dim -> E
     return rows * (blocks + embed + conditions)
 
 
