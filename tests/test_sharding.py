@@ -22,13 +22,22 @@ def _rule_report(weights, rules):
     return rows
 
 
-@pytest.mark.parametrize("component", ["transformer", "text_encoder"])
+@pytest.mark.parametrize("component", ["transformer", "text_encoder", "i2v-transformer", "image_encoder"])
 def test_every_large_weight_has_a_rule(tiny_path, component):
+    from tpu_wan.models import tiny
+
+    i2v = tiny.ensure_tiny_checkpoint(model_id=tiny.TINY_I2V_ID)
     if component == "transformer":
         module, rules = checkpoints.load_transformer(tiny_path, "float32"), mesh_lib.WAN_TRANSFORMER_RULES
+    elif component == "i2v-transformer":  # CLIP's keys and values in cross-attention, the image embedder
+        module, rules = checkpoints.load_transformer(i2v, "float32"), mesh_lib.WAN_TRANSFORMER_RULES
+    elif component == "image_encoder":
+        module, rules = checkpoints.empty_image_encoder(i2v), mesh_lib.CLIP_RULES
     else:
         module, rules = checkpoints.load_text_encoder(tiny_path, "float32"), mesh_lib.UMT5_RULES
     weights, aliases = torchax_env.module_weights(module)
+    if component == "image_encoder":  # parameters on the meta device: their shapes
+        weights = {name: np.empty(shape, np.float32) for name, (shape, _) in torchax_env.meta_parameters(module).items()}
     unplaced = []
     for name, shape, spec, pattern in _rule_report(weights, rules):
         size = int(np.prod(shape))
@@ -38,11 +47,11 @@ def test_every_large_weight_has_a_rule(tiny_path, component):
                 unplaced.append(name)
     assert not unplaced, f"large weights with no sharding rule (would be replicated): {unplaced}"
     # Real weights are split: q/k/v column-parallel, out row-parallel.
-    if component == "transformer":
+    if component in ("transformer", "i2v-transformer"):
         assert mesh_lib.spec_for("blocks.0.attn1.to_q.weight", rules)[0] == P("tp", None)
         assert mesh_lib.spec_for("blocks.0.attn1.to_out.0.weight", rules)[0] == P(None, "tp")
         assert mesh_lib.spec_for("blocks.0.ffn.net.2.weight", rules)[0] == P(None, "tp")
-    else:
+    elif component == "text_encoder":
         assert aliases == {"encoder.embed_tokens.weight": "shared.weight"}
 
 
@@ -96,9 +105,14 @@ def test_split_that_does_not_divide_is_refused():
 #   per layer: 4 * 4096^2 + 32*64 + 3 * 4096*10240 + 2 * 4096 (layer norms) = 192_948_224
 #   shared embedding 256384 * 4096 = 1_050_148_864, counted once (encoder.embed_tokens is the same tensor);
 #   final layer norm 4096:  24 * 192_948_224 + 1_050_148_864 + 4096 = 5_680_910_336
+# Wan 2.1 I2V-14B: 14B's, plus 20 more input channels of the patch embedding (20 * 4 * D = 409_600), per layer the
+# image keys' and values' projections and their norm (2 D^2 + 2D + D = 52_444_160; x 40 = 2_097_766_400), and the
+# image embedder over CLIP's 1280 (LayerNorm 2 * 1280, 1280^2 + 1280, 1280 * D + D, LayerNorm 2D = 8_211_200):
+#         14_288_491_584 + 409_600 + 2_097_766_400 + 8_211_200 = 16_394_878_784
 REAL_MODELS = {
     "1.3B": ("Wan2.1-T2V-1.3B-Diffusers", "transformer", 1_418_996_800),
     "14B": ("Wan2.1-T2V-14B-Diffusers", "transformer", 14_288_491_584),
+    "i2v-14B": ("Wan2.1-I2V-14B-720P-Diffusers", "transformer", 16_394_878_784),
     "umt5-xxl": ("Wan2.1-T2V-14B-Diffusers", "text_encoder", 5_680_910_336),
 }
 # At real sizes every projection and embedding of the blocks has >= 1536 * 1536 (2.4M) elements, while the

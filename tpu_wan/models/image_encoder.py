@@ -24,9 +24,8 @@ import numpy as np
 
 from tpu_wan.core.config import VAE_TEMPORAL
 from tpu_wan.core.errors import ConfigError, UserError
-from tpu_wan.models import checkpoints
 from tpu_wan.models.kinds import MASK_CHANNELS, ModelKind
-from tpu_wan.runtime import distributed, loading, profiling, programs, torchax_env
+from tpu_wan.runtime import distributed, profiling, programs
 from tpu_wan.runtime import mesh as mesh_lib
 
 log = logging.getLogger("tpu_wan")
@@ -58,6 +57,9 @@ class ClipImageEncoder:
     (weights by mesh.CLIP_RULES, images split over dp)."""
 
     def __init__(self, model_path: Path, mesh, dtype: str, *, abstract: bool = False):
+        from tpu_wan.models import checkpoints
+        from tpu_wan.runtime import loading, torchax_env
+
         model = checkpoints.empty_image_encoder(model_path)
         mesh_lib.check_heads(mesh, model.config.num_attention_heads, "image encoder")
         self.config = model.config

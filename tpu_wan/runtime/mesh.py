@@ -32,6 +32,13 @@ WAN_TRANSFORMER_RULES: tuple[tuple[str, P], ...] = (
     (r"blocks\.\d+\.attn[12]\.to_[qkv]\.bias$", SPLIT),
     (r"blocks\.\d+\.attn[12]\.norm_[qk]\.weight$", SPLIT),
     (r"blocks\.\d+\.attn[12]\.to_out\.0\.weight$", ROW),
+    # image to video (Wan 2.1 I2V): the image keys' and values' own projections, split by heads as the text's
+    (r"blocks\.\d+\.attn2\.add_[kv]_proj\.weight$", COLUMN),
+    (r"blocks\.\d+\.attn2\.add_[kv]_proj\.bias$", SPLIT),
+    (r"blocks\.\d+\.attn2\.norm_added_k\.weight$", SPLIT),
+    (r"condition_embedder\.image_embedder\.ff\.net\.0\.proj\.weight$", COLUMN),
+    (r"condition_embedder\.image_embedder\.ff\.net\.0\.proj\.bias$", SPLIT),
+    (r"condition_embedder\.image_embedder\.ff\.net\.2\.weight$", ROW),
     (r"blocks\.\d+\.ffn\.net\.0\.proj\.weight$", COLUMN),
     (r"blocks\.\d+\.ffn\.net\.0\.proj\.bias$", SPLIT),
     (r"blocks\.\d+\.ffn\.net\.2\.weight$", ROW),
@@ -48,6 +55,9 @@ WAN_TRANSFORMER_RULES: tuple[tuple[str, P], ...] = (
 )
 
 CLIP_RULES: tuple[tuple[str, P], ...] = (
+    # ViT-H/14's patch and position embeddings: 0.75M and 0.33M elements, whose outputs feed the whole hidden state
+    # into the first layer norm; replicated
+    (r"embeddings\.(patch|position)_embedding\.weight$", REPLICATED),
     (r"self_attn\.(q|k|v)_proj\.weight$", COLUMN),
     (r"self_attn\.(q|k|v)_proj\.bias$", SPLIT),
     (r"self_attn\.out_proj\.weight$", ROW),
