@@ -37,7 +37,8 @@ def test_every_large_weight_has_a_rule(tiny_path, component):
         module, rules = checkpoints.load_text_encoder(tiny_path, "float32"), mesh_lib.UMT5_RULES
     weights, aliases = torchax_env.module_weights(module)
     if component == "image_encoder":  # parameters on the meta device: their shapes
-        weights = {name: np.empty(shape, np.float32) for name, (shape, _) in torchax_env.meta_parameters(module).items()}
+        weights = {name: np.empty(shape, np.float32)
+                   for name, (shape, _) in torchax_env.meta_parameters(module).items()}
     unplaced = []
     for name, shape, spec, pattern in _rule_report(weights, rules):
         size = int(np.prod(shape))

@@ -51,7 +51,8 @@ def test_model_folder_validation(tiny_path, tmp_path):
         return edit
 
     cases = [
-        (set_json("model_index.json", "_class_name", "FluxPipeline"), "expected _class_name 'WanPipeline' or 'WanImageToVideoPipeline', found 'FluxPipeline'"),
+        (set_json("model_index.json", "_class_name", "FluxPipeline"),
+         "expected _class_name 'WanPipeline' or 'WanImageToVideoPipeline', found 'FluxPipeline'"),
         (set_json("model_index.json", "vae", ["diffusers", "AutoencoderKL"]), "expected vae of class AutoencoderKLWan"),
         (set_json("transformer/config.json", "text_dim", 48), "text_dim == text encoder d_model, found 48 != 32"),
         (lambda f: (f / "scheduler" / "scheduler_config.json").unlink(), "missing ['scheduler']"),

@@ -3,7 +3,6 @@ TI2V-5B's per-token timesteps over the z48 VAE (tiny-random-ti2v). Latents and f
 sharding modes, the expert of every step, one compiled step for both experts, the idle expert offloaded, bf16, and
 the three stage scripts against generate_flax.py with what generation_config.json records."""
 
-import functools
 import logging
 
 import jax
