@@ -369,3 +369,20 @@ def test_unknown_conv_is_refused(tiny_path):
     with pytest.raises(UserError, match=r"vae conv: expected one of \['auto', 'xla', 'pallas'\], found 'cudnn'"):
         VaeDecoder(tiny_path, _mesh(), conv="cudnn")
     assert VaeDecoder(tiny_path, _mesh()).conv == "xla"  # auto on CPU devices
+
+
+def test_a_pass_where_a_layer_fits_no_kernel_block_runs_xla_for_every_layer(tiny_path, tiny_oracle, monkeypatch):
+    """A lone XLA convolution beside the kernel calls compiled for minutes: where some layer fits no block (here
+    every one, under a 1 KiB budget), the whole pass takes XLA's convolutions, and still equals diffusers."""
+    from tpu_wan.kernels import causal_conv
+
+    latents, ref = tiny_oracle
+    decoder = VaeDecoder(tiny_path, _mesh(), conv="pallas")
+    monkeypatch.setattr(causal_conv, "VMEM_BUDGET", 1024)
+    frames = decoder.decode(latents[:, :, :2])
+    assert decoder.conv_for(latents[:, :, :2].shape) == "xla" and decoder.conv == "pallas"
+    assert _max_err(frames, ref[2]) <= VAE_F32_ATOL
+    monkeypatch.undo()
+    fresh = VaeDecoder(tiny_path, _mesh(), conv="pallas")
+    fresh.decode(latents[:, :, :2])
+    assert fresh.conv_for(latents[:, :, :2].shape) == "pallas"

@@ -17,6 +17,7 @@ convolution of a program, whatever its size, so the count of convolutions in the
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -35,6 +36,7 @@ from tpu_wan.models.vae_modules import WanVaeDecoder, to_jax_layout, torch_keys
 from tpu_wan.runtime import distributed, profiling, programs
 from tpu_wan.runtime import mesh as mesh_lib
 
+log = logging.getLogger("tpu_wan")
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
 DECODER_PREFIXES = ("decoder.", "post_quant_conv.")  # stage 3 reads these keys only
 ENCODER_PREFIXES = ("encoder.", "quant_conv.")  # stage 1 (image to video) these
@@ -208,6 +210,28 @@ class VaeHalf:
                                       prefixes)
         self.programs = {}  # what ran, for profiling.temp_bytes
         self.compile_s: dict[str, float] = {}  # program -> seconds jax spent compiling it (profiling.compiling)
+        self._probed: set = set()  # input shapes whose pass was traced with the kernel (settle_conv)
+        self._xla_shapes: set = set()  # ... and of those, where some layer has no kernel block that fits
+
+    def conv_for(self, shape: tuple[int, ...]) -> str:
+        """The convolution a pass over an input of `shape` runs: `conv`, but XLA's for every layer where some layer
+        has no kernel block that fits (settle_conv): a lone XLA convolution beside the Pallas calls takes on their
+        layouts and compiles for minutes (Wan 2.2's encoder at TI2V-5B's size on one v6e chip: 320- and 640-channel
+        layers, over 15 minutes before it was stopped)."""
+        return "xla" if tuple(shape) in self._xla_shapes else self.conv
+
+    def settle_conv(self, fn, *args) -> None:
+        """Decides conv_for(args[-1].shape) by tracing `fn(*args)` (abstract) once with the kernel."""
+        shape = tuple(args[-1].shape)
+        if self.conv != "pallas" or shape in self._probed:
+            return
+        with vae_conv.recording_fallbacks([]) as fell_back:
+            jax.eval_shape(fn, *args)
+        self._probed.add(shape)
+        if fell_back:
+            self._xla_shapes.add(shape)
+            log.info("vae: %d convolution(s) of a pass over %s fit no kernel block (first: input %s): XLA's "
+                     "convolutions for all of its layers", len(fell_back), shape, fell_back[0])
 
 
 class VaeDecoder(VaeHalf):
@@ -228,7 +252,7 @@ class VaeDecoder(VaeHalf):
 
     def _conv(self, latents_shape: tuple[int, ...]) -> vae_conv.Conv:
         """The convolution of every layer of a decode of latents [V C F H W], for the activations' layout."""
-        return layer_conv(self.mesh, self.conv, tuple(latents_shape[-2:]))
+        return layer_conv(self.mesh, self.conv_for(latents_shape), tuple(latents_shape[-2:]))
 
     def _latents(self, latents: jax.Array, constrain) -> jax.Array:  # [V C F H W] normalised -> [V F H W C]
         z = latents / self._inv_std + self._mean  # float32, diffusers' de-normalisation
@@ -271,6 +295,7 @@ class VaeDecoder(VaeHalf):
     def compile_seconds(self, latents_shape: tuple[int, ...]) -> float:
         """Seconds to lower and compile the decode program for float32 latents of `latents_shape`."""
         start = time.perf_counter()
+        self.settle_conv(self._decode_frames, self.params, self._abstract_latents(latents_shape))
         self._decode.lower(self.params, self._abstract_latents(latents_shape)).compile()
         return time.perf_counter() - start
 
@@ -278,6 +303,7 @@ class VaeDecoder(VaeHalf):
         """name -> (jitted, abstract arguments) of each program `decode` runs for latents [V C F H W] (with
         `uint8`, the on-device conversion too), as remember_program records them."""
         latents = self._abstract_latents(latents_shape)
+        self.settle_conv(self._decode_frames, self.params, latents)
         programs = {"decode": (self._decode, (self.params, latents))}
         if uint8:
             frames = self._decode.eval_shape(self.params, latents)  # [V 3 T Hp Wp], split as its layers' W (or H)
@@ -301,12 +327,14 @@ class VaeDecoder(VaeHalf):
         if latents.ndim != 5 or latents.shape[1] != self.config.z_dim:
             raise UserError(f"vae latents: expected [V, {self.config.z_dim}, F, H, W], found {list(latents.shape)}")
         latents = jax.device_put(latents, self._input_sharding(latents.shape))
+        self.settle_conv(self._decode_frames, self.params, latents)
+        conv = self.conv_for(latents.shape)
         with profiling.compiling(self.compile_s, "decode"):
-            frames = programs.call("decode", self._decode, self.params, latents, model=self.config, conv=self.conv)
+            frames = programs.call("decode", self._decode, self.params, latents, model=self.config, conv=conv)
         profiling.remember_program(self.programs, "decode", self._decode, self.params, latents)
         if uint8:
             with profiling.compiling(self.compile_s, "to_uint8"):
-                frames = programs.call("to_uint8", _to_uint8, frames, model=self.config, conv=self.conv)
+                frames = programs.call("to_uint8", _to_uint8, frames, model=self.config, conv=conv)
         return np.moveaxis(distributed.to_host(frames), 1, -1)  # [V T Hp Wp 3]
 
 

@@ -7,11 +7,12 @@ the edges of the frame receive zeros, which is the convolution's 'same' padding)
 of sublanes along W, runs the kernel and drops the padding again. All of a decoder's convolutions take the same
 path where they can: an XLA convolution beside Pallas calls took on their operands' layout and compiled for
 minutes. A layer no kernel block fits (Wan 2.2's 1024 -> 1024 channels: a weight tile alone is over the budget)
-falls back to XLA's convolution.
+falls back to XLA's convolution; where one does, the whole pass takes XLA's (vae.VaeHalf.conv_for).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Callable
 
@@ -23,6 +24,20 @@ from tpu_wan.kernels.kernel_tiling import NUM_SUBLANES
 
 CONVS = ("xla", "pallas")  # --vae_conv; "auto": pallas where the mesh is TPU chips, else xla
 Conv = Callable[[jax.Array, jax.Array, jax.Array, jax.lax.Precision], jax.Array]
+
+
+_fallbacks: list | None = None  # where recording_fallbacks collects the shapes of layers no kernel block fits
+
+
+@contextlib.contextmanager
+def recording_fallbacks(into: list):
+    """Within it, every layer `pallas_conv` hands to XLA's convolution (NoFit) appends its input shape to `into`."""
+    global _fallbacks
+    previous, _fallbacks = _fallbacks, into
+    try:
+        yield into
+    finally:
+        _fallbacks = previous
 
 
 def resolve(conv: str, mesh) -> str:
@@ -84,6 +99,8 @@ def pallas_conv(mesh, spec: P, *, interpret: bool = False) -> Conv:
             return jax.shard_map(local, mesh=mesh, in_specs=(spec, P(), P()), out_specs=spec, check_vma=False)(
                 x, weight, bias)
         except NoFit:  # e.g. Wan 2.2's 1024-channel layers: their weight tiles alone exceed the VMEM budget
+            if _fallbacks is not None:
+                _fallbacks.append(x.shape)
             return xla_conv(x, weight, bias, precision)
 
     return conv

@@ -54,7 +54,7 @@ class VaeEncoder(VaeHalf):
         trip f of a scan whose carry is the causal caches (from zeros)."""
         model = nnx.merge(self._graphdef, params)
         grid = self.latent_shape(video.shape)[-2:]
-        constrain, conv = layer_constraint(self.mesh, grid), layer_conv(self.mesh, self.conv, grid)
+        constrain, conv = layer_constraint(self.mesh, grid), layer_conv(self.mesh, self.conv_for(video.shape), grid)
         x = video.transpose(0, 2, 3, 4, 1).astype(self.dtype)  # [V T H W 3]
         n, _, h, w, c = x.shape
         padding = jnp.zeros((n, FRAMES_PER_CALL - 1, h, w, c), x.dtype)
@@ -78,8 +78,9 @@ class VaeEncoder(VaeHalf):
         """name -> (jitted, abstract arguments) of the program `moments` runs for a video [V, 3, T, H, W]."""
         self.latent_shape(video_shape)
         sharding = mesh_lib.batch_sharding(self.mesh, video_shape[0], len(video_shape))
-        return {"vae_encode": (self._moments, (self.params, jax.ShapeDtypeStruct(video_shape, jnp.float32,
-                                                                                    sharding=sharding)))}
+        video = jax.ShapeDtypeStruct(video_shape, jnp.float32, sharding=sharding)
+        self.settle_conv(self._encode_chunks, self.params, video)
+        return {"vae_encode": (self._moments, (self.params, video))}
 
     def moments(self, video: np.ndarray) -> np.ndarray:
         """The encoder's output [V, 2C, F, h, w] (mean, then log-variance before diffusers' clamp) for a video
@@ -87,8 +88,10 @@ class VaeEncoder(VaeHalf):
         video = np.asarray(video, np.float32)
         self.latent_shape(video.shape)
         video = jax.device_put(video, mesh_lib.batch_sharding(self.mesh, video.shape[0], video.ndim))
+        self.settle_conv(self._encode_chunks, self.params, video)
         with profiling.compiling(self.compile_s, "vae_encode"):
-            out = programs.call("vae_encode", self._moments, self.params, video, model=self.config, conv=self.conv)
+            out = programs.call("vae_encode", self._moments, self.params, video, model=self.config,
+                                conv=self.conv_for(video.shape))
         profiling.remember_program(self.programs, "vae_encode", self._moments, self.params, video)
         return distributed.to_host(out)
 

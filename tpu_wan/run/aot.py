@@ -174,7 +174,7 @@ def text_encoder_programs(model_path, mesh, cfg: GenerationConfig) -> Programs:
         xla = image_conditioner(model_path, mesh, cfg, conv="xla").programs_for(len(cfg.prompts), *cfg.image_size)
         for name, (jitted, args, model) in conditioner.programs_for(len(cfg.prompts), *cfg.image_size).items():
             programs[name] = (jitted, args, arithmetic.traced_flops(xla[name][0], *xla[name][1]))
-            own[name] = {"model": model, **({"conv": conditioner.models["vae_encoder"].conv}
+            own[name] = {"model": model, **({"conv": conditioner.models["vae_encoder"].conv_for(args[-1].shape)}
                                             if name == "vae_encode" else {})}
         weights = {"text_encoder": encoder.weights, **conditioner.weights}
     return Programs(weights, programs, settings={"model": encoder.config}, program_settings=own)
@@ -217,7 +217,7 @@ def vae_programs(model_path, mesh, cfg: GenerationConfig, uint8: bool, conv: str
     xla = VaeDecoder(model_path, mesh, cfg.vae_dtype, abstract=True, conv="xla").programs_for(latents, uint8=uint8)
     programs = {name: (jitted, args, arithmetic.traced_flops(xla[name][0], *xla[name][1]))
                 for name, (jitted, args) in decoder.programs_for(latents, uint8=uint8).items()}
-    return Programs(decoder.params, programs, settings={"model": decoder.config, "conv": decoder.conv})
+    return Programs(decoder.params, programs, settings={"model": decoder.config, "conv": decoder.conv_for(latents)})
 
 
 def compile_run(cfg: GenerationConfig, target: TpuTarget, devices, *, stages=STAGES,
