@@ -410,8 +410,14 @@ def test_a_program_the_tpu_compiler_refuses_for_memory_is_one_line(capsys):
 
 @pytest.fixture(scope="module")
 def image_files(tmp_path_factory):
-    """(a good PNG, a .png that is not an image, a GIF) for the image-to-video refusals."""
+    """(a good PNG, a .png that is not an image, a GIF) for the image-to-video refusals; the tiny models they name
+    are built first (a first use builds one, with progress bars on stderr)."""
     import PIL.Image
+
+    from tpu_wan.models import tiny
+
+    for model_id in tiny.TINY_MODELS:
+        tiny.ensure_tiny_checkpoint(model_id=model_id)
 
     folder = tmp_path_factory.mktemp("images")
     good, broken, gif = folder / "cat.png", folder / "broken.png", folder / "cat.gif"
