@@ -194,7 +194,8 @@ def images_from(args: argparse.Namespace, num_prompts: int) -> tuple[list[str] |
 def add_stage2_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("denoising (stage 2)")
     g.add_argument("--height", type=int, default=None, help="pixels, a multiple of 16 (TI2V-5B: 32) (default: "
-                   "the model's: 720 for 14B and A14B, 480 for 1.3B, 704 for TI2V-5B)")
+                   "the model's: 720 for 14B and A14B, 480 for 1.3B, 704 for TI2V-5B; image to video: the size stage "
+                   "1 encoded the image at)")
     g.add_argument("--width", type=int, default=None, help="pixels, a multiple of 16 (TI2V-5B: 32) (default: 1280, "
                    "832 for 1.3B)")
     g.add_argument("--frames", type=int, default=None, help="4n+1 (default: 81, 121 for TI2V-5B)")

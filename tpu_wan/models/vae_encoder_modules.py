@@ -19,7 +19,15 @@ from flax import nnx
 
 from tpu_wan.core.errors import UserError
 from tpu_wan.models.vae_conv import Conv, xla_conv
-from tpu_wan.models.vae_modules import CausalConv3d, Chunk, MidBlock, ResidualBlock, RMSNorm
+from tpu_wan.models.vae_modules import (
+    CausalConv3d,
+    Chunk,
+    MidBlock,
+    ResidualBlock,
+    RMSNorm,
+    pixel_patch,
+    precision_for,
+)
 
 FRAMES_PER_CALL = 4  # video frames per latent frame past frame 0 (two temporal downsamplers)
 
@@ -163,14 +171,8 @@ class WanVaeEncoder(nnx.Module):
     splits them) and new caches."""
 
     def __init__(self, config, dtype=jnp.float32):
-        self.patch = config.get("patch_size") or 1
-        in_channels = config.get("in_channels", 3)
-        if in_channels != 3 * self.patch**2:
-            raise UserError(
-                f"vae config: expected in_channels = 3 x patch_size^2 = {3 * self.patch**2} (RGB pixels), found "
-                f"in_channels={in_channels} patch_size={config.get('patch_size')}"
-            )
-        precision = jax.lax.Precision.HIGHEST if dtype == jnp.float32 else jax.lax.Precision.DEFAULT
+        self.patch = pixel_patch(config, "in_channels")
+        in_channels, precision = 3 * self.patch**2, precision_for(dtype)
         z2 = 2 * config["z_dim"]
         self.encoder = Encoder3d(
             in_channels, config["base_dim"], z2, config["dim_mult"], config["num_res_blocks"],

@@ -303,20 +303,30 @@ def unpatchify(x: jax.Array, p: int) -> jax.Array:  # [V T H W C*p*p] -> [V T p*
     return x.reshape(n, t, h * p, w * p, c // (p * p))
 
 
+def pixel_patch(config, key: str) -> int:
+    """The VAE's pixel patch (diffusers patchifies where patch_size is not None; 1 is a no-op), checked against the
+    RGB channels `key` (in_channels or out_channels) carries: 3 per pixel of a patch."""
+    patch = config.get("patch_size") or 1
+    channels = config.get(key, 3)
+    if channels != 3 * patch**2:
+        raise UserError(f"vae config: expected {key} = 3 x patch_size^2 = {3 * patch**2} (RGB pixels), found "
+                        f"{key}={channels} patch_size={config.get('patch_size')}")
+    return patch
+
+
+def precision_for(dtype):
+    """float32 asks for full-precision matmuls (TPUs otherwise use bf16 passes for f32 convs)."""
+    return jax.lax.Precision.HIGHEST if dtype == jnp.float32 else jax.lax.Precision.DEFAULT
+
+
 class WanVaeDecoder(nnx.Module):
     """post_quant_conv + decoder (+ unpatchify): one latent chunk and its caches -> RGB video frames in [-1, 1]
     and new caches."""
 
     def __init__(self, config, dtype=jnp.float32):
-        self.patch = config.get("patch_size") or 1  # diffusers unpatchifies when patch_size is not None; 1 is a no-op
+        self.patch = pixel_patch(config, "out_channels")
         out_channels = config.get("out_channels", 3)
-        if out_channels != 3 * self.patch**2:
-            raise UserError(
-                f"vae config: expected out_channels = 3 x patch_size^2 = {3 * self.patch**2} (RGB pixels), found "
-                f"out_channels={out_channels} patch_size={config.get('patch_size')}"
-            )
-        # float32 asks for full-precision matmuls (TPUs otherwise use bf16 passes for f32 convs).
-        precision = jax.lax.Precision.HIGHEST if dtype == jnp.float32 else jax.lax.Precision.DEFAULT
+        precision = precision_for(dtype)
         z = config["z_dim"]
         self.post_quant_conv = CausalConv3d(z, z, (1, 1, 1), dtype=dtype, precision=precision)
         self.decoder = Decoder3d(

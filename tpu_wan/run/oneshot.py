@@ -51,6 +51,7 @@ class Generator:
         with self.recorder.section("text_encoder", "load"):
             self.encoder = load_encoder(model_path, mesh, text_dtype)
         self.conditioner = load_image_conditioner(model_path, mesh, text_dtype, self.recorder) if images else None
+        self.image_tensors = None  # stage 1's image tensors of the last run
         with self.recorder.section("transformer", "load"):
             self.denoiser = load_denoiser(model_path, mesh, dtype, attention, expert_offload=expert_offload,
                                           **finetune)
@@ -63,7 +64,7 @@ class Generator:
         section = self.recorder.section
         with section("text_encoder", "run"):
             prompt_embeds, negative_embeds = encode(self.encoder, cfg)
-        image = self.encode_images(cfg)
+        image = self.image_tensors = self.encode_images(cfg)  # the last run's, for --save_intermediates
         with section("transformer", "run"):
             self.denoiser.step_seconds.clear()
             self.denoiser.cache_log.clear()
@@ -100,7 +101,7 @@ class Generator:
 
     def measure_models(self) -> None:
         """Weight bytes of the three models and temp bytes of the programs they ran (after the runs)."""
-        add_stage1_models(self.recorder, self.encoder, self.conditioner.models if self.conditioner else {})
+        add_stage1_models(self.recorder, self.encoder, self.conditioner)
         self.recorder.add_model("transformer", self.denoiser.weights, self.denoiser.programs, self.denoiser.compile_s)
         self.recorder.add_swaps("transformer", self.denoiser.swap_seconds)
         self.recorder.add_model("vae", self.decoder.params, self.decoder.programs, self.decoder.compile_s)
@@ -188,7 +189,7 @@ def generate(
         videos = plan(cfg)
         with io("text_encoder", "io"):
             artifacts.save_embeddings(folder, prompt_embeds, negative_embeds, metadata={"model_id": model_id},
-                                      image=gen.encode_images(cfg))
+                                      image=gen.image_tensors)
         with io("transformer", "io"):
             for v, x in zip(videos, latents):
                 path = sweep.latents_path(folder, v, single=len(videos) == 1)

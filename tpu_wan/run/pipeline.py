@@ -256,15 +256,15 @@ def run_stage1(
         encoder = load_encoder(model_path, mesh, dtype)
     with rec.section("text_encoder", "run"):
         prompt_embeds, negative_embeds = encode(encoder, cfg)
-    tensors, models = {}, {}
+    tensors, conditioner = {}, None
     if request is not None:
         conditioner = load_image_conditioner(model_path, mesh, dtype, rec)
-        tensors, models = conditioner.encode(request, pictures), conditioner.models
+        tensors = conditioner.encode(request, pictures)
     with rec.section("text_encoder", "io"):
         artifacts.save_embeddings(output_dir, prompt_embeds, negative_embeds, metadata={"model_id": model_id},
                                   image=tensors)
         artifacts.save_config(output_dir, cfg.to_json_dict())
-    add_stage1_models(rec, encoder, models)
+    add_stage1_models(rec, encoder, conditioner)
     return StageRun(cfg, profiling.save_stage_metrics(output_dir, rec, "text_encoder", cfg.to_json_dict(), mesh, start))
 
 
@@ -314,15 +314,17 @@ def load_image_conditioner(model_path, mesh, dtype: str, rec: Recorder):
                             timed=lambda part: rec.section("text_encoder", part))
 
 
-def add_stage1_models(rec: Recorder, encoder, models: dict) -> None:
-    """Stage 1's metrics over every model it ran: UMT5, and for image to video CLIP and the VAE encoder."""
-    weights = {"text_encoder": encoder.weights, **{name: getattr(m, "weights", None) or m.params
-                                                   for name, m in models.items()}}  # ImageConditioner.weights
+def add_stage1_models(rec: Recorder, encoder, conditioner=None) -> None:
+    """Stage 1's metrics over every model it ran: UMT5, and for image to video CLIP and the VAE encoder
+    (image_encoder.ImageConditioner)."""
+    if conditioner is None:
+        rec.add_model("text_encoder", encoder.weights, encoder.programs, encoder.compile_s)
+        return
     programs, compile_s = dict(encoder.programs), dict(encoder.compile_s)
-    for m in models.values():
+    for m in conditioner.models.values():
         programs.update(m.programs)
         compile_s.update(m.compile_s)
-    rec.add_model("text_encoder", weights if models else encoder.weights, programs, compile_s)
+    rec.add_model("text_encoder", {"text_encoder": encoder.weights, **conditioner.weights}, programs, compile_s)
 
 
 def run_stage2(
